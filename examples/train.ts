@@ -1,0 +1,69 @@
+// Trains a LoRA through the SDK and follows it live.
+//   node examples/dist/train.js --address 127.0.0.1:50051 --model /abs/model --data /abs/dataset [--steps 60]
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { createClient, InvalidSpecError, stateName } from "@loraforge/sdk";
+
+const { values } = parseArgs({
+  options: {
+    address: { type: "string", default: "127.0.0.1:50051" },
+    model: { type: "string" },
+    data: { type: "string" },
+    steps: { type: "string", default: "60" },
+  },
+});
+if (!values.model || !values.data) {
+  console.error("usage: train.js --address HOST:PORT --model MODEL_DIR --data DATASET_DIR [--steps N]");
+  process.exit(2);
+}
+
+const client = createClient({ address: values.address! });
+try {
+  const job = await client.train({
+    baseModel: path.resolve(values.model),
+    datasetDir: path.resolve(values.data),
+    resolution: 64,
+    trainBatchSize: 4,
+    maxTrainSteps: Number(values.steps),
+    learningRate: 1e-3,
+    lrScheduler: "cosine",
+    lrWarmupSteps: 5,
+    checkpointingSteps: 20,
+    randomFlip: true,
+    seed: 1337,
+    validationPrompt: "a red circle on a blue background",
+    numValidationImages: 1,
+  });
+  console.log(`job ${job.id} queued`);
+  for await (const ev of job.progress()) {
+    const p = ev.payload;
+    if (p?.$case === "metrics") {
+      const m = p.metrics;
+      process.stdout.write(
+        `\rstep ${m.step}/${m.totalSteps}  loss ${m.loss.toFixed(4)}  lr ${m.learningRate.toExponential(2)}  ` +
+          `${m.imagesPerSecond.toFixed(1)} img/s  eta ${Math.ceil(m.etaSeconds)}s   `,
+      );
+    } else if (p?.$case === "state") {
+      process.stdout.write(`\n${stateName(p.state.state)}${p.state.error ? `: ${p.state.error}` : ""}\n`);
+    } else if (p?.$case === "checkpoint") {
+      process.stdout.write(`\ncheckpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.path}\n`);
+    } else if (p?.$case === "validation") {
+      process.stdout.write(`\nvalidation images (${p.validation.prompt}): ${p.validation.images.map((i) => i.path).join(", ")}\n`);
+    }
+  }
+  const done = await job.result();
+  const lora = done.artifacts.find((a) => a.path.endsWith("pytorch_lora_weights.safetensors"));
+  if (stateName(done.state) !== "SUCCEEDED" || !lora) {
+    console.error(`training ended ${stateName(done.state)}: ${done.error}`);
+    process.exitCode = 1;
+  } else {
+    console.log(`LoRA: ${lora.path}`);
+    console.log(`sha256 ${lora.sha256}, ${lora.sizeBytes} bytes; load it with pipeline.load_lora_weights(...)`);
+  }
+} catch (err) {
+  if (err instanceof InvalidSpecError) console.error(`spec refused:\n${err.violations.map((v) => `  ${v.field}: ${v.description}`).join("\n")}`);
+  else console.error(err);
+  process.exitCode = 1;
+} finally {
+  client.close();
+}

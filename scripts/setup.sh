@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up everything loraforge needs on a fresh machine, idempotently:
+#   - nats-server (Debian package) for the managed local NATS;
+#   - the engine's Python environment, kept outside the clone under
+#     ${LORAFORGE_CACHE:-~/.cache/loraforge}/venv-<hash of engine/requirements.txt + python version>
+#     so clones share it, and linked as engine/.venv;
+#   - node_modules (npm ci) and the TypeScript build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# 1. nats-server ---------------------------------------------------------------
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  say "installing nats-server (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+
+# 2. Python environment for the engine -----------------------------------------
+PYTHON=${LORAFORGE_BASE_PYTHON:-python3}
+pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+hash=$( (cat engine/requirements.txt; echo "$pyver") | sha256sum | cut -c1-12)
+cache=${LORAFORGE_CACHE:-$HOME/.cache/loraforge}
+venv="$cache/venv-$hash"
+if [ ! -f "$venv/.complete" ]; then
+  say "creating the engine environment in $venv (torch is a large download the first time)"
+  rm -rf "$venv"
+  mkdir -p "$cache"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r engine/requirements.txt
+  touch "$venv/.complete"
+fi
+ln -sfn "$venv" engine/.venv
+
+# 3. Node dependencies and build -----------------------------------------------
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "installing node modules"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+say "building TypeScript"
+npx tsc -b sdk server tests examples
+say "ready"

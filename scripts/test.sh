@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# All of loraforge's tests: contracts (lint + generated code up to date), the engine
+# (pytest), and the end-to-end suites (node:test against real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+echo "== contracts: buf lint, generated code up to date"
+npx buf lint
+npx buf generate
+if ! git diff --quiet -- sdk/src/gen || [ -n "$(git ls-files --others --exclude-standard sdk/src/gen)" ]; then
+  echo "sdk/src/gen is out of date: run 'npx buf generate' and commit the result" >&2
+  git status --short sdk/src/gen >&2
+  exit 1
+fi
+npx tsc -b sdk server tests examples
+
+echo "== engine: pytest"
+PYTHONPATH=engine engine/.venv/bin/python -m pytest -q engine/tests
+
+echo "== end to end: node --test"
+LORAFORGE_TEST_FIXTURES=$(mktemp -d -t loraforge-fixtures-XXXXXX)
+export LORAFORGE_TEST_FIXTURES
+trap 'rm -rf "$LORAFORGE_TEST_FIXTURES"' EXIT
+node --test --test-concurrency=1 tests/dist/*.test.js

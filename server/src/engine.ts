@@ -1,0 +1,92 @@
+// Runs the Python engine as one child process per job and reads its events: one
+// proto3-JSON JobEvent per line on stdout (without job id and sequence, which the
+// worker assigns); logs arrive on stderr. A crash or out-of-memory kills the child,
+// never the server.
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { JobEvent } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+
+/** How the engine ended. Exit codes are the engine's contract (engine/README.md). */
+export interface EngineExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** The last lines it wrote on stderr, for a failure report. */
+  stderrTail: string[];
+}
+
+export const ENGINE_EXIT = { OK: 0, FAILED: 1, BAD_SPEC: 2, BAD_DATA: 3, STOPPED: 4 } as const;
+
+export interface EngineOptions {
+  python: string;
+  /** The folder holding the `loraforge_engine` package. */
+  engineDir: string;
+}
+
+export class EngineRun {
+  private readonly child: ChildProcess;
+  readonly exited: Promise<EngineExit>;
+
+  constructor(
+    opts: EngineOptions,
+    spec: TrainingSpec,
+    readonly outputDir: string,
+    onEvent: (ev: JobEvent) => void,
+    onStderr: (line: string) => void,
+    extraEnv: Record<string, string> = {},
+    resume = false,
+  ) {
+    mkdirSync(outputDir, { recursive: true });
+    const specFile = path.join(outputDir, "spec.json");
+    writeFileSync(specFile, JSON.stringify(TrainingSpec.toJSON(spec), null, 2));
+    const args = ["-m", "loraforge_engine", "train", "--spec", specFile, "--output-dir", outputDir];
+    if (resume) args.push("--resume-from", "latest");
+    this.child = spawn(opts.python, args, {
+      env: { ...process.env, ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const tail: string[] = [];
+    createInterface({ input: this.child.stdout! }).on("line", (line) => {
+      if (!line.trim()) return;
+      try {
+        onEvent(JobEvent.fromJSON(JSON.parse(line)));
+      } catch {
+        onStderr(`engine wrote a line that is not an event: ${line.slice(0, 200)}`);
+      }
+    });
+    createInterface({ input: this.child.stderr! }).on("line", (line) => {
+      tail.push(line);
+      if (tail.length > 40) tail.shift();
+      onStderr(line);
+    });
+    this.exited = new Promise((resolve) => {
+      this.child.on("error", (err) => {
+        tail.push(`could not start the engine (${opts.python}): ${err.message}`);
+        resolve({ code: null, signal: null, stderrTail: tail });
+      });
+      this.child.on("close", (code, signal) => resolve({ code, signal, stderrTail: tail }));
+    });
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  /** Asks the engine to save a checkpoint and stop (it exits with ENGINE_EXIT.STOPPED). */
+  stop(): void {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill("SIGTERM");
+  }
+
+  /** Stops the engine, then kills it if it has not exited after `graceMs`. */
+  async stopAndWait(graceMs: number): Promise<EngineExit> {
+    this.stop();
+    const timer = setTimeout(() => this.child.kill("SIGKILL"), graceMs);
+    try {
+      return await this.exited;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}

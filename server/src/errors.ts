@@ -1,0 +1,64 @@
+// The one mapping from loraforge errors to gRPC statuses. Every RPC failure is an
+// ApiError: a standard gRPC code, a machine-readable reason (google.rpc.ErrorInfo)
+// and, for bad requests, the bad fields (google.rpc.BadRequest), all carried in the
+// `grpc-status-details-bin` trailer that any gRPC client can decode.
+import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
+import { Status } from "@loraforge/sdk/gen/google/rpc/status";
+import { BadRequest, ErrorInfo } from "@loraforge/sdk/gen/google/rpc/error_details";
+
+export const ERROR_DOMAIN = "loraforge.dev";
+
+/** One bad field of a request: its path (e.g. "spec.rank") and what is wrong. */
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+export class ApiError extends Error {
+  constructor(
+    readonly code: status,
+    readonly reason: string,
+    message: string,
+    readonly violations: FieldViolation[] = [],
+    readonly metadata: Record<string, string> = {},
+  ) {
+    super(message);
+    this.name = "ApiError";
+  }
+}
+
+export const invalidSpec = (violations: FieldViolation[]) =>
+  new ApiError(
+    status.INVALID_ARGUMENT,
+    "INVALID_SPEC",
+    "invalid training spec: " + violations.map((v) => `${v.field}: ${v.description}`).join("; "),
+    violations,
+  );
+
+export const jobNotFound = (jobId: string) =>
+  new ApiError(status.NOT_FOUND, "JOB_NOT_FOUND", `job ${JSON.stringify(jobId)} does not exist`, [], {
+    job_id: jobId,
+  });
+
+/** Turns any thrown value into the ServiceError grpc-js sends; unknown errors become INTERNAL. */
+export function toServiceError(err: unknown): Partial<ServiceError> {
+  const e =
+    err instanceof ApiError
+      ? err
+      : new ApiError(status.INTERNAL, "INTERNAL", `internal error: ${err instanceof Error ? err.message : String(err)}`);
+  const details = [
+    {
+      typeUrl: "type.googleapis.com/google.rpc.ErrorInfo",
+      value: Buffer.from(ErrorInfo.encode({ reason: e.reason, domain: ERROR_DOMAIN, metadata: e.metadata }).finish()),
+    },
+  ];
+  if (e.violations.length > 0) {
+    details.push({
+      typeUrl: "type.googleapis.com/google.rpc.BadRequest",
+      value: Buffer.from(BadRequest.encode({ fieldViolations: e.violations }).finish()),
+    });
+  }
+  const metadata = new Metadata();
+  metadata.set("grpc-status-details-bin", Buffer.from(Status.encode({ code: e.code, message: e.message, details }).finish()));
+  return { code: e.code, details: e.message, metadata };
+}

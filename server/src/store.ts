@@ -1,0 +1,167 @@
+// JetStream is loraforge's queue, state store and event log:
+//   - KV bucket `loraforge_jobs`: job records (`jobs.<id>`) and idempotency keys
+//     (`requests.<sha256 of request_id>`), changed only by compare-and-set;
+//   - stream LORAFORGE_QUEUE (work queue): one message per job to run, id = job id;
+//   - stream LORAFORGE_EVENTS: every JobEvent on `loraforge.v1.jobs.<id>.<kind>`.
+import { createHash } from "node:crypto";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { headers } from "@nats-io/transport-node";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  jetstream,
+  jetstreamManager,
+  RetentionPolicy,
+  StorageType,
+  type JetStreamClient,
+  type JetStreamManager,
+} from "@nats-io/jetstream";
+import { Kvm, type KV } from "@nats-io/kv";
+import { Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+
+export const JOBS_BUCKET = "loraforge_jobs";
+export const EVENTS_STREAM = "LORAFORGE_EVENTS";
+export const QUEUE_STREAM = "LORAFORGE_QUEUE";
+export const QUEUE_SUBJECT = "loraforge.v1.queue.train";
+export const WORKERS_CONSUMER = "workers";
+export const eventSubject = (jobId: string, kind: string) => `loraforge.v1.jobs.${jobId}.${kind}`;
+
+export const FINAL_STATES = new Set([JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED]);
+export const isFinal = (s: JobState) => FINAL_STATES.has(s);
+
+/** A job record together with the KV revision it was read at (for compare-and-set). */
+export interface Versioned {
+  job: Job;
+  revision: number;
+}
+
+/** The kind segment of an event's subject: state, metrics, checkpoint, validation or log. */
+export function eventKind(ev: JobEvent): string {
+  return ev.payload?.$case ?? "unknown";
+}
+
+export class JobStore {
+  private constructor(
+    readonly nc: NatsConnection,
+    readonly js: JetStreamClient,
+    readonly jsm: JetStreamManager,
+    readonly kv: KV,
+  ) {}
+
+  /** Connects to (and, first time, creates) the bucket, streams and consumer. */
+  static async open(nc: NatsConnection): Promise<JobStore> {
+    const jsm = await jetstreamManager(nc);
+    await ensureStream(jsm, {
+      name: EVENTS_STREAM,
+      subjects: ["loraforge.v1.jobs.>"],
+      retention: RetentionPolicy.Limits,
+      storage: StorageType.File,
+      duplicate_window: 120 * 1e9,
+    });
+    await ensureStream(jsm, {
+      name: QUEUE_STREAM,
+      subjects: [QUEUE_SUBJECT],
+      retention: RetentionPolicy.Workqueue,
+      storage: StorageType.File,
+      duplicate_window: 120 * 1e9,
+    });
+    try {
+      await jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER);
+    } catch {
+      await jsm.consumers.add(QUEUE_STREAM, {
+        durable_name: WORKERS_CONSUMER,
+        ack_policy: AckPolicy.Explicit,
+        deliver_policy: DeliverPolicy.All,
+        // A worker that stops sending in-progress acks for this long is presumed dead.
+        ack_wait: 60 * 1e9,
+        max_ack_pending: 1000,
+      });
+    }
+    const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File });
+    return new JobStore(nc, jetstream(nc), jsm, kv);
+  }
+
+  async get(jobId: string): Promise<Versioned | null> {
+    const e = await this.kv.get(`jobs.${jobId}`);
+    if (!e || e.operation !== "PUT") return null;
+    return { job: Job.decode(e.value), revision: e.revision };
+  }
+
+  /** Stores a new job; fails if the id exists. */
+  async create(job: Job): Promise<Versioned> {
+    const revision = await this.kv.create(`jobs.${job.id}`, Job.encode(job).finish());
+    return { job, revision };
+  }
+
+  /**
+   * Compare-and-set: applies `change` to the latest record and writes it only if
+   * nobody wrote in between; retries on conflict. `change` returns null to abort.
+   */
+  async update(jobId: string, change: (job: Job) => Job | null): Promise<Versioned | null> {
+    for (let attempt = 0; ; attempt++) {
+      const cur = await this.get(jobId);
+      if (!cur) return null;
+      const next = change(Job.fromPartial(cur.job));
+      if (!next) return null;
+      try {
+        const revision = await this.kv.update(`jobs.${jobId}`, Job.encode(next).finish(), cur.revision);
+        return { job: next, revision };
+      } catch (err) {
+        if (attempt >= 20) throw err;
+      }
+    }
+  }
+
+  /** All job ids, newest first (ids sort by creation time). */
+  async jobIds(): Promise<string[]> {
+    const ids: string[] = [];
+    for await (const k of await this.kv.keys("jobs.*")) ids.push(k.slice("jobs.".length));
+    return ids.sort().reverse();
+  }
+
+  /**
+   * Reserves an idempotency key for `jobId`. Returns the id of the job that holds
+   * the key: `jobId` when this call reserved it, an earlier job's id otherwise.
+   */
+  async reserveRequest(requestId: string, jobId: string): Promise<string> {
+    const key = `requests.${createHash("sha256").update(requestId).digest("hex")}`;
+    try {
+      await this.kv.create(key, new TextEncoder().encode(jobId));
+      return jobId;
+    } catch {
+      const e = await this.kv.get(key);
+      if (!e) throw new Error(`idempotency key for request ${requestId} vanished`);
+      return e.string();
+    }
+  }
+
+  /** Publishes one event into the event stream; its id de-duplicates retries. */
+  async publishEvent(ev: JobEvent): Promise<void> {
+    const h = headers();
+    h.set("Loraforge-Job-Id", ev.jobId);
+    h.set("Loraforge-Sequence", String(ev.sequence));
+    await this.js.publish(eventSubject(ev.jobId, eventKind(ev)), JobEvent.encode(ev).finish(), {
+      msgID: `${ev.jobId}.${ev.sequence}`,
+      headers: h,
+    });
+  }
+
+  /** Puts a job on the work queue (message id = job id, so a duplicate is dropped). */
+  async enqueue(jobId: string): Promise<void> {
+    await this.js.publish(QUEUE_SUBJECT, new TextEncoder().encode(jobId), { msgID: jobId });
+  }
+
+  /** The number of events stored for a job, which is its last sequence (they are 1..n). */
+  async storedEventCount(jobId: string): Promise<number> {
+    const info = await this.jsm.streams.info(EVENTS_STREAM, { subjects_filter: `loraforge.v1.jobs.${jobId}.>` });
+    return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
+  }
+}
+
+async function ensureStream(jsm: JetStreamManager, cfg: Parameters<JetStreamManager["streams"]["add"]>[0]) {
+  try {
+    await jsm.streams.info(cfg.name);
+  } catch {
+    await jsm.streams.add(cfg);
+  }
+}

@@ -1,0 +1,150 @@
+// Validation of a TrainingSpec at the API boundary. A bad spec is refused before any
+// job exists, with every bad field named (the engine validates again, as a second line).
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import path from "node:path";
+import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+import type { FieldViolation } from "./errors.js";
+
+export const LR_SCHEDULERS = [
+  "linear",
+  "cosine",
+  "cosine_with_restarts",
+  "polynomial",
+  "constant",
+  "constant_with_warmup",
+] as const;
+export const MIXED_PRECISIONS = ["no", "fp16", "bf16"] as const;
+export const IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"];
+
+/** Where user-supplied paths may point. Empty: anywhere on the host. */
+export interface PathPolicy {
+  roots: string[];
+}
+
+type Check = (spec: TrainingSpec, bad: (field: string, description: string) => void) => void;
+
+function intRange(field: keyof TrainingSpec, min: number, max: number): Check {
+  return (spec, bad) => {
+    const v = spec[field] as number | undefined;
+    if (v === undefined) return;
+    if (!Number.isInteger(v) || v < min || v > max) bad(field, `must be an integer in ${min}..${max}, got ${v}`);
+  };
+}
+
+function positive(field: keyof TrainingSpec, max = Infinity): Check {
+  return (spec, bad) => {
+    const v = spec[field] as number | undefined;
+    if (v === undefined) return;
+    if (!Number.isFinite(v) || v <= 0 || v > max)
+      bad(field, `must be a number > 0${max < Infinity ? ` and ≤ ${max}` : ""}, got ${v}`);
+  };
+}
+
+function oneOf(field: keyof TrainingSpec, allowed: readonly string[]): Check {
+  return (spec, bad) => {
+    const v = spec[field] as string | undefined;
+    if (v === undefined) return;
+    if (!allowed.includes(v)) bad(field, `must be one of ${allowed.join(", ")}, got ${JSON.stringify(v)}`);
+  };
+}
+
+const RULES: Check[] = [
+  intRange("resolution", 8, 4096),
+  (spec, bad) => {
+    if (spec.resolution !== undefined && spec.resolution % 8 !== 0)
+      bad("resolution", `must be a multiple of 8 (the VAE downsamples by 8), got ${spec.resolution}`);
+  },
+  intRange("trainBatchSize", 1, 1024),
+  intRange("gradientAccumulationSteps", 1, 1024),
+  intRange("maxTrainSteps", 1, 10_000_000),
+  intRange("numTrainEpochs", 1, 100_000),
+  positive("learningRate", 1),
+  oneOf("lrScheduler", LR_SCHEDULERS),
+  intRange("lrWarmupSteps", 0, 10_000_000),
+  positive("maxGradNorm"),
+  intRange("rank", 1, 1024),
+  positive("loraAlpha"),
+  oneOf("mixedPrecision", MIXED_PRECISIONS),
+  intRange("checkpointingSteps", 1, 10_000_000),
+  intRange("seed", 0, 2 ** 32 - 1),
+  intRange("numValidationImages", 1, 16),
+  intRange("validationSteps", 0, 10_000_000),
+  intRange("validationInferenceSteps", 1, 1000),
+  (spec, bad) => {
+    if (spec.validationPrompt !== undefined && spec.validationPrompt.length > 2000)
+      bad("validationPrompt", "must be at most 2000 characters");
+  },
+];
+
+/** proto field path as clients see it: "spec.train_batch_size". */
+const fieldPath = (camel: string) => "spec." + camel.replace(/[A-Z]/g, (c) => "_" + c.toLowerCase());
+
+/** Every problem with a spec, each naming its field; empty when the spec is good. */
+export function validateSpec(spec: TrainingSpec | undefined, policy: PathPolicy): FieldViolation[] {
+  const violations: FieldViolation[] = [];
+  if (!spec) return [{ field: "spec", description: "is required" }];
+  const bad = (field: string, description: string) => violations.push({ field: fieldPath(field), description });
+  for (const rule of RULES) rule(spec, bad);
+  checkBaseModel(spec.baseModel, policy, bad);
+  checkDataset(spec.datasetDir, policy, bad);
+  return violations;
+}
+
+function checkPath(field: string, p: string, policy: PathPolicy, bad: (f: string, d: string) => void): boolean {
+  if (!p) {
+    bad(field, "is required");
+    return false;
+  }
+  if (!path.isAbsolute(p)) {
+    bad(field, `must be an absolute path, got ${JSON.stringify(p)}`);
+    return false;
+  }
+  const resolved = path.resolve(p);
+  if (policy.roots.length > 0 && !policy.roots.some((r) => resolved === r || resolved.startsWith(r + path.sep))) {
+    bad(field, `must lie inside one of the server's data roots (${policy.roots.join(", ")})`);
+    return false;
+  }
+  if (!existsSync(resolved) || !statSync(resolved).isDirectory()) {
+    bad(field, `folder ${JSON.stringify(p)} does not exist`);
+    return false;
+  }
+  return true;
+}
+
+function checkBaseModel(p: string, policy: PathPolicy, bad: (f: string, d: string) => void) {
+  if (!checkPath("baseModel", p, policy, bad)) return;
+  if (!existsSync(path.join(p, "model_index.json")))
+    bad("baseModel", `folder ${JSON.stringify(p)} is not a diffusers model (no model_index.json)`);
+}
+
+/** Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars. */
+export function countCaptionedImages(dir: string): number {
+  const meta = path.join(dir, "metadata.jsonl");
+  if (existsSync(meta)) {
+    let n = 0;
+    for (const line of readFileSync(meta, "utf8").split("\n")) {
+      if (!line.trim()) continue;
+      try {
+        const row = JSON.parse(line) as { file_name?: unknown };
+        if (typeof row.file_name === "string" && existsSync(path.join(dir, row.file_name))) n++;
+      } catch {
+        // a malformed line is the engine's to report, with its line number
+      }
+    }
+    return n;
+  }
+  const names = new Set(readdirSync(dir));
+  return [...names].filter((f) => {
+    const ext = path.extname(f).toLowerCase();
+    return IMAGE_EXTENSIONS.includes(ext) && names.has(f.slice(0, -ext.length) + ".txt");
+  }).length;
+}
+
+function checkDataset(p: string, policy: PathPolicy, bad: (f: string, d: string) => void) {
+  if (!checkPath("datasetDir", p, policy, bad)) return;
+  if (countCaptionedImages(p) === 0)
+    bad(
+      "datasetDir",
+      `folder ${JSON.stringify(p)} holds no captioned images (expected metadata.jsonl with file_name and text, or images with same-named .txt captions)`,
+    );
+}

@@ -1,0 +1,131 @@
+// Shared test helpers: the tiny model and data set made by the real engine, a real
+// `loraforge serve` process (with its managed nats-server), and the real SDK.
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { createClient, type JobEvent, type LoraforgeClient } from "@loraforge/sdk";
+
+export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+export const PYTHON = process.env.LORAFORGE_PYTHON ?? path.join(REPO, "engine", ".venv", "bin", "python");
+const CLI = path.join(REPO, "server", "dist", "cli.js");
+
+/** Runs `python -m loraforge_engine ...` (or a script) and returns stdout; throws with stderr on failure. */
+export function python(args: string[]): string {
+  const r = spawnSync(PYTHON, args, {
+    env: { ...process.env, PYTHONPATH: path.join(REPO, "engine") },
+    encoding: "utf8",
+    maxBuffer: 64 * 1024 * 1024,
+  });
+  if (r.status !== 0) throw new Error(`python ${args.join(" ")} failed (${r.status}):\n${r.stderr}`);
+  return r.stdout;
+}
+
+export interface Fixtures {
+  root: string;
+  model: string;
+  dataset: string;
+}
+
+let cached: Fixtures | null = null;
+
+/** The tiny model and data set, generated once per test run (LORAFORGE_TEST_FIXTURES shares them across files). */
+export function fixtures(): Fixtures {
+  if (cached) return cached;
+  const root = process.env.LORAFORGE_TEST_FIXTURES ?? mkdtempSync(path.join(os.tmpdir(), "loraforge-fixtures-"));
+  const f = { root, model: path.join(root, "tiny-sd"), dataset: path.join(root, "shapes") };
+  if (!existsSync(path.join(f.model, "model_index.json"))) python(["-m", "loraforge_engine", "make-tiny-model", f.model]);
+  if (!existsSync(path.join(f.dataset, "metadata.jsonl"))) python(["-m", "loraforge_engine", "make-dataset", f.dataset, "--count", "8"]);
+  cached = f;
+  return f;
+}
+
+export const tmpDir = (prefix: string) => mkdtempSync(path.join(os.tmpdir(), `loraforge-${prefix}-`));
+
+export interface ServerProcess {
+  address: string;
+  natsUrl: string;
+  stateDir: string;
+  proc: ChildProcess;
+  client: LoraforgeClient;
+  stderr: string[];
+  /** Sends SIGTERM and resolves with the exit code. */
+  stop(): Promise<number | null>;
+}
+
+/** Starts `loraforge serve` as a child process on a free port and connects the SDK to it. */
+export async function startServer(opts: { stateDir?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<ServerProcess> {
+  const stateDir = opts.stateDir ?? tmpDir("state");
+  mkdirSync(stateDir, { recursive: true });
+  const proc = spawn(process.execPath, [CLI, "serve", "--address", "127.0.0.1:0", "--state-dir", stateDir, ...(opts.args ?? [])], {
+    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...opts.env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const stderr: string[] = [];
+  proc.stderr!.on("data", (d: Buffer) => {
+    stderr.push(d.toString());
+    if (process.env.LORAFORGE_TEST_VERBOSE) process.stderr.write(d);
+  });
+  const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+  const line = await new Promise<string>((resolve, reject) => {
+    let out = "";
+    proc.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      const m = out.match(/listening on .*\n/);
+      if (m) resolve(m[0]);
+    });
+    void exited.then((code) => reject(new Error(`server exited (${code}) before listening:\n${stderr.join("")}`)));
+  });
+  const m = line.match(/listening on (\S+) \(nats (\S+)\)/)!;
+  const client = createClient({ address: m[1] });
+  return {
+    address: m[1],
+    natsUrl: m[2],
+    stateDir,
+    proc,
+    client,
+    stderr,
+    async stop() {
+      client.close();
+      if (proc.exitCode === null) proc.kill("SIGTERM");
+      return exited;
+    },
+  };
+}
+
+/** Every event until the iterator ends. */
+export async function collect(it: AsyncIterable<JobEvent>): Promise<JobEvent[]> {
+  const out: JobEvent[] = [];
+  for await (const ev of it) out.push(ev);
+  return out;
+}
+
+/** Pids of live processes whose command line contains `needle`. */
+export function processesMatching(needle: string): number[] {
+  const r = spawnSync("pgrep", ["-f", "--", needle], { encoding: "utf8" });
+  return r.stdout
+    .split("\n")
+    .filter(Boolean)
+    .map(Number)
+    .filter((pid) => pid !== process.pid);
+}
+
+export const sha256File = (p: string) => createHash("sha256").update(readFileSync(p)).digest("hex");
+
+/** A short run on the tiny model: seconds, not minutes, on a 2-core CPU. */
+export function quickSpec(f: Fixtures, extra: Record<string, unknown> = {}) {
+  return {
+    baseModel: f.model,
+    datasetDir: f.dataset,
+    resolution: 64,
+    trainBatchSize: 2,
+    maxTrainSteps: 6,
+    checkpointingSteps: 3,
+    learningRate: 1e-3,
+    lrWarmupSteps: 0,
+    seed: 7,
+    ...extra,
+  };
+}
