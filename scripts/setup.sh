@@ -38,7 +38,7 @@ ln -sfn "$venv" engine/.venv
 # 3. Node dependencies and build -----------------------------------------------
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing node modules"
-  npm ci --no-audit --no-fund --loglevel=error
+  ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error
 fi
 say "building TypeScript"
 npx tsc -b sdk server tests examples

@@ -1,13 +1,15 @@
 #!/usr/bin/env node
 // The `loraforge` command line. `serve` runs the API, a worker and (without
 // LORAFORGE_NATS_URL) a managed nats-server until SIGTERM or SIGINT.
-import { configFromEnv, startServer } from "./server.js";
+import { configFromEnv, startServer, startWorker } from "./server.js";
 import { log } from "./log.js";
 
-const USAGE = `usage: loraforge serve [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--no-worker]
+const USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker]
+       loraforge worker --nats URL [--state-dir DIR]
 
-Runs the loraforge gRPC API, a training worker and, unless a NATS URL is given, a
-managed local nats-server whose data lives under the state directory.
+serve:  the loraforge gRPC API, a training worker and, unless a NATS URL is given, a
+        managed local nats-server whose data lives under the state directory.
+worker: a training worker alone (one per GPU): pulls jobs from NATS and runs them.
 
 Options (each also settable by environment variable):
   --address HOST:PORT   gRPC listen address; port 0 picks one   LORAFORGE_ADDRESS   (127.0.0.1:50051)
@@ -17,8 +19,12 @@ Options (each also settable by environment variable):
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
 Engine: LORAFORGE_PYTHON (engine/.venv/bin/python), LORAFORGE_ENGINE_DIR (engine/).
 
-On SIGTERM or SIGINT it stops accepting work, stops running jobs (they end CANCELLED
-after a checkpoint), flushes NATS and exits 0.`;
+Jobs: LORAFORGE_ACK_WAIT_MS (60000) — a silent worker's job is redelivered after this;
+      LORAFORGE_MAX_ATTEMPTS (3) — starts of a job before a retryable failure is final.
+
+On SIGTERM or SIGINT, serve stops accepting work, stops the running job (it ends
+CANCELLED after a checkpoint), flushes NATS and exits 0; worker checkpoints its job and
+hands it back to the queue for another worker to resume.`;
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -26,7 +32,7 @@ async function main(argv: string[]): Promise<number> {
     console.log(USAGE);
     return command ? 0 : 2;
   }
-  if (command !== "serve") {
+  if (command !== "serve" && command !== "worker") {
     console.error(`loraforge: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
     return 2;
   }
@@ -53,9 +59,11 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   if (roots.length) env.LORAFORGE_DATA_ROOTS = roots.join(":");
-  const server = await startServer(configFromEnv(env));
+  if (command === "worker" && !env.LORAFORGE_NATS_URL) throw new Error("worker needs --nats URL (or LORAFORGE_NATS_URL)");
+  const server = command === "serve" ? await startServer(configFromEnv(env)) : await startWorker(configFromEnv(env));
   // One line on stdout that scripts (and the tests) wait for.
-  console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
+  if (command === "serve") console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
+  else console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
   await new Promise<void>((resolve) => {
     const onSignal = (sig: string) => {
       log("info", `received ${sig}`);

@@ -1,6 +1,7 @@
-// Assembles one loraforge server: NATS (configured or managed), the job store, the
-// gRPC API with health checking, and the in-process worker; and takes it apart in
-// the right order on shutdown.
+// Assembles one loraforge process: NATS (configured or managed), the job and
+// artifact stores, and — for `serve` — the gRPC API with health checking plus an
+// in-process worker, or — for `worker` — a worker alone. Takes it apart in the
+// right order on shutdown.
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -8,6 +9,7 @@ import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
+import { ArtifactStore } from "./artifacts.js";
 import { log } from "./log.js";
 import { ManagedNats } from "./nats-managed.js";
 import { trainerService, type ServiceState } from "./service.js";
@@ -31,11 +33,16 @@ export interface ServerConfig {
   dataRoots: string[];
   /** Run a worker inside this server (default true). */
   worker: boolean;
+  /** A worker silent this long (no in-progress ack) is presumed dead; its job is redelivered. Default 60 s. */
+  ackWaitMs: number;
+  /** Starts of a job before a retryable failure (engine killed, worker died) is final. Default 3. */
+  maxAttempts: number;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
 export function configFromEnv(env = process.env): ServerConfig {
   const venvPython = path.join(REPO_ROOT, "engine", ".venv", "bin", "python");
+  const num = (v: string | undefined, d: number) => (v && Number.isFinite(Number(v)) ? Number(v) : d);
   return {
     address: env.LORAFORGE_ADDRESS ?? "127.0.0.1:50051",
     stateDir: path.resolve(env.LORAFORGE_STATE_DIR ?? ".state"),
@@ -44,38 +51,66 @@ export function configFromEnv(env = process.env): ServerConfig {
     engineDir: env.LORAFORGE_ENGINE_DIR ?? path.join(REPO_ROOT, "engine"),
     dataRoots: (env.LORAFORGE_DATA_ROOTS ?? "").split(":").filter(Boolean).map((p) => path.resolve(p)),
     worker: env.LORAFORGE_WORKER !== "0",
+    ackWaitMs: num(env.LORAFORGE_ACK_WAIT_MS, 60_000),
+    maxAttempts: num(env.LORAFORGE_MAX_ATTEMPTS, 3),
   };
 }
 
-export interface RunningServer {
-  /** The bound gRPC address, host:port. */
+export interface Running {
+  /** The bound gRPC address, host:port ("" for a worker alone). */
   address: string;
   natsUrl: string;
-  /** Graceful stop: refuse new work, stop running jobs, flush NATS, stop a managed nats-server. */
+  /** Graceful stop: refuse new work, stop the running job, flush NATS, stop a managed nats-server. */
   close(): Promise<void>;
 }
 
-export async function startServer(cfg: ServerConfig): Promise<RunningServer> {
+/** NATS (managed when no URL is configured), the stores, and how to close them. */
+async function openStores(cfg: ServerConfig) {
   const managed = cfg.natsUrl ? null : await ManagedNats.start(cfg.stateDir);
   const natsUrl = cfg.natsUrl ?? managed!.url;
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl, name: "loraforge-server", maxReconnectAttempts: -1 });
-    const store = await JobStore.open(nc);
-    const state: ServiceState = { shuttingDown: false };
+    nc = await connect({ servers: natsUrl, name: "loraforge", maxReconnectAttempts: -1 });
+    const store = await JobStore.open(nc, cfg.ackWaitMs);
+    const artifacts = await ArtifactStore.open(nc);
+    const close = async () => {
+      await nc!.drain();
+      await managed?.stop();
+    };
+    return { natsUrl, nc, store, artifacts, close };
+  } catch (err) {
+    await nc?.close();
+    await managed?.stop();
+    throw err;
+  }
+}
 
+function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStores>>, onStop: "cancel" | "requeue") {
+  return new Worker(stores.store, stores.artifacts, {
+    engine: { python: cfg.python, engineDir: cfg.engineDir },
+    stateDir: cfg.stateDir,
+    maxAttempts: cfg.maxAttempts,
+    heartbeatMs: Math.max(200, Math.floor(cfg.ackWaitMs / 4)),
+    onStop,
+  });
+}
+
+/** `loraforge serve`: the API, health checking and (unless disabled) a worker. */
+export async function startServer(cfg: ServerConfig): Promise<Running> {
+  const stores = await openStores(cfg);
+  try {
+    const state: ServiceState = { shuttingDown: false };
     const grpcServer = new Server();
-    grpcServer.addService(TrainerServiceService, trainerService(store, { roots: cfg.dataRoots }, state));
+    grpcServer.addService(TrainerServiceService, trainerService(stores.store, stores.artifacts, { roots: cfg.dataRoots }, state));
     const health = new HealthImplementation({ "": "SERVING", "loraforge.v1.TrainerService": "SERVING" });
     health.addToServer(grpcServer);
     const port = await new Promise<number>((resolve, reject) =>
       grpcServer.bindAsync(cfg.address, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
     );
     const host = cfg.address.slice(0, cfg.address.lastIndexOf(":"));
-
-    const worker = cfg.worker
-      ? new Worker(store, { engine: { python: cfg.python, engineDir: cfg.engineDir }, stateDir: cfg.stateDir })
-      : null;
+    // The in-process worker ends its job CANCELLED on shutdown: with one process
+    // there is no other worker to hand it to.
+    const worker = cfg.worker ? newWorker(cfg, stores, "cancel") : null;
     worker?.start();
 
     let closing: Promise<void> | null = null;
@@ -96,14 +131,30 @@ export async function startServer(cfg: ServerConfig): Promise<RunningServer> {
             resolve();
           });
         });
-        await nc!.drain();
-        await managed?.stop();
+        await stores.close();
         log("info", "stopped");
       })());
-    return { address: `${host}:${port}`, natsUrl, close };
+    return { address: `${host}:${port}`, natsUrl: stores.natsUrl, close };
   } catch (err) {
-    await nc?.close();
-    await managed?.stop();
+    await stores.close();
     throw err;
   }
+}
+
+/**
+ * `loraforge worker`: pulls and runs jobs, nothing else. On shutdown the running
+ * job is checkpointed and handed back to the queue for another worker to resume.
+ */
+export async function startWorker(cfg: ServerConfig): Promise<Running> {
+  const stores = await openStores(cfg);
+  const worker = newWorker(cfg, stores, "requeue");
+  worker.start();
+  log("info", "worker started", { id: worker.id, nats: stores.natsUrl });
+  let closing: Promise<void> | null = null;
+  const close = () =>
+    (closing ??= (async () => {
+      await worker.stop("the worker shut down; the job goes back to the queue");
+      await stores.close();
+    })());
+  return { address: "", natsUrl: stores.natsUrl, close };
 }

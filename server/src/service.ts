@@ -1,8 +1,11 @@
 // TrainerService over gRPC: validates and queues jobs, reads job records, streams
 // job events from JetStream, and asks running jobs to cancel.
-import { status, type sendUnaryData, type ServerUnaryCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { status, type Metadata, type sendUnaryData, type ServerUnaryCall, type ServerWritableStream } from "@grpc/grpc-js";
+import { SpanKind } from "@opentelemetry/api";
 import { Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 import type {
+  DownloadArtifactRequest,
+  DownloadArtifactResponse,
   CancelJobRequest,
   CancelJobResponse,
   GetJobRequest,
@@ -18,15 +21,30 @@ import type {
 import { ApiError, invalidSpec, jobNotFound, toServiceError } from "./errors.js";
 import { JOB_ID_PATTERN, newJobId } from "./ids.js";
 import { log } from "./log.js";
+import { ArtifactStore } from "./artifacts.js";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
+import { telemetry } from "./telemetry.js";
 import { validateSpec, type PathPolicy } from "./validate.js";
 
 const MAX_PAGE_SIZE = 1000;
 const DEFAULT_PAGE_SIZE = 50;
 
-function unary<Req, Res>(fn: (req: Req) => Promise<Res>) {
+/** Runs an RPC handler inside a server span continuing the caller's trace. */
+function traced<T>(method: string, metadata: Metadata, fn: () => Promise<T>): Promise<T> {
+  const carrier: Record<string, string> = {};
+  for (const [k, v] of Object.entries(metadata.getMap())) if (typeof v === "string") carrier[k] = v;
+  return telemetry.span(
+    `loraforge.v1.TrainerService/${method}`,
+    { "rpc.system": "grpc", "rpc.service": "loraforge.v1.TrainerService", "rpc.method": method },
+    fn,
+    telemetry.extract(carrier),
+    SpanKind.SERVER,
+  );
+}
+
+function unary<Req, Res>(method: string, fn: (req: Req) => Promise<Res>) {
   return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-    fn(call.request).then(
+    traced(method, call.metadata, () => fn(call.request)).then(
       (res) => callback(null, res),
       (err) => {
         if (!(err instanceof ApiError)) log("error", "RPC failed", { err: String(err?.stack ?? err) });
@@ -41,7 +59,7 @@ export interface ServiceState {
   shuttingDown: boolean;
 }
 
-export function trainerService(store: JobStore, paths: PathPolicy, state: ServiceState): TrainerServiceServer {
+export function trainerService(store: JobStore, artifacts: ArtifactStore, paths: PathPolicy, state: ServiceState): TrainerServiceServer {
   async function getOrThrow(jobId: string) {
     const cur = JOB_ID_PATTERN.test(jobId) ? await store.get(jobId) : null;
     if (!cur) throw jobNotFound(jobId);
@@ -77,7 +95,7 @@ export function trainerService(store: JobStore, paths: PathPolicy, state: Servic
         payload: { $case: "state", state: { state: JobState.JOB_STATE_QUEUED, error: "" } },
       }),
     );
-    await store.enqueue(id);
+    await store.enqueue(id, telemetry.inject());
     log("info", "job queued", { job: id });
     return { job };
   }
@@ -180,19 +198,49 @@ export function trainerService(store: JobStore, paths: PathPolicy, state: Servic
     }
   }
 
-  return {
-    train: unary(train),
-    getJob: unary(async (req: GetJobRequest): Promise<GetJobResponse> => ({ job: (await getOrThrow(req.jobId)).job })),
-    listJobs: unary(listJobs),
-    cancelJob: unary(cancelJob),
-    streamProgress: (call) => {
-      streamProgress(call).then(
+  async function downloadArtifact(call: ServerWritableStream<DownloadArtifactRequest, DownloadArtifactResponse>) {
+    const { job } = await getOrThrow(call.request.jobId);
+    const artifact = job.artifacts.find((a) => a.objectName && a.objectName === call.request.objectName);
+    if (!artifact)
+      throw new ApiError(
+        status.NOT_FOUND,
+        "ARTIFACT_NOT_FOUND",
+        `job ${job.id} has no artifact ${JSON.stringify(call.request.objectName)} (see Job.artifacts[].object_name)`,
+        [],
+        { job_id: job.id, object_name: call.request.objectName },
+      );
+    let cancelled = false;
+    call.on("cancelled", () => (cancelled = true));
+    call.write({ artifact, chunk: Buffer.alloc(0) });
+    const CHUNK = 256 * 1024;
+    for await (const data of artifacts.read(artifact.objectName)) {
+      for (let off = 0; off < data.length && !cancelled; off += CHUNK) {
+        if (!call.write({ artifact: undefined, chunk: Buffer.from(data.subarray(off, off + CHUNK)) }))
+          await new Promise((r) => call.once("drain", r));
+      }
+      if (cancelled) return;
+    }
+  }
+
+  /** Server-streaming handlers end the call on success and send the mapped status on failure. */
+  const streaming =
+    <Req, Res>(method: string, fn: (call: ServerWritableStream<Req, Res>) => Promise<void>) =>
+    (call: ServerWritableStream<Req, Res>) => {
+      traced(method, call.metadata, () => fn(call)).then(
         () => call.end(),
         (err) => {
-          if (!(err instanceof ApiError)) log("error", "StreamProgress failed", { err: String(err?.stack ?? err) });
+          if (!(err instanceof ApiError)) log("error", `${method} failed`, { err: String(err?.stack ?? err) });
           call.emit("error", toServiceError(err));
         },
       );
-    },
+    };
+
+  return {
+    train: unary("Train", train),
+    getJob: unary("GetJob", async (req: GetJobRequest): Promise<GetJobResponse> => ({ job: (await getOrThrow(req.jobId)).job })),
+    listJobs: unary("ListJobs", listJobs),
+    cancelJob: unary("CancelJob", cancelJob),
+    downloadArtifact: streaming("DownloadArtifact", downloadArtifact),
+    streamProgress: streaming("StreamProgress", streamProgress),
   };
 }

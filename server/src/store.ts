@@ -29,6 +29,17 @@ export const eventSubject = (jobId: string, kind: string) => `loraforge.v1.jobs.
 export const FINAL_STATES = new Set([JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED]);
 export const isFinal = (s: JobState) => FINAL_STATES.has(s);
 
+/** States only move forward: QUEUED → RUNNING → CANCELLING → a final state. */
+const STATE_RANK: Record<number, number> = {
+  [JobState.JOB_STATE_UNSPECIFIED]: 0,
+  [JobState.JOB_STATE_QUEUED]: 1,
+  [JobState.JOB_STATE_RUNNING]: 2,
+  [JobState.JOB_STATE_CANCELLING]: 3,
+  [JobState.JOB_STATE_SUCCEEDED]: 4,
+  [JobState.JOB_STATE_FAILED]: 4,
+  [JobState.JOB_STATE_CANCELLED]: 4,
+};
+
 /** A job record together with the KV revision it was read at (for compare-and-set). */
 export interface Versioned {
   job: Job;
@@ -48,8 +59,12 @@ export class JobStore {
     readonly kv: KV,
   ) {}
 
-  /** Connects to (and, first time, creates) the bucket, streams and consumer. */
-  static async open(nc: NatsConnection): Promise<JobStore> {
+  /**
+   * Connects to (and, first time, creates) the bucket, streams and consumer.
+   * `ackWaitMs`: how long a worker may go without an in-progress ack before its
+   * job is redelivered to another worker (default 60 s).
+   */
+  static async open(nc: NatsConnection, ackWaitMs = 60_000): Promise<JobStore> {
     const jsm = await jetstreamManager(nc);
     await ensureStream(jsm, {
       name: EVENTS_STREAM,
@@ -65,17 +80,19 @@ export class JobStore {
       storage: StorageType.File,
       duplicate_window: 120 * 1e9,
     });
-    try {
-      await jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER);
-    } catch {
+    const ackWait = ackWaitMs * 1e6;
+    const existing = await jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER).catch(() => null);
+    if (!existing) {
       await jsm.consumers.add(QUEUE_STREAM, {
         durable_name: WORKERS_CONSUMER,
         ack_policy: AckPolicy.Explicit,
         deliver_policy: DeliverPolicy.All,
         // A worker that stops sending in-progress acks for this long is presumed dead.
-        ack_wait: 60 * 1e9,
+        ack_wait: ackWait,
         max_ack_pending: 1000,
       });
+    } else if (existing.config.ack_wait !== ackWait) {
+      await jsm.consumers.update(QUEUE_STREAM, WORKERS_CONSUMER, { ack_wait: ackWait });
     }
     const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File });
     return new JobStore(nc, jetstream(nc), jsm, kv);
@@ -103,6 +120,8 @@ export class JobStore {
       if (!cur) return null;
       const next = change(Job.fromPartial(cur.job));
       if (!next) return null;
+      if (STATE_RANK[next.state] < STATE_RANK[cur.job.state] || (isFinal(cur.job.state) && next.state !== cur.job.state))
+        throw new Error(`job ${jobId}: state may not move back from ${JobState[cur.job.state]} to ${JobState[next.state]}`);
       try {
         const revision = await this.kv.update(`jobs.${jobId}`, Job.encode(next).finish(), cur.revision);
         return { job: next, revision };
@@ -146,9 +165,14 @@ export class JobStore {
     });
   }
 
-  /** Puts a job on the work queue (message id = job id, so a duplicate is dropped). */
-  async enqueue(jobId: string): Promise<void> {
-    await this.js.publish(QUEUE_SUBJECT, new TextEncoder().encode(jobId), { msgID: jobId });
+  /**
+   * Puts a job on the work queue (message id = job id, so a duplicate is dropped);
+   * `trace` entries (W3C traceparent) travel as headers to the worker.
+   */
+  async enqueue(jobId: string, trace: Record<string, string> = {}): Promise<void> {
+    const h = headers();
+    for (const [k, v] of Object.entries(trace)) h.set(k, v);
+    await this.js.publish(QUEUE_SUBJECT, new TextEncoder().encode(jobId), { msgID: jobId, headers: h });
   }
 
   /** The number of events stored for a job, which is its last sequence (they are 1..n). */

@@ -1,26 +1,43 @@
 // The worker: pulls jobs from the LORAFORGE_QUEUE work queue one at a time, runs the
 // engine for each, turns the engine's lines into numbered events on the event stream,
-// keeps the job record current, and acks the queue message only when the job is final.
+// uploads artifacts to the object store, keeps the job record current, and acks the
+// queue message only when the job is final.
+//
+// Ownership: the worker that last moved the record to RUNNING (its id in `worker`,
+// `attempts` counted up) owns the job. Every later write is a compare-and-set that
+// checks ownership, so a worker that was presumed dead (its message redelivered to
+// another) notices, stops its engine, and never acks — a late ack cannot remove the
+// message from under the new owner.
+import { hostname } from "node:os";
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import path from "node:path";
 import { type JsMsg, type Consumer } from "@nats-io/jetstream";
-import {
-  Artifact,
-  ArtifactKind,
-  Job,
-  JobEvent,
-  JobState,
-  LogLevel,
-} from "@loraforge/sdk/gen/loraforge/v1/job";
+import { Artifact, ArtifactKind, Job, JobEvent, JobState, LogLevel } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { ArtifactStore } from "./artifacts.js";
 import { ENGINE_EXIT, EngineRun, type EngineExit, type EngineOptions } from "./engine.js";
 import { log } from "./log.js";
 import { isFinal, JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
+import { telemetry } from "./telemetry.js";
 
 export interface WorkerOptions {
   engine: EngineOptions;
   /** Job output folders go under `<stateDir>/jobs/<id>`. */
   stateDir: string;
-  /** How long a stopping engine may take to save its checkpoint before it is killed. */
+  /** How long a stopping engine may take to save its checkpoint before it is killed. Default 60 s. */
   stopGraceMs?: number;
+  /** Starts of a job before a retryable failure becomes final. Default 3. */
+  maxAttempts?: number;
+  /** Delay before the first retry; doubles each time. Default 2 s. */
+  retryBackoffMs?: number;
+  /**
+   * What stopping the worker does to its running job: "cancel" ends it CANCELLED
+   * (what `loraforge serve` does), "requeue" hands it back to the queue to be
+   * resumed from its checkpoint by another worker (what `loraforge worker` does).
+   */
+  onStop?: "cancel" | "requeue";
+  /** In-progress acks are sent this often. Default 10 s (the consumer's ack wait is 60 s). */
+  heartbeatMs?: number;
 }
 
 type Payload = NonNullable<JobEvent["payload"]>;
@@ -28,7 +45,6 @@ type Payload = NonNullable<JobEvent["payload"]>;
 /** Publishes one job's events in order, numbering them without gaps. */
 export class JobEventPublisher {
   private chain: Promise<void> = Promise.resolve();
-  private failed: unknown = null;
 
   constructor(
     private readonly store: JobStore,
@@ -40,14 +56,20 @@ export class JobEventPublisher {
     return this.seq;
   }
 
-  emit(payload: Payload, time = new Date()): JobEvent {
+  /**
+   * Numbers and publishes an event after everything emitted before it; `before`
+   * (e.g. uploading the artifact the event announces) runs first, in that order.
+   */
+  emit(payload: Payload, time = new Date(), before?: () => Promise<Payload>): JobEvent {
     const ev = JobEvent.fromPartial({ jobId: this.jobId, sequence: ++this.seq, time, payload });
-    this.chain = this.chain.then(() =>
-      this.store.publishEvent(ev).catch((err) => {
-        this.failed ??= err;
+    this.chain = this.chain.then(async () => {
+      try {
+        if (before) ev.payload = await before();
+        await this.store.publishEvent(ev);
+      } catch (err) {
         log("error", "publishing an event failed", { job: this.jobId, seq: ev.sequence, err: String(err) });
-      }),
-    );
+      }
+    });
     return ev;
   }
 
@@ -57,25 +79,40 @@ export class JobEventPublisher {
   }
 }
 
+/** Thrown inside a compare-and-set when this worker no longer owns the job. */
+class LostOwnership extends Error {}
+
+interface Running {
+  jobId: string;
+  engine: EngineRun | null;
+  /** Why the engine is being stopped: a cancel, a shutdown, or a lost job. */
+  stop: { reason: string; kind: "cancel" | "requeue" | "lost" } | null;
+}
+
 export class Worker {
+  readonly id = `${hostname()}/${process.pid}/${randomBytes(3).toString("hex")}`;
   private stopping = false;
-  private current: { jobId: string; engine: EngineRun | null; stopReason: string | null } | null = null;
+  private current: Running | null = null;
   private loop: Promise<void> | null = null;
+  private readonly opts: Required<WorkerOptions>;
 
   constructor(
     private readonly store: JobStore,
-    private readonly opts: WorkerOptions,
-  ) {}
+    private readonly artifacts: ArtifactStore,
+    opts: WorkerOptions,
+  ) {
+    this.opts = { stopGraceMs: 60_000, maxAttempts: 3, retryBackoffMs: 2000, onStop: "cancel", heartbeatMs: 10_000, ...opts };
+  }
 
   start(): void {
     this.loop = this.run();
   }
 
-  /** Stops pulling jobs; a running job is stopped (checkpoint saved) and recorded CANCELLED. */
+  /** Stops pulling jobs; the running job is stopped (checkpoint saved) and cancelled or requeued. */
   async stop(reason = "cancelled: the server shut down"): Promise<void> {
     this.stopping = true;
     if (this.current) {
-      this.current.stopReason ??= reason;
+      this.current.stop ??= { reason, kind: this.opts.onStop };
       this.current.engine?.stop();
     }
     await this.loop;
@@ -98,67 +135,114 @@ export class Worker {
     }
   }
 
+  /** Compare-and-set that also checks this worker still owns the job. */
+  private async updateOwned(jobId: string, attempt: number, change: (job: Job) => Job | null) {
+    return this.store.update(jobId, (job) => {
+      if (job.worker !== this.id || job.attempts !== attempt) throw new LostOwnership(`job ${jobId} was taken over by ${job.worker}`);
+      return change(job);
+    });
+  }
+
   private async handle(m: JsMsg): Promise<void> {
     const jobId = m.string();
     const cur = await this.store.get(jobId);
     if (!cur || isFinal(cur.job.state) || cur.job.state === JobState.JOB_STATE_CANCELLING) {
-      // Cancelled while queued (or unknown): nothing to run.
+      // Cancelled while queued, or finished by a worker whose ack was lost: nothing to run.
       m.ack();
       return;
     }
+    // RUNNING here means an earlier worker died or its engine failed in a retryable way.
     const resume = cur.job.state === JobState.JOB_STATE_RUNNING;
-    // A redelivered job (its worker died) continues numbering after its stored events.
     const lastSeq = resume ? await this.store.storedEventCount(jobId) : cur.job.lastSequence;
+    const attempt = cur.job.attempts + 1;
     const started = await this.store.update(jobId, (job) => {
-      if (job.state !== cur.job.state) return null;
+      if (job.state !== cur.job.state || job.attempts !== cur.job.attempts) return null;
       job.state = JobState.JOB_STATE_RUNNING;
       job.startTime ??= new Date();
+      job.attempts = attempt;
+      job.worker = this.id;
       job.lastSequence = lastSeq + 1;
       return job;
     });
     if (!started) {
+      // Someone else moved it first; their delivery decides its fate.
       m.ack();
       return;
     }
     const events = new JobEventPublisher(this.store, jobId, lastSeq);
     events.emit({ $case: "state", state: { state: JobState.JOB_STATE_RUNNING, error: "", lora: undefined } });
-    log("info", "job started", { job: jobId, resume });
+    if (resume) events.emit({ $case: "log", log: { level: LogLevel.LOG_LEVEL_INFO, message: `attempt ${attempt}: resuming on worker ${this.id}` } });
+    log("info", "job started", { job: jobId, attempt, worker: this.id });
 
-    const heartbeat = setInterval(() => m.working(), 10_000);
+    // Continue the trace of the Train call that queued the job.
+    const carrier: Record<string, string> = {};
+    for (const k of ["traceparent", "tracestate"]) {
+      const v = m.headers?.get(k);
+      if (v) carrier[k] = v;
+    }
+    const parent = telemetry.extract(carrier);
+    const attrs = { "loraforge.job_id": jobId, "loraforge.attempt": attempt, "loraforge.worker": this.id };
+    if (!resume && started.job.createTime) telemetry.recordSpan("queue wait", started.job.createTime, new Date(), attrs, parent);
+
+    const heartbeat = setInterval(() => m.working(), this.opts.heartbeatMs);
+    let settle: "ack" | "retry" | "none" = "ack";
     try {
-      await this.runEngine(started.job, events, resume);
+      settle = await telemetry.span("job run", attrs, () => this.runEngine(started.job, attempt, events, resume), parent);
+    } catch (err) {
+      if (err instanceof LostOwnership) {
+        log("warn", "lost the job to another worker; stopped", { job: jobId, err: err.message });
+        settle = "none";
+      } else {
+        log("error", "worker failed while running a job; leaving it for redelivery", { job: jobId, err: String(err) });
+        settle = "retry";
+      }
     } finally {
       clearInterval(heartbeat);
-      m.ack();
     }
+    if (settle === "ack") m.ack();
+    else if (settle === "retry") m.nak(Math.min(this.opts.retryBackoffMs * 2 ** (attempt - 1), 5 * 60_000));
+    // "none": the new owner's delivery settles the message.
   }
 
-  private async runEngine(job: Job, events: JobEventPublisher, resume: boolean): Promise<void> {
-    const state = (this.current = { jobId: job.id, engine: null as EngineRun | null, stopReason: null as string | null });
+  /** Runs the engine once; returns how to settle the queue message. */
+  private async runEngine(job: Job, attempt: number, events: JobEventPublisher, resume: boolean): Promise<"ack" | "retry" | "none"> {
+    const running: Running = (this.current = { jobId: job.id, engine: null, stop: null });
     const artifacts: Artifact[] = [...job.artifacts];
     let lora: Artifact | undefined;
     let lastError = "";
     let step = job.currentStep;
     let totalSteps = job.totalSteps;
     let lastProgressWrite = 0;
+    const outputDir = path.join(this.opts.stateDir, "jobs", job.id);
 
-    // Cancellation is a record change (CANCELLING) made by the API; watch for it.
+    // Resuming a job another worker started: fetch its latest checkpoint first.
+    const latest = artifacts.filter((a) => a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.objectName).sort((a, b) => b.step - a.step)[0];
+    if (resume && latest && !existsSync(path.join(outputDir, "checkpoints", `checkpoint-${latest.step}`))) {
+      const n = await this.artifacts.restoreCheckpoint(latest.objectName, path.join(outputDir, "checkpoints", `checkpoint-${latest.step}`));
+      events.emit({ $case: "log", log: { level: LogLevel.LOG_LEVEL_INFO, message: `restored checkpoint-${latest.step} (${n} files) from the artifact store` } });
+    }
+
+    // Cancellation is a record change (CANCELLING) made by the API; a takeover is a
+    // change of `worker`. Watch the record for both.
     const watch = await this.store.kv.watch({ key: `jobs.${job.id}` });
     void (async () => {
       for await (const e of watch) {
         if (e.operation !== "PUT") continue;
         const rec = Job.decode(e.value);
-        if (rec.state === JobState.JOB_STATE_CANCELLING && state.stopReason === null) {
-          state.stopReason = rec.error || "cancelled by a client";
-          events.emit({ $case: "state", state: { state: JobState.JOB_STATE_CANCELLING, error: state.stopReason, lora: undefined } });
-          state.engine?.stop();
+        if (rec.worker !== this.id || rec.attempts !== attempt) {
+          running.stop = { reason: "taken over", kind: "lost" };
+          running.engine?.stop();
+        } else if (rec.state === JobState.JOB_STATE_CANCELLING && running.stop?.kind !== "cancel") {
+          running.stop = { reason: rec.error || "cancelled by a client", kind: "cancel" };
+          events.emit({ $case: "state", state: { state: JobState.JOB_STATE_CANCELLING, error: running.stop.reason, lora: undefined } });
+          running.engine?.stop();
         }
       }
     })();
 
     const writeProgress = async () => {
       lastProgressWrite = Date.now();
-      await this.store.update(job.id, (j) => {
+      await this.updateOwned(job.id, attempt, (j) => {
         if (isFinal(j.state)) return null;
         j.currentStep = step;
         j.totalSteps = totalSteps;
@@ -167,10 +251,18 @@ export class Worker {
         return j;
       });
     };
+    const uploaded = (a: Artifact) => async () => {
+      const stored = await telemetry.span("artifact upload", { "loraforge.job_id": job.id, "loraforge.artifact": a.path }, () =>
+        this.artifacts.upload(job.id, a),
+      );
+      const i = artifacts.findIndex((x) => x.kind === a.kind && x.path === a.path);
+      if (i >= 0) artifacts[i] = stored;
+      return stored;
+    };
 
     const onEvent = (ev: JobEvent) => {
       const p = ev.payload;
-      if (!p) return;
+      if (!p || running.stop?.kind === "lost") return;
       switch (p.$case) {
         case "state":
           // The engine reports only its own success; the worker owns the job's state.
@@ -179,45 +271,84 @@ export class Worker {
         case "metrics":
           step = p.metrics.step;
           totalSteps = p.metrics.totalSteps;
+          telemetry.recordStep(p.metrics);
+          events.emit(p, ev.time);
           break;
-        case "checkpoint":
-          if (p.checkpoint.artifact) artifacts.push(p.checkpoint.artifact);
+        case "checkpoint": {
+          const a = p.checkpoint.artifact!;
+          artifacts.push(a);
+          const up = uploaded(a);
+          events.emit(p, ev.time, async () => ({ ...p, checkpoint: { ...p.checkpoint, artifact: await up() } }));
           break;
-        case "validation":
+        }
+        case "validation": {
           artifacts.push(...p.validation.images);
+          const ups = p.validation.images.map(uploaded);
+          events.emit(p, ev.time, async () => {
+            const images: Artifact[] = [];
+            for (const up of ups) images.push(await up());
+            return { ...p, validation: { ...p.validation, images } };
+          });
           break;
+        }
         case "log":
           if (p.log.level === LogLevel.LOG_LEVEL_ERROR) lastError = p.log.message;
+          events.emit(p, ev.time);
           break;
       }
-      events.emit(p, ev.time);
-      if (p.$case !== "metrics" || Date.now() - lastProgressWrite > 1000) void writeProgress().catch(() => {});
+      if (p.$case !== "metrics" || Date.now() - lastProgressWrite > 1000)
+        void events.flush().then(writeProgress).catch((err) => {
+          if (err instanceof LostOwnership) {
+            running.stop = { reason: "taken over", kind: "lost" };
+            running.engine?.stop();
+          }
+        });
     };
 
-    const outputDir = path.join(this.opts.stateDir, "jobs", job.id);
     const engine = new EngineRun(
       this.opts.engine,
       job.spec!,
       outputDir,
       onEvent,
       (line) => log("debug", `[engine ${job.id}] ${line}`),
-      {},
+      telemetry.traceEnv(),
       resume,
     );
-    state.engine = engine;
-    if (state.stopReason !== null) engine.stop();
-    const exit = await engine.exited;
+    running.engine = engine;
+    if (running.stop !== null) engine.stop();
+    const exit = await telemetry.span("engine", { "loraforge.job_id": job.id, "process.pid": engine.pid ?? -1 }, async () => {
+      const e = await engine.exited;
+      if (e.code !== 0) throw new Error(`engine ${e.signal ? `killed by ${e.signal}` : `exited with code ${e.code}`}`);
+      return e;
+    }).catch(() => engine.exited);
     watch.stop();
     this.current = null;
-
-    const outcome = decideOutcome(exit, lora, lastError, state.stopReason);
-    if (lora) artifacts.push(lora);
     await events.flush();
+    if (running.stop?.kind === "lost") return "none";
+
+    const outcome = decideOutcome(exit, lora, lastError, running.stop, attempt, this.opts.maxAttempts);
+    if (outcome.state === JobState.JOB_STATE_RUNNING) {
+      // Retryable: leave it RUNNING for the next delivery, which resumes from the checkpoint.
+      events.emit({ $case: "log", log: { level: LogLevel.LOG_LEVEL_WARNING, message: `attempt ${attempt} failed (${outcome.error}); it will be retried` } });
+      await events.flush();
+      await this.updateOwned(job.id, attempt, (j) => {
+        j.currentStep = step;
+        j.artifacts = artifacts;
+        j.lastSequence = events.lastSequence;
+        j.worker = "";
+        return j;
+      });
+      return "retry";
+    }
+    if (lora) {
+      artifacts.push(lora);
+      lora = await uploaded(lora)();
+    }
     const finalEvent = events.emit({
       $case: "state",
       state: { state: outcome.state, error: outcome.error, lora: outcome.state === JobState.JOB_STATE_SUCCEEDED ? lora : undefined },
     });
-    await this.store.update(job.id, (j) => {
+    await this.updateOwned(job.id, attempt, (j) => {
       j.state = outcome.state;
       j.error = outcome.error;
       j.endTime = finalEvent.time;
@@ -228,24 +359,34 @@ export class Worker {
       return j;
     });
     await events.flush();
+    telemetry.jobFinished(outcome.state);
     log("info", "job finished", { job: job.id, state: JobState[outcome.state], error: outcome.error });
+    return "ack";
   }
 }
 
-/** Maps how the engine ended to the job's final state and reason. */
+/**
+ * Maps how the engine ended to the job's next state and reason. RUNNING means
+ * "retry": the engine was killed by a signal nobody here sent, or the worker was
+ * asked to hand the job back, and attempts remain.
+ */
 export function decideOutcome(
   exit: EngineExit,
   lora: Artifact | undefined,
   lastError: string,
-  stopReason: string | null,
+  stop: Running["stop"],
+  attempt: number,
+  maxAttempts: number,
 ): { state: JobState; error: string } {
   if (exit.code === ENGINE_EXIT.OK && lora) return { state: JobState.JOB_STATE_SUCCEEDED, error: "" };
-  if (stopReason !== null && (exit.code === ENGINE_EXIT.STOPPED || exit.signal !== null || exit.code === ENGINE_EXIT.OK))
-    return { state: JobState.JOB_STATE_CANCELLED, error: stopReason };
-  if (lastError) return { state: JobState.JOB_STATE_FAILED, error: lastError };
-  const how = exit.signal ? `was killed by ${exit.signal}` : `exited with code ${exit.code}`;
+  const stoppedByUs = stop !== null && (exit.code === ENGINE_EXIT.STOPPED || exit.signal !== null || exit.code === ENGINE_EXIT.OK);
+  if (stoppedByUs && stop.kind === "requeue") return { state: JobState.JOB_STATE_RUNNING, error: stop.reason };
+  if (stoppedByUs) return { state: JobState.JOB_STATE_CANCELLED, error: stop.reason };
+  if (lastError && exit.signal === null) return { state: JobState.JOB_STATE_FAILED, error: lastError };
+  const how = exit.signal ? `was killed by ${exit.signal}` : exit.code === null ? "could not start" : `exited with code ${exit.code}`;
   const tail = exit.stderrTail.slice(-5).join("\n");
-  return { state: JobState.JOB_STATE_FAILED, error: `the engine ${how}${tail ? `: ${tail}` : ""}` };
+  const error = `the engine ${how}${tail ? `: ${tail}` : ""}`;
+  const retryable = exit.signal !== null || exit.code === null;
+  if (retryable && attempt < maxAttempts) return { state: JobState.JOB_STATE_RUNNING, error };
+  return { state: JobState.JOB_STATE_FAILED, error: retryable ? `${error} (gave up after ${attempt} attempts)` : error };
 }
-
-export { ArtifactKind };

@@ -229,13 +229,24 @@ export interface Job {
   artifacts: Artifact[];
   /** Sequence number of the newest event published for this job. */
   lastSequence: number;
+  /**
+   * How many times a worker has started this job (1 on the first run; a job
+   * whose worker died, or whose engine was killed by a signal, is retried).
+   */
+  attempts: number;
+  /**
+   * The worker running the job (hostname/pid/random), or that ran it last.
+   * Only that worker may change a RUNNING job's record: a worker that finds
+   * another id here has lost the job and stops.
+   */
+  worker: string;
 }
 
 /** Artifact is one file a job produced. */
 export interface Artifact {
   /** What the file is. */
   kind: ArtifactKind;
-  /** Absolute path on the server host (the artifact store comes with the jobs issue). */
+  /** Absolute path on the worker host that produced it. */
   path: string;
   /** File size in bytes (for a checkpoint folder: the sum of its files). */
   sizeBytes: number;
@@ -243,6 +254,11 @@ export interface Artifact {
   sha256: string;
   /** Optimizer step the artifact belongs to. */
   step: number;
+  /**
+   * Name in the JetStream object store `loraforge_artifacts`, for
+   * DownloadArtifact; a checkpoint's name ends in "/" and covers its files.
+   */
+  objectName: string;
 }
 
 /**
@@ -349,6 +365,8 @@ function createBaseJob(): Job {
     totalSteps: 0,
     artifacts: [],
     lastSequence: 0,
+    attempts: 0,
+    worker: "",
   };
 }
 
@@ -389,6 +407,12 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       writer.uint32(96).int64(message.lastSequence);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(104).int32(message.attempts);
+    }
+    if (message.worker !== "") {
+      writer.uint32(114).string(message.worker);
     }
     return writer;
   },
@@ -502,6 +526,22 @@ export const Job: MessageFns<Job> = {
             message.lastSequence = longToNumber(reader.int64());
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.attempts = reader.int32();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.worker = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -558,6 +598,8 @@ export const Job: MessageFns<Job> = {
         : isSet(object.last_sequence)
         ? globalThis.Number(object.last_sequence)
         : 0,
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+      worker: isSet(object.worker) ? globalThis.String(object.worker) : "",
     };
   },
 
@@ -599,6 +641,12 @@ export const Job: MessageFns<Job> = {
     if (message.lastSequence !== 0) {
       obj.lastSequence = Math.round(message.lastSequence);
     }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    if (message.worker !== "") {
+      obj.worker = message.worker;
+    }
     return obj;
   },
 
@@ -621,12 +669,14 @@ export const Job: MessageFns<Job> = {
     message.totalSteps = object.totalSteps ?? 0;
     message.artifacts = object.artifacts?.map((e) => Artifact.fromPartial(e)) || [];
     message.lastSequence = object.lastSequence ?? 0;
+    message.attempts = object.attempts ?? 0;
+    message.worker = object.worker ?? "";
     return message;
   },
 };
 
 function createBaseArtifact(): Artifact {
-  return { kind: 0, path: "", sizeBytes: 0, sha256: "", step: 0 };
+  return { kind: 0, path: "", sizeBytes: 0, sha256: "", step: 0, objectName: "" };
 }
 
 export const Artifact: MessageFns<Artifact> = {
@@ -645,6 +695,9 @@ export const Artifact: MessageFns<Artifact> = {
     }
     if (message.step !== 0) {
       writer.uint32(40).int64(message.step);
+    }
+    if (message.objectName !== "") {
+      writer.uint32(50).string(message.objectName);
     }
     return writer;
   },
@@ -702,6 +755,14 @@ export const Artifact: MessageFns<Artifact> = {
             message.step = longToNumber(reader.int64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.objectName = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -725,6 +786,11 @@ export const Artifact: MessageFns<Artifact> = {
         : 0,
       sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
       step: isSet(object.step) ? globalThis.Number(object.step) : 0,
+      objectName: isSet(object.objectName)
+        ? globalThis.String(object.objectName)
+        : isSet(object.object_name)
+        ? globalThis.String(object.object_name)
+        : "",
     };
   },
 
@@ -745,6 +811,9 @@ export const Artifact: MessageFns<Artifact> = {
     if (message.step !== 0) {
       obj.step = Math.round(message.step);
     }
+    if (message.objectName !== "") {
+      obj.objectName = message.objectName;
+    }
     return obj;
   },
 
@@ -758,6 +827,7 @@ export const Artifact: MessageFns<Artifact> = {
     message.sizeBytes = object.sizeBytes ?? 0;
     message.sha256 = object.sha256 ?? "";
     message.step = object.step ?? 0;
+    message.objectName = object.objectName ?? "";
     return message;
   },
 };

@@ -20,7 +20,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
-import { Job, JobEvent, JobState, jobStateFromJSON, jobStateToJSON } from "./job.js";
+import { Artifact, Job, JobEvent, JobState, jobStateFromJSON, jobStateToJSON } from "./job.js";
 import { TrainingSpec } from "./training_spec.js";
 
 export const protobufPackage = "loraforge.v1";
@@ -100,6 +100,24 @@ export interface CancelJobRequest {
 export interface CancelJobResponse {
   /** The job, CANCELLED (it was queued) or CANCELLING (it was running). */
   job: Job | undefined;
+}
+
+/** DownloadArtifactRequest names an artifact of a job. */
+export interface DownloadArtifactRequest {
+  /** The job's id. */
+  jobId: string;
+  /** The artifact's object_name, as listed in Job.artifacts. */
+  objectName: string;
+}
+
+/** DownloadArtifactResponse is one piece of an artifact download. */
+export interface DownloadArtifactResponse {
+  /** The artifact being sent; set in the first message only. */
+  artifact:
+    | Artifact
+    | undefined;
+  /** The next bytes of the file (or tar archive), at most 256 KiB a message. */
+  chunk: Buffer;
 }
 
 function createBaseTrainRequest(): TrainRequest {
@@ -900,6 +918,186 @@ export const CancelJobResponse: MessageFns<CancelJobResponse> = {
   },
 };
 
+function createBaseDownloadArtifactRequest(): DownloadArtifactRequest {
+  return { jobId: "", objectName: "" };
+}
+
+export const DownloadArtifactRequest: MessageFns<DownloadArtifactRequest> = {
+  encode(message: DownloadArtifactRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobId !== "") {
+      writer.uint32(10).string(message.jobId);
+    }
+    if (message.objectName !== "") {
+      writer.uint32(18).string(message.objectName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadArtifactRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadArtifactRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.objectName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadArtifactRequest {
+    return {
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+      objectName: isSet(object.objectName)
+        ? globalThis.String(object.objectName)
+        : isSet(object.object_name)
+        ? globalThis.String(object.object_name)
+        : "",
+    };
+  },
+
+  toJSON(message: DownloadArtifactRequest): unknown {
+    const obj: any = {};
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    if (message.objectName !== "") {
+      obj.objectName = message.objectName;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DownloadArtifactRequest>, I>>(base?: I): DownloadArtifactRequest {
+    return DownloadArtifactRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DownloadArtifactRequest>, I>>(object: I): DownloadArtifactRequest {
+    const message = createBaseDownloadArtifactRequest();
+    message.jobId = object.jobId ?? "";
+    message.objectName = object.objectName ?? "";
+    return message;
+  },
+};
+
+function createBaseDownloadArtifactResponse(): DownloadArtifactResponse {
+  return { artifact: undefined, chunk: Buffer.alloc(0) };
+}
+
+export const DownloadArtifactResponse: MessageFns<DownloadArtifactResponse> = {
+  encode(message: DownloadArtifactResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.artifact !== undefined) {
+      Artifact.encode(message.artifact, writer.uint32(10).fork()).join();
+    }
+    if (message.chunk.length !== 0) {
+      writer.uint32(18).bytes(message.chunk);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DownloadArtifactResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDownloadArtifactResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.artifact = Artifact.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.chunk = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DownloadArtifactResponse {
+    return {
+      artifact: isSet(object.artifact) ? Artifact.fromJSON(object.artifact) : undefined,
+      chunk: isSet(object.chunk) ? Buffer.from(bytesFromBase64(object.chunk)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: DownloadArtifactResponse): unknown {
+    const obj: any = {};
+    if (message.artifact !== undefined) {
+      obj.artifact = Artifact.toJSON(message.artifact);
+    }
+    if (message.chunk.length !== 0) {
+      obj.chunk = base64FromBytes(message.chunk);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DownloadArtifactResponse>, I>>(base?: I): DownloadArtifactResponse {
+    return DownloadArtifactResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DownloadArtifactResponse>, I>>(object: I): DownloadArtifactResponse {
+    const message = createBaseDownloadArtifactResponse();
+    message.artifact = (object.artifact !== undefined && object.artifact !== null)
+      ? Artifact.fromPartial(object.artifact)
+      : undefined;
+    message.chunk = object.chunk ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
 /**
  * TrainerService trains LoRA adapters. Errors carry a google.rpc.ErrorInfo
  * (domain "loraforge.dev", a reason such as JOB_NOT_FOUND) and, for bad specs,
@@ -976,6 +1174,23 @@ export const TrainerServiceService = {
     responseSerialize: (value: CancelJobResponse): Buffer => Buffer.from(CancelJobResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CancelJobResponse => CancelJobResponse.decode(value),
   },
+  /**
+   * DownloadArtifact streams one of a job's artifacts from the object store: a
+   * file as stored, a checkpoint as an uncompressed tar archive of its files.
+   * The first message carries the artifact's description, the rest its bytes.
+   * NOT_FOUND (JOB_NOT_FOUND or ARTIFACT_NOT_FOUND) when either is unknown.
+   */
+  downloadArtifact: {
+    path: "/loraforge.v1.TrainerService/DownloadArtifact" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: DownloadArtifactRequest): Buffer =>
+      Buffer.from(DownloadArtifactRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DownloadArtifactRequest => DownloadArtifactRequest.decode(value),
+    responseSerialize: (value: DownloadArtifactResponse): Buffer =>
+      Buffer.from(DownloadArtifactResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DownloadArtifactResponse => DownloadArtifactResponse.decode(value),
+  },
 } as const;
 
 export interface TrainerServiceServer extends UntypedServiceImplementation {
@@ -1006,6 +1221,13 @@ export interface TrainerServiceServer extends UntypedServiceImplementation {
    * (JOB_ALREADY_FINAL).
    */
   cancelJob: handleUnaryCall<CancelJobRequest, CancelJobResponse>;
+  /**
+   * DownloadArtifact streams one of a job's artifacts from the object store: a
+   * file as stored, a checkpoint as an uncompressed tar archive of its files.
+   * The first message carries the artifact's description, the rest its bytes.
+   * NOT_FOUND (JOB_NOT_FOUND or ARTIFACT_NOT_FOUND) when either is unknown.
+   */
+  downloadArtifact: handleServerStreamingCall<DownloadArtifactRequest, DownloadArtifactResponse>;
 }
 
 export interface TrainerServiceClient extends Client {
@@ -1100,6 +1322,21 @@ export interface TrainerServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CancelJobResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * DownloadArtifact streams one of a job's artifacts from the object store: a
+   * file as stored, a checkpoint as an uncompressed tar archive of its files.
+   * The first message carries the artifact's description, the rest its bytes.
+   * NOT_FOUND (JOB_NOT_FOUND or ARTIFACT_NOT_FOUND) when either is unknown.
+   */
+  downloadArtifact(
+    request: DownloadArtifactRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<DownloadArtifactResponse>;
+  downloadArtifact(
+    request: DownloadArtifactRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<DownloadArtifactResponse>;
 }
 
 export const TrainerServiceClient = makeGenericClientConstructor(
@@ -1110,6 +1347,14 @@ export const TrainerServiceClient = makeGenericClientConstructor(
   service: typeof TrainerServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

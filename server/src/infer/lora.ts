@@ -1,0 +1,239 @@
+// LoRA files → the exported graphs' slot inputs. A file is read once (cached by path, size and
+// mtime) and mapped onto a model's slots: per slot A [r, in] and B [out, r] with alpha / r
+// folded into B. A request's LoRAs are then concatenated along r, each B times its scale.
+//
+// Key forms understood (all as diffusers' load_lora_weights reads them):
+//   unet.<module>.lora.down.weight / .lora.up.weight            diffusers (our trainer's output)
+//   unet.<module>.lora_A.weight / .lora_B.weight (also .lora_A.<adapter>.weight)  peft
+//   text_encoder.<module>.lora_linear_layer.down.weight / .up   diffusers, text encoder
+//   unet.<…>.processor.to_q_lora.down.weight                    diffusers' old attention-processor form
+//   base_model.model.<module>.lora_A.weight                      peft's own save (UNet)
+//   lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha   kohya (lora_te_ for the text encoder)
+// alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
+// rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
+import { stat } from "node:fs/promises";
+import ort from "onnxruntime-node";
+import { readSafetensors, type Tensor } from "./safetensors.js";
+
+/** One slot of an exported model, as manifest.json lists it. */
+export interface SlotInfo {
+  component: "unet" | "text_encoder";
+  module: string;
+  diffusers_key: string;
+  kohya_key: string;
+  in_features: number;
+  out_features: number;
+  input_a: string;
+  input_b: string;
+}
+
+/** A LoRA mapped onto one model: per slot index, A [r, in] and B [out, r] (alpha / r folded in). */
+export interface MappedLora {
+  rank: Map<number, number>;
+  a: Map<number, Float32Array>;
+  b: Map<number, Float32Array>;
+}
+
+/** A problem with a LoRA file for this model; `layer` names the offending layer. */
+export class LoraMismatch extends Error {
+  constructor(
+    readonly layer: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const stripTextModel = (s: string) => s.replace(/^text_model[._]/, "");
+
+/** Lookup tables from every key form to slot indices, built once per model. */
+export class SlotIndex {
+  private readonly byDotted = new Map<string, number>();
+  private readonly byKohya = new Map<string, number>();
+  readonly counts = { unet: 0, text_encoder: 0 };
+
+  constructor(readonly slots: SlotInfo[]) {
+    slots.forEach((s, i) => {
+      const mod = s.component === "text_encoder" ? stripTextModel(s.module) : s.module;
+      this.byDotted.set(`${s.component}.${mod}`, i);
+      const prefix = s.component === "unet" ? "lora_unet_" : "lora_te_";
+      this.byKohya.set(prefix + mod.replace(/\./g, "_"), i);
+      this.counts[s.component]++;
+    });
+  }
+
+  /** The slot of a stem like "unet.down_blocks.0….to_q" or "lora_unet_down_blocks_0_…_to_q"; -1 if none. */
+  find(stem: string): number {
+    if (stem.startsWith("lora_unet_") || stem.startsWith("lora_te_") || stem.startsWith("lora_te1_")) {
+      const k = stem.replace(/^lora_te1_/, "lora_te_").replace(/^lora_te_text_model_/, "lora_te_");
+      return this.byKohya.get(k) ?? -1;
+    }
+    let s = stem.replace(/^base_model\.model\./, "unet.");
+    if (!s.startsWith("unet.") && !s.startsWith("text_encoder.")) s = `unet.${s}`;
+    s = s.replace(/^text_encoder\.text_model\./, "text_encoder.");
+    return this.byDotted.get(s) ?? -1;
+  }
+}
+
+type Part = "down" | "up" | "alpha";
+
+/** Splits a tensor name into (layer stem, part), or null for a name that is not LoRA weight. */
+function parseKey(name: string): { stem: string; part: Part } | null {
+  const forms: [RegExp, Part][] = [
+    [/^(.*)\.lora\.down\.weight$/, "down"],
+    [/^(.*)\.lora\.up\.weight$/, "up"],
+    [/^(.*)\.lora_linear_layer\.down\.weight$/, "down"],
+    [/^(.*)\.lora_linear_layer\.up\.weight$/, "up"],
+    [/^(.*)\.lora_A(?:\.[^.]+)?\.weight$/, "down"],
+    [/^(.*)\.lora_B(?:\.[^.]+)?\.weight$/, "up"],
+    [/^(.*)\.lora_down\.weight$/, "down"],
+    [/^(.*)\.lora_up\.weight$/, "up"],
+    [/^(.*)\.alpha$/, "alpha"],
+  ];
+  for (const [re, part] of forms) {
+    const m = name.match(re);
+    if (m) {
+      // diffusers' old attention-processor form: <attn>.processor.to_q_lora → <attn>.to_q
+      const stem = m[1].replace(/\.processor\.(to_q|to_k|to_v)_lora$/, ".$1").replace(/\.processor\.to_out_lora$/, ".to_out.0");
+      return { stem, part };
+    }
+  }
+  return null;
+}
+
+/** peft's pattern lookup: the first key k with `(.*\.)?k$` matching the module name. */
+function fromPattern(pattern: unknown, module: string): number | undefined {
+  if (!pattern || typeof pattern !== "object") return undefined;
+  for (const [k, v] of Object.entries(pattern as Record<string, number>)) {
+    try {
+      if (new RegExp(`^(.*\\.)?(${k})$`).test(module)) return v;
+    } catch {
+      // not a usable pattern
+    }
+  }
+  return undefined;
+}
+
+function adapterMetadata(metadata: Record<string, string>): Record<string, unknown> | null {
+  const raw = metadata["lora_adapter_metadata"];
+  if (!raw) return null;
+  try {
+    return JSON.parse(raw) as Record<string, unknown>;
+  } catch {
+    return null;
+  }
+}
+
+/** Maps one parsed LoRA file onto a model's slots, checking every shape. */
+export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Record<string, string>, index: SlotIndex): MappedLora {
+  const groups = new Map<string, Partial<Record<Part, Tensor>>>();
+  for (const [name, t] of tensors) {
+    const k = parseKey(name);
+    if (!k) throw new LoraMismatch(name, `${file}: tensor ${name} is not a LoRA weight this server understands`);
+    const g = groups.get(k.stem) ?? {};
+    g[k.part] = t;
+    groups.set(k.stem, g);
+  }
+  const meta = adapterMetadata(metadata);
+  const out: MappedLora = { rank: new Map(), a: new Map(), b: new Map() };
+  for (const [stem, g] of groups) {
+    const slot = index.find(stem);
+    if (slot < 0)
+      throw new LoraMismatch(stem, `${file}: layer ${stem} has no LoRA slot in this base model (is the LoRA made for another base model?)`);
+    const info = index.slots[slot];
+    if (!g.down || !g.up) throw new LoraMismatch(stem, `${file}: layer ${stem} lacks its ${g.down ? "up" : "down"} weight`);
+    const [r, inF] = g.down.shape;
+    const [outF, r2] = g.up.shape;
+    if (g.down.shape.length !== 2 || g.up.shape.length !== 2 || r !== r2)
+      throw new LoraMismatch(stem, `${file}: layer ${stem} has down ${JSON.stringify(g.down.shape)} and up ${JSON.stringify(g.up.shape)}, which do not pair`);
+    if (inF !== info.in_features || outF !== info.out_features)
+      throw new LoraMismatch(
+        stem,
+        `${file}: layer ${stem} maps ${inF} → ${outF} features, but this base model's ${info.component}.${info.module} maps ${info.in_features} → ${info.out_features} (the LoRA is made for another base model)`,
+      );
+    let scale = 1;
+    if (g.alpha) {
+      scale = g.alpha.data[0] / r;
+    } else if (meta) {
+      const c = info.component;
+      const baseR = Number(meta[`${c}.r`] ?? r);
+      const rr = fromPattern(meta[`${c}.rank_pattern`], info.module) ?? baseR;
+      const alpha = fromPattern(meta[`${c}.alpha_pattern`], info.module) ?? Number(meta[`${c}.lora_alpha`] ?? rr);
+      scale = meta[`${c}.use_rslora`] === true ? alpha / Math.sqrt(rr) : alpha / rr;
+    }
+    if (out.a.has(slot)) throw new LoraMismatch(stem, `${file}: layer ${stem} appears twice`);
+    const b = scale === 1 ? g.up.data : g.up.data.map((v) => v * scale);
+    out.rank.set(slot, r);
+    out.a.set(slot, g.down.data);
+    out.b.set(slot, b);
+  }
+  return out;
+}
+
+interface CacheEntry {
+  signature: string;
+  tensors: Map<string, Tensor>;
+  metadata: Record<string, string>;
+  mapped: Map<string, MappedLora>;
+}
+
+/** Parsed LoRA files, kept while their size and mtime are unchanged (a few hundred, least recently used out). */
+export class LoraCache {
+  private readonly entries = new Map<string, CacheEntry>();
+  constructor(private readonly maxEntries = 256) {}
+
+  /** The file mapped onto the model whose slots `index` describes (model key: its hash). */
+  async load(file: string, modelKey: string, index: SlotIndex): Promise<MappedLora> {
+    const st = await stat(file);
+    const signature = `${st.size}:${st.mtimeMs}`;
+    let e = this.entries.get(file);
+    if (!e || e.signature !== signature) {
+      const parsed = await readSafetensors(file);
+      e = { signature, tensors: parsed.tensors, metadata: parsed.metadata, mapped: new Map() };
+    }
+    this.entries.delete(file);
+    this.entries.set(file, e);
+    while (this.entries.size > this.maxEntries) this.entries.delete(this.entries.keys().next().value!);
+    let m = e.mapped.get(modelKey);
+    if (!m) {
+      m = mapLora(file, e.tensors, e.metadata, index);
+      e.mapped.set(modelKey, m);
+    }
+    return m;
+  }
+}
+
+const EMPTY = new Float32Array(0);
+
+/**
+ * The slot feeds of one component for a list of (LoRA, scale): per slot the A matrices stacked
+ * along r, and the B matrices side by side along r with their scale applied; rank 0 where no LoRA
+ * touches the slot.
+ */
+export function slotFeeds(index: SlotIndex, component: SlotInfo["component"], loras: { lora: MappedLora; scale: number }[]): Record<string, ort.Tensor> {
+  const feeds: Record<string, ort.Tensor> = {};
+  index.slots.forEach((s, i) => {
+    if (s.component !== component) return;
+    const parts = loras.filter((l) => l.lora.rank.has(i) && l.scale !== 0);
+    const total = parts.reduce((n, l) => n + l.lora.rank.get(i)!, 0);
+    if (total === 0) {
+      feeds[s.input_a] = new ort.Tensor("float32", EMPTY, [0, s.in_features]);
+      feeds[s.input_b] = new ort.Tensor("float32", EMPTY, [s.out_features, 0]);
+      return;
+    }
+    const a = new Float32Array(total * s.in_features);
+    const b = new Float32Array(s.out_features * total);
+    let off = 0;
+    for (const { lora, scale } of parts) {
+      const r = lora.rank.get(i)!;
+      a.set(lora.a.get(i)!, off * s.in_features);
+      const src = lora.b.get(i)!;
+      for (let o = 0; o < s.out_features; o++)
+        for (let k = 0; k < r; k++) b[o * total + off + k] = src[o * r + k] * scale;
+      off += r;
+    }
+    feeds[s.input_a] = new ort.Tensor("float32", a, [total, s.in_features]);
+    feeds[s.input_b] = new ort.Tensor("float32", b, [s.out_features, total]);
+  });
+  return feeds;
+}
