@@ -1,0 +1,35 @@
+"""Session fixtures: the tiny model and the synthetic data set are built once, through the CLI users run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# As the engine does (see loraforge_engine/__main__.py): OpenMP threads that spin while idle make torch
+# 10-50x slower on a CPU shared with other processes. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers import engine_cmd, engine_env  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    subprocess.run(engine_cmd("make-tiny-model", str(path), "--seed", "0"), check=True, env=engine_env(),
+                   capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "shapes"
+    subprocess.run(engine_cmd("make-dataset", str(path), "--count", "16", "--size", "64", "--seed", "0"),
+                   check=True, env=engine_env(), capture_output=True)
+    return path

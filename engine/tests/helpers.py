@@ -1,0 +1,92 @@
+"""Shared test helpers (no mocks: everything runs the real engine and real diffusers code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ENGINE_DIR = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle on a blue background"
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ENGINE_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def engine_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loraforge_engine", *args]
+
+
+def run_train(spec: dict, output_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, list[dict], str]:
+    """Run `train` as a subprocess; return (exit code, parsed events, stderr)."""
+    spec_path = output_dir.parent / f"{output_dir.name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(output_dir), *extra),
+                          capture_output=True, text=True, env=engine_env(), timeout=timeout)
+    return proc.returncode, parse_events(proc.stdout), proc.stderr
+
+
+def parse_events(stdout: str) -> list[dict]:
+    events = []
+    for line in stdout.splitlines():
+        ev = json.loads(line)  # every stdout line must be one JSON object
+        payload = [k for k in ev if k != "time"]
+        assert len(payload) == 1, f"event with payload keys {payload}: {line}"
+        assert payload[0] in ("state", "metrics", "checkpoint", "validation", "log"), line
+        assert "jobId" not in ev and "sequence" not in ev
+        events.append(ev)
+    return events
+
+
+def of_kind(events: list[dict], kind: str) -> list[dict]:
+    return [e[kind] for e in events if kind in e]
+
+
+def load_pipeline(model_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, **kwargs) -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(1234)
+    return pipe(PROMPT, num_inference_steps=4, generator=generator, output_type="np", **kwargs).images
+
+
+def evaluation_loss(pipe, dataset_dir: Path, resolution: int = 64) -> float:
+    """Diffusion loss of `pipe.unet` on a FIXED batch: every data set image (centre crop), fixed VAE
+    sample, noise and timesteps (4 per image, spread over the schedule). Same function before/after."""
+    from loraforge_engine.data import discover, open_rgb, transform
+
+    examples = discover(dataset_dir)
+    rng = np.random.default_rng(0)
+    pixels = np.stack([transform(open_rgb(e.path), resolution, True, False, rng) for e in examples])
+    captions = [e.caption for e in examples]
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        ids = pipe.tokenizer(captions, max_length=pipe.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids
+        text = pipe.text_encoder(ids)[0]
+        latents = pipe.vae.encode(torch.from_numpy(pixels)).latent_dist.sample(generator=g)
+        latents = latents * pipe.vae.config.scaling_factor
+        total = 0.0
+        n_t = 4
+        for k in range(n_t):
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.full((latents.shape[0],), int((k + 0.5) * 1000 / n_t), dtype=torch.long)
+            noisy = pipe.scheduler.add_noise(latents, noise, t)  # the model folder's DDPMScheduler
+            pred = pipe.unet(noisy, t, text).sample
+            total += torch.nn.functional.mse_loss(pred, noise).item()
+    return total / n_t

@@ -1,0 +1,234 @@
+"""The `train` command end to end, as a subprocess on the tiny model: events, learning, the LoRA file,
+bad data, SIGTERM, and resume reproducing an uninterrupted run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (engine_cmd, engine_env, evaluation_loss, load_pipeline, of_kind, parse_events, render,
+                     run_train)
+from safetensors.torch import load_file
+
+STEPS = 60
+RANK, ALPHA = 8, 16.0
+
+
+def main_spec(tiny_model: Path, dataset: Path) -> dict:
+    # Random crops (a third of the images are 5:4) and flips, so resume must reproduce augmentation too.
+    return {
+        "baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64, "trainBatchSize": 4,
+        "maxTrainSteps": STEPS, "learningRate": 3e-3, "lrScheduler": "constant", "lrWarmupSteps": 0,
+        "rank": RANK, "loraAlpha": ALPHA, "randomFlip": True, "centerCrop": False, "seed": "7",
+        "checkpointingSteps": 20, "validationPrompt": "a red circle on a blue background",
+        "numValidationImages": 2, "validationSteps": 30, "validationInferenceSteps": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def main_run(tiny_model, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "main"
+    rc, events, stderr = run_train(main_spec(tiny_model, dataset), out)
+    assert rc == 0, stderr[-3000:]
+    return out, events
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return max((ta[k] - tb[k]).abs().max().item() for k in ta)
+
+
+def test_event_stream(main_run):
+    out, events = main_run
+    metrics = of_kind(events, "metrics")
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m["totalSteps"] == STEPS for m in metrics)
+    assert [m["epoch"] for m in metrics] == [(s - 1) // 4 for s in range(1, STEPS + 1)]  # 16 images / batch 4
+    for m in metrics:
+        assert set(m) == {"step", "totalSteps", "epoch", "loss", "learningRate", "imagesPerSecond", "etaSeconds",
+                          "gradNorm", "peakMemoryBytes"}
+        assert m["peakMemoryBytes"] == 0  # CPU
+        assert m["loss"] > 0 and m["learningRate"] == pytest.approx(3e-3) and m["gradNorm"] > 0
+    assert metrics[-1]["etaSeconds"] == 0
+
+    checkpoints = of_kind(events, "checkpoint")
+    assert [c["step"] for c in checkpoints] == [20, 40, 60]
+    for c in checkpoints:
+        art = c["artifact"]
+        assert art["kind"] == "ARTIFACT_KIND_CHECKPOINT" and art["step"] == c["step"]
+        folder = Path(art["path"])
+        assert folder.is_absolute() and folder == out / "checkpoints" / f"checkpoint-{c['step']}"
+        assert art["sizeBytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+    validations = of_kind(events, "validation")
+    assert [v["step"] for v in validations] == [30, 60]
+    for v in validations:
+        assert v["prompt"] == "a red circle on a blue background" and len(v["images"]) == 2
+        for i, img in enumerate(v["images"]):
+            p = Path(img["path"])
+            assert p == out / "validation" / f"step-{v['step']}-{i}.png"
+            assert img["kind"] == "ARTIFACT_KIND_VALIDATION_IMAGE" and img["step"] == v["step"]
+            assert img["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+    logs = of_kind(events, "log")
+    assert all(log["level"] == "LOG_LEVEL_INFO" for log in logs)
+    last = events[-1]
+    assert "state" in last and last["state"]["state"] == "JOB_STATE_SUCCEEDED"
+    lora = last["state"]["lora"]
+    path = Path(lora["path"])
+    assert path == out / "pytorch_lora_weights.safetensors"
+    assert lora["kind"] == "ARTIFACT_KIND_LORA" and lora["step"] == STEPS
+    assert lora["sizeBytes"] == path.stat().st_size
+    assert lora["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sum("state" in e for e in events) == 1
+    assert all(e["time"].endswith("Z") and "T" in e["time"] for e in events)
+
+
+def test_lora_file_is_diffusers_format(main_run):
+    out, _ = main_run
+    tensors = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert tensors and all(k.startswith("unet.") and (k.endswith(".lora.down.weight") or k.endswith(".lora.up.weight"))
+                           for k in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("down.weight")} == {RANK}
+
+
+def test_loss_on_fixed_batch_falls(main_run, tiny_model, dataset):
+    out, _ = main_run
+    pipe = load_pipeline(tiny_model)
+    before = evaluation_loss(pipe, dataset)
+    pipe.load_lora_weights(str(out))
+    after = evaluation_loss(pipe, dataset)
+    print(f"fixed-batch loss: before {before:.4f}, after {after:.4f}")
+    assert after < 0.85 * before
+
+
+def test_lora_loads_changes_image_and_scale_zero_is_base(main_run, tiny_model):
+    out, _ = main_run
+    pipe = load_pipeline(tiny_model)
+    base = render(pipe)
+    pipe.load_lora_weights(str(out), adapter_name="trained")
+    # alpha != rank: the adapter metadata in the file must restore alpha / rank = 2.
+    lora_layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert lora_layer.scaling["trained"] == pytest.approx(ALPHA / RANK)
+    with_lora = render(pipe)
+    assert with_lora.shape == base.shape
+    assert abs(with_lora - base).max() > 1e-3
+    scale_zero = render(pipe, cross_attention_kwargs={"scale": 0.0})
+    assert abs(scale_zero - base).max() < 1e-5
+    pipe.set_adapters(["trained"], adapter_weights=[0.0])
+    assert abs(render(pipe) - base).max() < 1e-5
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(main_run, tiny_model, dataset, tmp_path):
+    out, _ = main_run
+    rc, events, stderr = run_train(main_spec(tiny_model, dataset), tmp_path / "resumed",
+                                   "--resume-from", str(out / "checkpoints" / "checkpoint-20"))
+    assert rc == 0, stderr[-3000:]
+    assert [m["step"] for m in of_kind(events, "metrics")] == list(range(21, STEPS + 1))
+    diff = max_abs_diff(out / "pytorch_lora_weights.safetensors",
+                        tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    print(f"resume from checkpoint-20: largest abs diff {diff:g}")
+    assert diff <= 1e-6
+
+
+def test_sigterm_saves_checkpoint_and_resume_latest_matches(main_run, tiny_model, dataset, tmp_path):
+    out_main, _ = main_run
+    out = tmp_path / "interrupted"
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(main_spec(tiny_model, dataset)))
+    proc = subprocess.Popen(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=engine_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        ev = json.loads(line)
+        if "metrics" in ev and ev["metrics"]["step"] == 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 4
+    events = parse_events("".join(lines))
+    steps = [m["step"] for m in of_kind(events, "metrics")]
+    stopped_at = steps[-1]
+    assert 3 <= stopped_at < STEPS and steps == list(range(1, stopped_at + 1))
+    assert of_kind(events, "checkpoint")[-1]["step"] == stopped_at
+    assert (out / "checkpoints" / f"checkpoint-{stopped_at}" / "training_state.json").is_file()
+    assert of_kind(events, "log")[-1]["message"] == f"stopped at step {stopped_at}"
+    assert not any("state" in e for e in events)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+    rc, events, stderr = run_train(main_spec(tiny_model, dataset), out, "--resume-from", "latest")
+    assert rc == 0, stderr[-3000:]
+    assert of_kind(events, "metrics")[0]["step"] == stopped_at + 1
+    diff = max_abs_diff(out_main / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
+    print(f"SIGTERM at step {stopped_at} + resume latest: largest abs diff {diff:g}")
+    assert diff <= 1e-6
+
+
+def test_corrupt_image_fails_fast_naming_the_file(tiny_model, dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    bad = data / "0005.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    rc, events, _ = run_train({**main_spec(tiny_model, data), "validationPrompt": None}, tmp_path / "out")
+    assert rc == 3
+    errors = [log for log in of_kind(events, "log") if log["level"] == "LOG_LEVEL_ERROR"]
+    assert len(errors) == 1 and str(bad) in errors[0]["message"]
+    assert "Traceback" not in errors[0]["message"] and "\n" not in errors[0]["message"]
+    assert not of_kind(events, "metrics")
+
+
+def test_invalid_spec_and_missing_inputs(tiny_model, dataset, tmp_path):
+    rc, events, _ = run_train({**main_spec(tiny_model, dataset), "rank": 0}, tmp_path / "a")
+    assert rc == 2
+    assert events[-1]["log"]["level"] == "LOG_LEVEL_ERROR" and "rank" in events[-1]["log"]["message"]
+
+    rc, events, _ = run_train({**main_spec(tmp_path / "no-such-model", dataset)}, tmp_path / "b")
+    assert rc == 3 and "no-such-model" in events[-1]["log"]["message"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, events, _ = run_train({**main_spec(tiny_model, empty)}, tmp_path / "c")
+    assert rc == 3 and "no captioned images" in events[-1]["log"]["message"]
+
+
+def test_accumulation_schedule_fp16_fallback_and_txt_captions(tiny_model, tmp_path):
+    from loraforge_engine.tiny import make_dataset
+
+    data = make_dataset(tmp_path / "txt", count=10, size=64, seed=5, fmt="txt")
+    spec = {"baseModel": str(tiny_model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 3,
+            "gradientAccumulationSteps": 2, "numTrainEpochs": 2, "learningRate": 1e-3, "lrScheduler": "linear",
+            "lrWarmupSteps": 2, "mixedPrecision": "fp16", "checkpointingSteps": 1000, "seed": 3,
+            "maxGradNorm": 1e-4}
+    rc, events, stderr = run_train(spec, tmp_path / "out")
+    assert rc == 0, stderr[-3000:]
+    warnings = [log for log in of_kind(events, "log") if log["level"] == "LOG_LEVEL_WARNING"]
+    assert any("fp16" in w["message"] for w in warnings)
+    metrics = of_kind(events, "metrics")
+    # 10 images / batch 3 = 4 batches per epoch (last has 1) -> 2 optimizer steps per epoch, 2 epochs.
+    assert [(m["step"], m["epoch"]) for m in metrics] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    # linear warm-up over 2 optimizer steps, then linear decay to 0 at step 4.
+    assert [m["learningRate"] for m in metrics] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+    assert of_kind(events, "checkpoint") == []
+    assert events[-1]["state"]["lora"]["step"] == 4
+
+
+def test_bf16_on_cpu_runs_under_autocast(tiny_model, dataset, tmp_path):
+    spec = {**main_spec(tiny_model, dataset), "mixedPrecision": "bf16", "maxTrainSteps": 3,
+            "validationPrompt": None, "checkpointingSteps": 3}
+    rc, events, stderr = run_train(spec, tmp_path / "out")
+    assert rc == 0, stderr[-3000:]
+    assert [m["step"] for m in of_kind(events, "metrics")] == [1, 2, 3]
+    assert any("mixed precision: bf16" in log["message"] for log in of_kind(events, "log"))
+    tensors = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # LoRA parameters stay fp32
