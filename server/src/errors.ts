@@ -62,3 +62,30 @@ export function toServiceError(err: unknown): Partial<ServiceError> {
   metadata.set("grpc-status-details-bin", Buffer.from(Status.encode({ code: e.code, message: e.message, details }).finish()));
   return { code: e.code, details: e.message, metadata };
 }
+
+// ---- InferenceService errors (server/src/infer) -------------------------------------------------
+
+export const invalidInferRequest = (violations: FieldViolation[]) =>
+  new ApiError(
+    status.INVALID_ARGUMENT,
+    "INVALID_INFER_REQUEST",
+    "invalid inference request: " + violations.map((v) => `${v.field}: ${v.description}`).join("; "),
+    violations,
+  );
+
+export const loraNotFound = (field: string, message: string) =>
+  new ApiError(status.NOT_FOUND, "LORA_NOT_FOUND", `${field}: ${message}`, [], { field });
+
+export const modelNotFound = (modelPath: string) =>
+  new ApiError(status.NOT_FOUND, "MODEL_NOT_FOUND", `base_model: no diffusers model (model_index.json) at ${modelPath}`, [], {
+    base_model: modelPath,
+  });
+
+/** A LoRA that does not fit the base model (made for another one); `layer` names the first bad layer. */
+export const loraMismatch = (field: string, layer: string, message: string) =>
+  new ApiError(status.FAILED_PRECONDITION, "LORA_MISMATCH", `${field}: ${message}`, [], { field, layer });
+
+export const inferQueueFull = (maxQueued: number) =>
+  new ApiError(status.RESOURCE_EXHAUSTED, "INFER_QUEUE_FULL", `${maxQueued} inference requests are already waiting; retry later`);
+
+export const inferCancelled = () => new ApiError(status.CANCELLED, "CANCELLED", "the request was cancelled");

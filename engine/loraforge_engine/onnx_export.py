@@ -1,0 +1,424 @@
+"""Export an SD-1.x base model (diffusers layout, safetensors) to ONNX for the server's onnxruntime inference.
+
+    python -m loraforge_engine export-onnx MODEL_DIR --out CACHE_ROOT
+
+writes CACHE_ROOT/<model hash>/ with text_encoder.onnx, unet.onnx, vae_decoder.onnx, the tokenizer files and
+manifest.json, and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is
+already there and complete is not redone. The model hash is a content hash of the model's files (see
+`model_hash`); the server computes the same one to find an export without starting Python.
+
+LoRA "slots": every attention projection a LoRA may target (UNet: to_q, to_k, to_v, to_out.0 of every
+attention block; text encoder: q_proj, k_proj, v_proj, out_proj of every layer) is wrapped so that it
+computes y = W x + b + B (A x), with A [r, in] and B [out, r] two extra graph inputs whose rank axis r is
+dynamic. A LoRA is then only tensors fed to the session: the runtime folds alpha / rank and the user's
+scale into B, concatenates several LoRAs along r, and feeds rank-0 tensors to unused slots (which leaves
+the base model's output unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_FORMAT = "loraforge-onnx/1"
+# What the hash covers: the parts of a diffusers folder that the exported graphs and the runtime read.
+HASHED_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# diffusers' upsampling takes a different branch for batch >= 64: the exported graph serves batch 1..63.
+MAX_BATCH = 63
+OPSET = 18
+
+
+# ------------------------------------------------------------------------------------------------ the hash
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hashed_files(model_dir: Path) -> list[str]:
+    """Relative POSIX paths of the files the hash covers, sorted (names starting with '.' skipped)."""
+    out = []
+    for entry in HASHED_ENTRIES:
+        p = model_dir / entry
+        if p.is_file():
+            out.append(entry)
+        elif p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for name in files:
+                    if not name.startswith("."):
+                        out.append((Path(root) / name).relative_to(model_dir).as_posix())
+    return sorted(out)
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """sha256 over "<relative path>\\0<sha256 of the file>\\n" for every hashed file, sorted by path; the first
+    32 hex digits. Renaming or copying the folder keeps the hash; changing any weight or config changes it."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for rel in hashed_files(root):
+        h.update(f"{rel}\0{_sha256_file(root / rel)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------ the slots
+
+
+@dataclass
+class Slot:
+    component: str  # "unet" or "text_encoder"
+    module: str  # module path inside the component, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
+    in_features: int
+    out_features: int
+    input_a: str
+    input_b: str
+
+    def manifest(self) -> dict:
+        return {
+            "component": self.component,
+            "module": self.module,
+            # The key stem a diffusers / peft LoRA file uses for this layer (before .lora_A/.lora.down …).
+            "diffusers_key": f"{self.component}.{self.module}",
+            # The kohya / A1111 form (lora_unet_… / lora_te_…, dots as underscores).
+            # Text encoder modules are "text_model.encoder…" in transformers 4 and "encoder…" in 5; LoRA files
+            # carry either, so the runtime matches text encoder keys with "text_model." removed.
+            "kohya_key": ("lora_unet_" if self.component == "unet" else "lora_te_") + self.module.replace(".", "_"),
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "input_a": self.input_a,
+            "input_b": self.input_b,
+        }
+
+
+def _slot_modules():
+    """Built lazily so that importing this module does not import torch."""
+    import torch
+    import torch.nn.functional as F
+
+    class SlotFeed:
+        """Carries the current call's slot tensors from the wrapper's forward to the wrapped projections."""
+
+        def __init__(self):
+            self.tensors: list = []
+
+    class SlottedLinear(torch.nn.Module):
+        """A Linear plus a low-rank update read from the feed: y = W x + b + B (A x)."""
+
+        def __init__(self, base: torch.nn.Linear, feed: SlotFeed, index: int):
+            super().__init__()
+            self.base = base
+            self.feed = feed
+            self.index = index
+
+        def forward(self, x):
+            a = self.feed.tensors[2 * self.index]
+            b = self.feed.tensors[2 * self.index + 1]
+            return self.base(x) + F.linear(F.linear(x, a), b)
+
+    class SlottedUNet(torch.nn.Module):
+        def __init__(self, unet, feed):
+            super().__init__()
+            self.unet = unet
+            self.feed = feed
+
+        def forward(self, sample, timestep, encoder_hidden_states, *lora):
+            self.feed.tensors = lora
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class SlottedTextEncoder(torch.nn.Module):
+        def __init__(self, text_encoder, feed):
+            super().__init__()
+            self.text_encoder = text_encoder
+            self.feed = feed
+
+        def forward(self, input_ids, *lora):
+            self.feed.tensors = lora
+            return self.text_encoder(input_ids=input_ids, return_dict=True).last_hidden_state
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return SlotFeed, SlottedLinear, SlottedUNet, SlottedTextEncoder, VaeDecoder
+
+
+def insert_slots(model, component: str, targets: tuple[str, ...], parent_type, feed, SlottedLinear) -> list[Slot]:
+    """Wrap every `targets` projection of each `parent_type` module of `model` in a SlottedLinear, in module
+    order; returns the slots (graph input names follow the order)."""
+    import torch
+
+    slots: list[Slot] = []
+    prefix = "unet" if component == "unet" else "te"
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, parent_type):
+            continue
+        for target in targets:
+            parent = module
+            *path, leaf = target.split(".")
+            for p in path:
+                parent = getattr(parent, p) if not p.isdigit() else parent[int(p)]
+            linear = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf)
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            i = len(slots)
+            wrapped = SlottedLinear(linear, feed, i)
+            if leaf.isdigit():
+                parent[int(leaf)] = wrapped
+            else:
+                setattr(parent, leaf, wrapped)
+            slots.append(Slot(component, f"{name}.{target}", linear.in_features, linear.out_features,
+                              f"{prefix}_lora_{i}_a", f"{prefix}_lora_{i}_b"))
+    return slots
+
+
+def example_slot_tensors(slots: list[Slot], rank: int = 2, seed: int = 0):
+    """Non-zero example A/B tensors of rank `rank` (≥ 2, so that the rank axis stays dynamic)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in slots:
+        out.append(torch.randn(rank, s.in_features, generator=g) * 0.1)
+        out.append(torch.randn(s.out_features, rank, generator=g) * 0.1)
+    return out
+
+
+def slot_dynamic_shapes(slots: list[Slot]):
+    from torch.export import Dim
+
+    shapes = []
+    for i, s in enumerate(slots):
+        r = Dim(f"{s.input_a}_rank", min=0, max=4096)
+        shapes.append({0: r})
+        shapes.append({1: r})
+    return tuple(shapes)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # One line per rank axis that shares another's constraint (each slot's A and B): noise, not news.
+        warnings.filterwarnings("ignore", message=r"# The axis name")
+        program = torch.onnx.export(module, tuple(args), dynamo=True, opset_version=OPSET,
+                                    input_names=list(input_names), output_names=list(output_names),
+                                    dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+    program.save(str(path), external_data=_needs_external_data(module))
+
+
+def _needs_external_data(module) -> bool:
+    """Weights over ~1.5 GB go beside the graph (protobuf's 2 GB limit); small models stay one file."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > 1_500_000_000
+
+
+def _check(path: Path, module, args, names, atol: float) -> float:
+    """Run the exported graph on the example inputs with onnxruntime; it must agree with PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    with torch.no_grad():
+        expected = module(*args).numpy()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+    err = float(np.abs(got - expected).max())
+    if not err <= atol * max(1.0, float(np.abs(expected).max())):
+        raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {err:.3g} on the example inputs")
+    return err
+
+
+def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, check: bool = True,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[Path, str, bool]:
+    """Export `model_dir` into out_root/<hash>/ unless a complete export is there. Returns (dir, hash,
+    exported now)."""
+    model_dir = Path(model_dir).absolute()
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    out_root = Path(out_root).absolute()
+    digest = model_hash(model_dir)
+    final = out_root / digest
+    if is_complete(final):
+        return final, digest, False
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+    from transformers import CLIPTextModel
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from torch.export import Dim
+
+    SlotFeed, SlottedLinear, SlottedUNet, SlottedTextEncoder, VaeDecoder = _slot_modules()
+    torch.manual_seed(0)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=out_root))
+    try:
+        load = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
+        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
+        if unet.config.addition_embed_type is not None:
+            raise ValueError("only SD-1.x/2.x UNets are exported (this one has added conditioning, e.g. SDXL)")
+
+        batch = Dim("batch", min=1, max=MAX_BATCH)
+        n_down = len(unet.config.block_out_channels) - 1
+        factor = 2 ** n_down  # latent sides must be multiples of this (the UNet's downsampling)
+        sample_size = int(unet.config.sample_size)
+        max_len = int(text_encoder.config.max_position_embeddings)
+
+        # --- text encoder
+        feed = SlotFeed()
+        te_slots = insert_slots(text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, CLIPAttention, feed,
+                                SlottedLinear)
+        te = SlottedTextEncoder(text_encoder, feed).eval()
+        ids = torch.randint(0, text_encoder.config.vocab_size, (2, max_len), dtype=torch.int64)
+        te_args = [ids, *example_slot_tensors(te_slots, seed=1)]
+        te_names = ["input_ids", *[n for s in te_slots for n in (s.input_a, s.input_b)]]
+        log(f"exporting the text encoder ({len(te_slots)} LoRA slots)")
+        _export(te, te_args, tmp / "text_encoder.onnx", te_names, ["last_hidden_state"],
+                ({0: batch}, slot_dynamic_shapes(te_slots)))
+        if check:
+            _check(tmp / "text_encoder.onnx", te, te_args, te_names, 1e-4)
+
+        # --- UNet
+        feed = SlotFeed()
+        unet_slots = insert_slots(unet, "unet", UNET_TARGETS, Attention, feed, SlottedLinear)
+        su = SlottedUNet(unet, feed).eval()
+        lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
+        lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
+        ex_side = max(2 * factor, sample_size - sample_size % factor)
+        unet_args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side),
+                     torch.tensor([500.0, 500.0]),
+                     torch.randn(2, max_len, unet.config.cross_attention_dim),
+                     *example_slot_tensors(unet_slots, seed=2)]
+        unet_names = ["sample", "timestep", "encoder_hidden_states",
+                      *[n for s in unet_slots for n in (s.input_a, s.input_b)]]
+        log(f"exporting the UNet ({len(unet_slots)} LoRA slots)")
+        _export(su, unet_args, tmp / "unet.onnx", unet_names, ["noise_pred"],
+                ({0: batch, 2: factor * lat_h, 3: factor * lat_w}, {0: batch}, {0: batch},
+                 slot_dynamic_shapes(unet_slots)))
+        if check:
+            _check(tmp / "unet.onnx", su, unet_args, unet_names, 1e-4)
+
+        # --- VAE decoder
+        dec = VaeDecoder(vae).eval()
+        dec_args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side)]
+        log("exporting the VAE decoder")
+        _export(dec, dec_args, tmp / "vae_decoder.onnx", ["latent"], ["image"],
+                ({0: batch, 2: Dim("vae_h", min=1, max=4096), 3: Dim("vae_w", min=1, max=4096)},))
+        if check:
+            _check(tmp / "vae_decoder.onnx", dec, dec_args, ["latent"], 1e-4)
+
+        (tmp / "tokenizer").mkdir()
+        copied = []
+        for name in TOKENIZER_FILES:
+            src = model_dir / "tokenizer" / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / "tokenizer" / name)
+                copied.append(name)
+        if "vocab.json" not in copied or "merges.txt" not in copied:
+            raise FileNotFoundError(f"{model_dir}/tokenizer lacks vocab.json or merges.txt (CLIP BPE files)")
+
+        scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+        vae_scale = vae.config.scaling_factor
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model_hash": digest,
+            "source": str(model_dir),
+            "complete": True,
+            "opset": OPSET,
+            "files": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"},
+            "tokenizer": {"dir": "tokenizer", "files": copied, "max_length": max_len},
+            "scheduler_config": scheduler_config,
+            "vae": {"scaling_factor": vae_scale, "latent_channels": vae.config.latent_channels,
+                    "shift_factor": getattr(vae.config, "shift_factor", None)},
+            "unet": {"in_channels": unet.config.in_channels, "sample_size": sample_size,
+                     "cross_attention_dim": unet.config.cross_attention_dim, "latent_multiple": factor,
+                     "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1), "max_batch": MAX_BATCH,
+                     "time_cond_proj_dim": unet.config.time_cond_proj_dim},
+            "text_encoder": {"hidden_size": text_encoder.config.hidden_size, "max_length": max_len},
+            "slots": [s.manifest() for s in te_slots + unet_slots],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_complete(final):  # not a concurrent exporter that finished first
+                raise
+        return final, digest, True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_complete(export_dir: Path) -> bool:
+    m = export_dir / "manifest.json"
+    if not m.is_file():
+        return False
+    try:
+        manifest = json.loads(m.read_text())
+    except ValueError:
+        return False
+    return (manifest.get("format") == MANIFEST_FORMAT and manifest.get("complete") is True
+            and all((export_dir / f).is_file() for f in manifest.get("files", {}).values()))
+
+
+def cmd_export_onnx(args) -> int:
+    from .__main__ import _quiet_libraries
+
+    _quiet_libraries()
+    import torch
+
+    # Tracing is single-threaded anyway; the check's forward passes on tiny tensors run faster on one
+    # thread than on a pool that waits for descheduled threads on a busy machine.
+    torch.set_num_threads(1)
+    try:
+        path, digest, exported = export_model(args.model_dir, args.out, check=not args.no_check)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export-onnx: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(json.dumps({"dir": str(path), "model_hash": digest, "exported": exported}), flush=True)
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    """Registers `export-onnx` on the engine's argparse subparsers."""
+    p = sub.add_parser("export-onnx", help="export a base model to ONNX with LoRA slots (cached by content hash)")
+    p.add_argument("model_dir", help="diffusers-layout model folder (safetensors weights)")
+    p.add_argument("--out", required=True, help="cache root; the export goes to OUT/<model hash>/")
+    p.add_argument("--no-check", action="store_true", help="skip comparing each graph with PyTorch after export")
+    p.set_defaults(func=cmd_export_onnx)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loraforge_engine.onnx_export")
+    subs = parser.add_subparsers(dest="command", required=True)
+    add_subcommand(subs)
+    a = parser.parse_args(["export-onnx", *sys.argv[1:]])
+    sys.exit(a.func(a))

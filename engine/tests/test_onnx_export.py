@@ -1,0 +1,137 @@
+"""export-onnx: the exported graphs with LoRA slots give diffusers' outputs (onnxruntime vs PyTorch).
+
+One export of the tiny model serves every test here (it takes most of a minute on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import engine_cmd, engine_env, load_pipeline
+from loraforge_engine.onnx_export import export_model, model_hash
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    model = tiny_model
+    out, digest, fresh = export_model(model, root / "cache")
+    assert fresh
+    return model, out, digest, root
+
+
+def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=False):
+    """A LoRA as diffusers writes it (save_lora_weights, alpha in the metadata), with non-zero up weights."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_pipeline(model_dir)
+    torch.manual_seed(seed)
+    layers, meta = {}, {}
+    parts = [("unet", pipe.unet, UNET_TARGETS)] + ([("text_encoder", pipe.text_encoder, TE_TARGETS)] if text_encoder else [])
+    for name, model, targets in parts:
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.2)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        cfg = model.peft_config["default"].to_dict()
+        meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                                                for k, v in cfg.items()}
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(out_dir), safe_serialization=True, **layers, **meta)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def slot_feeds(manifest, component: str, lora_file=None) -> dict:
+    """Slot inputs for one component: rank-0 tensors, or the file's A/B with alpha / r folded into B."""
+    feeds = {}
+    slots = [s for s in manifest["slots"] if s["component"] == component]
+    for s in slots:
+        feeds[s["input_a"]] = np.zeros((0, s["in_features"]), np.float32)
+        feeds[s["input_b"]] = np.zeros((s["out_features"], 0), np.float32)
+    if lora_file is None:
+        return feeds
+    with safe_open(str(lora_file), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        scale = meta[f"{component}.lora_alpha"] / meta[f"{component}.r"] if f"{component}.r" in meta else 1.0
+        for s in slots:
+            for down, up in ((".lora.down.weight", ".lora.up.weight"),
+                             (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")):
+                if s["diffusers_key"] + down in f.keys():
+                    feeds[s["input_a"]] = f.get_tensor(s["diffusers_key"] + down).numpy()
+                    feeds[s["input_b"]] = f.get_tensor(s["diffusers_key"] + up).numpy() * scale
+    return feeds
+
+
+def session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def test_export_is_cached_by_content(exported, tmp_path):
+    model, out, digest, root = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_hash"] == digest and manifest["complete"] is True
+    assert len([s for s in manifest["slots"] if s["component"] == "unet"]) == 6 * 2 * 4  # 6 transformers, 2 attn
+    assert len([s for s in manifest["slots"] if s["component"] == "text_encoder"]) == 3 * 4
+    # A copy elsewhere has the same hash, and the CLI finds the export instead of redoing it.
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert model_hash(copy) == digest
+    proc = subprocess.run(engine_cmd("export-onnx", str(copy), "--out", str(root / "cache")), capture_output=True,
+                          text=True, env=engine_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"dir": str(out), "model_hash": digest,
+                                                                 "exported": False}
+    (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text() + "\n")
+    assert model_hash(copy) != digest
+
+
+def test_unet_and_text_encoder_slots_match_load_lora_weights(exported, tmp_path):
+    model, out, _, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    lora = make_lora(model, tmp_path / "lora", seed=3, rank=4, alpha=8.0, text_encoder=True)
+    pipe = load_pipeline(model)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    timestep = torch.tensor([981.0, 981.0])
+    ids = torch.tensor([pipe.tokenizer("a red circle", padding="max_length", max_length=77).input_ids] * 2)
+    unet_sess, te_sess = session(out / "unet.onnx"), session(out / "text_encoder.onnx")
+
+    def run_torch():
+        with torch.no_grad():
+            ehs = pipe.text_encoder(ids)[0]
+            return ehs, pipe.unet(sample, timestep, ehs).sample
+
+    def run_onnx(lora_file, ehs):
+        te = te_sess.run(None, {"input_ids": ids.numpy(), **slot_feeds(manifest, "text_encoder", lora_file)})[0]
+        u = unet_sess.run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(),
+                                 "encoder_hidden_states": ehs.numpy(), **slot_feeds(manifest, "unet", lora_file)})[0]
+        return te, u
+
+    base_ehs, base_out = run_torch()
+    te, u = run_onnx(None, base_ehs)
+    np.testing.assert_allclose(te, base_ehs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(u, base_out.numpy(), atol=1e-5)
+
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    lora_ehs, lora_out = run_torch()
+    assert float((lora_out - base_out).abs().max()) > 1e-2  # the LoRA really changes the output
+    assert float((lora_ehs - base_ehs).abs().max()) > 1e-2
+    te, u = run_onnx(lora, lora_ehs)
+    np.testing.assert_allclose(te, lora_ehs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(u, lora_out.numpy(), atol=1e-5)

@@ -1,0 +1,269 @@
+// InferenceService over gRPC: validates a request, resolves its LoRAs (jobs or files), waits for
+// a slot in a small queue, and renders on the base model's warm onnxruntime sessions (exporting
+// the model first when this content has never been exported).
+import { createHash, randomInt } from "node:crypto";
+import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { status, type Server, type sendUnaryData, type ServerUnaryCall } from "@grpc/grpc-js";
+import { ArtifactKind, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+import {
+  InferenceServiceService,
+  type InferenceServiceServer,
+  type InferRequest,
+  type InferResponse,
+  type ListModelsRequest,
+  type ListModelsResponse,
+} from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { ApiError, inferCancelled, invalidInferRequest, loraMismatch, loraNotFound, modelNotFound, toServiceError, type FieldViolation } from "../errors.js";
+import { ArtifactStore } from "../artifacts.js";
+import { JOB_ID_PATTERN } from "../ids.js";
+import { log } from "../log.js";
+import type { ServerConfig } from "../server.js";
+import type { JobStore } from "../store.js";
+import { LoraCache, LoraMismatch, type MappedLora } from "./lora.js";
+import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
+import { render, RenderCancelled } from "./pipeline.js";
+import { SCHEDULERS, type SchedulerName } from "./schedulers.js";
+import { Semaphore } from "./queue.js";
+
+export const LIMITS = {
+  steps: { min: 1, max: 150, default: 25 },
+  guidance: { min: 0, max: 30, default: 7.5 },
+  size: { min: 64, max: 2048 },
+  numImages: { min: 1, max: 8, default: 1 },
+  loras: 16,
+  scale: 10,
+};
+
+export interface InferenceOptions extends RuntimeOptions {
+  /** Requests rendering at once (default 1: one request already uses every core). */
+  concurrency?: number;
+  /** Requests allowed to wait; more are refused with RESOURCE_EXHAUSTED (default 16). */
+  maxQueued?: number;
+}
+
+interface Validated {
+  steps: number;
+  guidance: number;
+  seed: number;
+  numImages: number;
+  scheduler: SchedulerName;
+  width?: number;
+  height?: number;
+}
+
+function within(p: string, roots: string[]): boolean {
+  return roots.length === 0 || roots.some((r) => p === r || p.startsWith(r + path.sep));
+}
+
+/** Every bad field of a request, each named (INVALID_ARGUMENT lists them all at once). */
+export function validateInfer(req: InferRequest, roots: string[]): { v: Validated; violations: FieldViolation[] } {
+  const bad: FieldViolation[] = [];
+  const add = (field: string, description: string) => bad.push({ field, description });
+  const int = (field: string, v: number | undefined, min: number, max: number, def: number) => {
+    if (v === undefined) return def;
+    if (!Number.isInteger(v) || v < min || v > max) add(field, `must be an integer in ${min}..${max}, got ${v}`);
+    return v;
+  };
+  const steps = int("num_inference_steps", req.numInferenceSteps, LIMITS.steps.min, LIMITS.steps.max, LIMITS.steps.default);
+  const numImages = int("num_images", req.numImages, LIMITS.numImages.min, LIMITS.numImages.max, LIMITS.numImages.default);
+  const guidance = req.guidanceScale ?? LIMITS.guidance.default;
+  if (!Number.isFinite(guidance) || guidance < LIMITS.guidance.min || guidance > LIMITS.guidance.max)
+    add("guidance_scale", `must be a number in ${LIMITS.guidance.min}..${LIMITS.guidance.max}, got ${guidance}`);
+  for (const [field, v] of [["width", req.width], ["height", req.height]] as const) {
+    if (v === undefined) continue;
+    if (!Number.isInteger(v) || v < LIMITS.size.min || v > LIMITS.size.max || v % 8 !== 0)
+      add(field, `must be a multiple of 8 in ${LIMITS.size.min}..${LIMITS.size.max}, got ${v}`);
+  }
+  const scheduler = (req.scheduler || "euler") as SchedulerName;
+  if (!SCHEDULERS.includes(scheduler)) add("scheduler", `must be one of ${SCHEDULERS.join(", ")}, got ${JSON.stringify(req.scheduler)}`);
+  if (!req.baseModel) add("base_model", "is required");
+  else if (!path.isAbsolute(req.baseModel)) add("base_model", `must be an absolute path, got ${JSON.stringify(req.baseModel)}`);
+  else if (!within(path.resolve(req.baseModel), roots)) add("base_model", `must lie inside one of the server's data roots (${roots.join(", ")})`);
+  if (req.loras.length > LIMITS.loras) add("loras", `at most ${LIMITS.loras} LoRAs, got ${req.loras.length}`);
+  req.loras.forEach((l, i) => {
+    const f = `loras[${i}]`;
+    if (!l.source) add(`${f}.source`, "is required (job_id or path)");
+    else if (l.source.$case === "path") {
+      if (!path.isAbsolute(l.source.path)) add(`${f}.path`, `must be an absolute path, got ${JSON.stringify(l.source.path)}`);
+      else if (!l.source.path.endsWith(".safetensors")) add(`${f}.path`, "must be a .safetensors file (pickle files are refused)");
+      else if (!within(path.resolve(l.source.path), roots)) add(`${f}.path`, `must lie inside one of the server's data roots (${roots.join(", ")})`);
+    }
+    if (l.scale !== undefined && !(Number.isFinite(l.scale) && Math.abs(l.scale) <= LIMITS.scale))
+      add(`${f}.scale`, `must be a number in -${LIMITS.scale}..${LIMITS.scale}, got ${l.scale}`);
+  });
+  const seed = req.seed ?? randomInt(0, 2 ** 47);
+  if (!Number.isSafeInteger(seed)) add("seed", `must be an integer of at most 53 bits, got ${seed}`);
+  return { v: { steps, guidance, seed, numImages, scheduler, width: req.width, height: req.height }, violations: bad };
+}
+
+export function addInferenceService(server: Server, deps: { store: JobStore; config: ServerConfig; options?: InferenceOptions }): { close(): Promise<void> } {
+  const { store, config } = deps;
+  const opts = deps.options ?? {};
+  const registry = new ModelRegistry(
+    { python: config.python, engineDir: config.engineDir, cacheRoot: path.join(config.stateDir, "onnx") },
+    { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers },
+  );
+  const loras = new LoraCache();
+  const queue = new Semaphore(opts.concurrency ?? envInt("LORAFORGE_INFER_CONCURRENCY") ?? 1, opts.maxQueued ?? 16);
+  let closed = false;
+  let artifacts: Promise<ArtifactStore> | null = null;
+
+  async function loraFile(ref: InferRequest["loras"][number], i: number): Promise<string> {
+    const src = ref.source!;
+    if (src.$case === "path") {
+      if (!existsSync(src.path) || !statSync(src.path).isFile()) throw loraNotFound(`loras[${i}].path`, `no LoRA file at ${src.path}`);
+      return src.path;
+    }
+    const cur = JOB_ID_PATTERN.test(src.jobId) ? await store.get(src.jobId) : null;
+    if (!cur) throw loraNotFound(`loras[${i}].job_id`, `job ${JSON.stringify(src.jobId)} does not exist`);
+    const art = cur.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
+    if (cur.job.state !== JobState.JOB_STATE_SUCCEEDED || !art)
+      throw loraNotFound(`loras[${i}].job_id`, `job ${src.jobId} has no final LoRA (it has not succeeded)`);
+    if (existsSync(art.path)) return art.path;
+    // Trained by a worker on another host: fetch it from the artifact store once.
+    const local = path.join(config.stateDir, "infer-loras", src.jobId, path.basename(art.path));
+    if (existsSync(local)) return local;
+    if (!art.objectName) throw loraNotFound(`loras[${i}].job_id`, `the LoRA of job ${src.jobId} (${art.path}) is not on this host`);
+    artifacts ??= ArtifactStore.open(store.nc);
+    const chunks: Uint8Array[] = [];
+    for await (const c of (await artifacts).read(art.objectName)) chunks.push(c);
+    const bytes = Buffer.concat(chunks);
+    if (art.sha256 && createHash("sha256").update(bytes).digest("hex") !== art.sha256)
+      throw loraNotFound(`loras[${i}].job_id`, `the stored LoRA of job ${src.jobId} does not match its checksum`);
+    mkdirSync(path.dirname(local), { recursive: true });
+    writeFileSync(local + ".tmp", bytes);
+    renameSync(local + ".tmp", local);
+    return local;
+  }
+
+  async function infer(req: InferRequest, cancelled: () => boolean): Promise<InferResponse> {
+    const tStart = performance.now();
+    if (closed) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
+    const { v, violations } = validateInfer(req, config.dataRoots);
+    if (violations.length > 0) throw invalidInferRequest(violations);
+    if (!existsSync(path.join(req.baseModel, "model_index.json")))
+      throw modelNotFound(req.baseModel);
+    const files = await Promise.all(req.loras.map((l, i) => loraFile(l, i)));
+
+    const release = await queue.acquire(cancelled);
+    try {
+      const queueMs = performance.now() - tStart;
+      if (cancelled()) throw inferCancelled();
+      let t = performance.now();
+      const model: LoadedModel = await registry.get(path.resolve(req.baseModel));
+      const loadModelMs = performance.now() - t;
+
+      const native = model.manifest.unet.sample_size * model.manifest.unet.vae_factor;
+      const width = v.width ?? native;
+      const height = v.height ?? native;
+      const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;
+      const sizeBad: FieldViolation[] = [];
+      if (width % multiple !== 0) sizeBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
+      if (height % multiple !== 0) sizeBad.push({ field: "height", description: `must be a multiple of ${multiple} for this base model, got ${height}` });
+      if (sizeBad.length > 0) throw invalidInferRequest(sizeBad);
+
+      t = performance.now();
+      const mapped: { lora: MappedLora; scale: number }[] = [];
+      for (const [i, f] of files.entries()) {
+        try {
+          mapped.push({ lora: await loras.load(f, model.manifest.model_hash, model.slots), scale: req.loras[i].scale ?? 1 });
+        } catch (err) {
+          if (err instanceof LoraMismatch) throw loraMismatch(`loras[${i}]`, err.layer, err.message);
+          throw err;
+        }
+      }
+      const loraMs = performance.now() - t;
+
+      const { pngs, timings } = await render(model, {
+        prompt: req.prompt,
+        negativePrompt: req.negativePrompt,
+        steps: v.steps,
+        guidanceScale: v.guidance,
+        seed: v.seed,
+        width,
+        height,
+        numImages: v.numImages,
+        scheduler: v.scheduler,
+        loras: mapped,
+        cancelled: () => cancelled() || closed,
+      });
+      return {
+        images: pngs.map((png, i) => ({ png, seed: v.seed + i, width, height })),
+        timings: {
+          queueMs,
+          loadModelMs,
+          loraMs,
+          textEncodeMs: timings.textEncodeMs,
+          denoiseMs: timings.denoiseMs,
+          decodeMs: timings.decodeMs,
+          pngMs: timings.pngMs,
+          totalMs: performance.now() - tStart,
+        },
+        modelHash: model.manifest.model_hash,
+      };
+    } catch (err) {
+      if (err instanceof RenderCancelled) {
+        log("info", "inference cancelled", { step: err.step, steps: err.steps });
+        throw inferCancelled();
+      }
+      throw err;
+    } finally {
+      release();
+    }
+  }
+
+  async function listModels(_req: ListModelsRequest): Promise<ListModelsResponse> {
+    const baseModels = registry.listExports().map(({ manifest }) => ({
+      path: manifest.source,
+      modelHash: manifest.model_hash,
+      nativeSize: manifest.unet.sample_size * manifest.unet.vae_factor,
+      loraSlots: manifest.slots.length,
+    }));
+    const trained: ListModelsResponse["loras"] = [];
+    for (const id of await store.jobIds()) {
+      const cur = await store.get(id);
+      if (!cur || cur.job.state !== JobState.JOB_STATE_SUCCEEDED) continue;
+      const art = cur.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
+      if (!art) continue;
+      trained.push({ jobId: id, path: art.path, baseModel: cur.job.spec?.baseModel ?? "", rank: cur.job.spec?.rank ?? 4 });
+    }
+    return { baseModels, loras: trained };
+  }
+
+  const impl: InferenceServiceServer = {
+    infer: (call: ServerUnaryCall<InferRequest, InferResponse>, callback: sendUnaryData<InferResponse>) => {
+      let gone = false;
+      call.on("cancelled", () => (gone = true));
+      infer(call.request, () => gone || call.cancelled).then(
+        (res) => callback(null, res),
+        (err) => {
+          if (!(err instanceof ApiError)) log("error", "Infer failed", { err: String(err?.stack ?? err) });
+          callback(toServiceError(err));
+        },
+      );
+    },
+    listModels: (call: ServerUnaryCall<ListModelsRequest, ListModelsResponse>, callback: sendUnaryData<ListModelsResponse>) => {
+      listModels(call.request).then(
+        (res) => callback(null, res),
+        (err) => callback(toServiceError(err)),
+      );
+    },
+  };
+  server.addService(InferenceServiceService, impl);
+  return {
+    async close() {
+      closed = true;
+      queue.close();
+      await queue.idle();
+      await registry.close();
+    },
+  };
+}
+
+function envInt(name: string): number | undefined {
+  const v = process.env[name];
+  if (!v) return undefined;
+  const n = Number(v);
+  return Number.isInteger(n) && n > 0 ? n : undefined;
+}

@@ -1,0 +1,268 @@
+// Base models for inference: the ONNX export (made once by the engine, cached by content hash
+// under <stateDir>/onnx/<hash>/) and its three onnxruntime sessions, kept warm per model.
+import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { createRequire } from "node:module";
+import ort from "onnxruntime-node";
+import { log } from "../log.js";
+import type { SchedulerConfig } from "./schedulers.js";
+import { SlotIndex, type SlotInfo } from "./lora.js";
+import { ClipTokenizer } from "./tokenizer.js";
+
+export const MANIFEST_FORMAT = "loraforge-onnx/1";
+/** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */
+const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"];
+
+export interface Manifest {
+  format: string;
+  model_hash: string;
+  source: string;
+  complete: boolean;
+  files: { text_encoder: string; unet: string; vae_decoder: string };
+  tokenizer: { dir: string; max_length: number };
+  scheduler_config: SchedulerConfig;
+  vae: { scaling_factor: number; latent_channels: number; shift_factor: number | null };
+  unet: { in_channels: number; sample_size: number; cross_attention_dim: number; latent_multiple: number; vae_factor: number; max_batch: number; time_cond_proj_dim: number | null };
+  text_encoder: { hidden_size: number; max_length: number };
+  slots: SlotInfo[];
+}
+
+function hashedFiles(root: string): string[] {
+  const out: string[] = [];
+  const walk = (rel: string) => {
+    for (const e of readdirSync(path.join(root, rel), { withFileTypes: true })) {
+      if (e.name.startsWith(".")) continue;
+      const r = `${rel}/${e.name}`;
+      if (e.isDirectory()) walk(r);
+      else if (e.isFile()) out.push(r);
+    }
+  };
+  for (const entry of HASHED_ENTRIES) {
+    const p = path.join(root, entry);
+    if (!existsSync(p)) continue;
+    if (statSync(p).isFile()) out.push(entry);
+    else if (statSync(p).isDirectory()) walk(entry);
+  }
+  // Python's sorted() on str: code point order, which JS's default sort matches for BMP names.
+  return out.sort();
+}
+
+async function sha256File(p: string): Promise<string> {
+  const h = createHash("sha256");
+  for await (const chunk of createReadStream(p)) h.update(chunk as Buffer);
+  return h.digest("hex");
+}
+
+/** The engine's model_hash: sha256 over "<rel path>\0<sha256>\n" of every hashed file, 32 hex digits. */
+export async function modelHash(root: string): Promise<string> {
+  const h = createHash("sha256");
+  for (const rel of hashedFiles(root)) h.update(`${rel}\0${await sha256File(path.join(root, rel))}\n`);
+  return h.digest("hex").slice(0, 32);
+}
+
+/** A cheap signature of the hashed files (names, sizes, mtimes): re-hash only when it changes. */
+function statSignature(root: string): string {
+  return hashedFiles(root)
+    .map((rel) => {
+      const st = statSync(path.join(root, rel));
+      return `${rel}:${st.size}:${st.mtimeMs}`;
+    })
+    .join("|");
+}
+
+export function readManifest(dir: string): Manifest | null {
+  try {
+    const m = JSON.parse(readFileSync(path.join(dir, "manifest.json"), "utf8")) as Manifest;
+    if (m.format !== MANIFEST_FORMAT || m.complete !== true) return null;
+    if (!Object.values(m.files).every((f) => existsSync(path.join(dir, f)))) return null;
+    return m;
+  } catch {
+    return null;
+  }
+}
+
+export interface RuntimeOptions {
+  /** Threads per onnxruntime operator (default: min(4, CPU count)). */
+  intraOpThreads?: number;
+  /** Execution providers in order of preference (default: cuda when its provider library is installed, then cpu). */
+  providers?: string[];
+}
+
+/** CUDA when onnxruntime-node was installed with its CUDA provider, else CPU. */
+function defaultProviders(): string[] {
+  const env = process.env.LORAFORGE_ORT_PROVIDERS;
+  if (env) return env.split(",").map((s) => s.trim()).filter(Boolean);
+  try {
+    const req = createRequire(import.meta.url);
+    const bin = path.join(path.dirname(req.resolve("onnxruntime-node")), "..", "bin");
+    const found = (dir: string): boolean =>
+      existsSync(dir) &&
+      readdirSync(dir, { withFileTypes: true }).some((e) =>
+        e.isDirectory() ? found(path.join(dir, e.name)) : e.name.startsWith("libonnxruntime_providers_cuda"),
+      );
+    if (found(bin)) return ["cuda", "cpu"];
+  } catch {
+    // fall through to CPU
+  }
+  return ["cpu"];
+}
+
+/** One exported base model with warm sessions. */
+export class LoadedModel {
+  private constructor(
+    readonly dir: string,
+    readonly manifest: Manifest,
+    readonly tokenizer: ClipTokenizer,
+    readonly slots: SlotIndex,
+    readonly textEncoder: ort.InferenceSession,
+    readonly unet: ort.InferenceSession,
+    readonly vaeDecoder: ort.InferenceSession,
+    readonly providers: string[],
+  ) {}
+
+  static async open(dir: string, manifest: Manifest, opts: RuntimeOptions): Promise<LoadedModel> {
+    const threads = opts.intraOpThreads ?? Math.max(1, Math.min(4, os.availableParallelism()));
+    let providers = opts.providers ?? defaultProviders();
+    const options = (eps: string[]): ort.InferenceSession.SessionOptions => ({
+      executionProviders: eps,
+      graphOptimizationLevel: "all",
+      intraOpNumThreads: threads,
+      interOpNumThreads: 1,
+      executionMode: "sequential",
+      // Spinning threads wait busily between the many small operators; on a shared CPU they cost
+      // more than they save (3 sessions on 2 cores ran ~2× slower with it).
+      extra: { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } },
+    });
+    const create = (eps: string[]) =>
+      Promise.all(
+        [manifest.files.text_encoder, manifest.files.unet, manifest.files.vae_decoder].map((f) =>
+          ort.InferenceSession.create(path.join(dir, f), options(eps)),
+        ),
+      );
+    let sessions: ort.InferenceSession[];
+    try {
+      sessions = await create(providers);
+    } catch (err) {
+      if (providers.length === 1 && providers[0] === "cpu") throw err;
+      log("warn", "onnxruntime: falling back to the CPU execution provider", { providers, err: String(err) });
+      providers = ["cpu"];
+      sessions = await create(providers);
+    }
+    const tokenizer = ClipTokenizer.fromDir(path.join(dir, manifest.tokenizer.dir));
+    return new LoadedModel(dir, manifest, tokenizer, new SlotIndex(manifest.slots), sessions[0], sessions[1], sessions[2], providers);
+  }
+
+  async release(): Promise<void> {
+    await Promise.all([this.textEncoder.release(), this.unet.release(), this.vaeDecoder.release()]);
+  }
+}
+
+export interface ExporterConfig {
+  python: string;
+  engineDir: string;
+  /** Exports live under <cacheRoot>/<hash>/. */
+  cacheRoot: string;
+}
+
+/** Runs the engine's exporter; resolves with the export folder it reports. */
+function runExporter(cfg: ExporterConfig, modelDir: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", modelDir, "--out", cfg.cacheRoot], {
+      env: { ...process.env, PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    child.stderr.on("data", (d: Buffer) => {
+      err += d.toString();
+      if (err.length > 1 << 20) err = err.slice(-(1 << 19));
+    });
+    child.on("error", reject);
+    child.on("close", (code) => {
+      if (code !== 0) {
+        const tail = err.trim().split("\n").slice(-5).join("\n");
+        reject(new Error(`exporting ${modelDir} to ONNX failed (exit ${code}): ${tail}`));
+        return;
+      }
+      try {
+        const last = out.trim().split("\n").pop()!;
+        resolve((JSON.parse(last) as { dir: string }).dir);
+      } catch {
+        reject(new Error(`the ONNX exporter printed no result for ${modelDir}`));
+      }
+    });
+  });
+}
+
+/** Base models by path: hashed, exported when needed, opened once and kept warm (at most `maxLoaded`). */
+export class ModelRegistry {
+  private readonly byPath = new Map<string, { signature: string; hash: string }>();
+  private readonly loaded = new Map<string, Promise<LoadedModel>>();
+
+  constructor(
+    private readonly exporter: ExporterConfig,
+    private readonly runtime: RuntimeOptions = {},
+    private readonly maxLoaded = 2,
+  ) {}
+
+  /** The model at `modelDir`, exporting it first if its content has no export yet. */
+  async get(modelDir: string): Promise<LoadedModel> {
+    const signature = statSignature(modelDir);
+    let known = this.byPath.get(modelDir);
+    if (!known || known.signature !== signature) {
+      known = { signature, hash: await modelHash(modelDir) };
+      this.byPath.set(modelDir, known);
+    }
+    const hash = known.hash;
+    let p = this.loaded.get(hash);
+    if (!p) {
+      p = this.openOrExport(modelDir, hash);
+      this.loaded.set(hash, p);
+      p.catch(() => this.loaded.delete(hash));
+    } else {
+      this.loaded.delete(hash); // most recently used last
+      this.loaded.set(hash, p);
+    }
+    while (this.loaded.size > this.maxLoaded) {
+      const [oldHash, old] = this.loaded.entries().next().value!;
+      this.loaded.delete(oldHash);
+      void old.then((m) => m.release()).catch(() => undefined);
+    }
+    return p;
+  }
+
+  private async openOrExport(modelDir: string, hash: string): Promise<LoadedModel> {
+    let dir = path.join(this.exporter.cacheRoot, hash);
+    let manifest = readManifest(dir);
+    if (!manifest) {
+      log("info", "exporting base model to ONNX", { model: modelDir, hash });
+      dir = await runExporter(this.exporter, modelDir);
+      manifest = readManifest(dir);
+      if (!manifest) throw new Error(`the ONNX export of ${modelDir} in ${dir} is incomplete`);
+    }
+    return LoadedModel.open(dir, manifest, this.runtime);
+  }
+
+  /** Every complete export under the cache root. */
+  listExports(): { dir: string; manifest: Manifest }[] {
+    if (!existsSync(this.exporter.cacheRoot)) return [];
+    const out: { dir: string; manifest: Manifest }[] = [];
+    for (const e of readdirSync(this.exporter.cacheRoot, { withFileTypes: true })) {
+      if (!e.isDirectory() || e.name.startsWith(".")) continue;
+      const dir = path.join(this.exporter.cacheRoot, e.name);
+      const manifest = readManifest(dir);
+      if (manifest) out.push({ dir, manifest });
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    const all = [...this.loaded.values()];
+    this.loaded.clear();
+    await Promise.all(all.map((p) => p.then((m) => m.release()).catch(() => undefined)));
+  }
+}

@@ -1,0 +1,276 @@
+// InferenceService end to end: a real `loraforge serve` exports the tiny model to ONNX on first
+// use and renders on onnxruntime-node; diffusers' StableDiffusionPipeline renders the same
+// requests from the same initial latents (tests/py/infer_reference.py), and the images must agree
+// within a mean absolute difference of 2 (0–255) — for no LoRA, one LoRA, and two with scales.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { after, before, describe, it } from "node:test";
+import { credentials, status, type ServiceError } from "@grpc/grpc-js";
+import sharp from "sharp";
+import { ArtifactKind, fromGrpcError, JobState, LoraforgeError, type Job } from "@loraforge/sdk";
+import { InferenceServiceClient, InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { initialLatents } from "@loraforge/server/infer/rng";
+import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
+import { fixtures, PYTHON, quickSpec, REPO, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+
+const REFERENCE = path.join(REPO, "tests", "py", "infer_reference.py");
+const PROMPT = "a red circle on a blue background";
+const TOLERANCE = 2; // mean |ONNX − diffusers| per channel value, 0–255
+
+/** Runs the reference script without blocking the event loop; resolves with stdout. */
+function reference(model: string, jobs: string[][], dir: string): Promise<string> {
+  const file = path.join(dir, `jobs-${Date.now()}.json`);
+  writeFileSync(file, JSON.stringify(jobs));
+  return new Promise((resolve, reject) => {
+    const child = spawn(PYTHON, [REFERENCE, "batch", model, file], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d));
+    child.stderr.on("data", (d: Buffer) => (err += d));
+    child.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`infer_reference.py failed (${code}):\n${err.slice(-4000)}`))));
+  });
+}
+
+function infer(client: InferenceServiceClient, req: Partial<InferRequest>): Promise<InferResponse> {
+  return new Promise((resolve, reject) =>
+    client.infer(InferRequest.fromPartial(req), (err, res) => (err ? reject(fromGrpcError(err)) : resolve(res))),
+  );
+}
+
+async function rgb(png: Buffer | string): Promise<Buffer> {
+  return sharp(png).removeAlpha().raw().toBuffer();
+}
+
+const meanAbsDiff = (a: Buffer, b: Buffer) => {
+  assert.equal(a.length, b.length);
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
+  return s / a.length;
+};
+
+/** A safetensors file of float32 tensors (for a LoRA that does not fit the tiny model). */
+function writeSafetensors(file: string, tensors: Record<string, { shape: number[]; data: Float32Array }>) {
+  const header: Record<string, unknown> = {};
+  let off = 0;
+  for (const [k, t] of Object.entries(tensors)) {
+    header[k] = { dtype: "F32", shape: t.shape, data_offsets: [off, off + t.data.byteLength] };
+    off += t.data.byteLength;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(file, Buffer.concat([len, json, ...Object.values(tensors).map((t) => Buffer.from(t.data.buffer))]));
+}
+
+interface Case {
+  name: string;
+  req: Partial<InferRequest>;
+  loras: { path: string; scale: number }[];
+}
+
+describe("InferenceService", () => {
+  let f: Fixtures;
+  let srv: ServerProcess;
+  let client: InferenceServiceClient;
+  let dir: string;
+  let loraA: string;
+  let loraB: string;
+  let tokenizerIds: number[][];
+  let trained: Promise<Job>;
+  const texts = [PROMPT, "  A  RED\tCircle!! on a Blue-ish background ", "zebra's café 1234 <|endoftext|>", "", "red ".repeat(100)];
+
+  before(async () => {
+    f = fixtures();
+    dir = tmpDir("infer");
+    loraA = path.join(dir, "a", "pytorch_lora_weights.safetensors"); // diffusers form, UNet + text encoder, alpha 8 / rank 4
+    loraB = path.join(dir, "b", "kohya_lora.safetensors"); // kohya form with .alpha tensors
+    srv = await startServer();
+    client = new InferenceServiceClient(srv.address, credentials.createInsecure());
+    // A LoRA trained by the service itself, for the job_id source.
+    trained = srv.client.train(quickSpec(f, { rank: 2, loraAlpha: 4 })).then((job) => job.result());
+    trained.catch(() => undefined);
+    // The first request exports the model (about a minute here); make the LoRAs meanwhile.
+    const [out] = await Promise.all([
+      reference(
+        f.model,
+        [
+          ["make-lora", loraA, "--seed", "1", "--rank", "4", "--alpha", "8", "--text-encoder"],
+          ["make-lora", loraB, "--seed", "2", "--rank", "2", "--alpha", "1", "--text-encoder", "--kohya"],
+          ["tokenize", ...texts],
+        ],
+        dir,
+      ),
+      infer(client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 1 }),
+    ]);
+    tokenizerIds = JSON.parse(out.trim().split("\n").pop()!);
+  });
+
+  after(async () => {
+    client?.close();
+    await srv?.stop();
+  });
+
+  it("tokenizes as transformers' CLIPTokenizer does", () => {
+    const tok = ClipTokenizer.fromDir(path.join(f.model, "tokenizer"));
+    assert.deepEqual(texts.map((t) => tok.encode(t)), tokenizerIds);
+  });
+
+  it("renders what diffusers renders: no LoRA, one LoRA, two LoRAs with scales", async () => {
+    const cases: Case[] = [
+      { name: "base-euler", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [] },
+      { name: "base-dpmpp", req: { seed: 12, numInferenceSteps: 8, guidanceScale: 6, scheduler: "dpmpp_2m" }, loras: [] },
+      { name: "one-lora", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraA, scale: 1 }] },
+      {
+        name: "two-loras",
+        req: { seed: 13, numInferenceSteps: 8, guidanceScale: 5, scheduler: "ddim", numImages: 2, negativePrompt: "a green square" },
+        loras: [
+          { path: loraA, scale: 0.7 },
+          { path: loraB, scale: 1.5 },
+        ],
+      },
+    ];
+    const ours = new Map<string, InferResponse>();
+    const jobs: string[][] = [];
+    for (const c of cases) {
+      const res = await infer(client, {
+        ...c.req,
+        baseModel: f.model,
+        prompt: PROMPT,
+        loras: c.loras.map((l) => ({ source: { $case: "path", path: l.path }, scale: l.scale })),
+      });
+      const n = c.req.numImages ?? 1;
+      assert.equal(res.images.length, n);
+      assert.deepEqual(res.images.map((im) => [im.seed, im.width, im.height]), Array.from({ length: n }, (_, i) => [c.req.seed! + i, 64, 64]));
+      ours.set(c.name, res);
+      const caseDir = path.join(dir, c.name);
+      mkdirSync(caseDir, { recursive: true });
+      const latents = initialLatents(c.req.seed!, n, 4, 8, 8);
+      writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(latents.buffer));
+      const request = {
+        prompt: PROMPT,
+        negative_prompt: c.req.negativePrompt ?? "",
+        steps: c.req.numInferenceSteps,
+        guidance_scale: c.req.guidanceScale,
+        width: 64,
+        height: 64,
+        num_images: n,
+        scheduler: c.req.scheduler,
+        loras: c.loras,
+        latents: path.join(caseDir, "latents.f32"),
+        out_dir: caseDir,
+      };
+      writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
+      jobs.push(["render", path.join(caseDir, "request.json")]);
+    }
+    await reference(f.model, jobs, dir);
+    for (const c of cases) {
+      const res = ours.get(c.name)!;
+      for (const [i, im] of res.images.entries()) {
+        const diff = meanAbsDiff(await rgb(Buffer.from(im.png)), await rgb(path.join(dir, c.name, `ref_${i}.png`)));
+        assert.ok(diff <= TOLERANCE, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
+      }
+    }
+    // The LoRA really changes the picture (so agreeing with diffusers means something).
+    const change = meanAbsDiff(await rgb(Buffer.from(ours.get("base-euler")!.images[0].png)), await rgb(Buffer.from(ours.get("one-lora")!.images[0].png)));
+    assert.ok(change > 2 * TOLERANCE, `the LoRA changed the image by only ${change.toFixed(3)}`);
+  });
+
+  it("refuses bad requests, naming the field or the layer", async () => {
+    const base = { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 2 };
+    const fail = async (req: Partial<InferRequest>) => {
+      const err = await infer(client, req).then(
+        () => assert.fail("the request succeeded"),
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof LoraforgeError, String(err));
+      return err;
+    };
+    for (const [req, field] of [
+      [{ numInferenceSteps: 0 }, "num_inference_steps"],
+      [{ numInferenceSteps: 151 }, "num_inference_steps"],
+      [{ width: 100 }, "width"],
+      [{ height: 4096 }, "height"],
+      [{ guidanceScale: 31 }, "guidance_scale"],
+      [{ numImages: 9 }, "num_images"],
+      [{ scheduler: "heun" }, "scheduler"],
+    ] as const) {
+      const e = await fail({ ...base, ...req });
+      assert.equal(e.code, status.INVALID_ARGUMENT);
+      assert.deepEqual(e.violations.map((v) => v.field), [field]);
+    }
+    const missingJob = await fail({ ...base, loras: [{ source: { $case: "jobId", jobId: "no-such-job" } }] });
+    assert.equal(missingJob.code, status.NOT_FOUND);
+    assert.equal(missingJob.reason, "LORA_NOT_FOUND");
+    const missingFile = await fail({ ...base, loras: [{ source: { $case: "path", path: path.join(dir, "nope.safetensors") } }] });
+    assert.equal(missingFile.code, status.NOT_FOUND);
+
+    // A LoRA for a wider model: its to_k takes 48 features where the tiny model's takes 32.
+    const layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
+    const foreign = path.join(dir, "foreign.safetensors");
+    writeSafetensors(foreign, {
+      [`${layer}.lora.down.weight`]: { shape: [4, 48], data: new Float32Array(4 * 48).fill(0.01) },
+      [`${layer}.lora.up.weight`]: { shape: [32, 4], data: new Float32Array(32 * 4).fill(0.01) },
+    });
+    const mismatch = await fail({ ...base, loras: [{ source: { $case: "path", path: loraA } }, { source: { $case: "path", path: foreign } }] });
+    assert.equal(mismatch.code, status.FAILED_PRECONDITION);
+    assert.equal(mismatch.reason, "LORA_MISMATCH");
+    assert.equal(mismatch.metadata.layer, layer);
+    assert.match(mismatch.message, /loras\[1\].*attn2\.to_k/);
+  });
+
+  it("stops denoising when the client cancels", async () => {
+    const call = client.infer(
+      InferRequest.fromPartial({ baseModel: f.model, prompt: PROMPT, numInferenceSteps: 150, numImages: 8, width: 256, height: 256, seed: 1 }),
+      () => undefined,
+    );
+    await new Promise((r) => setTimeout(r, 1500));
+    call.cancel();
+    const line = await new Promise<string>((resolve) => {
+      const check = () => {
+        const m = srv.stderr.join("").match(/inference cancelled.*/);
+        if (m) resolve(m[0]);
+        else setTimeout(check, 100);
+      };
+      check();
+    });
+    const step = Number(line.match(/step=(\d+)/)![1]);
+    assert.ok(step < 149, line);
+    // The server is free again afterwards.
+    const res = await infer(client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 2, seed: 3 });
+    assert.equal(res.images.length, 1);
+  });
+
+  it("serves a LoRA trained by the service, by job id, as diffusers does", async () => {
+    const job = await trained;
+    assert.equal(job.state, JobState.JOB_STATE_SUCCEEDED, job.error);
+    const lora = job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA)!;
+    const req = { seed: 21, numInferenceSteps: 6, guidanceScale: 7.5, scheduler: "euler" };
+    const res = await infer(client, { ...req, baseModel: f.model, prompt: PROMPT, loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
+    const caseDir = path.join(dir, "trained");
+    mkdirSync(caseDir, { recursive: true });
+    writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(21, 1, 4, 8, 8).buffer));
+    const request = { prompt: PROMPT, steps: 6, guidance_scale: 7.5, width: 64, height: 64, num_images: 1, scheduler: "euler",
+      loras: [{ path: lora.path, scale: 0.8 }], latents: path.join(caseDir, "latents.f32"), out_dir: caseDir };
+    writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
+    await reference(f.model, [["render", path.join(caseDir, "request.json")]], dir);
+    const diff = meanAbsDiff(await rgb(Buffer.from(res.images[0].png)), await rgb(path.join(caseDir, "ref_0.png")));
+    assert.ok(diff <= TOLERANCE, `mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
+    const listed = await new Promise<{ loras: { jobId: string; path: string; rank: number }[] }>((resolve, reject) =>
+      client.listModels({}, (err: ServiceError | null, r) => (err ? reject(err) : resolve(r))),
+    );
+    assert.deepEqual(listed.loras.map((l) => [l.jobId, l.path, l.rank]), [[job.id, lora.path, 2]]);
+  });
+
+  it("lists the exported base model", async () => {
+    const res = await new Promise<{ baseModels: { path: string; modelHash: string; nativeSize: number; loraSlots: number }[] }>((resolve, reject) =>
+      client.listModels({}, (err: ServiceError | null, r) => (err ? reject(err) : resolve(r))),
+    );
+    const tiny = res.baseModels.find((m) => m.path === path.resolve(f.model));
+    assert.ok(tiny, JSON.stringify(res));
+    assert.equal(tiny.nativeSize, 64);
+    assert.equal(tiny.loraSlots, 60);
+    assert.equal(readFileSync(path.join(srv.stateDir, "onnx", tiny.modelHash, "manifest.json"), "utf8").includes(tiny.modelHash), true);
+  });
+});

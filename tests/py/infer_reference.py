@@ -1,0 +1,148 @@
+"""The diffusers side of the inference parity tests and the bench.
+
+    python infer_reference.py make-lora MODEL OUT.safetensors --seed S [--rank R] [--alpha A] [--text-encoder]
+        A LoRA as diffusers writes it (peft adapter with random non-zero up weights, save_lora_weights, alpha in
+        the metadata). --kohya writes the same weights with kohya key names and .alpha tensors instead.
+    python infer_reference.py render MODEL REQUEST.json
+        Renders with StableDiffusionPipeline: REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
+        height, num_images, scheduler, loras [{path, scale}], latents (a raw little-endian float32 file with the
+        unscaled initial latents [n, 4, h/8, w/8]) and out_dir; writes out_dir/ref_<i>.png.
+    python infer_reference.py tokenize MODEL TEXT...
+        Prints transformers' CLIPTokenizer ids (padded to 77) as JSON, one list per text.
+    python infer_reference.py batch MODEL JOBS.json
+        Runs several of the above in one process (Python start-up costs seconds): JOBS is a list of argument
+        lists without MODEL, e.g. [["make-lora", "/x/a.safetensors", "--seed", "1"], ["render", "/x/req.json"]].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def pipeline(model_dir: str):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float, text_encoder: bool,
+              kohya: bool) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = pipeline(model_dir)
+    torch.manual_seed(seed)
+    parts = [("unet", pipe.unet, UNET_TARGETS)] + ([("text_encoder", pipe.text_encoder, TE_TARGETS)]
+                                                  if text_encoder else [])
+    layers, meta = {}, {}
+    for name, model, targets in parts:
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.3)
+        layers[name] = get_peft_model_state_dict(model)
+        cfg = model.peft_config["default"].to_dict()
+        meta[name] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in cfg.items()}
+    out_dir, weight_name = os.path.dirname(out_file), os.path.basename(out_file)
+    if kohya:
+        from safetensors.torch import save_file
+
+        sd = {}
+        for name, state in layers.items():
+            prefix = "lora_unet_" if name == "unet" else "lora_te_text_model_"
+            for k, v in state.items():
+                stem, kind = k.rsplit(".lora_", 1)  # "<module>", "A.weight"
+                key = prefix + stem.replace(".", "_")
+                sd[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v.contiguous()
+                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(sd, out_file)
+        return
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=out_dir, weight_name=weight_name, safe_serialization=True,
+        **{f"{n}_lora_layers": convert_state_dict_to_diffusers(s) for n, s in layers.items()},
+        **{f"{n}_lora_adapter_metadata": m for n, m in meta.items()})
+
+
+def render(model_dir: str, request_file: str) -> None:
+    import diffusers
+    import numpy as np
+    import torch
+
+    req = json.load(open(request_file))
+    pipe = pipeline(model_dir)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[req["scheduler"]]).from_config(pipe.scheduler.config)
+    names = []
+    for i, lora in enumerate(req.get("loras", [])):
+        name = f"lora{i}"
+        pipe.load_lora_weights(os.path.dirname(lora["path"]), weight_name=os.path.basename(lora["path"]),
+                               adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[float(lora["scale"]) for lora in req["loras"]])
+    n, h, w = req["num_images"], req["height"], req["width"]
+    latents = torch.from_numpy(np.fromfile(req["latents"], dtype="<f4").reshape(n, 4, h // 8, w // 8).copy())
+    images = pipe(req["prompt"], negative_prompt=req.get("negative_prompt") or None,
+                  num_inference_steps=req["steps"], guidance_scale=req["guidance_scale"], height=h, width=w,
+                  num_images_per_prompt=n, latents=latents).images
+    os.makedirs(req["out_dir"], exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(os.path.join(req["out_dir"], f"ref_{i}.png"))
+
+
+def tokenize(model_dir: str, texts: list[str]) -> None:
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+    assert len(tok) > 256, f"tokenizer loaded with {len(tok)} tokens"
+    print(json.dumps([tok(t, padding="max_length", max_length=77, truncation=True).input_ids for t in texts]))
+
+
+def main(argv: list[str]) -> None:
+    import torch
+
+    # One thread: on a small shared CPU, torch's thread pool waits on descheduled threads (an 8-step
+    # render of the tiny model took ~20 s with 2 threads under load, ~0.6 s with 1).
+    torch.set_num_threads(int(os.environ.get("LORAFORGE_REFERENCE_THREADS", "1")))
+    cmd, model, *rest = argv
+    if cmd == "make-lora":
+        import argparse
+
+        p = argparse.ArgumentParser()
+        p.add_argument("out")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rank", type=int, default=4)
+        p.add_argument("--alpha", type=float, default=4.0)
+        p.add_argument("--text-encoder", action="store_true")
+        p.add_argument("--kohya", action="store_true")
+        a = p.parse_args(rest)
+        make_lora(model, a.out, a.seed, a.rank, a.alpha, a.text_encoder, a.kohya)
+    elif cmd == "render":
+        render(model, rest[0])
+    elif cmd == "tokenize":
+        tokenize(model, rest)
+    elif cmd == "batch":
+        for job in json.load(open(rest[0])):
+            main([job[0], model, *job[1:]])
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
