@@ -1,8 +1,11 @@
 #!/usr/bin/env node
 // The `loraforge` command line. `serve` runs the API, a worker and (without
 // LORAFORGE_NATS_URL) a managed nats-server until SIGTERM or SIGINT.
-import { configFromEnv, startServer, startWorker } from "./server.js";
-import { log } from "./log.js";
+import { startTelemetry } from "./otel.js";
+// Telemetry starts before the rest of the server is loaded.
+const stopTelemetry = await startTelemetry();
+const { configFromEnv, startServer, startWorker } = await import("./server.js");
+const { log } = await import("./log.js");
 
 const USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker]
        loraforge worker --nats URL [--state-dir DIR]
@@ -19,6 +22,9 @@ Options (each also settable by environment variable):
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
 Engine: LORAFORGE_PYTHON (engine/.venv/bin/python), LORAFORGE_ENGINE_DIR (engine/).
 
+Telemetry: the standard OTEL_* variables, e.g. OTEL_TRACES_EXPORTER=otlp
+      OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318, OTEL_METRICS_EXPORTER=prometheus
+      (scrape :9464/metrics). Unset: no telemetry is exported.
 Jobs: LORAFORGE_ACK_WAIT_MS (60000) — a silent worker's job is redelivered after this;
       LORAFORGE_MAX_ATTEMPTS (3) — starts of a job before a retryable failure is final.
 
@@ -73,6 +79,7 @@ async function main(argv: string[]): Promise<number> {
     process.once("SIGINT", () => onSignal("SIGINT"));
   });
   await server.close();
+  await stopTelemetry();
   return 0;
 }
 

@@ -44,7 +44,7 @@ export class EngineRun {
     const args = ["-m", "loraforge_engine", "train", "--spec", specFile, "--output-dir", outputDir];
     if (resume) args.push("--resume-from", "latest");
     this.child = spawn(opts.python, args, {
-      env: { ...process.env, ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1" },
+      env: { ...process.env, ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1", LORAFORGE_SUPERVISOR_PID: String(process.pid) },
       stdio: ["ignore", "pipe", "pipe"],
     });
     const tail: string[] = [];

@@ -34,12 +34,12 @@ export class ManagedNats {
     readonly url: string,
   ) {}
 
-  static async start(stateDir: string, port?: number): Promise<ManagedNats> {
+  static async start(stateDir: string, port?: number, extraArgs: string[] = []): Promise<ManagedNats> {
     const dataDir = path.join(stateDir, "nats");
     mkdirSync(dataDir, { recursive: true });
     const p = port ?? (await freePort());
     const bin = findNatsServer();
-    const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(p), "-js", "-sd", dataDir], {
+    const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(p), "-js", "-sd", dataDir, ...extraArgs], {
       stdio: ["ignore", "ignore", "pipe"],
     });
     const output: string[] = [];

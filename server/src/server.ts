@@ -10,10 +10,15 @@ import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./artifacts.js";
+import { addInferenceService } from "./infer/index.js";
 import { log } from "./log.js";
 import { ManagedNats } from "./nats-managed.js";
 import { trainerService, type ServiceState } from "./service.js";
-import { JobStore } from "./store.js";
+import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
+import { telemetry } from "./telemetry.js";
+import { JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+
+const stateName = (s: JobState) => (JobState[s] ?? "UNKNOWN").replace("JOB_STATE_", "");
 import { Worker } from "./worker.js";
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -71,7 +76,7 @@ async function openStores(cfg: ServerConfig) {
   let nc: NatsConnection | null = null;
   try {
     nc = await connect({ servers: natsUrl, name: "loraforge", maxReconnectAttempts: -1 });
-    const store = await JobStore.open(nc, cfg.ackWaitMs);
+    const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined);
     const artifacts = await ArtifactStore.open(nc);
     const close = async () => {
       await nc!.drain();
@@ -102,7 +107,12 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const state: ServiceState = { shuttingDown: false };
     const grpcServer = new Server();
     grpcServer.addService(TrainerServiceService, trainerService(stores.store, stores.artifacts, { roots: cfg.dataRoots }, state));
-    const health = new HealthImplementation({ "": "SERVING", "loraforge.v1.TrainerService": "SERVING" });
+    const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
+    const health = new HealthImplementation({
+      "": "SERVING",
+      "loraforge.v1.TrainerService": "SERVING",
+      "loraforge.v1.InferenceService": "SERVING",
+    });
     health.addToServer(grpcServer);
     const port = await new Promise<number>((resolve, reject) =>
       grpcServer.bindAsync(cfg.address, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
@@ -112,6 +122,20 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     // there is no other worker to hand it to.
     const worker = cfg.worker ? newWorker(cfg, stores, "cancel") : null;
     worker?.start();
+    telemetry.observeJobs(
+      async () => {
+        const counts: Record<string, number> = {};
+        for (const id of await stores.store.jobIds()) {
+          const s = (await stores.store.get(id))?.job.state;
+          if (s !== undefined) counts[stateName(s)] = (counts[stateName(s)] ?? 0) + 1;
+        }
+        return counts;
+      },
+      async () => {
+        const info = await stores.store.jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER);
+        return info.num_pending + info.num_ack_pending;
+      },
+    );
 
     let closing: Promise<void> | null = null;
     const close = () =>
@@ -120,6 +144,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
         state.shuttingDown = true;
         health.setStatus("", "NOT_SERVING");
         health.setStatus("loraforge.v1.TrainerService", "NOT_SERVING");
+        health.setStatus("loraforge.v1.InferenceService", "NOT_SERVING");
         await worker?.stop();
         await new Promise<void>((resolve) => {
           const timer = setTimeout(() => {
@@ -131,6 +156,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
             resolve();
           });
         });
+        await inference.close();
         await stores.close();
         log("info", "stopped");
       })());

@@ -184,10 +184,14 @@ export function trainerService(store: JobStore, artifacts: ArtifactStore, paths:
     const stop = () => messages.stop();
     call.on("cancelled", stop);
     call.on("close", stop);
+    // The ordered consumer re-creates itself after a NATS restart; `delivered`
+    // guarantees nothing reaches the client twice even if the stream replays.
+    let delivered = afterSequence;
     try {
       for await (const m of messages) {
         const ev = JobEvent.decode(m.data);
-        if (ev.sequence > afterSequence) {
+        if (ev.sequence === delivered + 1) {
+          delivered = ev.sequence;
           if (!call.write({ event: ev })) await new Promise((r) => call.once("drain", r));
         }
         if (ev.payload?.$case === "state" && isFinal(ev.payload.state.state)) break;
@@ -195,6 +199,8 @@ export function trainerService(store: JobStore, artifacts: ArtifactStore, paths:
     } finally {
       stop();
       call.off("cancelled", stop);
+      // Ordered consumers otherwise linger on the server for minutes after the client left.
+      await consumer.delete().catch(() => {});
     }
   }
 

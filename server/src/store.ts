@@ -62,9 +62,10 @@ export class JobStore {
   /**
    * Connects to (and, first time, creates) the bucket, streams and consumer.
    * `ackWaitMs`: how long a worker may go without an in-progress ack before its
-   * job is redelivered to another worker (default 60 s).
+   * job is redelivered to another worker (default 60 s). Workers pass it (and set
+   * it on the shared consumer); API servers leave it undefined.
    */
-  static async open(nc: NatsConnection, ackWaitMs = 60_000): Promise<JobStore> {
+  static async open(nc: NatsConnection, ackWaitMs?: number): Promise<JobStore> {
     const jsm = await jetstreamManager(nc);
     await ensureStream(jsm, {
       name: EVENTS_STREAM,
@@ -80,7 +81,7 @@ export class JobStore {
       storage: StorageType.File,
       duplicate_window: 120 * 1e9,
     });
-    const ackWait = ackWaitMs * 1e6;
+    const ackWait = (ackWaitMs ?? 60_000) * 1e6;
     const existing = await jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER).catch(() => null);
     if (!existing) {
       await jsm.consumers.add(QUEUE_STREAM, {
@@ -91,7 +92,7 @@ export class JobStore {
         ack_wait: ackWait,
         max_ack_pending: 1000,
       });
-    } else if (existing.config.ack_wait !== ackWait) {
+    } else if (ackWaitMs !== undefined && existing.config.ack_wait !== ackWait) {
       await jsm.consumers.update(QUEUE_STREAM, WORKERS_CONSUMER, { ack_wait: ackWait });
     }
     const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File });
@@ -116,7 +117,7 @@ export class JobStore {
    */
   async update(jobId: string, change: (job: Job) => Job | null): Promise<Versioned | null> {
     for (let attempt = 0; ; attempt++) {
-      const cur = await this.get(jobId);
+      const cur = await retryWhileDisconnected(() => this.get(jobId));
       if (!cur) return null;
       const next = change(Job.fromPartial(cur.job));
       if (!next) return null;
@@ -126,7 +127,9 @@ export class JobStore {
         const revision = await this.kv.update(`jobs.${jobId}`, Job.encode(next).finish(), cur.revision);
         return { job: next, revision };
       } catch (err) {
-        if (attempt >= 20) throw err;
+        // A conflict (someone wrote in between) or a connection error: read again.
+        if (attempt >= 200) throw err;
+        if (attempt >= 3) await new Promise((r) => setTimeout(r, Math.min(50 * attempt, 1000)));
       }
     }
   }
@@ -179,6 +182,19 @@ export class JobStore {
   async storedEventCount(jobId: string): Promise<number> {
     const info = await this.jsm.streams.info(EVENTS_STREAM, { subjects_filter: `loraforge.v1.jobs.${jobId}.>` });
     return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
+  }
+}
+
+/** Retries an operation for up to a minute while the NATS connection is down. */
+async function retryWhileDisconnected<T>(fn: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((r) => setTimeout(r, 500));
+    }
   }
 }
 

@@ -17,6 +17,8 @@ const meter = metrics.getMeter("loraforge");
 const jobsFinished = meter.createCounter("loraforge.jobs.finished", { description: "Jobs that reached a final state, by state" });
 const stepLoss = meter.createHistogram("loraforge.train.loss", { description: "Diffusion loss per optimizer step" });
 const imagesPerSecond = meter.createHistogram("loraforge.train.images_per_second", { description: "Training throughput", unit: "{image}/s" });
+const stepSeconds = meter.createHistogram("loraforge.train.step_time", { description: "Seconds per optimizer step", unit: "s" });
+const peakMemory = meter.createGauge("loraforge.train.peak_memory", { description: "Peak accelerator memory of the running job", unit: "By" });
 
 export const telemetry = {
   /** Runs `fn` inside a span (child of the active one, or of `parent`); records errors. */
@@ -63,6 +65,22 @@ export const telemetry = {
   recordStep(m: StepMetrics): void {
     stepLoss.record(m.loss);
     if (m.imagesPerSecond > 0) imagesPerSecond.record(m.imagesPerSecond);
+    if (m.imagesPerSecond > 0 && m.totalSteps > 0 && m.etaSeconds > 0 && m.totalSteps > m.step)
+      stepSeconds.record(m.etaSeconds / (m.totalSteps - m.step));
+    if (m.peakMemoryBytes > 0) peakMemory.record(m.peakMemoryBytes);
+  },
+
+  /**
+   * Observable gauges read when metrics are collected: jobs by state and the
+   * number of jobs waiting in (or being worked from) the queue.
+   */
+  observeJobs(countByState: () => Promise<Record<string, number>>, queueDepth: () => Promise<number>): void {
+    meter.createObservableGauge("loraforge.jobs", { description: "Jobs by state" }).addCallback(async (r) => {
+      for (const [state, n] of Object.entries(await countByState())) r.observe(n, { state });
+    });
+    meter.createObservableGauge("loraforge.queue.depth", { description: "Jobs queued or in progress on the work queue" }).addCallback(async (r) => {
+      r.observe(await queueDepth());
+    });
   },
 
   jobFinished(state: JobState): void {

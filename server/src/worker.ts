@@ -63,11 +63,24 @@ export class JobEventPublisher {
   emit(payload: Payload, time = new Date(), before?: () => Promise<Payload>): JobEvent {
     const ev = JobEvent.fromPartial({ jobId: this.jobId, sequence: ++this.seq, time, payload });
     this.chain = this.chain.then(async () => {
-      try {
-        if (before) ev.payload = await before();
-        await this.store.publishEvent(ev);
-      } catch (err) {
-        log("error", "publishing an event failed", { job: this.jobId, seq: ev.sequence, err: String(err) });
+      if (before) {
+        try {
+          ev.payload = await before();
+        } catch (err) {
+          // The event still goes out (without the stored copy) so the sequence has no gap.
+          log("error", "preparing an event failed", { job: this.jobId, seq: ev.sequence, err: String(err) });
+        }
+      }
+      // Events are the job's history: retry until stored (e.g. while NATS restarts);
+      // the message id makes a retry that did reach the stream a no-op.
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await this.store.publishEvent(ev);
+          return;
+        } catch (err) {
+          if (attempt % 10 === 0) log("warn", "publishing an event failed; retrying", { job: this.jobId, seq: ev.sequence, err: String(err) });
+          await new Promise((r) => setTimeout(r, 500));
+        }
       }
     });
     return ev;

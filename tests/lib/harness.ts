@@ -10,7 +10,7 @@ import { createClient, type JobEvent, type LoraforgeClient } from "@loraforge/sd
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const PYTHON = process.env.LORAFORGE_PYTHON ?? path.join(REPO, "engine", ".venv", "bin", "python");
-const CLI = path.join(REPO, "server", "dist", "cli.js");
+export const CLI = path.join(REPO, "server", "dist", "cli.js");
 
 /** Runs `python -m loraforge_engine ...` (or a script) and returns stdout; throws with stderr on failure. */
 export function python(args: string[]): string {
@@ -93,6 +93,55 @@ export async function startServer(opts: { stateDir?: string; args?: string[]; en
       return exited;
     },
   };
+}
+
+export interface WorkerProcess {
+  proc: ChildProcess;
+  stateDir: string;
+  stderr: string[];
+  /** Sends `signal` (default SIGTERM) and resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Starts `loraforge worker` against an existing NATS server. */
+export async function startWorker(natsUrl: string, opts: { stateDir?: string; env?: Record<string, string> } = {}): Promise<WorkerProcess> {
+  const stateDir = opts.stateDir ?? tmpDir("worker");
+  const proc = spawn(process.execPath, [CLI, "worker", "--nats", natsUrl, "--state-dir", stateDir], {
+    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...opts.env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const stderr: string[] = [];
+  proc.stderr!.on("data", (d: Buffer) => {
+    stderr.push(d.toString());
+    if (process.env.LORAFORGE_TEST_VERBOSE) process.stderr.write(d);
+  });
+  const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+  await new Promise<void>((resolve, reject) => {
+    let out = "";
+    proc.stdout!.on("data", (d: Buffer) => {
+      out += d.toString();
+      if (out.includes("worker ready")) resolve();
+    });
+    void exited.then((code) => reject(new Error(`worker exited (${code}) before ready:\n${stderr.join("")}`)));
+  });
+  return {
+    proc,
+    stateDir,
+    stderr,
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
+
+/** Resolves when `pred` holds, polling every 100 ms; rejects after `ms`. */
+export async function until(pred: () => boolean | Promise<boolean>, ms = 60_000, what = "condition"): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 /** Every event until the iterator ends. */

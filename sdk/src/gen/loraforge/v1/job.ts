@@ -323,6 +323,8 @@ export interface StepMetrics {
   etaSeconds: number;
   /** Global L2 norm of the LoRA gradients before clipping. */
   gradNorm: number;
+  /** Peak accelerator memory allocated so far, in bytes; 0 on CPU. */
+  peakMemoryBytes: number;
 }
 
 /** CheckpointSaved reports a resumable checkpoint written to disk. */
@@ -1153,7 +1155,17 @@ export const StateChanged: MessageFns<StateChanged> = {
 };
 
 function createBaseStepMetrics(): StepMetrics {
-  return { step: 0, totalSteps: 0, epoch: 0, loss: 0, learningRate: 0, imagesPerSecond: 0, etaSeconds: 0, gradNorm: 0 };
+  return {
+    step: 0,
+    totalSteps: 0,
+    epoch: 0,
+    loss: 0,
+    learningRate: 0,
+    imagesPerSecond: 0,
+    etaSeconds: 0,
+    gradNorm: 0,
+    peakMemoryBytes: 0,
+  };
 }
 
 export const StepMetrics: MessageFns<StepMetrics> = {
@@ -1181,6 +1193,9 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     }
     if (message.gradNorm !== 0) {
       writer.uint32(65).double(message.gradNorm);
+    }
+    if (message.peakMemoryBytes !== 0) {
+      writer.uint32(72).int64(message.peakMemoryBytes);
     }
     return writer;
   },
@@ -1262,6 +1277,14 @@ export const StepMetrics: MessageFns<StepMetrics> = {
             message.gradNorm = reader.double();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.peakMemoryBytes = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1304,6 +1327,11 @@ export const StepMetrics: MessageFns<StepMetrics> = {
         : isSet(object.grad_norm)
         ? globalThis.Number(object.grad_norm)
         : 0,
+      peakMemoryBytes: isSet(object.peakMemoryBytes)
+        ? globalThis.Number(object.peakMemoryBytes)
+        : isSet(object.peak_memory_bytes)
+        ? globalThis.Number(object.peak_memory_bytes)
+        : 0,
     };
   },
 
@@ -1333,6 +1361,9 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     if (message.gradNorm !== 0) {
       obj.gradNorm = floatToJson(message.gradNorm);
     }
+    if (message.peakMemoryBytes !== 0) {
+      obj.peakMemoryBytes = Math.round(message.peakMemoryBytes);
+    }
     return obj;
   },
 
@@ -1349,6 +1380,7 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     message.imagesPerSecond = object.imagesPerSecond ?? 0;
     message.etaSeconds = object.etaSeconds ?? 0;
     message.gradNorm = object.gradNorm ?? 0;
+    message.peakMemoryBytes = object.peakMemoryBytes ?? 0;
     return message;
   },
 };
