@@ -17,7 +17,7 @@ if (!values.model || !values.data) {
   process.exit(2);
 }
 
-const client = createClient({ address: values.address! });
+const client = createClient({ address: values.address!, token: process.env.LORAFORGE_API_TOKEN });
 try {
   const job = await client.train({
     baseModel: path.resolve(values.model),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything loraforge needs on a fresh machine, idempotently:
-#   - nats-server (Debian package) for the managed local NATS;
+#   - nats-server (Debian package) for the managed local NATS, chromium for the dashboard tests;
 #   - the engine's Python environment, kept outside the clone under
 #     ${LORAFORGE_CACHE:-~/.cache/loraforge}/venv-<hash of engine/requirements.txt + python version>
 #     so clones share it, and linked as engine/.venv;
@@ -16,6 +16,13 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
   say "installing nats-server (apt)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+
+# 1b. Chromium, for the dashboard's browser tests (playwright-core drives it) ------
+if ! command -v chromium >/dev/null 2>&1; then
+  say "installing chromium (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
 # 2. Python environment for the engine -----------------------------------------

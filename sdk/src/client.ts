@@ -1,10 +1,26 @@
-// The hand-written layer over the generated gRPC client: a client with promise
-// methods, and job handles whose progress is an async iterable.
-import { credentials as grpcCredentials, type ChannelCredentials, type ClientReadableStream } from "@grpc/grpc-js";
-import { Job, JobEvent, JobState } from "./gen/loraforge/v1/job.js";
-import { TrainerServiceClient, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
+// The hand-written layer over the generated gRPC clients: a client with promise
+// methods, job handles whose progress is a reconnecting async iterable, and
+// helpers for downloads, uploads and inference.
+import { createReadStream, createWriteStream, readdirSync, statSync } from "node:fs";
+import path from "node:path";
+import { Readable, type Writable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import {
+  credentials as grpcCredentials,
+  Metadata,
+  status,
+  type CallOptions,
+  type ChannelCredentials,
+  type ClientReadableStream,
+  type ClientUnaryCall,
+} from "@grpc/grpc-js";
+import { createHash } from "node:crypto";
+import { Artifact, ArtifactKind, Job, JobEvent, JobState } from "./gen/loraforge/v1/job.js";
+import { TrainerServiceClient, type DownloadArtifactResponse, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
+import { InferenceServiceClient, InferRequest, type InferResponse, type ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";
+import { DatasetServiceClient, type Dataset, type UploadDatasetRequest } from "./gen/loraforge/v1/dataset_service.js";
 import { TrainingSpec } from "./gen/loraforge/v1/training_spec.js";
-import { fromGrpcError } from "./errors.js";
+import { fromGrpcError, LoraforgeError } from "./errors.js";
 
 /** Options of {@link createClient}. */
 export interface ClientOptions {
@@ -12,11 +28,26 @@ export interface ClientOptions {
   address: string;
   /** Channel credentials. Default: insecure (plaintext), for loopback and private networks. */
   credentials?: ChannelCredentials;
+  /** Sent as `authorization: Bearer <token>` on every call. Default: none. */
+  token?: string;
+  /** Deadline applied to every unary call that has none of its own, in ms. Default: 60 000. */
+  defaultTimeoutMs?: number;
+}
+
+/** Per-call options accepted by every method. */
+export interface CallOpts {
+  /** Aborts the call; the promise rejects with the signal's reason (iterators just end). Default: none. */
+  signal?: AbortSignal;
+  /** Deadline for this call in ms (unary calls only). Default: the client's `defaultTimeoutMs`. */
+  timeoutMs?: number;
 }
 
 /** Options of {@link LoraforgeClient.train}. */
-export interface TrainOptions {
-  /** Idempotency key (≤ 128 characters): retrying with the same key returns the same job. Default: none. */
+export interface TrainOptions extends CallOpts {
+  /**
+   * Idempotency key (≤ 128 characters): retrying with the same key returns the same job. With one
+   * set, `train` itself retries on UNAVAILABLE. Default: none (no retry).
+   */
   requestId?: string;
 }
 
@@ -26,17 +57,29 @@ export interface ProgressOptions {
   afterSequence?: number;
   /** Stops the iteration (the loop ends quietly) when aborted. Default: none. */
   signal?: AbortSignal;
+  /**
+   * Reconnect when the server becomes unreachable (UNAVAILABLE), resuming after the last
+   * delivered sequence, for at most this long without success, in ms. Default: 300 000; 0 never reconnects.
+   */
+  reconnectForMs?: number;
 }
 
-/** Options of {@link LoraforgeClient.listJobs}. */
-export interface ListJobsOptions {
+/** Options of {@link Jobs.list}. */
+export interface ListJobsOptions extends CallOpts {
   /** Only jobs in this state. Default: every state. */
   state?: JobState;
-  /** Jobs per page, 1..1000. Default 50. */
+  /** Jobs fetched per page, 1..1000. Default 50. */
   pageSize?: number;
-  /** `nextPageToken` of the previous page. Default: first page. */
-  pageToken?: string;
 }
+
+/** Where {@link Artifacts.download} writes. */
+export type DownloadTarget = { file: string } | { stream: Writable };
+
+/** A TrainingSpec as the SDK accepts it: the two paths are required, every knob optional. */
+export type SpecInput = Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel" | "datasetDir">;
+
+/** An Infer request as the SDK accepts it: only the prompt and base model are required. */
+export type InferInput = Partial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
 
 /** The final states: once a job is in one, it never changes again. */
 export const FINAL_STATES: readonly JobState[] = [JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED];
@@ -44,18 +87,68 @@ export const FINAL_STATES: readonly JobState[] = [JobState.JOB_STATE_SUCCEEDED, 
 /** Short name of a state: "QUEUED", "RUNNING", … */
 export const stateName = (s: JobState): string => (JobState[s] ?? String(s)).replace("JOB_STATE_", "");
 
-function call<Res>(fn: (cb: (err: unknown, res: Res) => void) => void): Promise<Res> {
-  return new Promise((resolve, reject) => fn((err, res) => (err ? reject(fromGrpcError(err)) : resolve(res))));
-}
+const sleep = (ms: number, signal?: AbortSignal) =>
+  new Promise<void>((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => (clearTimeout(t), resolve()), { once: true });
+  });
 
 /** A connection to a loraforge server. Create with {@link createClient}; `close()` when done. */
 export class LoraforgeClient {
-  /** The generated gRPC client, for calls this layer does not wrap. */
-  readonly raw: TrainerServiceClient;
+  /** The generated gRPC clients, for calls this layer does not wrap. */
+  readonly raw: { trainer: TrainerServiceClient; inference: InferenceServiceClient; datasets: DatasetServiceClient };
+  /** Read and list jobs. */
+  readonly jobs: Jobs;
+  /** Download job artifacts. */
+  readonly artifacts: Artifacts;
+  /** Upload data sets. */
+  readonly datasets: Datasets;
+  private readonly opts: Required<Omit<ClientOptions, "credentials" | "token">> & Pick<ClientOptions, "token">;
 
   constructor(opts: ClientOptions) {
     if (!opts?.address) throw new TypeError("createClient: `address` (host:port) is required");
-    this.raw = new TrainerServiceClient(opts.address, opts.credentials ?? grpcCredentials.createInsecure());
+    const creds = opts.credentials ?? grpcCredentials.createInsecure();
+    this.raw = {
+      trainer: new TrainerServiceClient(opts.address, creds),
+      inference: new InferenceServiceClient(opts.address, creds),
+      datasets: new DatasetServiceClient(opts.address, creds),
+    };
+    this.opts = { address: opts.address, token: opts.token, defaultTimeoutMs: opts.defaultTimeoutMs ?? 60_000 };
+    this.jobs = new Jobs(this);
+    this.artifacts = new Artifacts(this);
+    this.datasets = new Datasets(this);
+  }
+
+  /** @internal Metadata carrying the token. */
+  metadata(): Metadata {
+    const md = new Metadata();
+    if (this.opts.token) md.set("authorization", `Bearer ${this.opts.token}`);
+    return md;
+  }
+
+  /** @internal Runs one unary call with deadline, abort signal, typed errors, and retries when `retry`. */
+  async unary<Res>(
+    fn: (md: Metadata, options: Partial<CallOptions>, cb: (err: unknown, res: Res) => void) => ClientUnaryCall,
+    opts: CallOpts = {},
+    retry = false,
+  ): Promise<Res> {
+    for (let attempt = 0; ; attempt++) {
+      opts.signal?.throwIfAborted();
+      try {
+        return await new Promise<Res>((resolve, reject) => {
+          const deadline = new Date(Date.now() + (opts.timeoutMs ?? this.opts.defaultTimeoutMs));
+          const call = fn(this.metadata(), { deadline }, (err, res) => (err ? reject(fromGrpcError(err)) : resolve(res)));
+          const onAbort = () => call.cancel();
+          opts.signal?.addEventListener("abort", onAbort, { once: true });
+          call.on("status", () => opts.signal?.removeEventListener("abort", onAbort));
+        });
+      } catch (err) {
+        if (opts.signal?.aborted) throw opts.signal.reason;
+        const transient = err instanceof LoraforgeError && err.code === status.UNAVAILABLE;
+        if (!retry || !transient || attempt >= 5) throw err;
+        await sleep(Math.min(200 * 2 ** attempt, 3000), opts.signal);
+      }
+    }
   }
 
   /**
@@ -67,10 +160,9 @@ export class LoraforgeClient {
    * for await (const ev of job.progress()) console.log(ev);
    * const done = await job.result();
    */
-  async train(spec: Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel" | "datasetDir">, opts: TrainOptions = {}): Promise<JobHandle> {
-    const res = await call<{ job?: Job }>((cb) =>
-      this.raw.train({ spec: TrainingSpec.fromPartial(spec), requestId: opts.requestId ?? "" }, cb),
-    );
+  async train(spec: SpecInput, opts: TrainOptions = {}): Promise<JobHandle> {
+    const req = { spec: TrainingSpec.fromPartial(spec), requestId: opts.requestId ?? "" };
+    const res = await this.unary<{ job?: Job }>((md, o, cb) => this.raw.trainer.train(req, md, o, cb), opts, !!opts.requestId);
     return new JobHandle(this, res.job!);
   }
 
@@ -79,51 +171,204 @@ export class LoraforgeClient {
     return new JobHandle(this, Job.fromPartial({ id: jobId }));
   }
 
-  /** The job's current record. Throws {@link JobNotFoundError}. */
-  async getJob(jobId: string): Promise<Job> {
-    return (await call<{ job?: Job }>((cb) => this.raw.getJob({ jobId }, cb))).job!;
+  /** The job's current record. Throws {@link JobNotFoundError}. Same as `jobs.get`. */
+  getJob(jobId: string, opts?: CallOpts): Promise<Job> {
+    return this.jobs.get(jobId, opts);
   }
 
-  /** One page of jobs, newest first. */
-  async listJobs(opts: ListJobsOptions = {}): Promise<{ jobs: Job[]; nextPageToken: string }> {
-    return call((cb) =>
-      this.raw.listJobs({ state: opts.state ?? JobState.JOB_STATE_UNSPECIFIED, pageSize: opts.pageSize ?? 0, pageToken: opts.pageToken ?? "" }, cb),
-    );
+  /** One page of jobs, newest first. See {@link Jobs.list} for an iterable over all pages. */
+  async listJobs(opts: ListJobsOptions & { pageToken?: string } = {}): Promise<{ jobs: Job[]; nextPageToken: string }> {
+    const req = { state: opts.state ?? JobState.JOB_STATE_UNSPECIFIED, pageSize: opts.pageSize ?? 0, pageToken: opts.pageToken ?? "" };
+    return this.unary((md, o, cb) => this.raw.trainer.listJobs(req, md, o, cb), opts, true);
   }
 
   /**
    * Cancels a job: a queued one becomes CANCELLED at once, a running one CANCELLING
-   * (then CANCELLED once the engine has saved a checkpoint). Throws
-   * {@link JobAlreadyFinalError} for a finished job.
+   * (then CANCELLED once the engine has saved a checkpoint). Cancelling twice is
+   * harmless. Throws {@link JobAlreadyFinalError} for a finished job.
    */
-  async cancelJob(jobId: string): Promise<Job> {
-    return (await call<{ job?: Job }>((cb) => this.raw.cancelJob({ jobId }, cb))).job!;
+  async cancelJob(jobId: string, opts?: CallOpts): Promise<Job> {
+    return (await this.unary<{ job?: Job }>((md, o, cb) => this.raw.trainer.cancelJob({ jobId }, md, o, cb), opts, true)).job!;
   }
 
-  /** The job's events after `afterSequence`, then live ones; ends after the final state event. */
+  /**
+   * The job's events after `afterSequence`, then live ones; ends after the final state
+   * event. When the server becomes unreachable it reconnects and resumes after the last
+   * event it delivered, so nothing is missed or repeated.
+   */
   async *progress(jobId: string, opts: ProgressOptions = {}): AsyncGenerator<JobEvent> {
-    const stream: ClientReadableStream<StreamProgressResponse> = this.raw.streamProgress({
-      jobId,
-      afterSequence: opts.afterSequence ?? 0,
-    });
-    const onAbort = () => stream.cancel();
-    opts.signal?.addEventListener("abort", onAbort);
-    try {
-      for await (const res of stream as AsyncIterable<StreamProgressResponse>) {
-        if (res.event) yield res.event;
-      }
-    } catch (err) {
+    let after = opts.afterSequence ?? 0;
+    const reconnectFor = opts.reconnectForMs ?? 300_000;
+    let failingSince = 0;
+    for (let attempt = 0; ; attempt++) {
       if (opts.signal?.aborted) return;
-      throw fromGrpcError(err);
-    } finally {
-      opts.signal?.removeEventListener("abort", onAbort);
-      stream.cancel();
+      const stream: ClientReadableStream<StreamProgressResponse> = this.raw.trainer.streamProgress({ jobId, afterSequence: after }, this.metadata());
+      const onAbort = () => stream.cancel();
+      opts.signal?.addEventListener("abort", onAbort);
+      try {
+        for await (const res of stream as AsyncIterable<StreamProgressResponse>) {
+          if (!res.event) continue;
+          failingSince = 0;
+          attempt = 0;
+          after = res.event.sequence;
+          yield res.event;
+        }
+        return;
+      } catch (err) {
+        if (opts.signal?.aborted) return;
+        const e = fromGrpcError(err);
+        const transient = e instanceof LoraforgeError && e.code === status.UNAVAILABLE;
+        failingSince ||= Date.now();
+        if (!transient || reconnectFor === 0 || Date.now() - failingSince > reconnectFor) throw e;
+        await sleep(Math.min(250 * 2 ** attempt, 5000), opts.signal);
+      } finally {
+        opts.signal?.removeEventListener("abort", onAbort);
+        stream.cancel();
+      }
     }
+  }
+
+  /**
+   * Renders images with a base model and any LoRAs. Returns PNG buffers and timings.
+   *
+   * @example
+   * const res = await client.infer({ prompt: "a red circle", baseModel: "/models/sd15", loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
+   * await fs.writeFile("out.png", res.images[0].png);
+   */
+  infer(req: InferInput, opts: CallOpts = {}): Promise<InferResponse> {
+    const full = InferRequest.fromPartial(req);
+    return this.unary((md, o, cb) => this.raw.inference.infer(full, md, { ...o, deadline: new Date(Date.now() + (opts.timeoutMs ?? 600_000)) }, cb), opts, false);
+  }
+
+  /** Base models the server has exported and the LoRAs of its succeeded jobs. */
+  listModels(opts: CallOpts = {}): Promise<ListModelsResponse> {
+    return this.unary((md, o, cb) => this.raw.inference.listModels({}, md, o, cb), opts, true);
   }
 
   /** Closes the connection. */
   close(): void {
-    this.raw.close();
+    this.raw.trainer.close();
+    this.raw.inference.close();
+    this.raw.datasets.close();
+  }
+}
+
+/** Reading jobs: `client.jobs`. */
+export class Jobs {
+  constructor(private readonly client: LoraforgeClient) {}
+
+  /** The job's current record. Throws {@link JobNotFoundError}. */
+  async get(jobId: string, opts: CallOpts = {}): Promise<Job> {
+    return (await this.client.unary<{ job?: Job }>((md, o, cb) => this.client.raw.trainer.getJob({ jobId }, md, o, cb), opts, true)).job!;
+  }
+
+  /**
+   * Every job (optionally in one state), newest first, fetching pages as you iterate.
+   *
+   * @example
+   * for await (const job of client.jobs.list({ state: JobState.JOB_STATE_RUNNING })) console.log(job.id);
+   */
+  async *list(opts: ListJobsOptions = {}): AsyncGenerator<Job> {
+    let pageToken = "";
+    do {
+      const page = await this.client.listJobs({ ...opts, pageToken });
+      yield* page.jobs;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+}
+
+/** Downloading artifacts: `client.artifacts`. */
+export class Artifacts {
+  constructor(private readonly client: LoraforgeClient) {}
+
+  /**
+   * Streams an artifact of a job (by its `objectName` from `job.artifacts`, or the
+   * Artifact itself) to a file or a writable stream. A checkpoint arrives as a tar archive.
+   * Resolves with the artifact's description; verifies the SHA-256 when the artifact has one.
+   */
+  async download(jobId: string, artifact: string | Artifact, to: DownloadTarget, opts: CallOpts = {}): Promise<Artifact> {
+    const objectName = typeof artifact === "string" ? artifact : artifact.objectName;
+    const stream: ClientReadableStream<DownloadArtifactResponse> = this.client.raw.trainer.downloadArtifact({ jobId, objectName }, this.client.metadata());
+    const onAbort = () => stream.cancel();
+    opts.signal?.addEventListener("abort", onAbort, { once: true });
+    let info: Artifact | undefined;
+    const hash = createHash("sha256");
+    const body = Readable.from(
+      (async function* () {
+        for await (const msg of stream as AsyncIterable<DownloadArtifactResponse>) {
+          if (msg.artifact) info = msg.artifact;
+          if (msg.chunk.length > 0) {
+            hash.update(msg.chunk);
+            yield msg.chunk;
+          }
+        }
+      })(),
+    );
+    try {
+      await pipeline(body, "file" in to ? createWriteStream(to.file) : to.stream);
+    } catch (err) {
+      if (opts.signal?.aborted) throw opts.signal.reason;
+      throw fromGrpcError(err);
+    } finally {
+      opts.signal?.removeEventListener("abort", onAbort);
+    }
+    if (!info) throw new LoraforgeError("download ended without the artifact's description", { code: status.INTERNAL, reason: "", metadata: {}, violations: [] });
+    if (info.sha256 && !objectName.endsWith("/") && hash.digest("hex") !== info.sha256)
+      throw new LoraforgeError(`download of ${objectName} is corrupt: SHA-256 mismatch`, { code: status.DATA_LOSS, reason: "CHECKSUM_MISMATCH", metadata: {}, violations: [] });
+    return info;
+  }
+}
+
+/** Uploading data sets: `client.datasets`. */
+export class Datasets {
+  constructor(private readonly client: LoraforgeClient) {}
+
+  /**
+   * Uploads a captioned image set — a folder (images with .txt captions or a
+   * metadata.jsonl; sub-folders are not allowed) or a .zip of one — and returns the
+   * stored set. Use `dataset.path` as the spec's `datasetDir`. Throws a
+   * {@link LoraforgeError} with reason INVALID_DATASET (and `violations` naming each
+   * bad file) or DATASET_TOO_LARGE.
+   */
+  async upload(folderOrZip: string, opts: CallOpts & { name?: string } = {}): Promise<Dataset> {
+    const name = opts.name ?? path.basename(folderOrZip).replace(/\.zip$/i, "");
+    const CHUNK = 1024 * 1024;
+    async function* parts(): AsyncGenerator<UploadDatasetRequest> {
+      yield { part: { $case: "header", header: { name } } };
+      if (statSync(folderOrZip).isDirectory()) {
+        for (const entry of readdirSync(folderOrZip, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
+          if (entry.isDirectory()) throw new TypeError(`datasets.upload: sub-folders are not supported (${entry.name})`);
+          if (!entry.isFile()) continue;
+          let sent = false;
+          for await (const chunk of createReadStream(path.join(folderOrZip, entry.name), { highWaterMark: CHUNK })) {
+            sent = true;
+            yield { part: { $case: "file", file: { name: entry.name, data: chunk as Buffer } } };
+          }
+          if (!sent) yield { part: { $case: "file", file: { name: entry.name, data: Buffer.alloc(0) } } };
+        }
+      } else {
+        for await (const chunk of createReadStream(folderOrZip, { highWaterMark: CHUNK }))
+          yield { part: { $case: "zipChunk", zipChunk: chunk as Buffer } };
+      }
+    }
+    return new Promise<Dataset>((resolve, reject) => {
+      const call = this.client.raw.datasets.uploadDataset(this.client.metadata(), (err, res) =>
+        err ? reject(opts.signal?.aborted ? opts.signal.reason : fromGrpcError(err)) : resolve(res.dataset!),
+      );
+      opts.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+      (async () => {
+        try {
+          for await (const msg of parts()) {
+            if (!call.write(msg)) await new Promise((r) => call.once("drain", r));
+          }
+          call.end();
+        } catch (err) {
+          call.cancel();
+          reject(err);
+        }
+      })();
+    });
   }
 }
 
@@ -144,22 +389,31 @@ export class JobHandle {
     return this.client.progress(this.id, opts);
   }
 
-  /** Waits until the job is final and returns its record (SUCCEEDED, FAILED or CANCELLED — check `state`). */
-  async result(): Promise<Job> {
-    for await (const ev of this.progress({ afterSequence: Math.max(0, this.job.lastSequence - 1) })) void ev;
+  /**
+   * Waits until the job is final and returns its record (SUCCEEDED, FAILED or
+   * CANCELLED — check `state`; a failed job is not an exception).
+   */
+  async result(opts: { signal?: AbortSignal } = {}): Promise<Job> {
+    for await (const ev of this.progress({ afterSequence: Math.max(0, this.job.lastSequence - 1), signal: opts.signal })) void ev;
+    opts.signal?.throwIfAborted();
     return this.refresh();
   }
 
   /** Re-reads the job's record. */
-  async refresh(): Promise<Job> {
-    this.job = await this.client.getJob(this.id);
+  async refresh(opts?: CallOpts): Promise<Job> {
+    this.job = await this.client.jobs.get(this.id, opts);
     return this.job;
   }
 
   /** Cancels the job; see {@link LoraforgeClient.cancelJob}. */
-  async cancel(): Promise<Job> {
-    this.job = await this.client.cancelJob(this.id);
+  async cancel(opts?: CallOpts): Promise<Job> {
+    this.job = await this.client.cancelJob(this.id, opts);
     return this.job;
+  }
+
+  /** The final LoRA artifact, once the job SUCCEEDED; undefined before. */
+  get lora(): Artifact | undefined {
+    return this.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA && a.objectName);
   }
 }
 

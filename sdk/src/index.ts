@@ -1,6 +1,10 @@
-// @loraforge/sdk: train LoRAs on a loraforge server, follow their progress, manage jobs.
-export { createClient, LoraforgeClient, JobHandle, FINAL_STATES, stateName } from "./client.js";
-export type { ClientOptions, TrainOptions, ProgressOptions, ListJobsOptions } from "./client.js";
+// @loraforge/sdk: train LoRAs on a loraforge server, follow their progress, manage
+// jobs, download artifacts, upload data sets, render images, and read job events
+// from NATS.
+export { createClient, LoraforgeClient, JobHandle, Jobs, Artifacts, Datasets, FINAL_STATES, stateName } from "./client.js";
+export type { ClientOptions, CallOpts, TrainOptions, ProgressOptions, ListJobsOptions, DownloadTarget, SpecInput, InferInput } from "./client.js";
+export { subscribe } from "./subscribe.js";
+export type { SubscribeOptions, EventKind } from "./subscribe.js";
 export {
   LoraforgeError,
   InvalidSpecError,
@@ -24,3 +28,5 @@ export {
   LogLine,
 } from "./gen/loraforge/v1/job.js";
 export { TrainingSpec } from "./gen/loraforge/v1/training_spec.js";
+export type { Dataset } from "./gen/loraforge/v1/dataset_service.js";
+export type { InferRequest, InferResponse, LoraRef, ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";

@@ -10,10 +10,13 @@ import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./artifacts.js";
+import { tokenInterceptor } from "./auth.js";
 import { addInferenceService } from "./infer/index.js";
 import { log } from "./log.js";
 import { ManagedNats } from "./nats-managed.js";
-import { trainerService, type ServiceState } from "./service.js";
+import { Jobs } from "./jobs.js";
+import { datasetService, trainerService } from "./service.js";
+import { DatasetServiceService } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
 import { telemetry } from "./telemetry.js";
 import { JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
@@ -42,6 +45,8 @@ export interface ServerConfig {
   ackWaitMs: number;
   /** Starts of a job before a retryable failure (engine killed, worker died) is final. Default 3. */
   maxAttempts: number;
+  /** When set, every RPC but health checks needs `authorization: Bearer <apiToken>`. */
+  apiToken?: string;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
@@ -58,6 +63,7 @@ export function configFromEnv(env = process.env): ServerConfig {
     worker: env.LORAFORGE_WORKER !== "0",
     ackWaitMs: num(env.LORAFORGE_ACK_WAIT_MS, 60_000),
     maxAttempts: num(env.LORAFORGE_MAX_ATTEMPTS, 3),
+    apiToken: env.LORAFORGE_API_TOKEN || undefined,
   };
 }
 
@@ -104,14 +110,20 @@ function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStor
 export async function startServer(cfg: ServerConfig): Promise<Running> {
   const stores = await openStores(cfg);
   try {
-    const state: ServiceState = { shuttingDown: false };
-    const grpcServer = new Server();
-    grpcServer.addService(TrainerServiceService, trainerService(stores.store, stores.artifacts, { roots: cfg.dataRoots }, state));
+    // Uploaded data sets live under the state directory; when paths are confined,
+    // that folder is one of the allowed roots.
+    const datasetRoot = path.join(cfg.stateDir, "datasets");
+    const roots = cfg.dataRoots.length > 0 ? [...cfg.dataRoots, datasetRoot] : [];
+    const jobs = new Jobs(stores.store, stores.artifacts, { roots });
+    const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
+    grpcServer.addService(TrainerServiceService, trainerService(jobs));
+    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
       "": "SERVING",
       "loraforge.v1.TrainerService": "SERVING",
       "loraforge.v1.InferenceService": "SERVING",
+      "loraforge.v1.DatasetService": "SERVING",
     });
     health.addToServer(grpcServer);
     const port = await new Promise<number>((resolve, reject) =>
@@ -141,10 +153,11 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const close = () =>
       (closing ??= (async () => {
         log("info", "shutting down");
-        state.shuttingDown = true;
+        jobs.shuttingDown = true;
         health.setStatus("", "NOT_SERVING");
         health.setStatus("loraforge.v1.TrainerService", "NOT_SERVING");
         health.setStatus("loraforge.v1.InferenceService", "NOT_SERVING");
+        health.setStatus("loraforge.v1.DatasetService", "NOT_SERVING");
         await worker?.stop();
         await new Promise<void>((resolve) => {
           const timer = setTimeout(() => {

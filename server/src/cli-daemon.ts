@@ -1,0 +1,74 @@
+// `loraforge serve` and `loraforge worker`: long-running processes. Telemetry starts
+// before the rest of the server is loaded.
+import { startTelemetry } from "./otel.js";
+
+export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker]
+       loraforge worker --nats URL [--state-dir DIR]
+
+serve:  the loraforge gRPC API, a training worker and, unless a NATS URL is given, a
+        managed local nats-server whose data lives under the state directory.
+worker: a training worker alone (one per GPU): pulls jobs from NATS and runs them.
+
+Options (each also settable by environment variable):
+  --address HOST:PORT   gRPC listen address; port 0 picks one   LORAFORGE_ADDRESS   (127.0.0.1:50051)
+  --state-dir DIR       job outputs and managed NATS data        LORAFORGE_STATE_DIR (./.state)
+  --nats URL            use this NATS server                     LORAFORGE_NATS_URL  (managed)
+  --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
+  --no-worker           API only, no training worker             LORAFORGE_WORKER=0
+Engine: LORAFORGE_PYTHON (engine/.venv/bin/python), LORAFORGE_ENGINE_DIR (engine/).
+
+Telemetry: the standard OTEL_* variables, e.g. OTEL_TRACES_EXPORTER=otlp
+      OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318, OTEL_METRICS_EXPORTER=prometheus
+      (scrape :9464/metrics). Unset: no telemetry is exported.
+Jobs: LORAFORGE_ACK_WAIT_MS (60000) — a silent worker's job is redelivered after this;
+      LORAFORGE_MAX_ATTEMPTS (3) — starts of a job before a retryable failure is final.
+
+On SIGTERM or SIGINT, serve stops accepting work, stops the running job (it ends
+CANCELLED after a checkpoint), flushes NATS and exits 0; worker checkpoints its job and
+hands it back to the queue for another worker to resume.`;
+
+export async function runDaemon(command: "serve" | "worker", rest: string[]): Promise<number> {
+  const stopTelemetry = await startTelemetry();
+  const { configFromEnv, startServer, startWorker } = await import("./server.js");
+  const { log } = await import("./log.js");
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  const roots: string[] = [];
+  for (let i = 0; i < rest.length; i++) {
+    const flag = rest[i];
+    const value = () => {
+      const v = rest[++i];
+      if (v === undefined) throw new Error(`${flag} needs a value`);
+      return v;
+    };
+    if (flag === "--address") env.LORAFORGE_ADDRESS = value();
+    else if (flag === "--state-dir") env.LORAFORGE_STATE_DIR = value();
+    else if (flag === "--nats") env.LORAFORGE_NATS_URL = value();
+    else if (flag === "--data-root") roots.push(value());
+    else if (flag === "--no-worker") env.LORAFORGE_WORKER = "0";
+    else if (flag === "--help" || flag === "-h") {
+      console.log(DAEMON_USAGE);
+      return 0;
+    } else {
+      console.error(`loraforge serve: unknown option ${JSON.stringify(flag)}\n\n${DAEMON_USAGE}`);
+      return 2;
+    }
+  }
+  if (roots.length) env.LORAFORGE_DATA_ROOTS = roots.join(":");
+  if (command === "worker" && !env.LORAFORGE_NATS_URL) throw new Error("worker needs --nats URL (or LORAFORGE_NATS_URL)");
+  const server = command === "serve" ? await startServer(configFromEnv(env)) : await startWorker(configFromEnv(env));
+  // One line on stdout that scripts (and the tests) wait for.
+  if (command === "serve") console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
+  else console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
+  await new Promise<void>((resolve) => {
+    const onSignal = (sig: string) => {
+      log("info", `received ${sig}`);
+      resolve();
+    };
+    process.once("SIGTERM", () => onSignal("SIGTERM"));
+    process.once("SIGINT", () => onSignal("SIGINT"));
+  });
+  await server.close();
+  await stopTelemetry();
+  return 0;
+}
+

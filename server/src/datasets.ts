@@ -1,0 +1,310 @@
+// Dataset uploads: a client streams a set's files (or a zip of them); the server
+// writes them into a private temporary folder under the dataset root, checks every
+// name, size, image and caption, and only then moves the folder into place.
+// Nothing is ever written outside the dataset root.
+import { randomBytes } from "node:crypto";
+import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, type WriteStream } from "node:fs";
+import path from "node:path";
+import { status } from "@grpc/grpc-js";
+import sharp from "sharp";
+import yauzl from "yauzl";
+import type { Dataset, UploadDatasetRequest } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
+import { ApiError, type FieldViolation } from "./errors.js";
+import { IMAGE_EXTENSIONS } from "./validate.js";
+
+/** Limits of one upload. */
+export interface DatasetLimits {
+  /** Bytes of one file. Default 32 MiB. */
+  maxFileBytes: number;
+  /** Bytes of the whole set (or the zip). Default 2 GiB. */
+  maxTotalBytes: number;
+  /** Files in the set. Default 50 000. */
+  maxFiles: number;
+  /** Largest width or height of an image, read from its header before decoding. Default 8192. */
+  maxImageSide: number;
+}
+
+export const DEFAULT_LIMITS: DatasetLimits = {
+  maxFileBytes: 32 * 1024 * 1024,
+  maxTotalBytes: 2 * 1024 * 1024 * 1024,
+  maxFiles: 50_000,
+  maxImageSide: 8192,
+};
+
+const UPLOADABLE = [...IMAGE_EXTENSIONS.filter((e) => e !== ".bmp"), ".txt"];
+
+const invalid = (violations: FieldViolation[]) =>
+  new ApiError(
+    status.INVALID_ARGUMENT,
+    "INVALID_DATASET",
+    "dataset refused: " + violations.slice(0, 20).map((v) => `${v.field}: ${v.description}`).join("; ") +
+      (violations.length > 20 ? `; and ${violations.length - 20} more` : ""),
+    violations,
+  );
+
+const tooLarge = (what: string) => new ApiError(status.RESOURCE_EXHAUSTED, "DATASET_TOO_LARGE", what);
+
+/**
+ * Why `name` may not be stored, or null when it may. Only plain file names in the
+ * set's own folder: no separators (either slash, raw or percent-encoded), no dot
+ * segments, no control characters, a known extension.
+ */
+export function badName(name: string): string | null {
+  if (!name) return "is empty";
+  if (name.length > 255) return "is longer than 255 characters";
+  if (/[\\/]/.test(name) || /%(2f|5c)/i.test(name)) return "must be a plain file name (no folders or path separators)";
+  if (name === "." || name === ".." || name.startsWith(".")) return "must not start with a dot";
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f]/.test(name)) return "contains control characters";
+  if (name === "metadata.jsonl") return null;
+  const ext = path.extname(name).toLowerCase();
+  if (!UPLOADABLE.includes(ext)) return `has an unsupported type (allowed: ${UPLOADABLE.join(", ")}, metadata.jsonl)`;
+  return null;
+}
+
+/** Width and height from an image's header, without decoding it; null if unrecognised. */
+export function imageSize(buf: Buffer): { width: number; height: number } | null {
+  if (buf.length >= 24 && buf.readUInt32BE(0) === 0x89504e47 && buf.toString("latin1", 12, 16) === "IHDR")
+    return { width: buf.readUInt32BE(16), height: buf.readUInt32BE(20) };
+  if (buf.length >= 4 && buf[0] === 0xff && buf[1] === 0xd8) {
+    let off = 2;
+    while (off + 9 < buf.length) {
+      if (buf[off] !== 0xff) return null;
+      const marker = buf[off + 1];
+      const len = buf.readUInt16BE(off + 2);
+      // SOF0..SOF15 carry the frame size, except DHT (C4), JPG (C8) and DAC (CC).
+      if (marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker))
+        return { height: buf.readUInt16BE(off + 5), width: buf.readUInt16BE(off + 7) };
+      off += 2 + len;
+    }
+    return null;
+  }
+  if (buf.length >= 30 && buf.toString("latin1", 0, 4) === "RIFF" && buf.toString("latin1", 8, 12) === "WEBP") {
+    const chunk = buf.toString("latin1", 12, 16);
+    if (chunk === "VP8 ") return { width: buf.readUInt16LE(26) & 0x3fff, height: buf.readUInt16LE(28) & 0x3fff };
+    if (chunk === "VP8L") {
+      const bits = buf.readUInt32LE(21);
+      return { width: (bits & 0x3fff) + 1, height: ((bits >> 14) & 0x3fff) + 1 };
+    }
+    if (chunk === "VP8X") return { width: buf.readUIntLE(24, 3) + 1, height: buf.readUIntLE(27, 3) + 1 };
+  }
+  return null;
+}
+
+/** Checks a finished set folder; returns the number of captioned images or throws INVALID_DATASET. */
+async function checkSet(dir: string, limits: DatasetLimits): Promise<number> {
+  const names = readdirSync(dir).sort();
+  const bad: FieldViolation[] = [];
+  const images = names.filter((n) => IMAGE_EXTENSIONS.includes(path.extname(n).toLowerCase()));
+  for (const name of images) {
+    const fd = readFileSync(path.join(dir, name));
+    const size = imageSize(fd.subarray(0, 64 * 1024));
+    if (!size) {
+      bad.push({ field: name, description: "is not a PNG, JPEG or WebP image" });
+      continue;
+    }
+    if (size.width > limits.maxImageSide || size.height > limits.maxImageSide || size.width === 0 || size.height === 0) {
+      bad.push({ field: name, description: `is ${size.width}×${size.height}; images may be at most ${limits.maxImageSide} px a side` });
+      continue;
+    }
+    try {
+      await sharp(fd, { failOn: "truncated", limitInputPixels: limits.maxImageSide * limits.maxImageSide }).raw().toBuffer();
+    } catch (err) {
+      bad.push({ field: name, description: `does not decode (${(err as Error).message.split("\n")[0]})` });
+    }
+  }
+  if (images.length === 0) bad.push({ field: "dataset", description: "holds no images" });
+
+  const captioned = new Set<string>();
+  if (names.includes("metadata.jsonl")) {
+    const lines = readFileSync(path.join(dir, "metadata.jsonl"), "utf8").split("\n");
+    lines.forEach((line, i) => {
+      if (!line.trim()) return;
+      try {
+        const row = JSON.parse(line) as { file_name?: unknown; text?: unknown };
+        if (typeof row.file_name !== "string" || typeof row.text !== "string")
+          bad.push({ field: `metadata.jsonl:${i + 1}`, description: 'needs string "file_name" and "text"' });
+        else if (!images.includes(row.file_name))
+          bad.push({ field: `metadata.jsonl:${i + 1}`, description: `names ${JSON.stringify(row.file_name)}, which is not an uploaded image` });
+        else captioned.add(row.file_name);
+      } catch {
+        bad.push({ field: `metadata.jsonl:${i + 1}`, description: "is not valid JSON" });
+      }
+    });
+  } else {
+    for (const img of images) if (names.includes(img.slice(0, -path.extname(img).length) + ".txt")) captioned.add(img);
+  }
+  for (const img of images) if (!captioned.has(img)) bad.push({ field: img, description: "has no caption (a same-named .txt, or a metadata.jsonl line)" });
+  for (const n of names.filter((n) => n.endsWith(".txt"))) {
+    const text = readFileSync(path.join(dir, n));
+    if (!isUtf8(text)) bad.push({ field: n, description: "is not UTF-8 text" });
+  }
+  if (bad.length > 0) throw invalid(bad);
+  return captioned.size;
+}
+
+const isUtf8 = (b: Buffer) => {
+  try {
+    new TextDecoder("utf-8", { fatal: true }).decode(b);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/** One upload in progress: receives parts, then `finish()` checks and stores the set. */
+export class DatasetUpload {
+  readonly id = "ds-" + Date.now().toString(36) + randomBytes(6).toString("hex");
+  private readonly tmp: string;
+  private total = 0;
+  private files = new Map<string, number>();
+  private current: { name: string; out: WriteStream } | null = null;
+  private zip: { file: string; out: WriteStream } | null = null;
+
+  constructor(
+    private readonly root: string,
+    readonly name: string,
+    private readonly limits: DatasetLimits = DEFAULT_LIMITS,
+  ) {
+    if (name.length > 128) throw invalid([{ field: "header.name", description: "must be at most 128 characters" }]);
+    mkdirSync(root, { recursive: true });
+    this.tmp = path.join(root, `.upload-${this.id}`);
+    mkdirSync(this.tmp);
+  }
+
+  private count(bytes: number) {
+    this.total += bytes;
+    if (this.total > this.limits.maxTotalBytes) throw tooLarge(`the upload exceeds ${this.limits.maxTotalBytes} bytes`);
+  }
+
+  /** A piece of a named file; a new name closes the previous file. */
+  async file(name: string, data: Uint8Array): Promise<void> {
+    if (this.zip) throw invalid([{ field: name, description: "files and a zip cannot be mixed in one upload" }]);
+    if (this.current?.name !== name) {
+      await this.closeCurrent();
+      const why = badName(name);
+      if (why) throw invalid([{ field: name, description: why }]);
+      if (this.files.has(name)) throw invalid([{ field: name, description: "was sent twice (a file's chunks must be consecutive)" }]);
+      if (this.files.size >= this.limits.maxFiles) throw tooLarge(`more than ${this.limits.maxFiles} files`);
+      this.files.set(name, 0);
+      this.current = { name, out: createWriteStream(path.join(this.tmp, name), { flags: "wx" }) };
+    }
+    const size = this.files.get(name)! + data.length;
+    if (size > this.limits.maxFileBytes) throw tooLarge(`${name} is larger than ${this.limits.maxFileBytes} bytes`);
+    this.files.set(name, size);
+    this.count(data.length);
+    await write(this.current!.out, data);
+  }
+
+  /** The next bytes of a zip archive. */
+  async zipChunk(data: Uint8Array): Promise<void> {
+    if (this.files.size > 0) throw invalid([{ field: "zip_chunk", description: "files and a zip cannot be mixed in one upload" }]);
+    this.zip ??= { file: path.join(this.tmp, ".archive.zip"), out: createWriteStream(path.join(this.tmp, ".archive.zip"), { flags: "wx" }) };
+    this.count(data.length);
+    await write(this.zip.out, data);
+  }
+
+  private async closeCurrent() {
+    if (!this.current) return;
+    await close(this.current.out);
+    this.current = null;
+  }
+
+  /** Checks everything and moves the set into place. */
+  async finish(): Promise<Dataset> {
+    try {
+      await this.closeCurrent();
+      if (this.zip) {
+        await close(this.zip.out);
+        await this.extract(this.zip.file);
+        rmSync(this.zip.file);
+      }
+      const count = await checkSet(this.tmp, this.limits);
+      const dest = path.join(this.root, this.id);
+      renameSync(this.tmp, dest);
+      const sizeBytes = readdirSync(dest).reduce((a, n) => a + statSync(path.join(dest, n)).size, 0);
+      return { id: this.id, name: this.name, path: dest, imageCount: count, sizeBytes };
+    } catch (err) {
+      this.abort();
+      throw err;
+    }
+  }
+
+  /** Throws the partial upload away. */
+  abort(): void {
+    this.current?.out.destroy();
+    this.zip?.out.destroy();
+    if (existsSync(this.tmp)) rmSync(this.tmp, { recursive: true, force: true });
+  }
+
+  /** Unpacks a zip into the temporary folder, applying the same name and size rules to every entry. */
+  private extract(zipFile: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      // yauzl validates entry names itself too (absolute paths, "..", backslashes).
+      yauzl.open(zipFile, { lazyEntries: true, decodeStrings: true, validateEntrySizes: true }, (err, zip) => {
+        if (err || !zip) return reject(invalid([{ field: "zip", description: `is not a readable zip archive (${err?.message})` }]));
+        const fail = (e: unknown) => {
+          zip.close();
+          reject(e);
+        };
+        zip.on("error", (e: Error) => fail(invalid([{ field: "zip", description: e.message }])));
+        zip.on("end", () => resolve());
+        zip.on("entry", (entry: yauzl.Entry) => {
+          if (entry.fileName.endsWith("/")) return zip.readEntry(); // folders carry nothing
+          const why = badName(entry.fileName);
+          if (why) return fail(invalid([{ field: entry.fileName, description: why }]));
+          if (this.files.has(entry.fileName)) return fail(invalid([{ field: entry.fileName, description: "appears twice in the zip" }]));
+          if (this.files.size >= this.limits.maxFiles) return fail(tooLarge(`more than ${this.limits.maxFiles} files`));
+          if (entry.uncompressedSize > this.limits.maxFileBytes)
+            return fail(tooLarge(`${entry.fileName} is larger than ${this.limits.maxFileBytes} bytes`));
+          this.files.set(entry.fileName, entry.uncompressedSize);
+          zip.openReadStream(entry, (e, rs) => {
+            if (e || !rs) return fail(invalid([{ field: entry.fileName, description: `cannot be read (${e?.message})` }]));
+            const out = createWriteStream(path.join(this.tmp, entry.fileName), { flags: "wx" });
+            rs.on("error", (re) => fail(invalid([{ field: entry.fileName, description: re.message }])));
+            rs.pipe(out).on("finish", () => zip.readEntry()).on("error", fail);
+          });
+        });
+        zip.readEntry();
+      });
+    });
+  }
+}
+
+function write(out: WriteStream, data: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => out.write(data, (err) => (err ? reject(err) : resolve())));
+}
+
+function close(out: WriteStream): Promise<void> {
+  return new Promise((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
+}
+
+/** Receives one upload stream (see dataset_service.proto) and stores the set under `root`. */
+export async function receiveUpload(
+  parts: AsyncIterable<UploadDatasetRequest>,
+  root: string,
+  limits: DatasetLimits = DEFAULT_LIMITS,
+): Promise<Dataset> {
+  let upload: DatasetUpload | null = null;
+  try {
+    for await (const msg of parts) {
+      const part = msg.part;
+      if (!part) continue;
+      if (part.$case === "header") {
+        if (upload) throw invalid([{ field: "header", description: "must be sent once, first" }]);
+        upload = new DatasetUpload(root, part.header.name, limits);
+      } else if (!upload) {
+        throw invalid([{ field: "header", description: "must come first" }]);
+      } else if (part.$case === "file") {
+        await upload.file(part.file.name, part.file.data);
+      } else {
+        await upload.zipChunk(part.zipChunk);
+      }
+    }
+    if (!upload) throw invalid([{ field: "header", description: "is missing: the upload was empty" }]);
+    return await upload.finish();
+  } catch (err) {
+    upload?.abort();
+    throw err;
+  }
+}

@@ -1,0 +1,201 @@
+// The job operations behind every front door (gRPC, the dashboard): submit,
+// read, list, cancel, follow events, read artifacts. Transport-free: errors are
+// ApiErrors, which each front door maps to its own status.
+import { status } from "@grpc/grpc-js";
+import { Artifact, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+import { ArtifactStore } from "./artifacts.js";
+import { ApiError, invalidSpec, jobNotFound } from "./errors.js";
+import { JOB_ID_PATTERN, newJobId } from "./ids.js";
+import { log } from "./log.js";
+import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
+import { telemetry } from "./telemetry.js";
+import { validateSpec, type PathPolicy } from "./validate.js";
+
+export const MAX_PAGE_SIZE = 1000;
+export const DEFAULT_PAGE_SIZE = 50;
+
+export interface ListOptions {
+  /** Only jobs in this state; UNSPECIFIED for all. */
+  state: JobState;
+  /** 0 means DEFAULT_PAGE_SIZE. */
+  pageSize: number;
+  pageToken: string;
+}
+
+export class Jobs {
+  /** Set when the server is shutting down: submit refuses new work. */
+  shuttingDown = false;
+
+  constructor(
+    readonly store: JobStore,
+    readonly artifacts: ArtifactStore,
+    private readonly paths: PathPolicy,
+  ) {}
+
+  async get(jobId: string): Promise<Job> {
+    const cur = JOB_ID_PATTERN.test(jobId) ? await this.store.get(jobId) : null;
+    if (!cur) throw jobNotFound(jobId);
+    return cur.job;
+  }
+
+  /** Validates and queues a job; with a request id seen before, returns that job instead. */
+  async submit(spec: TrainingSpec | undefined, requestId: string): Promise<Job> {
+    if (this.shuttingDown) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
+    const violations = validateSpec(spec, this.paths);
+    if (requestId.length > 128)
+      violations.push({ field: "request_id", description: `must be at most 128 characters, got ${requestId.length}` });
+    if (violations.length > 0) throw invalidSpec(violations);
+
+    const id = newJobId();
+    if (requestId) {
+      const owner = await this.store.reserveRequest(requestId, id);
+      if (owner !== id) return this.waitForRecord(owner);
+    }
+    const job = Job.fromPartial({
+      id,
+      state: JobState.JOB_STATE_QUEUED,
+      spec,
+      requestId,
+      createTime: new Date(),
+      lastSequence: 1,
+    });
+    await this.store.create(job);
+    await this.store.publishEvent(
+      JobEvent.fromPartial({
+        jobId: id,
+        sequence: 1,
+        time: job.createTime,
+        payload: { $case: "state", state: { state: JobState.JOB_STATE_QUEUED, error: "" } },
+      }),
+    );
+    await this.store.enqueue(id, telemetry.inject());
+    log("info", "job queued", { job: id });
+    return job;
+  }
+
+  /** The job a concurrent submit with the same request_id is creating. */
+  private async waitForRecord(jobId: string): Promise<Job> {
+    for (let i = 0; i < 100; i++) {
+      const cur = await this.store.get(jobId);
+      if (cur) return cur.job;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new ApiError(status.UNAVAILABLE, "REQUEST_IN_FLIGHT", `the job for this request_id (${jobId}) is still being created; retry`);
+  }
+
+  /** One page of jobs, newest first; the token is the last id of the previous page. */
+  async list(opts: ListOptions): Promise<{ jobs: Job[]; nextPageToken: string }> {
+    if (opts.pageSize < 0 || opts.pageSize > MAX_PAGE_SIZE)
+      throw new ApiError(status.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", `page_size must be in 0..${MAX_PAGE_SIZE}`, [
+        { field: "page_size", description: `must be in 0..${MAX_PAGE_SIZE}, got ${opts.pageSize}` },
+      ]);
+    if (opts.pageToken && !JOB_ID_PATTERN.test(opts.pageToken))
+      throw new ApiError(status.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not one this server issued", [
+        { field: "page_token", description: "is not a token from a previous ListJobs response" },
+      ]);
+    const size = opts.pageSize || DEFAULT_PAGE_SIZE;
+    const ids = (await this.store.jobIds()).filter((id) => !opts.pageToken || id < opts.pageToken);
+    const jobs: Job[] = [];
+    let nextPageToken = "";
+    for (const id of ids) {
+      const cur = await this.store.get(id);
+      if (!cur || (opts.state !== JobState.JOB_STATE_UNSPECIFIED && cur.job.state !== opts.state)) continue;
+      if (jobs.length === size) {
+        nextPageToken = jobs[jobs.length - 1].id;
+        break;
+      }
+      jobs.push(cur.job);
+    }
+    return { jobs, nextPageToken };
+  }
+
+  /** Cancels a queued job at once, or asks the worker of a running one to stop. */
+  async cancel(jobId: string, reason = "cancelled by a client"): Promise<Job> {
+    await this.get(jobId);
+    let cancelledWhileQueued = false;
+    const updated = await this.store.update(jobId, (job) => {
+      cancelledWhileQueued = false;
+      if (isFinal(job.state))
+        throw new ApiError(
+          status.FAILED_PRECONDITION,
+          "JOB_ALREADY_FINAL",
+          `job ${job.id} is already ${JobState[job.state].replace("JOB_STATE_", "")}`,
+          [],
+          { job_id: job.id },
+        );
+      if (job.state === JobState.JOB_STATE_CANCELLING) return null;
+      job.error = reason;
+      if (job.state === JobState.JOB_STATE_QUEUED) {
+        cancelledWhileQueued = true;
+        job.state = JobState.JOB_STATE_CANCELLED;
+        job.endTime = new Date();
+        job.lastSequence += 1;
+      } else {
+        // The worker running it sees this change, publishes CANCELLING and stops the engine.
+        job.state = JobState.JOB_STATE_CANCELLING;
+      }
+      return job;
+    });
+    if (!updated) return this.get(jobId);
+    if (cancelledWhileQueued) {
+      await this.store.publishEvent(
+        JobEvent.fromPartial({
+          jobId,
+          sequence: updated.job.lastSequence,
+          time: updated.job.endTime,
+          payload: { $case: "state", state: { state: JobState.JOB_STATE_CANCELLED, error: updated.job.error } },
+        }),
+      );
+    }
+    log("info", "job cancel requested", { job: jobId, state: JobState[updated.job.state] });
+    return updated.job;
+  }
+
+  /**
+   * A job's events after `afterSequence`: the stored history, then live ones,
+   * ending after the final state event (or when `signal` aborts). Each sequence
+   * is yielded once and in order, also across a NATS restart.
+   */
+  async *follow(jobId: string, afterSequence: number, signal?: AbortSignal): AsyncGenerator<JobEvent> {
+    await this.get(jobId);
+    const consumer = await this.store.js.consumers.get(EVENTS_STREAM, { filter_subjects: `loraforge.v1.jobs.${jobId}.>` });
+    const messages = await consumer.consume();
+    const stop = () => messages.stop();
+    signal?.addEventListener("abort", stop);
+    // The ordered consumer re-creates itself after a NATS restart; `delivered`
+    // guarantees nothing is yielded twice even if the stream replays.
+    let delivered = afterSequence;
+    try {
+      if (signal?.aborted) return;
+      for await (const m of messages) {
+        const ev = JobEvent.decode(m.data);
+        if (ev.sequence === delivered + 1) {
+          delivered = ev.sequence;
+          yield ev;
+        }
+        if (ev.payload?.$case === "state" && isFinal(ev.payload.state.state)) break;
+      }
+    } finally {
+      stop();
+      signal?.removeEventListener("abort", stop);
+      // Ordered consumers otherwise linger on the server for minutes after the client left.
+      await consumer.delete().catch(() => {});
+    }
+  }
+
+  /** An artifact of a job and its bytes (a checkpoint as a tar archive). */
+  async artifact(jobId: string, objectName: string): Promise<{ artifact: Artifact; bytes: AsyncGenerator<Uint8Array> }> {
+    const job = await this.get(jobId);
+    const artifact = job.artifacts.find((a) => a.objectName && a.objectName === objectName);
+    if (!artifact)
+      throw new ApiError(
+        status.NOT_FOUND,
+        "ARTIFACT_NOT_FOUND",
+        `job ${job.id} has no artifact ${JSON.stringify(objectName)} (see Job.artifacts[].object_name)`,
+        [],
+        { job_id: job.id, object_name: objectName },
+      );
+    return { artifact, bytes: this.artifacts.read(artifact.objectName) };
+  }
+}
