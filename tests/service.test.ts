@@ -45,6 +45,13 @@ describe("TrainerService", () => {
     assert.equal(res.status, "SERVING");
   });
 
+  it("serves the dashboard page next to the API", async () => {
+    assert.match(srv.dashboardUrl, /^http:\/\/127\.0\.0\.1:\d+/);
+    const res = await fetch(srv.dashboardUrl);
+    assert.equal(res.status, 200);
+    assert.match(await res.text(), /<html/i);
+  });
+
   it("refuses bad specs with INVALID_ARGUMENT naming the field, creating no job", async () => {
     const empty = mkdtempSync(path.join(os.tmpdir(), "loraforge-empty-"));
     const cases: [Record<string, unknown>, string][] = [

@@ -2,7 +2,7 @@
 // before the rest of the server is loaded.
 import { startTelemetry } from "./otel.js";
 
-export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker]
+export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker] [--dashboard HOST:PORT|off]
        loraforge worker --nats URL [--state-dir DIR]
 
 serve:  the loraforge gRPC API, a training worker and, unless a NATS URL is given, a
@@ -15,6 +15,9 @@ Options (each also settable by environment variable):
   --nats URL            use this NATS server                     LORAFORGE_NATS_URL  (managed)
   --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
+  --dashboard HOST:PORT|off  live web dashboard                  LORAFORGE_DASHBOARD_ADDRESS (127.0.0.1:8080)
+                        protect it with LORAFORGE_DASHBOARD_TOKEN (default: LORAFORGE_API_TOKEN)
+  API token             every RPC needs Bearer <token>           LORAFORGE_API_TOKEN (none)
 Engine: LORAFORGE_PYTHON (engine/.venv/bin/python), LORAFORGE_ENGINE_DIR (engine/).
 
 Telemetry: the standard OTEL_* variables, e.g. OTEL_TRACES_EXPORTER=otlp
@@ -45,6 +48,7 @@ export async function runDaemon(command: "serve" | "worker", rest: string[]): Pr
     else if (flag === "--nats") env.LORAFORGE_NATS_URL = value();
     else if (flag === "--data-root") roots.push(value());
     else if (flag === "--no-worker") env.LORAFORGE_WORKER = "0";
+    else if (flag === "--dashboard") env.LORAFORGE_DASHBOARD_ADDRESS = value();
     else if (flag === "--help" || flag === "-h") {
       console.log(DAEMON_USAGE);
       return 0;
@@ -58,6 +62,7 @@ export async function runDaemon(command: "serve" | "worker", rest: string[]): Pr
   const server = command === "serve" ? await startServer(configFromEnv(env)) : await startWorker(configFromEnv(env));
   // One line on stdout that scripts (and the tests) wait for.
   if (command === "serve") console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
+  if (command === "serve" && server.dashboardUrl) console.log(`loraforge: dashboard on ${server.dashboardUrl}`);
   else console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
   await new Promise<void>((resolve) => {
     const onSignal = (sig: string) => {

@@ -12,6 +12,7 @@ import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_s
 import { ArtifactStore } from "./artifacts.js";
 import { tokenInterceptor } from "./auth.js";
 import { addInferenceService } from "./infer/index.js";
+import { startDashboard } from "./dashboard/index.js";
 import { log } from "./log.js";
 import { ManagedNats } from "./nats-managed.js";
 import { Jobs } from "./jobs.js";
@@ -47,6 +48,10 @@ export interface ServerConfig {
   maxAttempts: number;
   /** When set, every RPC but health checks needs `authorization: Bearer <apiToken>`. */
   apiToken?: string;
+  /** The dashboard's HTTP host:port; undefined turns it off. Default 127.0.0.1:8080. */
+  dashboardAddress?: string;
+  /** When set, every dashboard request needs this token (default: the API token). */
+  dashboardToken?: string;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
@@ -64,6 +69,8 @@ export function configFromEnv(env = process.env): ServerConfig {
     ackWaitMs: num(env.LORAFORGE_ACK_WAIT_MS, 60_000),
     maxAttempts: num(env.LORAFORGE_MAX_ATTEMPTS, 3),
     apiToken: env.LORAFORGE_API_TOKEN || undefined,
+    dashboardAddress: (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080") === "off" ? undefined : (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080"),
+    dashboardToken: env.LORAFORGE_DASHBOARD_TOKEN || env.LORAFORGE_API_TOKEN || undefined,
   };
 }
 
@@ -71,6 +78,8 @@ export interface Running {
   /** The bound gRPC address, host:port ("" for a worker alone). */
   address: string;
   natsUrl: string;
+  /** The dashboard's URL; "" when off. */
+  dashboardUrl: string;
   /** Graceful stop: refuse new work, stop the running job, flush NATS, stop a managed nats-server. */
   close(): Promise<void>;
 }
@@ -115,6 +124,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const datasetRoot = path.join(cfg.stateDir, "datasets");
     const roots = cfg.dataRoots.length > 0 ? [...cfg.dataRoots, datasetRoot] : [];
     const jobs = new Jobs(stores.store, stores.artifacts, { roots });
+    const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));
     grpcServer.addService(DatasetServiceService, datasetService(datasetRoot));
@@ -159,6 +169,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
         health.setStatus("loraforge.v1.InferenceService", "NOT_SERVING");
         health.setStatus("loraforge.v1.DatasetService", "NOT_SERVING");
         await worker?.stop();
+        await dashboard?.close();
         await new Promise<void>((resolve) => {
           const timer = setTimeout(() => {
             grpcServer.forceShutdown();
@@ -173,7 +184,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
         await stores.close();
         log("info", "stopped");
       })());
-    return { address: `${host}:${port}`, natsUrl: stores.natsUrl, close };
+    return { address: `${host}:${port}`, natsUrl: stores.natsUrl, dashboardUrl: dashboard?.url ?? "", close };
   } catch (err) {
     await stores.close();
     throw err;
@@ -195,5 +206,5 @@ export async function startWorker(cfg: ServerConfig): Promise<Running> {
       await worker.stop("the worker shut down; the job goes back to the queue");
       await stores.close();
     })());
-  return { address: "", natsUrl: stores.natsUrl, close };
+  return { address: "", natsUrl: stores.natsUrl, dashboardUrl: "", close };
 }

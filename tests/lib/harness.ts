@@ -47,6 +47,8 @@ export const tmpDir = (prefix: string) => mkdtempSync(path.join(os.tmpdir(), `lo
 export interface ServerProcess {
   address: string;
   natsUrl: string;
+  /** The dashboard's URL ("" when started with LORAFORGE_DASHBOARD_ADDRESS=off). */
+  dashboardUrl: string;
   stateDir: string;
   proc: ChildProcess;
   client: LoraforgeClient;
@@ -60,7 +62,7 @@ export async function startServer(opts: { stateDir?: string; args?: string[]; en
   const stateDir = opts.stateDir ?? tmpDir("state");
   mkdirSync(stateDir, { recursive: true });
   const proc = spawn(process.execPath, [CLI, "serve", "--address", "127.0.0.1:0", "--state-dir", stateDir, ...(opts.args ?? [])], {
-    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...opts.env },
+    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", LORAFORGE_DASHBOARD_ADDRESS: "127.0.0.1:0", ...opts.env },
     stdio: ["ignore", "pipe", "pipe"],
   });
   const stderr: string[] = [];
@@ -69,12 +71,13 @@ export async function startServer(opts: { stateDir?: string; args?: string[]; en
     if (process.env.LORAFORGE_TEST_VERBOSE) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
+  const dashboardOn = (opts.env?.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:0") !== "off";
   const line = await new Promise<string>((resolve, reject) => {
     let out = "";
     proc.stdout!.on("data", (d: Buffer) => {
       out += d.toString();
       const m = out.match(/listening on .*\n/);
-      if (m) resolve(m[0]);
+      if (m && (!dashboardOn || /dashboard on \S+\n/.test(out))) resolve(out);
     });
     void exited.then((code) => reject(new Error(`server exited (${code}) before listening:\n${stderr.join("")}`)));
   });
@@ -83,6 +86,7 @@ export async function startServer(opts: { stateDir?: string; args?: string[]; en
   return {
     address: m[1],
     natsUrl: m[2],
+    dashboardUrl: line.match(/dashboard on (\S+)/)?.[1] ?? "",
     stateDir,
     proc,
     client,

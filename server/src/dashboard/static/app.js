@@ -1,0 +1,466 @@
+// The loraforge dashboard page: a live job list, and for the selected job its
+// charts, numbers, validation images, files, spec and log. Everything it shows of
+// a job comes from the job's replayable event stream (server-sent events), so a
+// reload replays the history and then goes on live. User-supplied text (prompts,
+// errors, log lines, spec values) only ever goes into the page as text nodes.
+"use strict";
+
+const FINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
+const LOG_LINES = 300;
+const $ = (id) => document.getElementById(id);
+
+/** Creates an element; strings among `children` become text nodes (never HTML). */
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") e.className = v;
+    else e.setAttribute(k, String(v));
+  }
+  for (const c of children) if (c !== undefined && c !== null) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+const stateOf = (s) => String(s || "").replace("JOB_STATE_", "") || "UNKNOWN";
+const shortId = (id) => (id.length > 14 ? id.slice(0, 8) + "…" + id.slice(-6) : id);
+
+function fmtNum(x, digits = 4) {
+  if (x === undefined || x === null || !Number.isFinite(x)) return "–";
+  if (x === 0) return "0";
+  const a = Math.abs(x);
+  if (a < 1e-3 || a >= 1e5) return x.toExponential(2);
+  return Number(x.toPrecision(digits)).toString();
+}
+
+function fmtDuration(s) {
+  if (s === undefined || s === null || !Number.isFinite(s) || s < 0) return "–";
+  s = Math.round(s);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  if (h > 0) return `${h}h ${String(m).padStart(2, "0")}m`;
+  if (m > 0) return `${m}m ${String(sec).padStart(2, "0")}s`;
+  return `${sec}s`;
+}
+
+function fmtBytes(n) {
+  if (!n) return "";
+  const u = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+const artifactUrl = (jobId, objectName) =>
+  `/api/jobs/${encodeURIComponent(jobId)}/artifact?name=${encodeURIComponent(objectName)}`;
+
+// ---------------------------------------------------------------- job list
+
+let listJobs = [];
+let selectedId = null;
+
+function renderJobList() {
+  const ul = $("job-list");
+  // The list is polled; the selected job's own event stream is newer.
+  if (view && view.state) {
+    const j = listJobs.find((x) => x.id === view.jobId);
+    if (j) {
+      j.state = view.state;
+      if (view.last && view.last.step > j.currentStep) j.currentStep = view.last.step;
+      if (view.totalSteps) j.totalSteps = view.totalSteps;
+    }
+  }
+  ul.replaceChildren(
+    ...listJobs.map((j) => {
+      const progress = j.totalSteps ? `step ${j.currentStep}/${j.totalSteps}` : j.currentStep ? `step ${j.currentStep}` : "";
+      const when = j.createTime ? new Date(j.createTime).toLocaleString() : "";
+      const a = el(
+        "a",
+        { href: `#${encodeURIComponent(j.id)}`, "data-job-id": j.id, "aria-current": j.id === selectedId ? "true" : "false" },
+        el("div", { class: "row" }, el("span", { class: "id", title: j.id }, shortId(j.id)), el("span", { class: "state", "data-state": j.state }, j.state)),
+        el("div", { class: "meta" }, [progress, when].filter(Boolean).join(" · ")),
+        j.validationPrompt ? el("div", { class: "meta", title: j.validationPrompt }, `“${j.validationPrompt}”`) : null,
+      );
+      return el("li", {}, a);
+    }),
+  );
+  $("no-jobs").hidden = listJobs.length > 0;
+}
+
+function connectJobList() {
+  const es = new EventSource("/api/jobs/events");
+  const conn = $("conn");
+  es.addEventListener("open", () => { conn.textContent = "live"; conn.dataset.ok = "true"; });
+  es.addEventListener("error", () => { conn.textContent = "reconnecting…"; conn.dataset.ok = "false"; });
+  es.addEventListener("jobs", (e) => {
+    listJobs = JSON.parse(e.data);
+    renderJobList();
+    // With nothing chosen, follow the newest job.
+    if (!selectedId && listJobs.length > 0) {
+      history.replaceState(null, "", `#${encodeURIComponent(listJobs[0].id)}`);
+      selectFromHash();
+    }
+  });
+}
+
+// ---------------------------------------------------------------- one job
+
+/** Everything known about the selected job, rebuilt from its events. */
+let view = null;
+let charts = null;
+
+function newView(jobId) {
+  return {
+    jobId,
+    job: null,
+    es: null,
+    state: "",
+    error: "",
+    steps: [], loss: [], ema: [], lr: [], ips: [],
+    emaState: { s: 0, n: 0 },
+    last: null,          // the newest StepMetrics
+    lastTime: 0,         // when it happened (ms)
+    totalSteps: 0,
+    files: new Map(),    // objectName → {kind, step, sizeBytes, objectName}
+    validations: new Map(), // step → {step, prompt, images: Map(objectName → artifact)}
+    log: [],
+    lastSequence: 0,
+    dirty: { charts: true, gallery: true, files: true, log: true },
+  };
+}
+
+function smoothing() {
+  return Number($("smoothing").value);
+}
+
+/** Debiased exponential moving average (as TensorBoard draws it). */
+function pushEma(v, x) {
+  const a = smoothing();
+  v.emaState.s = a * v.emaState.s + (1 - a) * x;
+  v.emaState.n += 1;
+  v.ema.push(v.emaState.s / (1 - Math.pow(a, v.emaState.n)));
+}
+
+function recomputeEma(v) {
+  v.ema = [];
+  v.emaState = { s: 0, n: 0 };
+  for (const x of v.loss) pushEma(v, x);
+}
+
+function applyEvent(v, ev) {
+  v.lastSequence = ev.sequence || v.lastSequence;
+  if (ev.state) {
+    v.state = stateOf(ev.state.state);
+    if (ev.state.error) v.error = ev.state.error;
+    if (ev.state.lora && ev.state.lora.objectName) v.files.set(ev.state.lora.objectName, ev.state.lora);
+    v.dirty.files = true;
+  } else if (ev.metrics) {
+    const m = ev.metrics;
+    const step = m.step || 0;
+    // A resumed run repeats steps after its last checkpoint: the newer values win.
+    while (v.steps.length && v.steps[v.steps.length - 1] >= step) {
+      v.steps.pop(); v.loss.pop(); v.lr.pop(); v.ips.pop();
+    }
+    v.steps.push(step);
+    v.loss.push(m.loss || 0);
+    v.lr.push(m.learningRate || 0);
+    v.ips.push(m.imagesPerSecond || 0);
+    if (v.ema.length > v.loss.length - 1) recomputeEma(v);
+    else pushEma(v, m.loss || 0);
+    v.last = m;
+    v.lastTime = ev.time ? Date.parse(ev.time) : Date.now();
+    if (m.totalSteps) v.totalSteps = m.totalSteps;
+    v.dirty.charts = true;
+  } else if (ev.checkpoint) {
+    const a = ev.checkpoint.artifact;
+    if (a && a.objectName) v.files.set(a.objectName, a);
+    v.dirty.files = true;
+  } else if (ev.validation) {
+    const val = ev.validation;
+    const step = val.step || 0;
+    let group = v.validations.get(step);
+    if (!group) v.validations.set(step, (group = { step, prompt: val.prompt || "", images: new Map() }));
+    for (const img of val.images || []) if (img.objectName) group.images.set(img.objectName, img);
+    v.dirty.gallery = true;
+  } else if (ev.log) {
+    const t = ev.time ? new Date(ev.time).toLocaleTimeString() : "";
+    v.log.push(`${t} ${String(ev.log.level || "").replace("LOG_LEVEL_", "")} ${ev.log.message || ""}`);
+    if (v.log.length > LOG_LINES) v.log.splice(0, v.log.length - LOG_LINES);
+    v.dirty.log = true;
+  }
+}
+
+// ---------------------------------------------------------------- charts
+
+function axisValues(_u, splits) {
+  return splits.map((x) => fmtNum(x, 3));
+}
+
+/** Whole steps only on the x axis: 1, 2, 5, 10, 20, 50, … */
+const STEP_INCRS = [];
+for (let m = 1; m <= 1e9; m *= 10) STEP_INCRS.push(m, 2 * m, 5 * m);
+
+function makeChart(target, series, height) {
+  const opts = {
+    width: Math.max(200, target.clientWidth),
+    height,
+    scales: { x: { time: false } },
+    legend: { show: true },
+    cursor: { drag: { x: true, y: false } },
+    series: [{ label: "step", value: (_u, x) => (x === null || x === undefined ? "–" : String(x)) }, ...series],
+    axes: [
+      { label: "step", size: 40, labelSize: 16, incrs: STEP_INCRS },
+      { size: 64, values: axisValues },
+    ],
+  };
+  return new uPlot(opts, [[], ...series.map(() => [])], target);
+}
+
+function ensureCharts() {
+  if (charts) return charts;
+  const value = (_u, y) => (y === null || y === undefined ? "–" : fmtNum(y));
+  charts = {
+    loss: makeChart($("loss-chart"), [
+      { label: "loss", stroke: "rgba(37, 99, 235, 0.35)", width: 1, value },
+      { label: "smoothed", stroke: "#1d4ed8", width: 2, value },
+    ], 260),
+    lr: makeChart($("lr-chart"), [{ label: "learning rate", stroke: "#7c3aed", width: 2, value }], 180),
+    ips: makeChart($("ips-chart"), [{ label: "images/s", stroke: "#059669", width: 2, value }], 180),
+  };
+  window.addEventListener("resize", resizeCharts);
+  return charts;
+}
+
+function resizeCharts() {
+  if (!charts) return;
+  for (const [key, c] of Object.entries(charts)) {
+    const target = $(`${key}-chart`);
+    c.setSize({ width: Math.max(200, target.clientWidth), height: c.height });
+  }
+}
+
+// ---------------------------------------------------------------- rendering
+
+let frame = 0;
+function scheduleRender() {
+  if (!frame) frame = requestAnimationFrame(() => { frame = 0; render(); });
+}
+
+function renderStats(v) {
+  const m = v.last || {};
+  const total = v.totalSteps || (v.job && v.job.totalSteps) || 0;
+  const step = m.step || 0;
+  $("st-step").textContent = total ? `${step} / ${total}` : step ? String(step) : "–";
+  $("st-loss").textContent = v.last ? fmtNum(m.loss || 0) : "–";
+  $("st-ema").textContent = v.ema.length ? fmtNum(v.ema[v.ema.length - 1]) : "–";
+  $("st-lr").textContent = v.last ? fmtNum(m.learningRate || 0, 3) : "–";
+  $("st-ips").textContent = v.last ? fmtNum(m.imagesPerSecond || 0, 3) : "–";
+  $("st-grad").textContent = v.last ? fmtNum(m.gradNorm || 0, 3) : "–";
+
+  const job = v.job || {};
+  const start = job.startTime ? Date.parse(job.startTime) : null;
+  const end = job.endTime ? Date.parse(job.endTime) : null;
+  if (FINAL.has(v.state)) {
+    $("st-eta").textContent = v.state === "SUCCEEDED" ? "done" : "ended";
+    $("st-elapsed").textContent = start && end ? fmtDuration((end - start) / 1000) : "–";
+  } else {
+    const left = v.last ? (m.etaSeconds || 0) - (Date.now() - v.lastTime) / 1000 : null;
+    $("st-eta").textContent = left === null ? "–" : left > 0 ? `${fmtDuration(left)} (≈ ${new Date(Date.now() + left * 1000).toLocaleTimeString()})` : "any moment";
+    $("st-elapsed").textContent = start ? fmtDuration((Date.now() - start) / 1000) : "–";
+  }
+  const pct = total ? Math.min(100, (100 * step) / total) : v.state === "SUCCEEDED" ? 100 : 0;
+  $("progress-bar").style.width = `${pct}%`;
+  $("progress").setAttribute("aria-valuenow", String(Math.round(pct)));
+}
+
+function renderHead(v) {
+  $("job-id").textContent = v.jobId;
+  const st = $("job-state");
+  st.textContent = v.state || "…";
+  st.dataset.state = v.state;
+  $("cancel").disabled = !(v.state === "QUEUED" || v.state === "RUNNING");
+  const err = $("job-error");
+  err.hidden = !v.error;
+  err.textContent = v.error;
+}
+
+function renderGallery(v) {
+  const groups = [...v.validations.values()].sort((a, b) => b.step - a.step);
+  $("no-images").hidden = groups.length > 0;
+  $("gallery").replaceChildren(
+    ...groups.map((g) =>
+      el(
+        "div",
+        { class: "val-step", "data-step": g.step },
+        el("div", { class: "cap" }, el("b", {}, `step ${g.step}`), g.prompt ? ` — “${g.prompt}”` : ""),
+        el(
+          "div",
+          { class: "imgs" },
+          ...[...g.images.values()].map((img, i) =>
+            el(
+              "a",
+              { href: artifactUrl(v.jobId, img.objectName), target: "_blank", rel: "noopener" },
+              el("img", { src: artifactUrl(v.jobId, img.objectName), alt: `validation image ${i + 1} at step ${g.step}`, loading: "lazy" }),
+            ),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function renderFiles(v) {
+  const files = [...v.files.values()].sort((a, b) => (a.step || 0) - (b.step || 0) || String(a.kind).localeCompare(String(b.kind)));
+  $("no-files").hidden = files.length > 0;
+  $("files").replaceChildren(
+    ...files.map((a) => {
+      const isCkpt = a.kind === "ARTIFACT_KIND_CHECKPOINT";
+      const label = isCkpt ? `checkpoint-${a.step || 0}.tar` : String(a.objectName).split("/").pop();
+      return el(
+        "li",
+        { "data-kind": a.kind },
+        el("span", { class: "kind" }, isCkpt ? `step ${a.step || 0}` : "final LoRA"),
+        el("a", { href: artifactUrl(v.jobId, a.objectName), download: "" }, label),
+        el("span", { class: "size" }, fmtBytes(a.sizeBytes)),
+      );
+    }),
+  );
+}
+
+function renderSpec(job) {
+  const spec = (job && job.spec) || {};
+  $("spec").replaceChildren(
+    ...Object.entries(spec).map(([k, val]) =>
+      el("tr", {}, el("td", {}, k), el("td", {}, typeof val === "object" ? JSON.stringify(val) : String(val))),
+    ),
+  );
+}
+
+function render() {
+  const v = view;
+  if (!v) return;
+  const listed = listJobs.find((x) => x.id === v.jobId);
+  if (listed && (listed.state !== v.state || (v.last && listed.currentStep < v.last.step))) renderJobList();
+  renderHead(v);
+  renderStats(v);
+  if (v.dirty.charts) {
+    const c = ensureCharts();
+    c.loss.setData([v.steps, v.loss, v.ema]);
+    c.lr.setData([v.steps, v.lr]);
+    c.ips.setData([v.steps, v.ips]);
+    $("loss-chart").dataset.points = String(v.steps.length);
+    v.dirty.charts = false;
+  }
+  if (v.dirty.gallery) { renderGallery(v); v.dirty.gallery = false; }
+  if (v.dirty.files) { renderFiles(v); v.dirty.files = false; }
+  if (v.dirty.log) {
+    const pre = $("log");
+    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = v.log.join("\n");
+    if (atBottom) pre.scrollTop = pre.scrollHeight;
+    v.dirty.log = false;
+  }
+  $("job").dataset.lastSequence = String(v.lastSequence);
+}
+
+// ---------------------------------------------------------------- selecting a job
+
+async function fetchJob(jobId) {
+  const r = await fetch(`/api/jobs/${encodeURIComponent(jobId)}`);
+  if (!r.ok) throw new Error((await r.json().catch(() => ({}))).message || `HTTP ${r.status}`);
+  return r.json();
+}
+
+function selectFromHash() {
+  let id = "";
+  try { id = decodeURIComponent(location.hash.slice(1)); } catch { id = ""; }
+  selectJob(id || null);
+}
+
+function selectJob(jobId) {
+  if (view && view.jobId === jobId) return;
+  if (view && view.es) view.es.close();
+  selectedId = jobId;
+  renderJobList();
+  $("empty").hidden = !!jobId;
+  $("job").hidden = !jobId;
+  if (!jobId) { view = null; return; }
+
+  const v = (view = newView(jobId));
+  if (charts) {
+    for (const c of Object.values(charts)) c.setData([[], ...c.series.slice(1).map(() => [])]);
+  }
+  $("loss-chart").dataset.points = "0";
+  $("job-error").hidden = true;
+  $("spec").replaceChildren();
+  scheduleRender();
+
+  fetchJob(jobId).then(
+    (job) => {
+      if (view !== v) return;
+      v.job = job;
+      if (!v.state) v.state = stateOf(job.state);
+      if (!v.error) v.error = job.error || "";
+      v.totalSteps = v.totalSteps || job.totalSteps || 0;
+      for (const a of job.artifacts || [])
+        if (a.objectName && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE" && !v.files.has(a.objectName)) v.files.set(a.objectName, a);
+      v.dirty.files = true;
+      renderSpec(job);
+      scheduleRender();
+    },
+    (err) => {
+      if (view !== v) return;
+      v.error = `could not load the job: ${err.message}`;
+      scheduleRender();
+    },
+  );
+
+  // From the first event: EventSource itself resumes with Last-Event-ID after a
+  // dropped connection, so nothing is missed and nothing is applied twice.
+  const es = (v.es = new EventSource(`/api/jobs/${encodeURIComponent(jobId)}/events?after=0`));
+  es.onmessage = (e) => {
+    if (view !== v) return;
+    const ev = JSON.parse(e.data);
+    if ((ev.sequence || 0) <= v.lastSequence) return;
+    applyEvent(v, ev);
+    scheduleRender();
+  };
+  es.addEventListener("end", () => {
+    es.close();
+    if (view !== v) return;
+    // The final record has the end time (for "elapsed") and every artifact.
+    fetchJob(jobId).then((job) => {
+      if (view !== v) return;
+      v.job = job;
+      for (const a of job.artifacts || [])
+        if (a.objectName && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE") v.files.set(a.objectName, a);
+      v.dirty.files = true;
+      scheduleRender();
+    }, () => {});
+  });
+}
+
+async function cancelSelected() {
+  const v = view;
+  if (!v || !confirm(`Cancel job ${v.jobId}? The engine saves a checkpoint and stops.`)) return;
+  $("cancel").disabled = true;
+  const r = await fetch(`/api/jobs/${encodeURIComponent(v.jobId)}/cancel`, { method: "POST", headers: { "X-Loraforge-Dashboard": "1" } });
+  if (!r.ok) {
+    const body = await r.json().catch(() => ({}));
+    v.error = `cancel failed: ${body.message || `HTTP ${r.status}`}`;
+  }
+  scheduleRender();
+}
+
+function init() {
+  $("cancel").addEventListener("click", () => void cancelSelected());
+  $("smoothing").addEventListener("input", () => {
+    $("smoothing-value").textContent = smoothing().toFixed(2);
+    if (view) { recomputeEma(view); view.dirty.charts = true; scheduleRender(); }
+  });
+  window.addEventListener("hashchange", selectFromHash);
+  // ETA and elapsed time move on between events.
+  setInterval(() => { if (view && !FINAL.has(view.state)) scheduleRender(); }, 1000);
+  connectJobList();
+  selectFromHash();
+}
+
+init();
