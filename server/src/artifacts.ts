@@ -24,8 +24,9 @@ function filesBelow(dir: string, prefix = ""): string[] {
 export class ArtifactStore {
   private constructor(readonly os: ObjectStore) {}
 
-  static async open(nc: NatsConnection): Promise<ArtifactStore> {
-    return new ArtifactStore(await new Objm(nc).create(ARTIFACTS_BUCKET, { storage: StorageType.File }));
+  /** `replicas`: copies a NATS cluster keeps of every object (used when the bucket is created). */
+  static async open(nc: NatsConnection, replicas = 1): Promise<ArtifactStore> {
+    return new ArtifactStore(await new Objm(nc).create(ARTIFACTS_BUCKET, { storage: StorageType.File, replicas }));
   }
 
   /** The object name an artifact of `jobId` is stored under. */

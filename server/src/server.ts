@@ -48,6 +48,8 @@ export interface ServerConfig {
   maxAttempts: number;
   /** When set, every RPC but health checks needs `authorization: Bearer <apiToken>`. */
   apiToken?: string;
+  /** Copies of each JetStream stream and bucket in a NATS cluster (set when they are created). Default 1. */
+  natsReplicas: number;
   /** The dashboard's HTTP host:port; undefined turns it off. Default 127.0.0.1:8080. */
   dashboardAddress?: string;
   /** When set, every dashboard request needs this token (default: the API token). */
@@ -69,6 +71,7 @@ export function configFromEnv(env = process.env): ServerConfig {
     ackWaitMs: num(env.LORAFORGE_ACK_WAIT_MS, 60_000),
     maxAttempts: num(env.LORAFORGE_MAX_ATTEMPTS, 3),
     apiToken: env.LORAFORGE_API_TOKEN || undefined,
+    natsReplicas: num(env.LORAFORGE_NATS_REPLICAS, 1),
     dashboardAddress: (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080") === "off" ? undefined : (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080"),
     dashboardToken: env.LORAFORGE_DASHBOARD_TOKEN || env.LORAFORGE_API_TOKEN || undefined,
   };
@@ -90,9 +93,9 @@ async function openStores(cfg: ServerConfig) {
   const natsUrl = cfg.natsUrl ?? managed!.url;
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl, name: "loraforge", maxReconnectAttempts: -1 });
-    const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined);
-    const artifacts = await ArtifactStore.open(nc);
+    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1 });
+    const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
+    const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
     const close = async () => {
       await nc!.drain();
       await managed?.stop();

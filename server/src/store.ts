@@ -63,9 +63,11 @@ export class JobStore {
    * Connects to (and, first time, creates) the bucket, streams and consumer.
    * `ackWaitMs`: how long a worker may go without an in-progress ack before its
    * job is redelivered to another worker (default 60 s). Workers pass it (and set
-   * it on the shared consumer); API servers leave it undefined.
+   * it on the shared consumer); API servers leave it undefined. `replicas`: copies
+   * of every stream, bucket and the queue consumer kept by a NATS cluster (1, or 3
+   * in production); used when they are first created.
    */
-  static async open(nc: NatsConnection, ackWaitMs?: number): Promise<JobStore> {
+  static async open(nc: NatsConnection, ackWaitMs?: number, replicas = 1): Promise<JobStore> {
     const jsm = await jetstreamManager(nc);
     await ensureStream(jsm, {
       name: EVENTS_STREAM,
@@ -73,6 +75,7 @@ export class JobStore {
       retention: RetentionPolicy.Limits,
       storage: StorageType.File,
       duplicate_window: 120 * 1e9,
+      num_replicas: replicas,
     });
     await ensureStream(jsm, {
       name: QUEUE_STREAM,
@@ -80,6 +83,7 @@ export class JobStore {
       retention: RetentionPolicy.Workqueue,
       storage: StorageType.File,
       duplicate_window: 120 * 1e9,
+      num_replicas: replicas,
     });
     const ackWait = (ackWaitMs ?? 60_000) * 1e6;
     const existing = await jsm.consumers.info(QUEUE_STREAM, WORKERS_CONSUMER).catch(() => null);
@@ -91,11 +95,12 @@ export class JobStore {
         // A worker that stops sending in-progress acks for this long is presumed dead.
         ack_wait: ackWait,
         max_ack_pending: 1000,
+        num_replicas: replicas,
       });
     } else if (ackWaitMs !== undefined && existing.config.ack_wait !== ackWait) {
       await jsm.consumers.update(QUEUE_STREAM, WORKERS_CONSUMER, { ack_wait: ackWait });
     }
-    const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File });
+    const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File, replicas });
     return new JobStore(nc, jetstream(nc), jsm, kv);
   }
 
