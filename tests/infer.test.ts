@@ -7,9 +7,9 @@ import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
-import { credentials, status, type ServiceError } from "@grpc/grpc-js";
+import { credentials, status } from "@grpc/grpc-js";
 import sharp from "sharp";
-import { ArtifactKind, fromGrpcError, JobState, LoraforgeError, type Job } from "@loraforge/sdk";
+import { ArtifactKind, JobState, LoraforgeError, type InferInput, type Job, type LoraforgeClient } from "@loraforge/sdk";
 import { InferenceServiceClient, InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { initialLatents } from "@loraforge/server/infer/rng";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
@@ -33,10 +33,9 @@ function reference(model: string, jobs: string[][], dir: string): Promise<string
   });
 }
 
-function infer(client: InferenceServiceClient, req: Partial<InferRequest>): Promise<InferResponse> {
-  return new Promise((resolve, reject) =>
-    client.infer(InferRequest.fromPartial(req), (err, res) => (err ? reject(fromGrpcError(err)) : resolve(res))),
-  );
+/** Infer through the SDK (client.infer), as other services call it. */
+function infer(client: LoraforgeClient, req: Partial<InferRequest>): Promise<InferResponse> {
+  return client.infer(req as InferInput);
 }
 
 async function rgb(png: Buffer | string): Promise<Buffer> {
@@ -102,7 +101,7 @@ describe("InferenceService", () => {
         ],
         dir,
       ),
-      infer(client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 1 }),
+      infer(srv.client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 1 }),
     ]);
     tokenizerIds = JSON.parse(out.trim().split("\n").pop()!);
   });
@@ -134,7 +133,7 @@ describe("InferenceService", () => {
     const ours = new Map<string, InferResponse>();
     const jobs: string[][] = [];
     for (const c of cases) {
-      const res = await infer(client, {
+      const res = await infer(srv.client, {
         ...c.req,
         baseModel: f.model,
         prompt: PROMPT,
@@ -180,7 +179,7 @@ describe("InferenceService", () => {
   it("refuses bad requests, naming the field or the layer", async () => {
     const base = { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 2 };
     const fail = async (req: Partial<InferRequest>) => {
-      const err = await infer(client, req).then(
+      const err = await infer(srv.client, req).then(
         () => assert.fail("the request succeeded"),
         (e: unknown) => e,
       );
@@ -238,7 +237,7 @@ describe("InferenceService", () => {
     const step = Number(line.match(/step=(\d+)/)![1]);
     assert.ok(step < 149, line);
     // The server is free again afterwards.
-    const res = await infer(client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 2, seed: 3 });
+    const res = await infer(srv.client, { baseModel: f.model, prompt: PROMPT, numInferenceSteps: 2, seed: 3 });
     assert.equal(res.images.length, 1);
   });
 
@@ -247,7 +246,7 @@ describe("InferenceService", () => {
     assert.equal(job.state, JobState.JOB_STATE_SUCCEEDED, job.error);
     const lora = job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA)!;
     const req = { seed: 21, numInferenceSteps: 6, guidanceScale: 7.5, scheduler: "euler" };
-    const res = await infer(client, { ...req, baseModel: f.model, prompt: PROMPT, loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
+    const res = await infer(srv.client, { ...req, baseModel: f.model, prompt: PROMPT, loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
     const caseDir = path.join(dir, "trained");
     mkdirSync(caseDir, { recursive: true });
     writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(21, 1, 4, 8, 8).buffer));
@@ -257,16 +256,12 @@ describe("InferenceService", () => {
     await reference(f.model, [["render", path.join(caseDir, "request.json")]], dir);
     const diff = meanAbsDiff(await rgb(Buffer.from(res.images[0].png)), await rgb(path.join(caseDir, "ref_0.png")));
     assert.ok(diff <= TOLERANCE, `mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
-    const listed = await new Promise<{ loras: { jobId: string; path: string; rank: number }[] }>((resolve, reject) =>
-      client.listModels({}, (err: ServiceError | null, r) => (err ? reject(err) : resolve(r))),
-    );
+    const listed = await srv.client.listModels();
     assert.deepEqual(listed.loras.map((l) => [l.jobId, l.path, l.rank]), [[job.id, lora.path, 2]]);
   });
 
   it("lists the exported base model", async () => {
-    const res = await new Promise<{ baseModels: { path: string; modelHash: string; nativeSize: number; loraSlots: number }[] }>((resolve, reject) =>
-      client.listModels({}, (err: ServiceError | null, r) => (err ? reject(err) : resolve(r))),
-    );
+    const res = await srv.client.listModels();
     const tiny = res.baseModels.find((m) => m.path === path.resolve(f.model));
     assert.ok(tiny, JSON.stringify(res));
     assert.equal(tiny.nativeSize, 64);
