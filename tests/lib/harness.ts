@@ -57,36 +57,46 @@ export interface ServerProcess {
   stop(): Promise<number | null>;
 }
 
-/** Starts `loraforge serve` as a child process on a free port and connects the SDK to it. */
-export async function startServer(opts: { stateDir?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<ServerProcess> {
-  const stateDir = opts.stateDir ?? tmpDir("state");
-  mkdirSync(stateDir, { recursive: true });
-  const proc = spawn(process.execPath, [CLI, "serve", "--address", "127.0.0.1:0", "--state-dir", stateDir, ...(opts.args ?? [])], {
-    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", LORAFORGE_DASHBOARD_ADDRESS: "127.0.0.1:0", ...opts.env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+/**
+ * Spawns `node cli.js ARGS`, collects its stderr, and resolves with its stdout so far
+ * once `ready(stdout)` holds; rejects if it exits first.
+ */
+async function spawnCli(args: string[], env: Record<string, string>, ready: (out: string) => boolean) {
+  const proc = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...env }, stdio: ["ignore", "pipe", "pipe"] });
   const stderr: string[] = [];
   proc.stderr!.on("data", (d: Buffer) => {
     stderr.push(d.toString());
     if (process.env.LORAFORGE_TEST_VERBOSE) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
-  const dashboardOn = (opts.env?.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:0") !== "off";
-  const line = await new Promise<string>((resolve, reject) => {
-    let out = "";
+  const out = await new Promise<string>((resolve, reject) => {
+    let text = "";
     proc.stdout!.on("data", (d: Buffer) => {
-      out += d.toString();
-      const m = out.match(/listening on .*\n/);
-      if (m && (!dashboardOn || /dashboard on \S+\n/.test(out))) resolve(out);
+      text += d.toString();
+      if (ready(text)) resolve(text);
     });
-    void exited.then((code) => reject(new Error(`server exited (${code}) before listening:\n${stderr.join("")}`)));
+    void exited.then((code) => reject(new Error(`loraforge ${args[0]} exited (${code}) before it was ready:\n${stderr.join("")}`)));
   });
-  const m = line.match(/listening on (\S+) \(nats (\S+)\)/)!;
+  return { proc, stderr, exited, out };
+}
+
+/** Starts `loraforge serve` as a child process on a free port and connects the SDK to it. */
+export async function startServer(opts: { stateDir?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<ServerProcess> {
+  const stateDir = opts.stateDir ?? tmpDir("state");
+  mkdirSync(stateDir, { recursive: true });
+  const env = { LORAFORGE_DASHBOARD_ADDRESS: "127.0.0.1:0", ...opts.env };
+  const dashboardOn = env.LORAFORGE_DASHBOARD_ADDRESS !== "off";
+  const { proc, stderr, exited, out } = await spawnCli(
+    ["serve", "--address", "127.0.0.1:0", "--state-dir", stateDir, ...(opts.args ?? [])],
+    env,
+    (text) => /listening on .*\n/.test(text) && (!dashboardOn || /dashboard on \S+\n/.test(text)),
+  );
+  const m = out.match(/listening on (\S+) \(nats (\S+)\)/)!;
   const client = createClient({ address: m[1] });
   return {
     address: m[1],
     natsUrl: m[2],
-    dashboardUrl: line.match(/dashboard on (\S+)/)?.[1] ?? "",
+    dashboardUrl: out.match(/dashboard on (\S+)/)?.[1] ?? "",
     stateDir,
     proc,
     client,
@@ -110,24 +120,9 @@ export interface WorkerProcess {
 /** Starts `loraforge worker` against an existing NATS server. */
 export async function startWorker(natsUrl: string, opts: { stateDir?: string; env?: Record<string, string> } = {}): Promise<WorkerProcess> {
   const stateDir = opts.stateDir ?? tmpDir("worker");
-  const proc = spawn(process.execPath, [CLI, "worker", "--nats", natsUrl, "--state-dir", stateDir], {
-    env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...opts.env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  const stderr: string[] = [];
-  proc.stderr!.on("data", (d: Buffer) => {
-    stderr.push(d.toString());
-    if (process.env.LORAFORGE_TEST_VERBOSE) process.stderr.write(d);
-  });
-  const exited = new Promise<number | null>((resolve) => proc.on("exit", (code) => resolve(code)));
-  await new Promise<void>((resolve, reject) => {
-    let out = "";
-    proc.stdout!.on("data", (d: Buffer) => {
-      out += d.toString();
-      if (out.includes("worker ready")) resolve();
-    });
-    void exited.then((code) => reject(new Error(`worker exited (${code}) before ready:\n${stderr.join("")}`)));
-  });
+  const { proc, stderr, exited } = await spawnCli(["worker", "--nats", natsUrl, "--state-dir", stateDir], opts.env ?? {}, (text) =>
+    text.includes("worker ready"),
+  );
   return {
     proc,
     stateDir,
