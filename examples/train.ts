@@ -4,7 +4,7 @@
 import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import { createClient, InvalidSpecError, stateName } from "@loraforge/sdk";
+import { ArtifactKind, createClient, InvalidSpecError, stateName } from "@loraforge/sdk";
 
 const { values } = parseArgs({
   options: {
@@ -55,7 +55,7 @@ try {
     }
   }
   const done = await job.result();
-  const lora = done.artifacts.find((a) => a.path.endsWith("pytorch_lora_weights.safetensors"));
+  const lora = done.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
   if (stateName(done.state) !== "SUCCEEDED" || !lora) {
     console.error(`training ended ${stateName(done.state)}: ${done.error}`);
     process.exitCode = 1;

@@ -62,6 +62,8 @@ describe("TrainerService", () => {
       [{ learningRate: -1e-4 }, "spec.learning_rate"],
       [{ lrScheduler: "cosine_with_wobbles" }, "spec.lr_scheduler"],
       [{ baseModel: "relative/model" }, "spec.base_model"],
+      [{ resumeFromCheckpoint: f.dataset }, "spec.resume_from_checkpoint"],
+      [{ lrScheduler: "cosine", snrGamma: -1 }, "spec.snr_gamma"],
     ];
     const before = (await srv.client.listJobs({ pageSize: 1000 })).jobs.length;
     for (const [patch, field] of cases) {

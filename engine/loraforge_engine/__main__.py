@@ -113,6 +113,9 @@ def _train(args, events) -> int:
         lora, final_step = run(spec, args.output_dir, events, stop, resume_from=args.resume_from)
     except Stopped:
         return EXIT_STOPPED
+    except SpecError as e:  # a spec this model or device cannot honour (e.g. 8-bit AdamW without CUDA)
+        events.log("error", f"invalid spec: {e}")
+        return EXIT_SPEC
     except DataError as e:
         traceback.print_exc()
         events.log("error", str(e))
@@ -131,7 +134,7 @@ def cmd_make_tiny_model(args) -> int:
     _quiet_libraries()
     from .tiny import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed)
+    path = make_tiny_model(args.dir, seed=args.seed, arch=args.arch)
     print(path, file=sys.stderr)
     return EXIT_OK
 
@@ -156,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="checkpoint folder to resume from, or 'latest' (newest under OUTPUT_DIR/checkpoints)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("make-tiny-model", help="write a deterministic tiny SD-1.x model (diffusers layout)")
+    p = sub.add_parser("make-tiny-model", help="write a deterministic tiny SD-1.x or SDXL model (diffusers layout)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=("sd", "sdxl"), default="sd",
+                   help="sd: SD-1.x architecture; sdxl: SDXL (two text encoders, size/crop conditioning)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("make-dataset", help="write a deterministic synthetic captioned image set")

@@ -43,6 +43,23 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def rotate(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (oldest first); return what was deleted. Only
+    checkpoint-<step> folders under checkpoints/ are touched, never the final LoRA beside them."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir())
+    removed = []
+    for _, p in found[:max(0, len(found) - keep)]:
+        # Rename first: a crash mid-delete leaves a .tmp- folder (cleaned at start), never half a checkpoint.
+        doomed = root / f".tmp-old-{p.name}-{os.getpid()}"
+        os.rename(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
     """Left-overs of a run killed while writing a checkpoint."""
     root = checkpoints_dir(output_dir)

@@ -93,12 +93,12 @@ class EventWriter:
 
     def metrics(self, *, step: int, total_steps: int, epoch: int, loss: float, learning_rate: float,
                 images_per_second: float, eta_seconds: float, grad_norm: float,
-                peak_memory_bytes: int = 0) -> None:
+                peak_memory_bytes: int = 0, skipped_steps: int = 0) -> None:
         self.emit("metrics", {
             "step": step, "totalSteps": total_steps, "epoch": epoch, "loss": _double(loss),
             "learningRate": _double(learning_rate), "imagesPerSecond": _double(images_per_second),
             "etaSeconds": _double(eta_seconds), "gradNorm": _double(grad_norm),
-            "peakMemoryBytes": int(peak_memory_bytes),
+            "peakMemoryBytes": int(peak_memory_bytes), "skippedSteps": int(skipped_steps),
         })
 
     def checkpoint(self, step: int, folder: str | os.PathLike) -> None:

@@ -127,10 +127,15 @@ def make_tokenizer(save_dir: str | os.PathLike):
 # ------------------------------------------------------------------------------------------------- model
 
 
-def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny SD-1.x pipeline to `out_dir` (diffusers layout, safetensors). Same seed -> same bytes."""
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, arch: str = "sd") -> Path:
+    """Write a tiny SD-1.x (arch "sd") or SDXL (arch "sdxl") pipeline to `out_dir` (diffusers layout,
+    safetensors). Same seed and arch -> same bytes."""
+    if arch == "sdxl":
+        return _make_tiny_sdxl(out_dir, seed)
+    if arch != "sd":
+        raise ValueError(f"arch must be sd or sdxl, got {arch!r}")
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir).absolute()
@@ -152,17 +157,7 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
             norm_num_groups=32,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplers: 64 px -> 8x8 latents
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        )
+        vae = _tiny_vae()
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -203,11 +198,96 @@ def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
             shutil.copyfile(os.path.join(tmp, "tokenizer", name), out / "tokenizer" / name)
     # transformers records how the tokenizer was loaded (local_files_only follows HF_HUB_OFFLINE); those
     # keys are not part of the model, and dropping them keeps the folder byte-identical everywhere.
-    cfg_path = out / "tokenizer" / "tokenizer_config.json"
+    _clean_tokenizer_config(out / "tokenizer")
+    return out
+
+
+def _clean_tokenizer_config(folder: Path) -> None:
+    cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     for key in ("local_files_only", "is_local", "name_or_path"):
         cfg.pop(key, None)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplers: 64 px -> 8x8 latents
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _make_tiny_sdxl(out_dir: str | os.PathLike, seed: int) -> Path:
+    """The SDXL architecture shrunk: a UNet with `text_time` added conditioning (pooled text embedding +
+    six size/crop numbers), linear-projection transformers, two CLIP text encoders (the second with a
+    projection: its pooled output conditions the UNet) whose hidden states are concatenated (32 + 32 = 64 =
+    cross_attention_dim), and SDXL's Euler scheduler config (training reads it as DDPM, as the reference)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    time_embed_dim, pooled_dim = 8, 32
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(os.path.join(tmp, "tokenizer"))
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+            cross_attention_dim=64,
+            norm_num_groups=32,
+        )
+        torch.manual_seed(seed + 1)
+        vae = _tiny_vae()
+        common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      hidden_act="gelu", projection_dim=pooled_dim)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**common))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**common))
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="epsilon",
+            steps_offset=1,
+            timestep_spacing="leading",
+            interpolation_type="linear",
+            use_karras_sigmas=False,
+        )
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=scheduler)
+        pipe.save_pretrained(out, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):
+            for name in ("vocab.json", "merges.txt"):
+                shutil.copyfile(os.path.join(tmp, "tokenizer", name), out / sub / name)
+    for sub in ("tokenizer", "tokenizer_2"):
+        _clean_tokenizer_config(out / sub)
     return out
 
 

@@ -1,16 +1,22 @@
-"""The LoRA training recipe for Stable Diffusion 1.x/2.x, read top to bottom: setup, train, save, clean up.
+"""The LoRA training recipe for Stable Diffusion 1.x/2.x and SDXL, read top to bottom: setup, train, save,
+clean up.
 
-It follows diffusers' text-to-image LoRA example (the reference recipe) with these deliberate differences:
+It follows diffusers' text-to-image LoRA examples (the reference recipe, SD and SDXL) with these deliberate
+differences:
   * gradient clipping is real: the reference passes an already-consumed `filter` iterator to
     clip_grad_norm_, so its --max_grad_norm does nothing;
-  * all randomness (data order, crops, flips, VAE sampling, noise, timesteps) is derived from
-    (seed, step position), so a run resumed from a checkpoint ends with the same LoRA as an
+  * all randomness (data order, crops, flips, caption dropout, VAE sampling, noise, timesteps) is derived
+    from (seed, step position), so a run resumed from a checkpoint ends with the same LoRA as an
     uninterrupted one;
   * the LR schedule is counted in optimizer steps (the proto's unit). The reference multiplies warm-up and
     total steps by the accumulation factor because its scheduler is stepped per micro-batch; this is the
     same schedule, sampled once per optimizer step;
-  * the final LoRA carries peft's adapter config as safetensors metadata, so alpha != rank loads at the
-    right scale in diffusers.
+  * frozen encoders run once per run, not once per step: VAE latents (the distribution's mean and std, so
+    the per-step sample is drawn exactly as the uncached path draws it) and text embeddings are cached when
+    the augmentation allows it (centre crop; both orientations under random flip; the empty caption under
+    caption dropout; text embeddings only while the text encoder is frozen);
+  * fused AdamW where the device has it, channels_last UNet, optional torch.compile;
+  * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import TrainingSpec
-from .data import CaptionedImages, DataError, check_all, discover
+from . import lora_files
+from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
+from .data import CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset, select_samples
 from .events import EventWriter
+from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
 
 
 class Stopped(Exception):
@@ -50,281 +60,541 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def load_components(base_model: str, device: torch.device, weight_dtype: torch.dtype):
-    """Tokenizer, text encoder, VAE, UNet and DDPM scheduler from a local diffusers folder.
-    safetensors only (use_safetensors=True refuses pickle weights); never touches the network."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 of each timestep (Min-SNR, Hang et al. 2023)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1.0 - a)
 
-    root = Path(base_model)
-    missing = [p for p in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (root / p).exists()]
-    if not root.is_dir() or missing:
-        raise DataError(f"base_model {base_model!r} is not a diffusers model folder"
-                        + (f" (missing {', '.join(missing)})" if root.is_dir() else ""))
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon targets, / (SNR + 1) for v targets."""
+    s = snr(alphas_cumprod, timesteps)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    return clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s
+
+
+# Below this many multiply-adds a LoRA layer's extra weight-gradient matmul costs less on a CPU than the four
+# extra operators (and their backward) of peft's separate LoRA branch: at the tiny model's sizes each operator
+# costs ~10-20 us of dispatch, the arithmetic next to nothing.
+SMALL_LORA_MACS = 1_000_000
+
+
+def _small_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft LoRA Linear forward with the adapter folded into the weight, x (W + s B A)^T + b, for small
+    layers: two operators instead of five. The gradients reaching A and B are the same (to rounding)."""
+    base = self.base_layer
+    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != ["default"]
+            or (x.numel() // base.in_features) * base.in_features * base.out_features > SMALL_LORA_MACS):
+        return self._peft_forward(x, *args, **kwargs)
+    weight = torch.addmm(base.weight, self.lora_B["default"].weight, self.lora_A["default"].weight,
+                         alpha=self.scaling["default"])
+    return F.linear(x, weight, base.bias)
+
+
+def fold_small_lora_layers(model: torch.nn.Module) -> int:
+    """Route every peft LoRA Linear of `model` through _small_lora_forward; returns how many."""
+    import types
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LoraLinear) and not hasattr(m, "_peft_forward"):
+            m._peft_forward = m.forward
+            m.forward = types.MethodType(_small_lora_forward, m)
+            n += 1
+    return n
+
+
+@dataclass
+class MicroBatch:
+    latents: torch.Tensor  # scaled VAE latents, fp32
+    hidden: torch.Tensor  # text encoder hidden states
+    pooled: torch.Tensor | None  # SDXL: pooled text embedding
+    add_time_ids: torch.Tensor | None  # SDXL: size and crop conditioning
+    captions: list[str]
+
+
+def make_optimizer(spec: TrainingSpec, params: list[torch.Tensor], lr: float, device: torch.device):
+    """AdamW with the spec's betas/eps/weight decay: bitsandbytes' 8-bit AdamW on request (CUDA only);
+    otherwise torch's fused kernel where the device has one, else the multi-tensor (foreach) one."""
+    kwargs = {"lr": lr, "betas": (spec.adam_beta1, spec.adam_beta2), "weight_decay": spec.adam_weight_decay,
+              "eps": spec.adam_epsilon}
+    if spec.use_8bit_adam:
+        if device.type != "cuda":
+            raise SpecError([("use_8bit_adam", f"8-bit AdamW (bitsandbytes) needs a CUDA device; "
+                                               f"this run is on {device.type}")])
+        try:
+            import bitsandbytes as bnb  # noqa: PLC0415 - optional, CUDA-only dependency
+        except ImportError:
+            raise SpecError([("use_8bit_adam", "8-bit AdamW needs the bitsandbytes package, which is not "
+                                               "installed (pip install bitsandbytes)")]) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
     try:
-        common = {"local_files_only": True, "use_safetensors": True}
-        tokenizer = CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", dtype=weight_dtype,
-                                                     **common)
-        vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=weight_dtype, **common)
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=weight_dtype,
-                                                    **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", local_files_only=True)
-    except Exception as e:
-        raise DataError(f"base_model {base_model!r} cannot be loaded: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    # transformers 5 can build an empty CLIP vocabulary without complaint; catch it here.
-    if len(tokenizer) < 3:
-        raise DataError(f"base_model {base_model!r}: tokenizer has an empty vocabulary")
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-        model.to(device)
-    text_encoder.eval()
-    vae.eval()
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # no fused kernel for this device/dtype
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+class Trainer:
+    """One training run. Construction is the setup (everything that can fail on bad inputs fails here);
+    `train()` runs the loop and saves the result."""
+
+    def __init__(self, spec: TrainingSpec, output_dir: str, events: EventWriter, *,
+                 resume_from: str | None = None):
+        from diffusers.optimization import get_scheduler
+        from peft import LoraConfig
+
+        self.spec, self.events = spec, events
+        # ------------------------------------------------------------------------------ device, precision
+        self.out = out = Path(output_dir).absolute()
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(out)
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        mixed = spec.mixed_precision or ("fp16" if device.type == "cuda" else "no")
+        if device.type == "cpu" and mixed == "fp16":
+            # CPU kernels for fp16 training are slow and partly missing; fp32 is the honest fallback.
+            events.log("warning", "mixed_precision fp16 is not supported on CPU; training in fp32")
+            mixed = "no"
+        self.mixed = mixed
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
+        # Frozen weights are stored in half precision on CUDA only (memory); on CPU they stay fp32 and bf16
+        # runs under autocast, as the reference's CPU validation does.
+        self.weight_dtype = self.autocast_dtype if (device.type == "cuda" and self.autocast_dtype) else torch.float32
+        if spec.allow_tf32 and device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if device.type == "cpu":
+            # Denormal floats make CPU kernels crawl; gradients of tiny LoRA updates produce them.
+            torch.set_flush_denormal(True)
+
+        # ------------------------------------------------------------------------------ resume target, seed
+        # Resume target first: an unset seed must come from the checkpoint, not be drawn anew.
+        resume_from = resume_from or spec.resume_from_checkpoint
+        self.resume_path = None
+        if resume_from:
+            if resume_from == "latest":
+                self.resume_path = ckpt.find_latest(out)
+                if self.resume_path is None:
+                    events.log("info", f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
+            else:
+                self.resume_path = Path(resume_from).absolute()
+                if not (self.resume_path / ckpt.STATE_JSON).is_file():
+                    raise DataError(f"resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
+        state = tensors = None
+        if self.resume_path is not None:
+            state, tensors = ckpt.load(self.resume_path)
+        if spec.seed is not None:
+            seed = spec.seed
+        elif state is not None:
+            seed = int(state["seed"])
+        else:
+            seed = secrets.randbits(32)
+            events.log("info", f"seed not set; using seed {seed}")
+        if state is not None and int(state["seed"]) != seed:
+            events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
+        self.seed = seed
+
+        # ------------------------------------------------------------------------------ data
+        # Fail fast on a missing/empty set or any image that does not decode.
+        if spec.dataset_name:
+            examples = load_hub_dataset(spec.dataset_name, spec.image_column, spec.caption_column)
+        else:
+            examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column)
+        examples = select_samples(examples, spec.max_train_samples, seed)
+        sizes = check_all(examples)
+        self.dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed,
+                                       interpolation=spec.interpolation, caption_dropout=spec.caption_dropout,
+                                       sizes=sizes)
+
+        # ------------------------------------------------------------------------------ models, LoRA
+        self.c = c = load_components(spec.base_model, device, self.weight_dtype)
+        if spec.prediction_type:
+            # As the reference: the training target and the validation sampler both follow the override.
+            c.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
+        self.prediction_type = c.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise DataError(f"base_model scheduler prediction_type {self.prediction_type!r} is not supported")
+        events.log("info", f"training {c.arch} on {device.type} (mixed precision: {mixed}), "
+                           f"{len(self.dataset)} images")
+
+        # Seed before add_adapter: the gaussian init draws from torch's global RNG. Trainable parameters are
+        # kept fp32 whatever the frozen weights are.
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        alpha = spec.effective_lora_alpha
+        try:
+            c.unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
+                                          init_lora_weights="gaussian", target_modules=spec.unet_targets))
+        except ValueError as e:
+            raise SpecError([("target_modules", f"{spec.unet_targets} match no module of the UNet ({e})")]) from None
+        self.trained_text_encoders = []
+        if spec.train_text_encoder:
+            for name, te in zip(c.text_encoder_names, c.text_encoders):
+                te.add_adapter(LoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
+                                          init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS)))
+                te.train()
+                self.trained_text_encoders.append((name, te))
+        # Parameter names: the UNet's as peft names them, text encoders' prefixed with the component name.
+        self.named_params = {n: p for n, p in c.unet.named_parameters() if p.requires_grad}
+        for name, te in self.trained_text_encoders:
+            self.named_params.update({f"{name}.{n}": p for n, p in te.named_parameters() if p.requires_grad})
+        for p in self.named_params.values():
+            p.data = p.data.float()
+        self.param_names = list(self.named_params)
+        # A list, not a generator: it is used by both the optimizer and clip_grad_norm_ (the reference's bug).
+        self.lora_params = list(self.named_params.values())
+        c.unet.train()
+        if spec.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            for _, te in self.trained_text_encoders:
+                te.gradient_checkpointing_enable()
+        # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
+        c.unet.to(memory_format=torch.channels_last)
+        c.vae.to(memory_format=torch.channels_last)
+        if device.type == "cpu" and spec.lora_dropout == 0:
+            # Fewer small operators where per-operator overhead, not arithmetic, is the cost (see above).
+            fold_small_lora_layers(c.unet)
+        if spec.torch_compile:
+            # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
+            c.unet.compile()
+            events.log("info", "torch.compile: the first steps include compilation")
+
+        # ------------------------------------------------------------------------------ optimizer, schedule
+        accum = spec.gradient_accumulation_steps
+        self.learning_rate = spec.learning_rate
+        if spec.scale_lr:
+            self.learning_rate = spec.learning_rate * spec.train_batch_size * accum  # × processes (1)
+            events.log("info", f"scale_lr: learning rate {spec.learning_rate:g} x {spec.train_batch_size} x "
+                               f"{accum} = {self.learning_rate:g}")
+        self.optimizer = make_optimizer(spec, self.lora_params, self.learning_rate, device)
+        self.batches_per_epoch = self.dataset.batches_per_epoch(spec.train_batch_size)
+        # The last optimizer step of an epoch may accumulate fewer batches (the reference's accelerate
+        # syncs at the end of the data loader too).
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
+        self.total_steps = spec.max_train_steps or spec.num_train_epochs * self.steps_per_epoch
+        self.lr_scheduler = get_scheduler(spec.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=spec.lr_warmup_steps,
+                                          num_training_steps=self.total_steps, num_cycles=spec.lr_num_cycles,
+                                          power=spec.lr_power)
+        self.scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and mixed == "fp16") else None
+
+        self.start_step = 0
+        self.skipped_steps = 0
+        if state is not None:
+            ckpt.restore(state, tensors, params=self.named_params, optimizer=self.optimizer,
+                         param_names=self.param_names, lr_scheduler=self.lr_scheduler, scaler=self.scaler)
+            self.start_step = int(state["step"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            if state.get("dataset_size") != len(self.dataset) or state.get("steps_per_epoch") != self.steps_per_epoch:
+                events.log("warning", "the data set or batch settings changed since the checkpoint; "
+                                      "data order after resume will differ from the original run")
+            changed = sorted(k for k in set(state.get("spec", {})) | set(spec.to_json_dict())
+                             if state.get("spec", {}).get(k) != spec.to_json_dict().get(k)
+                             and k != "resumeFromCheckpoint")
+            if changed:
+                events.log("warning", f"spec differs from the checkpoint's in: {', '.join(changed)}")
+            events.log("info", f"resumed from {self.resume_path} at step {self.start_step}")
+        del state, tensors
+
+        # ------------------------------------------------------------------------------ caches
+        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        if spec.cache_latents:
+            self._build_caches()
+
+        # peft's LoraConfig as safetensors metadata: diffusers' loader rebuilds the config from it, so
+        # lora_alpha != rank loads at the trained scale. Sets become sorted lists (stable file bytes).
+        def config_dict(model):
+            return {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                    for k, v in model.peft_config["default"].to_dict().items()}
+
+        self.adapter_configs = {"unet": config_dict(c.unet),
+                                **{name: config_dict(te) for name, te in self.trained_text_encoders}}
+        self.provenance_base = {
+            "base_model": spec.base_model, "base_model_sha256": model_fingerprint(spec.base_model),
+            "arch": c.arch, "rank": spec.rank, "alpha": alpha, "unet_targets": spec.unet_targets,
+            "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if spec.train_text_encoder else [],
+            "resolution": spec.resolution, "dataset_size": len(self.dataset),
+            "dataset_sha256": dataset_fingerprint(examples), "spec": spec.to_json_dict()}
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+
+    def _build_caches(self) -> None:
+        """Encode what the augmentation leaves fixed once: text embeddings of every caption (and of "" under
+        caption dropout) while the text encoder is frozen; VAE latent moments of every image in each
+        orientation it can be shown in, when crops are deterministic (centre crop)."""
+        spec, ds = self.spec, self.dataset
+        t0 = time.perf_counter()
+        done = []
+        if not spec.train_text_encoder:
+            captions = sorted({ex.caption for ex in ds.examples} | ({""} if spec.caption_dropout > 0 else set()))
+            self.text_cache = {}
+            for k in range(0, len(captions), 64):
+                chunk = captions[k:k + 64]
+                with torch.no_grad(), self.autocast():
+                    hidden, pooled = encode_text(self.c, tokenize(self.c, chunk))
+                for j, cap in enumerate(chunk):
+                    self.text_cache[cap] = (hidden[j], None if pooled is None else pooled[j])
+            done.append(f"{len(captions)} caption embeddings")
+        if spec.center_crop:
+            keys = [(i, flip) for i in range(len(ds)) for flip in ((False, True) if spec.random_flip else (False,))]
+            self.latent_cache = {}
+            for k in range(0, len(keys), 16):
+                chunk = keys[k:k + 16]
+                pixels = []
+                for i, flip in chunk:
+                    aug = ds.augment(0, i)  # centre crop: the same window every epoch; flip set explicitly
+                    pixels.append(ds.pixels(i, type(aug)(aug.resized, aug.left, aug.top, flip)))
+                mean, std = self._vae_moments(np.stack(pixels))
+                for j, key in enumerate(chunk):
+                    self.latent_cache[key] = (mean[j], std[j])
+            done.append(f"{len(keys)} image latents")
+        else:
+            self.events.log("info", "random crop: VAE latents are computed every step (not cached)")
+        if done:
+            self.events.log("info", f"cached {' and '.join(done)} in {time.perf_counter() - t0:.1f} s")
+
+    def _vae_moments(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), self.autocast():
+            x = torch.from_numpy(pixels).to(self.device, dtype=self.weight_dtype)
+            dist = self.c.vae.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist
+        return dist.mean.contiguous(), dist.std.contiguous()
+
+    def micro_batch(self, epoch: int, b: int, micro_index: int) -> MicroBatch:
+        """The b-th batch of `epoch`, encoded: from the caches where they exist, else through the VAE and the
+        text encoder(s) now. The VAE sample uses a per-batch generator either way."""
+        ds, c = self.dataset, self.c
+        ids = ds.batch_ids(epoch, b, self.spec.train_batch_size)
+        augs = [ds.augment(epoch, i) for i in ids]
+        captions = [ds.caption(epoch, i) for i in ids]
+        if self.latent_cache is not None:
+            mean = torch.stack([self.latent_cache[(i, a.flip)][0] for i, a in zip(ids, augs)])
+            std = torch.stack([self.latent_cache[(i, a.flip)][1] for i, a in zip(ids, augs)])
+        else:
+            mean, std = self._vae_moments(np.stack([ds.pixels(i, a) for i, a in zip(ids, augs)]))
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 1))
+        sample = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(self.device, mean.dtype)
+        # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
+        latents = (mean + std * sample).float()
+        if c.vae.config.get("shift_factor") is not None:
+            latents = latents - c.vae.config.shift_factor
+        latents = latents * c.vae.config.scaling_factor
+        if self.text_cache is not None:
+            hidden = torch.stack([self.text_cache[cap][0] for cap in captions])
+            pooled = torch.stack([self.text_cache[cap][1] for cap in captions]) if c.arch == "sdxl" else None
+        else:
+            # Gradients flow into the text encoders only when they carry LoRA.
+            with (nullcontext() if self.trained_text_encoders else torch.no_grad()), self.autocast():
+                hidden, pooled = encode_text(c, tokenize(c, captions))
+        add_time_ids = None
+        if c.arch == "sdxl":
+            rows = []
+            for i, a in zip(ids, augs):
+                w, h = ds.sizes[i]
+                # The crop's top-left corner as seen in the (possibly flipped) training image.
+                left = a.resized[0] - self.spec.resolution - a.left if a.flip else a.left
+                rows.append(time_ids((h, w), (a.top, left), self.spec.resolution))
+            add_time_ids = torch.tensor(rows, dtype=torch.float32, device=self.device)
+        return MicroBatch(latents, hidden, pooled, add_time_ids, captions)
+
+    def noise_and_timesteps(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Drawn on the CPU from per-batch generators: identical on any device and reproducible after a resume.
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 2))
+        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
+        timesteps = torch.randint(0, self.c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen)
+        if self.spec.noise_offset:
+            # Offset noise (Guttenberg 2023): a per-sample, per-channel constant shifts mean brightness.
+            gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 3))
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, dtype=torch.float32)
+            noise = noise + self.spec.noise_offset * offset
+        return noise.to(self.device, latents.dtype), timesteps.to(self.device)
+
+    def loss(self, mb: MicroBatch, micro_index: int) -> torch.Tensor:
+        """The diffusion loss of one micro-batch (with Min-SNR weighting when snr_gamma is set)."""
+        sched = self.c.noise_scheduler
+        noise, timesteps = self.noise_and_timesteps(mb.latents, micro_index)
+        noisy = sched.add_noise(mb.latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else sched.get_velocity(mb.latents, noise, timesteps)
+        extra = {}
+        if mb.add_time_ids is not None:
+            extra["added_cond_kwargs"] = {"text_embeds": mb.pooled, "time_ids": mb.add_time_ids}
+        with self.autocast():
+            pred = self.c.unet(noisy.contiguous(memory_format=torch.channels_last), timesteps, mb.hidden,
+                               return_dict=False, **extra)[0]
+        if self.spec.snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = min_snr_weights(sched.alphas_cumprod, timesteps, self.spec.snr_gamma, self.prediction_type)
+        return (per_sample * weights).mean()
+
+    # ------------------------------------------------------------------------------------------ files
+    def _peft_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {"unet": get_peft_model_state_dict(self.c.unet),
+                **{name: get_peft_model_state_dict(te, save_embedding_layers=False)
+                    for name, te in self.trained_text_encoders}}
+
+    def save_lora(self, folder: Path, step: int, kohya: bool = False) -> Path:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = lora_files.provenance(steps=step, **self.provenance_base)
+        parts = self._peft_parts()
+        path = lora_files.save_diffusers(folder / ckpt.LORA_FILE,
+                                         {k: convert_state_dict_to_diffusers(v) for k, v in parts.items()},
+                                         self.adapter_configs, meta)
+        if kohya:
+            path = lora_files.save_kohya(folder / KOHYA_FILE, self.c.arch, parts, self.spec.effective_lora_alpha,
+                                         {**meta, "loraforge.format": "kohya"})
+        return path
+
+    def save_checkpoint(self, step: int) -> None:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        folder = ckpt.save(self.out, step, write_lora=lambda f: self.save_lora(f, step), params=self.named_params,
+                           optimizer=self.optimizer, param_names=self.param_names, lr_scheduler=self.lr_scheduler,
+                           scaler=self.scaler, info={
+                               "seed": self.seed, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                               "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(self.dataset),
+                               "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
+                               "spec": self.spec.to_json_dict()})
+        self.events.checkpoint(step, folder)
+        if self.spec.checkpoints_total_limit:
+            for old in ckpt.rotate(self.out, self.spec.checkpoints_total_limit):
+                self.events.log("info", f"removed {old.name} (checkpoints_total_limit {self.spec.checkpoints_total_limit})")
+
+    def validate(self, step: int) -> None:
+        """Render each validation prompt with the live modules (LoRA active) and report the images."""
+        from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        c = self.c
+        # A fresh scheduler: the pipeline mutates its state.
+        scheduler = DDPMScheduler.from_config(c.noise_scheduler.config)
+        if c.arch == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoders[0],
+                                             text_encoder_2=c.text_encoders[1], tokenizer=c.tokenizers[0],
+                                             tokenizer_2=c.tokenizers[1], unet=c.unet, scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                                           unet=c.unet, scheduler=scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        folder = self.out / "validation"
+        folder.mkdir(exist_ok=True)
+        training = [(m, m.training) for m in (c.unet, *(te for _, te in self.trained_text_encoders))]
+        for m, _ in training:
+            m.eval()  # no LoRA dropout while rendering
+        try:
+            for k, prompt in enumerate(self.spec.all_validation_prompts):
+                generator = torch.Generator(device="cpu").manual_seed(self.seed)
+                paths = []
+                with torch.no_grad(), self.autocast():
+                    for i in range(self.spec.num_validation_images):
+                        image = pipe(prompt, num_inference_steps=self.spec.validation_inference_steps,
+                                     generator=generator, height=self.spec.resolution,
+                                     width=self.spec.resolution).images[0]
+                        path = folder / (f"step-{step}-{i}.png" if k == 0 else f"step-{step}-p{k}-{i}.png")
+                        image.save(path)
+                        paths.append(path)
+                self.events.validation(step, prompt, paths)
+        finally:
+            for m, was_training in training:
+                m.train(was_training)
+        del pipe
+
+    # ------------------------------------------------------------------------------------------ train
+    def train(self, stop: threading.Event) -> tuple[Path, int]:
+        spec, events = self.spec, self.events
+        accum = spec.gradient_accumulation_steps
+        events.log("info", f"{self.total_steps} optimizer steps, {self.steps_per_epoch} per epoch; "
+                           f"batch {spec.train_batch_size} x {accum} accumulation; seed {self.seed}")
+        step = self.start_step
+        recent: deque[tuple[float, int]] = deque(maxlen=20)  # (seconds, images) of recent steps
+        while step < self.total_steps:
+            if stop.is_set():
+                break
+            t0 = time.perf_counter()
+            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+            first = step_in_epoch * accum
+            batch_ids = range(first, min(first + accum, self.batches_per_epoch))
+            loss_sum, images = 0.0, 0
+            for b in batch_ids:
+                micro_index = epoch * self.batches_per_epoch + b  # global batch number: the key of its randomness
+                mb = self.micro_batch(epoch, b, micro_index)
+                loss = self.loss(mb, micro_index)
+                scaled = loss / len(batch_ids)  # mean over the accumulated batches
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                loss_sum += loss.item()
+                images += len(mb.captions)
+
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, spec.max_grad_norm)
+            learning_rate = self.lr_scheduler.get_last_lr()[0]
+            skipped = False
+            if self.scaler:
+                scale_before = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
+                self.scaler.update()
+                # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
+                skipped = self.scaler.get_scale() < scale_before
+            else:
+                self.optimizer.step()
+            if skipped:
+                self.skipped_steps += 1  # as accelerate does, the LR schedule does not advance either
+            else:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            recent.append((time.perf_counter() - t0, images))
+            seconds = sum(s for s, _ in recent)
+            events.metrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss_sum / len(batch_ids),
+                           learning_rate=learning_rate, images_per_second=sum(i for _, i in recent) / seconds,
+                           eta_seconds=(self.total_steps - step) * seconds / len(recent), grad_norm=float(grad_norm),
+                           peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device)
+                                              if self.device.type == "cuda" else 0),
+                           skipped_steps=self.skipped_steps)
+
+            if spec.all_validation_prompts and step < self.total_steps and (
+                    (spec.validation_steps > 0 and step % spec.validation_steps == 0)
+                    or (spec.validation_epochs > 0 and step % self.steps_per_epoch == 0
+                        and (step // self.steps_per_epoch) % spec.validation_epochs == 0)):
+                self.validate(step)
+            if step % spec.checkpointing_steps == 0:
+                self.save_checkpoint(step)
+
+        if stop.is_set() and step < self.total_steps:
+            if not (ckpt.checkpoints_dir(self.out) / f"checkpoint-{step}" / ckpt.STATE_JSON).is_file():
+                self.save_checkpoint(step)
+            events.log("info", f"stopped at step {step}")
+            raise Stopped(step)
+
+        # ---------------------------------------------------------------------------------- save, clean up
+        tmp = self.out / f".tmp-final-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        kohya = spec.lora_format == "kohya"
+        self.save_lora(tmp, step, kohya=kohya)
+        final = self.out / ckpt.LORA_FILE
+        os.replace(tmp / ckpt.LORA_FILE, final)
+        if kohya:
+            final = self.out / KOHYA_FILE
+            os.replace(tmp / KOHYA_FILE, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        if spec.all_validation_prompts:
+            self.validate(step)
+        return final, step
 
 
 def run(spec: TrainingSpec, output_dir: str, events: EventWriter, stop: threading.Event,
         resume_from: str | None = None) -> tuple[Path, int]:
     """Train; return the final LoRA file and the step it was taken after.
-    Raises DataError (bad inputs), Stopped (after a stop request was honoured), or anything else."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.optimization import get_scheduler
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    # ------------------------------------------------------------------------------------------ setup
-    out = Path(output_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(out)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mixed = spec.mixed_precision or ("fp16" if device.type == "cuda" else "no")
-    if device.type == "cpu" and mixed == "fp16":
-        # CPU kernels for fp16 training are slow and partly missing; fp32 is the honest fallback.
-        events.log("warning", "mixed_precision fp16 is not supported on CPU; training in fp32")
-        mixed = "no"
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed)
-    # Frozen weights are stored in half precision on CUDA only (memory); on CPU they stay fp32 and bf16
-    # runs under autocast, as the reference's CPU validation does.
-    weight_dtype = autocast_dtype if (device.type == "cuda" and autocast_dtype is not None) else torch.float32
-
-    # Resume target first: an unset seed must come from the checkpoint, not be drawn anew.
-    resume_path: Path | None = None
-    if resume_from:
-        if resume_from == "latest":
-            resume_path = ckpt.find_latest(out)
-            if resume_path is None:
-                events.log("info", f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
-        else:
-            resume_path = Path(resume_from).absolute()
-            if not (resume_path / ckpt.STATE_JSON).is_file():
-                raise DataError(f"--resume-from {resume_from!r} is not a checkpoint folder")
-    state = tensors = None
-    if resume_path is not None:
-        state, tensors = ckpt.load(resume_path)
-
-    if spec.seed is not None:
-        seed = spec.seed
-    elif state is not None:
-        seed = int(state["seed"])
-    else:
-        seed = secrets.randbits(32)
-        events.log("info", f"seed not set; using seed {seed}")
-    if state is not None and int(state["seed"]) != seed:
-        events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
-
-    # Data: fail fast on a missing/empty set or any image that does not decode.
-    examples = discover(spec.dataset_dir)
-    check_all(examples)
-    dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed)
-
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(spec.base_model, device, weight_dtype)
-    events.log("info", f"training on {device.type} (mixed precision: {mixed}), {len(dataset)} images")
-
-    # LoRA on the UNet's attention projections. Seed before add_adapter: the gaussian init draws from
-    # torch's global RNG. Trainable parameters are kept fp32 whatever the frozen weights are.
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.effective_lora_alpha,
-                                init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    named_params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    for p in named_params.values():
-        p.data = p.data.float()
-    param_names = list(named_params)
-    # A list, not a generator: it is used by both the optimizer and clip_grad_norm_ (the reference's bug).
-    lora_params = list(named_params.values())
-    unet.train()
-
-    optimizer = torch.optim.AdamW(lora_params, lr=spec.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2,
-                                  eps=1e-8, foreach=True)
-
-    accum = spec.gradient_accumulation_steps
-    batches_per_epoch = dataset.batches_per_epoch(spec.train_batch_size)
-    # The last optimizer step of an epoch may accumulate fewer batches (the reference's accelerate
-    # syncs at the end of the data loader too).
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = spec.max_train_steps or spec.num_train_epochs * steps_per_epoch
-
-    lr_scheduler = get_scheduler(spec.lr_scheduler, optimizer=optimizer, num_warmup_steps=spec.lr_warmup_steps,
-                                 num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and mixed == "fp16") else None
-
-    start_step = 0
-    if state is not None:
-        ckpt.restore(state, tensors, params=named_params, optimizer=optimizer, param_names=param_names,
-                     lr_scheduler=lr_scheduler, scaler=scaler)
-        start_step = int(state["step"])
-        if state.get("dataset_size") != len(dataset) or state.get("steps_per_epoch") != steps_per_epoch:
-            events.log("warning", "the data set or batch settings changed since the checkpoint; "
-                                  "data order after resume will differ from the original run")
-        changed = sorted(k for k in set(state.get("spec", {})) | set(spec.to_json_dict())
-                         if state.get("spec", {}).get(k) != spec.to_json_dict().get(k))
-        if changed:
-            events.log("warning", f"spec differs from the checkpoint's in: {', '.join(changed)}")
-        events.log("info", f"resumed from {resume_path} at step {start_step}")
-        del state, tensors
-
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise DataError(f"base_model scheduler prediction_type {prediction_type!r} is not supported")
-    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
-
-    # peft's LoraConfig as safetensors metadata: diffusers' loader rebuilds the config from it, so
-    # lora_alpha != rank loads at the trained scale. Sets become sorted lists (stable file bytes).
-    adapter_metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
-                        for k, v in unet.peft_config["default"].to_dict().items()}
-
-    def save_lora(folder: Path) -> None:
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(folder), unet_lora_layers={k: v.float() for k, v in lora_state.items()},
-            safe_serialization=True, unet_lora_adapter_metadata=adapter_metadata)
-
-    def save_checkpoint(step: int) -> None:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        folder = ckpt.save(out, step, write_lora=save_lora, params=named_params, optimizer=optimizer,
-                           param_names=param_names, lr_scheduler=lr_scheduler, scaler=scaler, info={
-                               "seed": seed, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                               "steps_per_epoch": steps_per_epoch, "dataset_size": len(dataset),
-                               "total_steps": total_steps, "spec": spec.to_json_dict()})
-        events.checkpoint(step, folder)
-
-    def validate(step: int) -> None:
-        # Render with the live modules (LoRA active). A fresh scheduler: the pipeline mutates its state.
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDPMScheduler.from_config(noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        folder = out / "validation"
-        folder.mkdir(exist_ok=True)
-        paths = []
-        with torch.no_grad(), autocast():
-            for i in range(spec.num_validation_images):
-                image = pipe(spec.validation_prompt, num_inference_steps=spec.validation_inference_steps,
-                             generator=generator).images[0]
-                path = folder / f"step-{step}-{i}.png"
-                image.save(path)
-                paths.append(path)
-        del pipe
-        events.validation(step, spec.validation_prompt, paths)
-
-    def encode_batch(pixels: np.ndarray, captions: list[str], micro_index: int):
-        """Latents and text embeddings of one batch (frozen models, no gradients)."""
-        with torch.no_grad(), autocast():
-            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
-            pixel_values = torch.from_numpy(pixels).to(device, dtype=weight_dtype)
-            gen = torch.Generator().manual_seed(derived_seed(seed, micro_index, 1))
-            latents = vae.encode(pixel_values).latent_dist.sample(generator=gen)
-            # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
-            latents = latents.float() * vae.config.scaling_factor
-        return latents, encoder_hidden_states
-
-    def diffusion_loss(latents, encoder_hidden_states, micro_index: int) -> torch.Tensor:
-        # Noise and timesteps drawn on the CPU from a per-batch generator: identical on any device
-        # and reproducible after a resume.
-        gen = torch.Generator().manual_seed(derived_seed(seed, micro_index, 2))
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(device, latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen).to(device)
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        if prediction_type == "epsilon":
-            target = noise
-        else:
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        with autocast():
-            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-
-    events.log("info", f"{total_steps} optimizer steps, {steps_per_epoch} per epoch; "
-                       f"batch {spec.train_batch_size} x {accum} accumulation; seed {seed}")
-
-    # ------------------------------------------------------------------------------------------ train
-    step = start_step
-    recent: deque[tuple[float, int]] = deque(maxlen=20)  # (seconds, images) of recent steps
-    while step < total_steps:
-        if stop.is_set():
-            break
-        t0 = time.perf_counter()
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        first = step_in_epoch * accum
-        batch_ids = range(first, min(first + accum, batches_per_epoch))
-        loss_sum, images = 0.0, 0
-        for b in batch_ids:
-            micro_index = epoch * batches_per_epoch + b  # global batch number: the key of its randomness
-            pixels, captions = dataset.batch(epoch, b, spec.train_batch_size)
-            latents, encoder_hidden_states = encode_batch(pixels, captions, micro_index)
-            loss = diffusion_loss(latents, encoder_hidden_states, micro_index)
-            scaled = loss / len(batch_ids)  # mean over the accumulated batches
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.item()
-            images += len(captions)
-
-        if scaler:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, spec.max_grad_norm)
-        learning_rate = lr_scheduler.get_last_lr()[0]
-        if scaler:
-            scaler.step(optimizer)  # skipped by the scaler if the gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        recent.append((time.perf_counter() - t0, images))
-        seconds = sum(s for s, _ in recent)
-        events.metrics(step=step, total_steps=total_steps, epoch=epoch, loss=loss_sum / len(batch_ids),
-                       learning_rate=learning_rate, images_per_second=sum(i for _, i in recent) / seconds,
-                       eta_seconds=(total_steps - step) * seconds / len(recent), grad_norm=float(grad_norm),
-                       peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
-
-        if spec.validation_prompt and spec.validation_steps > 0 and step % spec.validation_steps == 0 \
-                and step < total_steps:
-            validate(step)
-        if step % spec.checkpointing_steps == 0:
-            save_checkpoint(step)
-
-    if stop.is_set() and step < total_steps:
-        if not (ckpt.checkpoints_dir(out) / f"checkpoint-{step}" / ckpt.STATE_JSON).is_file():
-            save_checkpoint(step)
-        events.log("info", f"stopped at step {step}")
-        raise Stopped(step)
-
-    # ---------------------------------------------------------------------------------- save, clean up
-    final = out / ckpt.LORA_FILE
-    tmp = out / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(tmp)
-    os.replace(tmp / ckpt.LORA_FILE, final)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    if spec.validation_prompt:
-        validate(step)
-    return final, step
+    Raises SpecError (a spec the model or device cannot honour), DataError (bad inputs), Stopped (after a
+    stop request was honoured), or anything else."""
+    return Trainer(spec, output_dir, events, resume_from=resume_from).train(stop)

@@ -33,3 +33,11 @@ def dataset(tmp_path_factory) -> Path:
     subprocess.run(engine_cmd("make-dataset", str(path), "--count", "16", "--size", "64", "--seed", "0"),
                    check=True, env=engine_env(), capture_output=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    subprocess.run(engine_cmd("make-tiny-model", str(path), "--seed", "0", "--arch", "sdxl"), check=True,
+                   env=engine_env(), capture_output=True)
+    return path

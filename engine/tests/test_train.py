@@ -53,7 +53,8 @@ def test_event_stream(main_run):
     assert [m["epoch"] for m in metrics] == [(s - 1) // 4 for s in range(1, STEPS + 1)]  # 16 images / batch 4
     for m in metrics:
         assert set(m) == {"step", "totalSteps", "epoch", "loss", "learningRate", "imagesPerSecond", "etaSeconds",
-                          "gradNorm", "peakMemoryBytes"}
+                          "gradNorm", "peakMemoryBytes", "skippedSteps"}
+        assert m["skippedSteps"] == 0  # no fp16 gradient scaler on CPU
         assert m["peakMemoryBytes"] == 0  # CPU
         assert m["loss"] > 0 and m["learningRate"] == pytest.approx(3e-3) and m["gradNorm"] > 0
     assert metrics[-1]["etaSeconds"] == 0

@@ -6,6 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { parse as parseYaml } from "yaml";
 import {
+  ArtifactKind,
   createClient,
   InvalidSpecError,
   Job,
@@ -235,7 +236,7 @@ export async function runClient(command: string, argv: string[]): Promise<number
         const id = a.positional[0];
         if (!id) throw new UsageError("download needs a JOB id");
         const job = await client.getJob(id);
-        const name = a.positional[1] ?? job.artifacts.find((x) => x.path.endsWith("pytorch_lora_weights.safetensors") && x.objectName)?.objectName;
+        const name = a.positional[1] ?? job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.objectName)?.objectName;
         if (!name) throw new UsageError(`job ${id} has no final LoRA yet (state ${stateName(job.state)}); name an artifact: ${job.artifacts.map((x) => x.objectName).join(" ")}`);
         const out = one(a, "o") ?? one(a, "output") ?? (name.endsWith("/") ? `${path.basename(name.slice(0, -1))}.tar` : path.basename(name));
         const info = await client.artifacts.download(id, name, { file: out });

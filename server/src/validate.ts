@@ -15,6 +15,10 @@ export const LR_SCHEDULERS = [
 ] as const;
 export const MIXED_PRECISIONS = ["no", "fp16", "bf16"] as const;
 export const IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"];
+export const INTERPOLATIONS = ["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] as const;
+export const PREDICTION_TYPES = ["epsilon", "v_prediction"] as const;
+export const LORA_FORMATS = ["diffusers", "kohya"] as const;
+const MODULE_NAME = /^[A-Za-z_][A-Za-z0-9_.]*$/;
 
 /** Where user-supplied paths may point. Empty: anywhere on the host. */
 export interface PathPolicy {
@@ -37,6 +41,24 @@ function positive(field: keyof TrainingSpec, max = Infinity): Check {
     if (v === undefined) return;
     if (!Number.isFinite(v) || v <= 0 || v > max)
       bad(field, `must be a number > 0${max < Infinity ? ` and ≤ ${max}` : ""}, got ${v}`);
+  };
+}
+
+/** A finite number in a range; `open` makes an end exclusive. */
+function between(field: keyof TrainingSpec, lo: number, hi: number, open: { lo?: boolean; hi?: boolean } = {}): Check {
+  return (spec, bad) => {
+    const v = spec[field] as number | undefined;
+    if (v === undefined) return;
+    const ok = Number.isFinite(v) && (open.lo ? v > lo : v >= lo) && (open.hi ? v < hi : v <= hi);
+    if (!ok) bad(field, `must be in ${open.lo ? "(" : "["}${lo}, ${hi}${open.hi ? ")" : "]"}, got ${v}`);
+  };
+}
+
+function text(field: keyof TrainingSpec, max: number): Check {
+  return (spec, bad) => {
+    const v = spec[field] as string | undefined;
+    if (v === undefined) return;
+    if (!v.trim() || v.length > max) bad(field, `must be non-empty and at most ${max} characters, got ${JSON.stringify(v)}`);
   };
 }
 
@@ -74,6 +96,38 @@ const RULES: Check[] = [
     if (spec.validationPrompt !== undefined && spec.validationPrompt.length > 2000)
       bad("validationPrompt", "must be at most 2000 characters");
   },
+  // The rest of the reference recipe's knobs (engine/loraforge_engine/config.py checks the same).
+  text("datasetName", 200),
+  text("imageColumn", 200),
+  text("captionColumn", 200),
+  intRange("maxTrainSamples", 1, 2 ** 31 - 1),
+  between("captionDropout", 0, 1),
+  oneOf("interpolation", INTERPOLATIONS),
+  intRange("lrNumCycles", 1, 10_000),
+  between("lrPower", 0, 100, { lo: true }),
+  between("adamBeta1", 0, 1, { hi: true }),
+  between("adamBeta2", 0, 1, { hi: true }),
+  between("adamWeightDecay", 0, 1),
+  between("adamEpsilon", 0, 1, { lo: true }),
+  between("snrGamma", 0, 1000, { lo: true }),
+  between("noiseOffset", 0, 1),
+  oneOf("predictionType", PREDICTION_TYPES),
+  between("loraDropout", 0, 1, { hi: true }),
+  (spec, bad) => {
+    const names = spec.targetModules ?? [];
+    if (names.length > 64) bad("targetModules", `must name at most 64 modules, got ${names.length}`);
+    const wrong = names.filter((n) => !MODULE_NAME.test(n));
+    if (wrong.length) bad("targetModules", `must be module names such as to_q or to_out.0, got ${JSON.stringify(wrong)}`);
+  },
+  intRange("checkpointsTotalLimit", 1, 2 ** 31 - 1),
+  (spec, bad) => {
+    const prompts = spec.validationPrompts ?? [];
+    if (prompts.length > 16) bad("validationPrompts", `must hold at most 16 prompts, got ${prompts.length}`);
+    if (prompts.some((p) => !p.trim() || p.length > 2000))
+      bad("validationPrompts", "must be non-blank prompts of at most 2000 characters");
+  },
+  intRange("validationEpochs", 0, 10_000_000),
+  oneOf("loraFormat", LORA_FORMATS),
 ];
 
 /** proto field path as clients see it: "spec.train_batch_size". */
@@ -86,7 +140,13 @@ export function validateSpec(spec: TrainingSpec | undefined, policy: PathPolicy)
   const bad = (field: string, description: string) => violations.push({ field: fieldPath(field), description });
   for (const rule of RULES) rule(spec, bad);
   checkBaseModel(spec.baseModel, policy, bad);
-  checkDataset(spec.datasetDir, policy, bad);
+  if (spec.datasetName !== undefined && spec.datasetDir)
+    bad("datasetName", "must not be set together with datasetDir (give one data source)");
+  else if (spec.datasetName === undefined) checkDataset(spec.datasetDir, spec.imageColumn ?? "file_name", policy, bad);
+  // A checkpoint to start from is a user-supplied path like the others: confined to the data roots.
+  const resume = spec.resumeFromCheckpoint;
+  if (resume !== undefined && resume !== "latest" && checkPath("resumeFromCheckpoint", resume, policy, bad) && !existsSync(path.join(resume, "training_state.json")))
+    bad("resumeFromCheckpoint", `folder ${JSON.stringify(resume)} is not a loraforge checkpoint (no training_state.json); use "latest" or a checkpoints/checkpoint-<step> folder`);
   return violations;
 }
 
@@ -118,15 +178,16 @@ function checkBaseModel(p: string, policy: PathPolicy, bad: (f: string, d: strin
 }
 
 /** Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars. */
-export function countCaptionedImages(dir: string): number {
+export function countCaptionedImages(dir: string, imageColumn = "file_name"): number {
   const meta = path.join(dir, "metadata.jsonl");
   if (existsSync(meta)) {
     let n = 0;
     for (const line of readFileSync(meta, "utf8").split("\n")) {
       if (!line.trim()) continue;
       try {
-        const row = JSON.parse(line) as { file_name?: unknown };
-        if (typeof row.file_name === "string" && existsSync(path.join(dir, row.file_name))) n++;
+        const row = JSON.parse(line) as Record<string, unknown>;
+        const name = row[imageColumn];
+        if (typeof name === "string" && existsSync(path.join(dir, name))) n++;
       } catch {
         // a malformed line is the engine's to report, with its line number
       }
@@ -140,11 +201,11 @@ export function countCaptionedImages(dir: string): number {
   }).length;
 }
 
-function checkDataset(p: string, policy: PathPolicy, bad: (f: string, d: string) => void) {
+function checkDataset(p: string, imageColumn: string, policy: PathPolicy, bad: (f: string, d: string) => void) {
   if (!checkPath("datasetDir", p, policy, bad)) return;
-  if (countCaptionedImages(p) === 0)
+  if (countCaptionedImages(p, imageColumn) === 0)
     bad(
       "datasetDir",
-      `folder ${JSON.stringify(p)} holds no captioned images (expected metadata.jsonl with file_name and text, or images with same-named .txt captions)`,
+      `folder ${JSON.stringify(p)} holds no captioned images (expected metadata.jsonl with ${imageColumn} and a caption, or images with same-named .txt captions)`,
     );
 }

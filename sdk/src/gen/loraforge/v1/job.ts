@@ -325,6 +325,11 @@ export interface StepMetrics {
   gradNorm: number;
   /** Peak accelerator memory allocated so far, in bytes; 0 on CPU. */
   peakMemoryBytes: number;
+  /**
+   * Optimizer steps skipped so far because fp16 gradients overflowed (the
+   * gradient scaler then lowers its scale); 0 without fp16 mixed precision.
+   */
+  skippedSteps: number;
 }
 
 /** CheckpointSaved reports a resumable checkpoint written to disk. */
@@ -1165,6 +1170,7 @@ function createBaseStepMetrics(): StepMetrics {
     etaSeconds: 0,
     gradNorm: 0,
     peakMemoryBytes: 0,
+    skippedSteps: 0,
   };
 }
 
@@ -1196,6 +1202,9 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     }
     if (message.peakMemoryBytes !== 0) {
       writer.uint32(72).int64(message.peakMemoryBytes);
+    }
+    if (message.skippedSteps !== 0) {
+      writer.uint32(80).int64(message.skippedSteps);
     }
     return writer;
   },
@@ -1285,6 +1294,14 @@ export const StepMetrics: MessageFns<StepMetrics> = {
             message.peakMemoryBytes = longToNumber(reader.int64());
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.skippedSteps = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1332,6 +1349,11 @@ export const StepMetrics: MessageFns<StepMetrics> = {
         : isSet(object.peak_memory_bytes)
         ? globalThis.Number(object.peak_memory_bytes)
         : 0,
+      skippedSteps: isSet(object.skippedSteps)
+        ? globalThis.Number(object.skippedSteps)
+        : isSet(object.skipped_steps)
+        ? globalThis.Number(object.skipped_steps)
+        : 0,
     };
   },
 
@@ -1364,6 +1386,9 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     if (message.peakMemoryBytes !== 0) {
       obj.peakMemoryBytes = Math.round(message.peakMemoryBytes);
     }
+    if (message.skippedSteps !== 0) {
+      obj.skippedSteps = Math.round(message.skippedSteps);
+    }
     return obj;
   },
 
@@ -1381,6 +1406,7 @@ export const StepMetrics: MessageFns<StepMetrics> = {
     message.etaSeconds = object.etaSeconds ?? 0;
     message.gradNorm = object.gradNorm ?? 0;
     message.peakMemoryBytes = object.peakMemoryBytes ?? 0;
+    message.skippedSteps = object.skippedSteps ?? 0;
     return message;
   },
 };

@@ -28,9 +28,10 @@ export interface TrainingSpec {
   baseModel: string;
   /**
    * Data set: an absolute path to a local folder of images with either a
-   * `metadata.jsonl` (one JSON object per line with `file_name` and `text`) or a
-   * same-named `.txt` caption next to every image. Required; must hold at least
-   * one captioned image.
+   * `metadata.jsonl` (one JSON object per line with `file_name` and `text`, the
+   * keys named by image_column and caption_column) or a same-named `.txt`
+   * caption next to every image. Required unless dataset_name is set (exactly
+   * one of the two); must hold at least one captioned image.
    */
   datasetDir: string;
   /**
@@ -153,7 +154,203 @@ export interface TrainingSpec {
     | number
     | undefined;
   /** Denoising steps used to render validation images. Default 30; 1..1000. */
-  validationInferenceSteps?: number | undefined;
+  validationInferenceSteps?:
+    | number
+    | undefined;
+  /**
+   * A Hugging Face hub data set name (e.g. "lambdalabs/naruto-blip-captions"),
+   * its "train" split, instead of dataset_dir. Only where the engine host allows
+   * the hub (network, the `datasets` package, LORAFORGE_ALLOW_HUB=1); elsewhere
+   * the job fails with a clear error. Unset by default; at most 200 characters.
+   */
+  datasetName?:
+    | string
+    | undefined;
+  /**
+   * Column holding the image: in metadata.jsonl the image's file name (default
+   * "file_name"), in a hub data set the image itself (default "image").
+   * Non-empty when set; at most 200 characters.
+   */
+  imageColumn?:
+    | string
+    | undefined;
+  /**
+   * Column holding the caption, in metadata.jsonl or a hub data set.
+   * Default "text"; non-empty, at most 200 characters.
+   */
+  captionColumn?:
+    | string
+    | undefined;
+  /**
+   * Train on at most this many images: a seeded random subset of the data set
+   * (for quick runs and debugging). Unset: every image; 1..2147483647.
+   */
+  maxTrainSamples?:
+    | number
+    | undefined;
+  /**
+   * Probability that an image's caption is replaced by the empty caption for a
+   * step (teaches unconditional generation, for classifier-free guidance).
+   * Default 0; 0..1.
+   */
+  captionDropout?:
+    | number
+    | undefined;
+  /**
+   * Resampling filter used to resize images to resolution: "nearest",
+   * "bilinear", "bicubic", "box", "hamming" or "lanczos". Default "lanczos"
+   * (the reference recipe's).
+   */
+  interpolation?:
+    | string
+    | undefined;
+  /**
+   * Multiply learning_rate by train_batch_size × gradient_accumulation_steps
+   * (× number of processes). Default false.
+   */
+  scaleLr?:
+    | boolean
+    | undefined;
+  /**
+   * Number of hard restarts of the "cosine_with_restarts" schedule (ignored by
+   * the others). Default 1; 1..10000.
+   */
+  lrNumCycles?:
+    | number
+    | undefined;
+  /**
+   * Power of the "polynomial" schedule's decay (1 = linear; ignored by the
+   * others). Default 1.0; > 0 and ≤ 100.
+   */
+  lrPower?:
+    | number
+    | undefined;
+  /** AdamW's beta1 (first-moment decay). Default 0.9; 0 ≤ beta1 < 1. */
+  adamBeta1?:
+    | number
+    | undefined;
+  /** AdamW's beta2 (second-moment decay). Default 0.999; 0 ≤ beta2 < 1. */
+  adamBeta2?:
+    | number
+    | undefined;
+  /** AdamW's decoupled weight decay. Default 0.01; 0..1. */
+  adamWeightDecay?:
+    | number
+    | undefined;
+  /** AdamW's epsilon (added to the denominator). Default 1e-8; > 0 and ≤ 1. */
+  adamEpsilon?:
+    | number
+    | undefined;
+  /**
+   * Use bitsandbytes' 8-bit AdamW (less optimizer memory). CUDA only, and the
+   * bitsandbytes package must be installed on the engine host; otherwise the
+   * job fails with a clear error. Default false.
+   */
+  use8bitAdam: boolean;
+  /**
+   * Min-SNR loss weighting (Hang et al. 2023): each sample's loss is weighted
+   * by min(SNR(t), snr_gamma) / SNR(t) (/ (SNR(t) + 1) for v-prediction).
+   * Unset: plain MSE; when set > 0 and ≤ 1000 (5 is the paper's value).
+   */
+  snrGamma?:
+    | number
+    | undefined;
+  /**
+   * Offset noise: adds noise_offset × a per-sample, per-channel constant to
+   * the noise, which lets the model learn very dark or bright images.
+   * Default 0 (off); 0..1 (0.05–0.1 is usual).
+   */
+  noiseOffset?:
+    | number
+    | undefined;
+  /**
+   * Training target: "epsilon" (predict the noise) or "v_prediction".
+   * Unset: the base model scheduler's prediction_type.
+   */
+  predictionType?:
+    | string
+    | undefined;
+  /**
+   * Recompute activations in the backward pass instead of storing them: less
+   * memory, about 30% slower. Same result. Default false.
+   */
+  gradientCheckpointing: boolean;
+  /**
+   * Allow TF32 matrix multiplications on Ampere and newer GPUs (faster, slightly
+   * less precise); ignored on CPU. Default false.
+   */
+  allowTf32: boolean;
+  /**
+   * Dropout applied to the LoRA branch's input during training.
+   * Default 0; 0 ≤ lora_dropout < 1.
+   */
+  loraDropout?:
+    | number
+    | undefined;
+  /**
+   * UNet modules (names or name suffixes, as peft matches them) that get LoRA.
+   * Empty: ["to_q", "to_k", "to_v", "to_out.0"] (the attention projections).
+   * At most 64 names of letters, digits, "_" and ".".
+   */
+  targetModules: string[];
+  /**
+   * Also train LoRA on the text encoder(s) (both, for SDXL), on their
+   * attention projections q_proj, k_proj, v_proj and out_proj, with the same
+   * rank, alpha and dropout. Disables the text-embedding cache. Default false.
+   */
+  trainTextEncoder: boolean;
+  /**
+   * Keep at most this many checkpoints (the oldest are deleted; the final LoRA
+   * file is never deleted). Unset: keep all; 1..2147483647.
+   */
+  checkpointsTotalLimit?:
+    | number
+    | undefined;
+  /**
+   * Resume from a checkpoint: an absolute path to a checkpoint-<step> folder,
+   * or "latest" (the newest in this job's output; none: start fresh). The
+   * engine's --resume-from flag overrides it. Unset: start fresh.
+   */
+  resumeFromCheckpoint?:
+    | string
+    | undefined;
+  /**
+   * More prompts to render at each validation, after validation_prompt. At most
+   * 16, each non-blank and at most 2000 characters.
+   */
+  validationPrompts: string[];
+  /**
+   * Render validation images at the end of every N epochs as well (and always
+   * at the end). Default 0 (off); ≥ 0.
+   */
+  validationEpochs?:
+    | number
+    | undefined;
+  /**
+   * Format of the final LoRA file reported by the job: "diffusers"
+   * (pytorch_lora_weights.safetensors) or "kohya" (the A1111 / ComfyUI
+   * layout, lora_unet_… / lora_te_… keys with .alpha tensors, written as
+   * pytorch_lora_weights_kohya.safetensors; the diffusers file is written
+   * beside it). Default "diffusers".
+   */
+  loraFormat?:
+    | string
+    | undefined;
+  /**
+   * Encode images (VAE latent distributions) and captions (text embeddings)
+   * once per run instead of every step, where the augmentation allows it:
+   * latents need center_crop (both orientations are cached under random_flip);
+   * text embeddings need a frozen text encoder. Same result, faster.
+   * Default true.
+   */
+  cacheLatents?:
+    | boolean
+    | undefined;
+  /**
+   * Compile the UNet with torch.compile: faster steps after a compilation of
+   * up to minutes at start (and per new batch shape). Default false.
+   */
+  torchCompile: boolean;
 }
 
 function createBaseTrainingSpec(): TrainingSpec {
@@ -180,6 +377,35 @@ function createBaseTrainingSpec(): TrainingSpec {
     numValidationImages: undefined,
     validationSteps: undefined,
     validationInferenceSteps: undefined,
+    datasetName: undefined,
+    imageColumn: undefined,
+    captionColumn: undefined,
+    maxTrainSamples: undefined,
+    captionDropout: undefined,
+    interpolation: undefined,
+    scaleLr: undefined,
+    lrNumCycles: undefined,
+    lrPower: undefined,
+    adamBeta1: undefined,
+    adamBeta2: undefined,
+    adamWeightDecay: undefined,
+    adamEpsilon: undefined,
+    use8bitAdam: false,
+    snrGamma: undefined,
+    noiseOffset: undefined,
+    predictionType: undefined,
+    gradientCheckpointing: false,
+    allowTf32: false,
+    loraDropout: undefined,
+    targetModules: [],
+    trainTextEncoder: false,
+    checkpointsTotalLimit: undefined,
+    resumeFromCheckpoint: undefined,
+    validationPrompts: [],
+    validationEpochs: undefined,
+    loraFormat: undefined,
+    cacheLatents: undefined,
+    torchCompile: false,
   };
 }
 
@@ -250,6 +476,93 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.validationInferenceSteps !== undefined) {
       writer.uint32(176).int32(message.validationInferenceSteps);
+    }
+    if (message.datasetName !== undefined) {
+      writer.uint32(186).string(message.datasetName);
+    }
+    if (message.imageColumn !== undefined) {
+      writer.uint32(194).string(message.imageColumn);
+    }
+    if (message.captionColumn !== undefined) {
+      writer.uint32(202).string(message.captionColumn);
+    }
+    if (message.maxTrainSamples !== undefined) {
+      writer.uint32(208).int32(message.maxTrainSamples);
+    }
+    if (message.captionDropout !== undefined) {
+      writer.uint32(217).double(message.captionDropout);
+    }
+    if (message.interpolation !== undefined) {
+      writer.uint32(226).string(message.interpolation);
+    }
+    if (message.scaleLr !== undefined) {
+      writer.uint32(232).bool(message.scaleLr);
+    }
+    if (message.lrNumCycles !== undefined) {
+      writer.uint32(240).int32(message.lrNumCycles);
+    }
+    if (message.lrPower !== undefined) {
+      writer.uint32(249).double(message.lrPower);
+    }
+    if (message.adamBeta1 !== undefined) {
+      writer.uint32(257).double(message.adamBeta1);
+    }
+    if (message.adamBeta2 !== undefined) {
+      writer.uint32(265).double(message.adamBeta2);
+    }
+    if (message.adamWeightDecay !== undefined) {
+      writer.uint32(273).double(message.adamWeightDecay);
+    }
+    if (message.adamEpsilon !== undefined) {
+      writer.uint32(281).double(message.adamEpsilon);
+    }
+    if (message.use8bitAdam !== false) {
+      writer.uint32(288).bool(message.use8bitAdam);
+    }
+    if (message.snrGamma !== undefined) {
+      writer.uint32(297).double(message.snrGamma);
+    }
+    if (message.noiseOffset !== undefined) {
+      writer.uint32(305).double(message.noiseOffset);
+    }
+    if (message.predictionType !== undefined) {
+      writer.uint32(314).string(message.predictionType);
+    }
+    if (message.gradientCheckpointing !== false) {
+      writer.uint32(320).bool(message.gradientCheckpointing);
+    }
+    if (message.allowTf32 !== false) {
+      writer.uint32(328).bool(message.allowTf32);
+    }
+    if (message.loraDropout !== undefined) {
+      writer.uint32(337).double(message.loraDropout);
+    }
+    for (const v of message.targetModules) {
+      writer.uint32(346).string(v!);
+    }
+    if (message.trainTextEncoder !== false) {
+      writer.uint32(352).bool(message.trainTextEncoder);
+    }
+    if (message.checkpointsTotalLimit !== undefined) {
+      writer.uint32(360).int32(message.checkpointsTotalLimit);
+    }
+    if (message.resumeFromCheckpoint !== undefined) {
+      writer.uint32(370).string(message.resumeFromCheckpoint);
+    }
+    for (const v of message.validationPrompts) {
+      writer.uint32(378).string(v!);
+    }
+    if (message.validationEpochs !== undefined) {
+      writer.uint32(384).int32(message.validationEpochs);
+    }
+    if (message.loraFormat !== undefined) {
+      writer.uint32(394).string(message.loraFormat);
+    }
+    if (message.cacheLatents !== undefined) {
+      writer.uint32(400).bool(message.cacheLatents);
+    }
+    if (message.torchCompile !== false) {
+      writer.uint32(408).bool(message.torchCompile);
     }
     return writer;
   },
@@ -443,6 +756,238 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.validationInferenceSteps = reader.int32();
             continue;
           }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.datasetName = reader.string();
+            continue;
+          }
+          case 24: {
+            if (tag !== 194) {
+              break;
+            }
+
+            message.imageColumn = reader.string();
+            continue;
+          }
+          case 25: {
+            if (tag !== 202) {
+              break;
+            }
+
+            message.captionColumn = reader.string();
+            continue;
+          }
+          case 26: {
+            if (tag !== 208) {
+              break;
+            }
+
+            message.maxTrainSamples = reader.int32();
+            continue;
+          }
+          case 27: {
+            if (tag !== 217) {
+              break;
+            }
+
+            message.captionDropout = reader.double();
+            continue;
+          }
+          case 28: {
+            if (tag !== 226) {
+              break;
+            }
+
+            message.interpolation = reader.string();
+            continue;
+          }
+          case 29: {
+            if (tag !== 232) {
+              break;
+            }
+
+            message.scaleLr = reader.bool();
+            continue;
+          }
+          case 30: {
+            if (tag !== 240) {
+              break;
+            }
+
+            message.lrNumCycles = reader.int32();
+            continue;
+          }
+          case 31: {
+            if (tag !== 249) {
+              break;
+            }
+
+            message.lrPower = reader.double();
+            continue;
+          }
+          case 32: {
+            if (tag !== 257) {
+              break;
+            }
+
+            message.adamBeta1 = reader.double();
+            continue;
+          }
+          case 33: {
+            if (tag !== 265) {
+              break;
+            }
+
+            message.adamBeta2 = reader.double();
+            continue;
+          }
+          case 34: {
+            if (tag !== 273) {
+              break;
+            }
+
+            message.adamWeightDecay = reader.double();
+            continue;
+          }
+          case 35: {
+            if (tag !== 281) {
+              break;
+            }
+
+            message.adamEpsilon = reader.double();
+            continue;
+          }
+          case 36: {
+            if (tag !== 288) {
+              break;
+            }
+
+            message.use8bitAdam = reader.bool();
+            continue;
+          }
+          case 37: {
+            if (tag !== 297) {
+              break;
+            }
+
+            message.snrGamma = reader.double();
+            continue;
+          }
+          case 38: {
+            if (tag !== 305) {
+              break;
+            }
+
+            message.noiseOffset = reader.double();
+            continue;
+          }
+          case 39: {
+            if (tag !== 314) {
+              break;
+            }
+
+            message.predictionType = reader.string();
+            continue;
+          }
+          case 40: {
+            if (tag !== 320) {
+              break;
+            }
+
+            message.gradientCheckpointing = reader.bool();
+            continue;
+          }
+          case 41: {
+            if (tag !== 328) {
+              break;
+            }
+
+            message.allowTf32 = reader.bool();
+            continue;
+          }
+          case 42: {
+            if (tag !== 337) {
+              break;
+            }
+
+            message.loraDropout = reader.double();
+            continue;
+          }
+          case 43: {
+            if (tag !== 346) {
+              break;
+            }
+
+            message.targetModules.push(reader.string());
+            continue;
+          }
+          case 44: {
+            if (tag !== 352) {
+              break;
+            }
+
+            message.trainTextEncoder = reader.bool();
+            continue;
+          }
+          case 45: {
+            if (tag !== 360) {
+              break;
+            }
+
+            message.checkpointsTotalLimit = reader.int32();
+            continue;
+          }
+          case 46: {
+            if (tag !== 370) {
+              break;
+            }
+
+            message.resumeFromCheckpoint = reader.string();
+            continue;
+          }
+          case 47: {
+            if (tag !== 378) {
+              break;
+            }
+
+            message.validationPrompts.push(reader.string());
+            continue;
+          }
+          case 48: {
+            if (tag !== 384) {
+              break;
+            }
+
+            message.validationEpochs = reader.int32();
+            continue;
+          }
+          case 49: {
+            if (tag !== 394) {
+              break;
+            }
+
+            message.loraFormat = reader.string();
+            continue;
+          }
+          case 50: {
+            if (tag !== 400) {
+              break;
+            }
+
+            message.cacheLatents = reader.bool();
+            continue;
+          }
+          case 51: {
+            if (tag !== 408) {
+              break;
+            }
+
+            message.torchCompile = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -555,6 +1100,147 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.validation_inference_steps)
         ? globalThis.Number(object.validation_inference_steps)
         : undefined,
+      datasetName: isSet(object.datasetName)
+        ? globalThis.String(object.datasetName)
+        : isSet(object.dataset_name)
+        ? globalThis.String(object.dataset_name)
+        : undefined,
+      imageColumn: isSet(object.imageColumn)
+        ? globalThis.String(object.imageColumn)
+        : isSet(object.image_column)
+        ? globalThis.String(object.image_column)
+        : undefined,
+      captionColumn: isSet(object.captionColumn)
+        ? globalThis.String(object.captionColumn)
+        : isSet(object.caption_column)
+        ? globalThis.String(object.caption_column)
+        : undefined,
+      maxTrainSamples: isSet(object.maxTrainSamples)
+        ? globalThis.Number(object.maxTrainSamples)
+        : isSet(object.max_train_samples)
+        ? globalThis.Number(object.max_train_samples)
+        : undefined,
+      captionDropout: isSet(object.captionDropout)
+        ? globalThis.Number(object.captionDropout)
+        : isSet(object.caption_dropout)
+        ? globalThis.Number(object.caption_dropout)
+        : undefined,
+      interpolation: isSet(object.interpolation) ? globalThis.String(object.interpolation) : undefined,
+      scaleLr: isSet(object.scaleLr)
+        ? globalThis.Boolean(object.scaleLr)
+        : isSet(object.scale_lr)
+        ? globalThis.Boolean(object.scale_lr)
+        : undefined,
+      lrNumCycles: isSet(object.lrNumCycles)
+        ? globalThis.Number(object.lrNumCycles)
+        : isSet(object.lr_num_cycles)
+        ? globalThis.Number(object.lr_num_cycles)
+        : undefined,
+      lrPower: isSet(object.lrPower)
+        ? globalThis.Number(object.lrPower)
+        : isSet(object.lr_power)
+        ? globalThis.Number(object.lr_power)
+        : undefined,
+      adamBeta1: isSet(object.adamBeta1)
+        ? globalThis.Number(object.adamBeta1)
+        : isSet(object.adam_beta1)
+        ? globalThis.Number(object.adam_beta1)
+        : undefined,
+      adamBeta2: isSet(object.adamBeta2)
+        ? globalThis.Number(object.adamBeta2)
+        : isSet(object.adam_beta2)
+        ? globalThis.Number(object.adam_beta2)
+        : undefined,
+      adamWeightDecay: isSet(object.adamWeightDecay)
+        ? globalThis.Number(object.adamWeightDecay)
+        : isSet(object.adam_weight_decay)
+        ? globalThis.Number(object.adam_weight_decay)
+        : undefined,
+      adamEpsilon: isSet(object.adamEpsilon)
+        ? globalThis.Number(object.adamEpsilon)
+        : isSet(object.adam_epsilon)
+        ? globalThis.Number(object.adam_epsilon)
+        : undefined,
+      use8bitAdam: isSet(object.use8bitAdam)
+        ? globalThis.Boolean(object.use8bitAdam)
+        : isSet(object.use_8bit_adam)
+        ? globalThis.Boolean(object.use_8bit_adam)
+        : false,
+      snrGamma: isSet(object.snrGamma)
+        ? globalThis.Number(object.snrGamma)
+        : isSet(object.snr_gamma)
+        ? globalThis.Number(object.snr_gamma)
+        : undefined,
+      noiseOffset: isSet(object.noiseOffset)
+        ? globalThis.Number(object.noiseOffset)
+        : isSet(object.noise_offset)
+        ? globalThis.Number(object.noise_offset)
+        : undefined,
+      predictionType: isSet(object.predictionType)
+        ? globalThis.String(object.predictionType)
+        : isSet(object.prediction_type)
+        ? globalThis.String(object.prediction_type)
+        : undefined,
+      gradientCheckpointing: isSet(object.gradientCheckpointing)
+        ? globalThis.Boolean(object.gradientCheckpointing)
+        : isSet(object.gradient_checkpointing)
+        ? globalThis.Boolean(object.gradient_checkpointing)
+        : false,
+      allowTf32: isSet(object.allowTf32)
+        ? globalThis.Boolean(object.allowTf32)
+        : isSet(object.allow_tf32)
+        ? globalThis.Boolean(object.allow_tf32)
+        : false,
+      loraDropout: isSet(object.loraDropout)
+        ? globalThis.Number(object.loraDropout)
+        : isSet(object.lora_dropout)
+        ? globalThis.Number(object.lora_dropout)
+        : undefined,
+      targetModules: globalThis.Array.isArray(object?.targetModules)
+        ? object.targetModules.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.target_modules)
+        ? object.target_modules.map((e: any) => globalThis.String(e))
+        : [],
+      trainTextEncoder: isSet(object.trainTextEncoder)
+        ? globalThis.Boolean(object.trainTextEncoder)
+        : isSet(object.train_text_encoder)
+        ? globalThis.Boolean(object.train_text_encoder)
+        : false,
+      checkpointsTotalLimit: isSet(object.checkpointsTotalLimit)
+        ? globalThis.Number(object.checkpointsTotalLimit)
+        : isSet(object.checkpoints_total_limit)
+        ? globalThis.Number(object.checkpoints_total_limit)
+        : undefined,
+      resumeFromCheckpoint: isSet(object.resumeFromCheckpoint)
+        ? globalThis.String(object.resumeFromCheckpoint)
+        : isSet(object.resume_from_checkpoint)
+        ? globalThis.String(object.resume_from_checkpoint)
+        : undefined,
+      validationPrompts: globalThis.Array.isArray(object?.validationPrompts)
+        ? object.validationPrompts.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.validation_prompts)
+        ? object.validation_prompts.map((e: any) => globalThis.String(e))
+        : [],
+      validationEpochs: isSet(object.validationEpochs)
+        ? globalThis.Number(object.validationEpochs)
+        : isSet(object.validation_epochs)
+        ? globalThis.Number(object.validation_epochs)
+        : undefined,
+      loraFormat: isSet(object.loraFormat)
+        ? globalThis.String(object.loraFormat)
+        : isSet(object.lora_format)
+        ? globalThis.String(object.lora_format)
+        : undefined,
+      cacheLatents: isSet(object.cacheLatents)
+        ? globalThis.Boolean(object.cacheLatents)
+        : isSet(object.cache_latents)
+        ? globalThis.Boolean(object.cache_latents)
+        : undefined,
+      torchCompile: isSet(object.torchCompile)
+        ? globalThis.Boolean(object.torchCompile)
+        : isSet(object.torch_compile)
+        ? globalThis.Boolean(object.torch_compile)
+        : false,
     };
   },
 
@@ -626,6 +1312,93 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.validationInferenceSteps !== undefined) {
       obj.validationInferenceSteps = Math.round(message.validationInferenceSteps);
     }
+    if (message.datasetName !== undefined) {
+      obj.datasetName = message.datasetName;
+    }
+    if (message.imageColumn !== undefined) {
+      obj.imageColumn = message.imageColumn;
+    }
+    if (message.captionColumn !== undefined) {
+      obj.captionColumn = message.captionColumn;
+    }
+    if (message.maxTrainSamples !== undefined) {
+      obj.maxTrainSamples = Math.round(message.maxTrainSamples);
+    }
+    if (message.captionDropout !== undefined) {
+      obj.captionDropout = floatToJson(message.captionDropout);
+    }
+    if (message.interpolation !== undefined) {
+      obj.interpolation = message.interpolation;
+    }
+    if (message.scaleLr !== undefined) {
+      obj.scaleLr = message.scaleLr;
+    }
+    if (message.lrNumCycles !== undefined) {
+      obj.lrNumCycles = Math.round(message.lrNumCycles);
+    }
+    if (message.lrPower !== undefined) {
+      obj.lrPower = floatToJson(message.lrPower);
+    }
+    if (message.adamBeta1 !== undefined) {
+      obj.adamBeta1 = floatToJson(message.adamBeta1);
+    }
+    if (message.adamBeta2 !== undefined) {
+      obj.adamBeta2 = floatToJson(message.adamBeta2);
+    }
+    if (message.adamWeightDecay !== undefined) {
+      obj.adamWeightDecay = floatToJson(message.adamWeightDecay);
+    }
+    if (message.adamEpsilon !== undefined) {
+      obj.adamEpsilon = floatToJson(message.adamEpsilon);
+    }
+    if (message.use8bitAdam !== false) {
+      obj.use8bitAdam = message.use8bitAdam;
+    }
+    if (message.snrGamma !== undefined) {
+      obj.snrGamma = floatToJson(message.snrGamma);
+    }
+    if (message.noiseOffset !== undefined) {
+      obj.noiseOffset = floatToJson(message.noiseOffset);
+    }
+    if (message.predictionType !== undefined) {
+      obj.predictionType = message.predictionType;
+    }
+    if (message.gradientCheckpointing !== false) {
+      obj.gradientCheckpointing = message.gradientCheckpointing;
+    }
+    if (message.allowTf32 !== false) {
+      obj.allowTf32 = message.allowTf32;
+    }
+    if (message.loraDropout !== undefined) {
+      obj.loraDropout = floatToJson(message.loraDropout);
+    }
+    if (message.targetModules?.length) {
+      obj.targetModules = message.targetModules;
+    }
+    if (message.trainTextEncoder !== false) {
+      obj.trainTextEncoder = message.trainTextEncoder;
+    }
+    if (message.checkpointsTotalLimit !== undefined) {
+      obj.checkpointsTotalLimit = Math.round(message.checkpointsTotalLimit);
+    }
+    if (message.resumeFromCheckpoint !== undefined) {
+      obj.resumeFromCheckpoint = message.resumeFromCheckpoint;
+    }
+    if (message.validationPrompts?.length) {
+      obj.validationPrompts = message.validationPrompts;
+    }
+    if (message.validationEpochs !== undefined) {
+      obj.validationEpochs = Math.round(message.validationEpochs);
+    }
+    if (message.loraFormat !== undefined) {
+      obj.loraFormat = message.loraFormat;
+    }
+    if (message.cacheLatents !== undefined) {
+      obj.cacheLatents = message.cacheLatents;
+    }
+    if (message.torchCompile !== false) {
+      obj.torchCompile = message.torchCompile;
+    }
     return obj;
   },
 
@@ -656,6 +1429,35 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.numValidationImages = object.numValidationImages ?? undefined;
     message.validationSteps = object.validationSteps ?? undefined;
     message.validationInferenceSteps = object.validationInferenceSteps ?? undefined;
+    message.datasetName = object.datasetName ?? undefined;
+    message.imageColumn = object.imageColumn ?? undefined;
+    message.captionColumn = object.captionColumn ?? undefined;
+    message.maxTrainSamples = object.maxTrainSamples ?? undefined;
+    message.captionDropout = object.captionDropout ?? undefined;
+    message.interpolation = object.interpolation ?? undefined;
+    message.scaleLr = object.scaleLr ?? undefined;
+    message.lrNumCycles = object.lrNumCycles ?? undefined;
+    message.lrPower = object.lrPower ?? undefined;
+    message.adamBeta1 = object.adamBeta1 ?? undefined;
+    message.adamBeta2 = object.adamBeta2 ?? undefined;
+    message.adamWeightDecay = object.adamWeightDecay ?? undefined;
+    message.adamEpsilon = object.adamEpsilon ?? undefined;
+    message.use8bitAdam = object.use8bitAdam ?? false;
+    message.snrGamma = object.snrGamma ?? undefined;
+    message.noiseOffset = object.noiseOffset ?? undefined;
+    message.predictionType = object.predictionType ?? undefined;
+    message.gradientCheckpointing = object.gradientCheckpointing ?? false;
+    message.allowTf32 = object.allowTf32 ?? false;
+    message.loraDropout = object.loraDropout ?? undefined;
+    message.targetModules = object.targetModules?.map((e) => e) || [];
+    message.trainTextEncoder = object.trainTextEncoder ?? false;
+    message.checkpointsTotalLimit = object.checkpointsTotalLimit ?? undefined;
+    message.resumeFromCheckpoint = object.resumeFromCheckpoint ?? undefined;
+    message.validationPrompts = object.validationPrompts?.map((e) => e) || [];
+    message.validationEpochs = object.validationEpochs ?? undefined;
+    message.loraFormat = object.loraFormat ?? undefined;
+    message.cacheLatents = object.cacheLatents ?? undefined;
+    message.torchCompile = object.torchCompile ?? false;
     return message;
   },
 };

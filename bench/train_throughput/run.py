@@ -1,0 +1,292 @@
+"""Training throughput: the engine's default path against a reference-equivalent path, in one process and one
+run, on the same tiny model, data and batch.
+
+    PYTHONPATH=engine engine/.venv/bin/python bench/train_throughput/run.py [--steps 40] [--batch 4]
+        [--resolution 64] [--threads 0] [--work DIR]
+
+reference: what diffusers' train_text_to_image_lora.py does per step — load and transform the batch's images
+  (resize, centre crop, random flip, normalise) and tokenize its captions, encode the images with the VAE and
+  the captions with the text encoder, UNet forward + backward through peft's LoRA, torch's default AdamW
+  (the for-loop implementation on CPU), LR scheduler step.
+engine: loraforge_engine.train.Trainer with the spec's defaults (latents and text embeddings cached once per
+  run, channels_last, fused AdamW, real gradient clipping), driven through its own training loop.
+
+Both train the same LoRA (rank 4, to_q/to_k/to_v/to_out.0) with the same hyper-parameters. Printed per path:
+images/s over the steps after the first `--warmup`, time to first step (from the start of model loading to the
+end of the first optimizer step, caches included), peak memory (CUDA: peak allocated; CPU: peak resident set
+heap bytes in use (glibc mallinfo2) above the level before the path started, sampled every 2 ms), and the ratio. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+RANK, LR = 4, 1e-4
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA peak allocated, or CPU resident set size above the start level."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _rss() -> int:
+        """Bytes the process holds from malloc now (glibc mallinfo2: arena + mmapped blocks in use); torch's
+        CPU tensors come straight from malloc. Falls back to the resident set size."""
+        try:
+            import ctypes
+
+            class MallInfo2(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                           "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                           "keepcost")]
+
+            libc = ctypes.CDLL(None)
+            libc.mallinfo2.restype = MallInfo2
+            info = libc.mallinfo2()
+            return int(info.uordblks + info.hblkhd)
+        except (OSError, AttributeError):
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self._rss()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._rss() - self.base)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int,
+                   device: torch.device, precision: str = "no") -> dict:
+    """The reference script's per-step work, written out (no caching, default AdamW). `precision` fp16/bf16
+    (CUDA): frozen weights in that dtype, LoRA fp32, autocast, and a GradScaler for fp16, as accelerate does."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    t_start = time.perf_counter()
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    common = {"local_files_only": True, "use_safetensors": True}
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common).to(device, dt)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **common).to(device, dt)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **common).to(device, dt)
+    autocast = (lambda: torch.autocast(device.type, dtype=dt)) if dt != torch.float32 else contextlib.nullcontext
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=True)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    rows = [json.loads(x) for x in (Path(data) / "metadata.jsonl").read_text().splitlines() if x.strip()]
+    rng = np.random.default_rng(0)
+
+    def preprocess(row) -> tuple[torch.Tensor, torch.Tensor]:
+        # transforms.Resize(res, LANCZOS), CenterCrop(res), RandomHorizontalFlip(), ToTensor(), Normalize([.5], [.5])
+        img = Image.open(Path(data) / row["file_name"]).convert("RGB")
+        w, h = img.size
+        s = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.LANCZOS)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        px = torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+        ids = tokenizer(row["text"], max_length=tokenizer.model_max_length, padding="max_length",
+                        truncation=True, return_tensors="pt").input_ids[0]
+        return (px - 0.5) / 0.5, ids
+
+    unet.train()
+    times, first = [], None
+    order: list[int] = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        if len(order) < batch:
+            order += list(rng.permutation(len(rows)))
+        picked, order = order[:batch], order[batch:]
+        items = [preprocess(rows[i]) for i in picked]
+        pixel_values = torch.stack([x for x, _ in items]).to(device, dt)
+        input_ids = torch.stack([y for _, y in items]).to(device)
+        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        with autocast():
+            pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        loss.item()
+        sync(device)
+        now = time.perf_counter()
+        if first is None:
+            first = now - t_start
+        times.append(now - t0)
+    measured = times[warmup:]
+    return {"images_per_s": batch * len(measured) / sum(measured), "first_step_s": first}
+
+
+def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,
+                extra: dict) -> dict:
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.train import Trainer
+
+    spec = parse_spec({"baseModel": model, "datasetDir": data, "resolution": resolution, "trainBatchSize": batch,
+                       "maxTrainSteps": steps, "learningRate": LR, "rank": RANK, "centerCrop": True,
+                       "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, "lrWarmupSteps": 0,
+                       **extra})
+    sink = io.StringIO()
+    t_start = time.perf_counter()
+    trainer = Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(sink))
+    times: list[float] = []
+    first = [None]
+    orig_metrics = trainer.events.metrics
+
+    def on_metrics(**m):  # one call per finished optimizer step
+        sync(trainer.device)
+        now = time.perf_counter()
+        if first[0] is None:
+            first[0] = now - t_start
+        times.append(now)
+        orig_metrics(**m)
+
+    trainer.events.metrics = on_metrics
+    trainer.train(threading.Event())
+    # Step durations from consecutive step ends (the first step's start is unknown here: drop it).
+    durations = np.diff(times)[max(0, warmup - 1):]
+    return {"images_per_s": batch * len(durations) / float(np.sum(durations)), "first_step_s": first[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate the paths this many times; each path's best round is reported")
+    p.add_argument("--compile", action="store_true", help="also run the engine with torch_compile")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-train"))
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
+
+    work = Path(a.work)
+    model, data = work / "tiny-sd", work / "data"
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(model, seed=0)
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, count=16, size=a.resolution, seed=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Import everything both paths use first, so neither pays for (or has its memory inflated by) imports.
+    import diffusers.optimization  # noqa: F401
+    import peft  # noqa: F401
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import loraforge_engine.train  # noqa: F401
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; tiny SD-1.x model, "
+          f"{a.resolution} px, batch {a.batch}, {a.steps} steps ({a.warmup} warm-up)", flush=True)
+
+    results = {}
+    runs = [("reference", lambda: reference_path(str(model), str(data), a.steps, a.batch, a.resolution,
+                                                  a.warmup, device)),
+            ("engine", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution, a.warmup,
+                                           work, {}))]
+    if a.compile:
+        runs.append(("engine+compile", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution,
+                                                            a.warmup, work, {"torchCompile": True})))
+    for round_ in range(a.rounds):
+        for name, fn in runs:
+            with PeakMemory(device) as mem:
+                r = fn()
+            r["peak_memory_mb"] = mem.peak / 2**20
+            print(f"round {round_ + 1} {name:>15}: {r['images_per_s']:7.1f} images/s   first step "
+                  f"{r['first_step_s']:6.2f} s   peak memory {r['peak_memory_mb']:7.1f} MiB", flush=True)
+            best = results.get(name)
+            results[name] = {
+                "images_per_s": max(r["images_per_s"], best["images_per_s"]) if best else r["images_per_s"],
+                "first_step_s": min(r["first_step_s"], best["first_step_s"]) if best else r["first_step_s"],
+                "peak_memory_mb": max(r["peak_memory_mb"], best["peak_memory_mb"]) if best else r["peak_memory_mb"],
+                "rounds_images_per_s": (best["rounds_images_per_s"] if best else []) + [r["images_per_s"]],
+            }
+    print("best of rounds (images/s: highest; first step: lowest; peak memory: highest):")
+    for name, r in results.items():
+        print(f"{name:>15}: {r['images_per_s']:7.1f} images/s   first step {r['first_step_s']:6.2f} s   "
+              f"peak memory {r['peak_memory_mb']:7.1f} MiB")
+    ref = results["reference"]["images_per_s"]
+    for name in results:
+        if name != "reference":
+            results[name]["ratio"] = results[name]["images_per_s"] / ref
+            print(f"{name} / reference: {results[name]['ratio']:.2f}x images/s")
+    print(json.dumps({"device": str(device), "batch": a.batch, "resolution": a.resolution, "steps": a.steps,
+                      "threads": torch.get_num_threads(), **results}))
+
+
+if __name__ == "__main__":
+    main()
