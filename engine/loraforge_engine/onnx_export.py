@@ -1,18 +1,29 @@
-"""Export an SD-1.x base model (diffusers layout, safetensors) to ONNX for the server's onnxruntime inference.
+"""Export an SD-1.x/2.x or SDXL base model (diffusers layout, safetensors) to ONNX for the server's
+onnxruntime inference.
 
-    python -m loraforge_engine export-onnx MODEL_DIR --out CACHE_ROOT
+    python -m loraforge_engine export-onnx MODEL_DIR --out CACHE_ROOT [--dtype fp32|fp16]
 
-writes CACHE_ROOT/<model hash>/ with text_encoder.onnx, unet.onnx, vae_decoder.onnx, the tokenizer files and
-manifest.json, and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is
-already there and complete is not redone. The model hash is a content hash of the model's files (see
-`model_hash`); the server computes the same one to find an export without starting Python.
+writes CACHE_ROOT/<model hash>/ (fp16: CACHE_ROOT/<model hash>-fp16/) with text_encoder.onnx, unet.onnx,
+vae_decoder.onnx, the tokenizer files and manifest.json — for SDXL also text_encoder_2.onnx and tokenizer_2/
+— and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is already there and
+complete is not redone. The model hash is a content hash of the model's files (see `model_hash`); the server
+computes the same one to find an export without starting Python.
 
 LoRA "slots": every attention projection a LoRA may target (UNet: to_q, to_k, to_v, to_out.0 of every
-attention block; text encoder: q_proj, k_proj, v_proj, out_proj of every layer) is wrapped so that it
+attention block; each text encoder: q_proj, k_proj, v_proj, out_proj of every layer) is wrapped so that it
 computes y = W x + b + B (A x), with A [r, in] and B [out, r] two extra graph inputs whose rank axis r is
 dynamic. A LoRA is then only tensors fed to the session: the runtime folds alpha / rank and the user's
 scale into B, concatenates several LoRAs along r, and feeds rank-0 tensors to unused slots (which leaves
 the base model's output unchanged).
+
+SDXL (a UNet with addition_embed_type "text_time" and a second text encoder): as StableDiffusionXLPipeline
+reads them, both text encoders output their penultimate hidden states (concatenated by the runtime into the
+UNet's encoder_hidden_states), text_encoder_2 also its projected pooled output `text_embeds`, and the UNet
+takes `text_embeds` and `time_ids` (original size, crop top-left, target size) as its added conditioning.
+
+fp16 (for the CUDA execution provider): text encoders and UNet in half precision with float16 inputs and
+outputs (input_ids stay int64); the VAE decoder stays float32 when the VAE's config says force_upcast (as the
+diffusers pipelines upcast it), else float16 too. The manifest's "dtype" and per-graph "io_dtype" say which.
 """
 
 from __future__ import annotations
@@ -28,13 +39,20 @@ from pathlib import Path
 
 MANIFEST_FORMAT = "loraforge-onnx/1"
 # What the hash covers: the parts of a diffusers folder that the exported graphs and the runtime read.
-HASHED_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
+# text_encoder_2 / tokenizer_2 exist only in SDXL folders: SD-1.x hashes are the same as before they were added.
+HASHED_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                  "unet", "vae")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # diffusers' upsampling takes a different branch for batch >= 64: the exported graph serves batch 1..63.
 MAX_BATCH = 63
 OPSET = 18
+# Graph input name prefixes and kohya key prefixes per component (kohya's SDXL files say lora_te1_ for the
+# first text encoder; the runtime accepts both forms for it).
+INPUT_PREFIX = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+DTYPES = ("fp32", "fp16")
 
 
 # ------------------------------------------------------------------------------------------------ the hash
@@ -79,7 +97,7 @@ def model_hash(model_dir: str | os.PathLike) -> str:
 
 @dataclass
 class Slot:
-    component: str  # "unet" or "text_encoder"
+    component: str  # "unet", "text_encoder" or (SDXL) "text_encoder_2"
     module: str  # module path inside the component, e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q
     in_features: int
     out_features: int
@@ -95,7 +113,7 @@ class Slot:
             # The kohya / A1111 form (lora_unet_… / lora_te_…, dots as underscores).
             # Text encoder modules are "text_model.encoder…" in transformers 4 and "encoder…" in 5; LoRA files
             # carry either, so the runtime matches text encoder keys with "text_model." removed.
-            "kohya_key": ("lora_unet_" if self.component == "unet" else "lora_te_") + self.module.replace(".", "_"),
+            "kohya_key": KOHYA_PREFIX[self.component] + self.module.replace(".", "_"),
             "in_features": self.in_features,
             "out_features": self.out_features,
             "input_a": self.input_a,
@@ -138,15 +156,40 @@ def _slot_modules():
             self.feed.tensors = lora
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
+    class SlottedUNetXL(torch.nn.Module):
+        """SDXL's UNet: the added conditioning (pooled text embeds, size/crop time ids) as two more inputs."""
+
+        def __init__(self, unet, feed):
+            super().__init__()
+            self.unet = unet
+            self.feed = feed
+
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *lora):
+            self.feed.tensors = lora
+            # float32 text_embeds: the UNet concatenates them with its float32 time-id embeddings (PyTorch
+            # promotes; the exported Concat of an fp16 graph would not) and casts the result to its dtype.
+            cond = {"text_embeds": text_embeds.float(), "time_ids": time_ids}
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
     class SlottedTextEncoder(torch.nn.Module):
-        def __init__(self, text_encoder, feed):
+        """outputs: "last" (SD: last_hidden_state), "penultimate" (SDXL's first encoder: hidden_states[-2],
+        before the final layer norm) or "penultimate+pooled" (SDXL's second encoder: also text_embeds, the
+        projected pooled output)."""
+
+        def __init__(self, text_encoder, feed, outputs: str = "last"):
             super().__init__()
             self.text_encoder = text_encoder
             self.feed = feed
+            self.outputs = outputs
 
         def forward(self, input_ids, *lora):
             self.feed.tensors = lora
-            return self.text_encoder(input_ids=input_ids, return_dict=True).last_hidden_state
+            if self.outputs == "last":
+                return self.text_encoder(input_ids=input_ids, return_dict=True).last_hidden_state
+            out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+            if self.outputs == "penultimate":
+                return out.hidden_states[-2]
+            return out.hidden_states[-2], out.text_embeds
 
     class VaeDecoder(torch.nn.Module):
         def __init__(self, vae):
@@ -156,7 +199,7 @@ def _slot_modules():
         def forward(self, latent):
             return self.vae.decode(latent, return_dict=False)[0]
 
-    return SlotFeed, SlottedLinear, SlottedUNet, SlottedTextEncoder, VaeDecoder
+    return SlotFeed, SlottedLinear, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
 
 
 def insert_slots(model, component: str, targets: tuple[str, ...], parent_type, feed, SlottedLinear) -> list[Slot]:
@@ -165,7 +208,7 @@ def insert_slots(model, component: str, targets: tuple[str, ...], parent_type, f
     import torch
 
     slots: list[Slot] = []
-    prefix = "unet" if component == "unet" else "te"
+    prefix = INPUT_PREFIX[component]
     for name, module in list(model.named_modules()):
         if not isinstance(module, parent_type):
             continue
@@ -234,134 +277,208 @@ def _needs_external_data(module) -> bool:
 
 
 def _check(path: Path, module, args, names, atol: float) -> float:
-    """Run the exported graph on the example inputs with onnxruntime; it must agree with PyTorch."""
+    """Run the exported graph on the example inputs with onnxruntime; every output must agree with PyTorch
+    (relative to the output's magnitude)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     with torch.no_grad():
-        expected = module(*args).numpy()
+        expected = module(*args)
+    expected = [e.float().numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
-    err = float(np.abs(got - expected).max())
-    if not err <= atol * max(1.0, float(np.abs(expected).max())):
-        raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {err:.3g} on the example inputs")
-    return err
+    got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        err = float(np.abs(g.astype(np.float32) - e).max())
+        if not err <= atol * max(1.0, float(np.abs(e).max())):
+            raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {err:.3g} on the example inputs")
+        worst = max(worst, err)
+    return worst
+
+
+def export_dir_name(digest: str, dtype: str = "fp32") -> str:
+    """fp32 exports live in <hash>/, fp16 ones in <hash>-fp16/ (the server picks by execution provider)."""
+    return digest if dtype == "fp32" else f"{digest}-{dtype}"
 
 
 def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, check: bool = True,
+                 dtype: str = "fp32",
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[Path, str, bool]:
-    """Export `model_dir` into out_root/<hash>/ unless a complete export is there. Returns (dir, hash,
-    exported now)."""
+    """Export `model_dir` into out_root/<hash>/ (fp16: <hash>-fp16/) unless a complete export is there.
+    Returns (dir, hash, exported now)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = Path(model_dir).absolute()
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
     out_root = Path(out_root).absolute()
     digest = model_hash(model_dir)
-    final = out_root / digest
+    final = out_root / export_dir_name(digest, dtype)
     if is_complete(final):
         return final, digest, False
 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import Attention
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
     from transformers.models.clip.modeling_clip import CLIPAttention
     from torch.export import Dim
 
-    SlotFeed, SlottedLinear, SlottedUNet, SlottedTextEncoder, VaeDecoder = _slot_modules()
+    SlotFeed, SlottedLinear, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = _slot_modules()
+    model_index = json.loads((model_dir / "model_index.json").read_text())
+    half = dtype == "fp16"
     torch.manual_seed(0)
     out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.tmp-", dir=out_root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
     try:
         load = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
         vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
+        add_type = unet.config.addition_embed_type
+        xl = add_type == "text_time"
+        if add_type is not None and not xl:
+            raise ValueError(f"UNets with addition_embed_type {add_type!r} are not exported (SD-1.x/2.x and SDXL are)")
+        if xl and not (model_dir / "text_encoder_2").is_dir():
+            raise ValueError("an SDXL UNet (text_time conditioning) needs text_encoder_2; refiner-only models "
+                             "are not exported")
         text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
-        if unet.config.addition_embed_type is not None:
-            raise ValueError("only SD-1.x/2.x UNets are exported (this one has added conditioning, e.g. SDXL)")
+        text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **load)
+                          .eval() if xl else None)
 
+        fdt = torch.float16 if half else torch.float32  # dtype of the graphs' float inputs and outputs
         batch = Dim("batch", min=1, max=MAX_BATCH)
         n_down = len(unet.config.block_out_channels) - 1
         factor = 2 ** n_down  # latent sides must be multiples of this (the UNet's downsampling)
         sample_size = int(unet.config.sample_size)
         max_len = int(text_encoder.config.max_position_embeddings)
+        atol = 2e-2 if half else 1e-4
+        files = {}
 
-        # --- text encoder
-        feed = SlotFeed()
-        te_slots = insert_slots(text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, CLIPAttention, feed,
-                                SlottedLinear)
-        te = SlottedTextEncoder(text_encoder, feed).eval()
-        ids = torch.randint(0, text_encoder.config.vocab_size, (2, max_len), dtype=torch.int64)
-        te_args = [ids, *example_slot_tensors(te_slots, seed=1)]
-        te_names = ["input_ids", *[n for s in te_slots for n in (s.input_a, s.input_b)]]
-        log(f"exporting the text encoder ({len(te_slots)} LoRA slots)")
-        _export(te, te_args, tmp / "text_encoder.onnx", te_names, ["last_hidden_state"],
-                ({0: batch}, slot_dynamic_shapes(te_slots)))
-        if check:
-            _check(tmp / "text_encoder.onnx", te, te_args, te_names, 1e-4)
+        def slot_args(slots, seed):
+            return [t.to(fdt) for t in example_slot_tensors(slots, seed=seed)]
+
+        def slot_names(slots):
+            return [n for s in slots for n in (s.input_a, s.input_b)]
+
+        # --- text encoder(s)
+        def export_text_encoder(model, component, outputs, output_names, seed):
+            feed = SlotFeed()
+            slots = insert_slots(model, component, TEXT_ENCODER_TARGETS, CLIPAttention, feed, SlottedLinear)
+            te = SlottedTextEncoder(model, feed, outputs).eval().to(fdt)
+            ids = torch.randint(0, model.config.vocab_size, (2, max_len), dtype=torch.int64)
+            args = [ids, *slot_args(slots, seed)]
+            names = ["input_ids", *slot_names(slots)]
+            log(f"exporting {component} ({len(slots)} LoRA slots)")
+            _export(te, args, tmp / f"{component}.onnx", names, output_names,
+                    ({0: batch}, slot_dynamic_shapes(slots)))
+            if check:
+                _check(tmp / f"{component}.onnx", te, args, names, atol)
+            files[component] = f"{component}.onnx"
+            return slots
+
+        if xl:
+            te_slots = export_text_encoder(text_encoder, "text_encoder", "penultimate",
+                                           ["penultimate_hidden_state"], 1)
+            te_slots += export_text_encoder(text_encoder_2, "text_encoder_2", "penultimate+pooled",
+                                            ["penultimate_hidden_state", "text_embeds"], 3)
+        else:
+            te_slots = export_text_encoder(text_encoder, "text_encoder", "last", ["last_hidden_state"], 1)
 
         # --- UNet
         feed = SlotFeed()
         unet_slots = insert_slots(unet, "unet", UNET_TARGETS, Attention, feed, SlottedLinear)
-        su = SlottedUNet(unet, feed).eval()
+        su = (SlottedUNetXL if xl else SlottedUNet)(unet, feed).eval().to(fdt)
         lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
         lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
         ex_side = max(2 * factor, sample_size - sample_size % factor)
-        unet_args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side),
+        # The timestep (and SDXL's time ids) stay float32 in fp16 exports: the UNet turns them into sinusoidal
+        # embeddings in float32 and casts those.
+        unet_args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side).to(fdt),
                      torch.tensor([500.0, 500.0]),
-                     torch.randn(2, max_len, unet.config.cross_attention_dim),
-                     *example_slot_tensors(unet_slots, seed=2)]
-        unet_names = ["sample", "timestep", "encoder_hidden_states",
-                      *[n for s in unet_slots for n in (s.input_a, s.input_b)]]
+                     torch.randn(2, max_len, unet.config.cross_attention_dim).to(fdt)]
+        unet_names = ["sample", "timestep", "encoder_hidden_states"]
+        unet_shapes = [{0: batch, 2: factor * lat_h, 3: factor * lat_w}, {0: batch}, {0: batch}]
+        pooled_dim = 0
+        if xl:
+            pooled_dim = int(text_encoder_2.config.projection_dim)
+            n_time_ids = (unet.add_embedding.linear_1.in_features - pooled_dim) // unet.config.addition_time_embed_dim
+            unet_args += [torch.randn(2, pooled_dim).to(fdt),
+                          torch.tensor([[float(ex_side * 8), ex_side * 8.0, 0.0, 0.0, ex_side * 8.0, ex_side * 8.0]] * 2)
+                          if n_time_ids == 6 else torch.rand(2, n_time_ids) * 1024]
+            unet_names += ["text_embeds", "time_ids"]
+            unet_shapes += [{0: batch}, {0: batch}]
+        unet_args += slot_args(unet_slots, 2)
+        unet_names += slot_names(unet_slots)
         log(f"exporting the UNet ({len(unet_slots)} LoRA slots)")
         _export(su, unet_args, tmp / "unet.onnx", unet_names, ["noise_pred"],
-                ({0: batch, 2: factor * lat_h, 3: factor * lat_w}, {0: batch}, {0: batch},
-                 slot_dynamic_shapes(unet_slots)))
+                (*unet_shapes, slot_dynamic_shapes(unet_slots)))
         if check:
-            _check(tmp / "unet.onnx", su, unet_args, unet_names, 1e-4)
+            _check(tmp / "unet.onnx", su, unet_args, unet_names, atol)
+        files["unet"] = "unet.onnx"
 
-        # --- VAE decoder
-        dec = VaeDecoder(vae).eval()
-        dec_args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side)]
+        # --- VAE decoder: float32 in fp16 exports when the config asks for upcasting (SDXL's VAE overflows
+        # in half precision), as the diffusers pipelines do.
+        force_upcast = bool(getattr(vae.config, "force_upcast", False))
+        vae_dt = torch.float32 if (not half or force_upcast) else torch.float16
+        dec = VaeDecoder(vae).eval().to(vae_dt)
+        dec_args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side).to(vae_dt)]
         log("exporting the VAE decoder")
         _export(dec, dec_args, tmp / "vae_decoder.onnx", ["latent"], ["image"],
                 ({0: batch, 2: Dim("vae_h", min=1, max=4096), 3: Dim("vae_w", min=1, max=4096)},))
         if check:
-            _check(tmp / "vae_decoder.onnx", dec, dec_args, ["latent"], 1e-4)
+            _check(tmp / "vae_decoder.onnx", dec, dec_args, ["latent"], atol if vae_dt == torch.float16 else 1e-4)
+        files["vae_decoder"] = "vae_decoder.onnx"
 
-        (tmp / "tokenizer").mkdir()
-        copied = []
-        for name in TOKENIZER_FILES:
-            src = model_dir / "tokenizer" / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / "tokenizer" / name)
-                copied.append(name)
-        if "vocab.json" not in copied or "merges.txt" not in copied:
-            raise FileNotFoundError(f"{model_dir}/tokenizer lacks vocab.json or merges.txt (CLIP BPE files)")
+        def copy_tokenizer(sub):
+            (tmp / sub).mkdir()
+            copied = []
+            for name in TOKENIZER_FILES:
+                src = model_dir / sub / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / sub / name)
+                    copied.append(name)
+            if "vocab.json" not in copied or "merges.txt" not in copied:
+                raise FileNotFoundError(f"{model_dir}/{sub} lacks vocab.json or merges.txt (CLIP BPE files)")
+            return {"dir": sub, "files": copied, "max_length": max_len}
 
         scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-        vae_scale = vae.config.scaling_factor
+        io = "float16" if half else "float32"
         manifest = {
             "format": MANIFEST_FORMAT,
             "model_hash": digest,
             "source": str(model_dir),
             "complete": True,
             "opset": OPSET,
-            "files": {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx"},
-            "tokenizer": {"dir": "tokenizer", "files": copied, "max_length": max_len},
+            "arch": "sdxl" if xl else "sd",
+            "dtype": dtype,
+            # Element type of each graph's float inputs/outputs (timestep and time_ids are always float32).
+            "io_dtype": {**{k: io for k in files}, "vae_decoder": "float32" if vae_dt == torch.float32 else "float16"},
+            "files": files,
+            "tokenizer": copy_tokenizer("tokenizer"),
             "scheduler_config": scheduler_config,
-            "vae": {"scaling_factor": vae_scale, "latent_channels": vae.config.latent_channels,
-                    "shift_factor": getattr(vae.config, "shift_factor", None)},
+            "vae": {"scaling_factor": vae.config.scaling_factor, "latent_channels": vae.config.latent_channels,
+                    "shift_factor": getattr(vae.config, "shift_factor", None),
+                    "latents_mean": getattr(vae.config, "latents_mean", None),
+                    "latents_std": getattr(vae.config, "latents_std", None), "force_upcast": force_upcast},
             "unet": {"in_channels": unet.config.in_channels, "sample_size": sample_size,
                      "cross_attention_dim": unet.config.cross_attention_dim, "latent_multiple": factor,
                      "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1), "max_batch": MAX_BATCH,
-                     "time_cond_proj_dim": unet.config.time_cond_proj_dim},
+                     "time_cond_proj_dim": unet.config.time_cond_proj_dim,
+                     "addition_embed_type": add_type},
             "text_encoder": {"hidden_size": text_encoder.config.hidden_size, "max_length": max_len},
             "slots": [s.manifest() for s in te_slots + unet_slots],
         }
+        if xl:
+            manifest["tokenizer_2"] = copy_tokenizer("tokenizer_2")
+            manifest["text_encoder_2"] = {"hidden_size": text_encoder_2.config.hidden_size, "max_length": max_len,
+                                          "projection_dim": pooled_dim}
+            manifest["unet"]["addition_time_embed_dim"] = unet.config.addition_time_embed_dim
+            # StableDiffusionXLPipeline: an absent negative prompt gives zero negative embeddings (and zero
+            # negative pooled embeddings) when the model says so, instead of encoding "".
+            manifest["force_zeros_for_empty_prompt"] = bool(model_index.get("force_zeros_for_empty_prompt", True))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         os.chmod(tmp, 0o755)
         try:
@@ -397,7 +514,7 @@ def cmd_export_onnx(args) -> int:
     # thread than on a pool that waits for descheduled threads on a busy machine.
     torch.set_num_threads(1)
     try:
-        path, digest, exported = export_model(args.model_dir, args.out, check=not args.no_check)
+        path, digest, exported = export_model(args.model_dir, args.out, check=not args.no_check, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         print(f"export-onnx: {e}", file=sys.stderr, flush=True)
         return 2
@@ -411,6 +528,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("model_dir", help="diffusers-layout model folder (safetensors weights)")
     p.add_argument("--out", required=True, help="cache root; the export goes to OUT/<model hash>/")
     p.add_argument("--no-check", action="store_true", help="skip comparing each graph with PyTorch after export")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="fp32 (CPU; the default) or fp16 (for the CUDA execution provider; written to <hash>-fp16/)")
     p.set_defaults(func=cmd_export_onnx)
 
 

@@ -135,3 +135,138 @@ def test_unet_and_text_encoder_slots_match_load_lora_weights(exported, tmp_path)
     te, u = run_onnx(lora, lora_ehs)
     np.testing.assert_allclose(te, lora_ehs.numpy(), atol=1e-5)
     np.testing.assert_allclose(u, lora_out.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ SDXL
+
+
+@pytest.fixture(scope="module")
+def exported_xl(tiny_sdxl, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-xl")
+    out, digest, fresh = export_model(tiny_sdxl, root / "cache")
+    assert fresh
+    return tiny_sdxl, out, digest
+
+
+def load_xl(model_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True,
+                                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_xl_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0):
+    """An SDXL LoRA on the UNet and both text encoders, as a train_text_encoder run saves it."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = load_xl(model_dir)
+    torch.manual_seed(seed)
+    layers, meta = {}, {}
+    for name, model, targets in (("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TE_TARGETS),
+                                 ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS)):
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.2)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        cfg = model.peft_config["default"].to_dict()
+        meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                                                for k, v in cfg.items()}
+    StableDiffusionXLPipeline.save_lora_weights(save_directory=str(out_dir), safe_serialization=True, **layers, **meta)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def test_sdxl_exports_two_text_encoders_and_added_conditioning(exported_xl):
+    model, out, digest = exported_xl
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["arch"] == "sdxl" and m["force_zeros_for_empty_prompt"] is True
+    assert set(m["files"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert m["text_encoder_2"]["projection_dim"] == 32 and m["unet"]["cross_attention_dim"] == 64
+    assert (out / "tokenizer_2" / "vocab.json").is_file()
+    counts = {c: sum(s["component"] == c for s in m["slots"]) for c in ("unet", "text_encoder", "text_encoder_2")}
+    assert counts == {"unet": 24 * 4, "text_encoder": 12, "text_encoder_2": 12}
+    assert len({s["input_a"] for s in m["slots"]}) == len(m["slots"])  # input names never collide
+    names = [i.name for i in session(out / "unet.onnx").get_inputs()][:5]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert model_hash(model) == digest
+
+
+def test_sdxl_graphs_match_load_lora_weights(exported_xl, tmp_path):
+    model, out, _ = exported_xl
+    manifest = json.loads((out / "manifest.json").read_text())
+    lora = make_xl_lora(model, tmp_path / "lora", seed=4)
+    with safe_open(str(lora), "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+    pipe = load_xl(model)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    timestep = torch.tensor([981.0, 981.0])
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [96.0, 80.0, 8.0, 0.0, 64.0, 64.0]])
+    ids1 = torch.tensor(pipe.tokenizer(["a red circle", ""], padding="max_length", max_length=77).input_ids)
+    ids2 = torch.tensor(pipe.tokenizer_2(["a red circle", ""], padding="max_length", max_length=77).input_ids)
+    te1, te2, unet = session(out / "text_encoder.onnx"), session(out / "text_encoder_2.onnx"), session(out / "unet.onnx")
+
+    def run_torch():
+        with torch.no_grad():
+            # What StableDiffusionXLPipeline.encode_prompt does.
+            h1 = pipe.text_encoder(ids1, output_hidden_states=True).hidden_states[-2]
+            o2 = pipe.text_encoder_2(ids2, output_hidden_states=True)
+            ehs = torch.cat([h1, o2.hidden_states[-2]], dim=-1)
+            pooled = o2[0]
+            pred = pipe.unet(sample, timestep, ehs, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            return ehs, pooled, pred
+
+    def run_onnx(lora_file, ehs, pooled):
+        h1 = te1.run(None, {"input_ids": ids1.numpy(), **slot_feeds(manifest, "text_encoder", lora_file)})[0]
+        h2, p = te2.run(None, {"input_ids": ids2.numpy(), **slot_feeds(manifest, "text_encoder_2", lora_file)})
+        u = unet.run(None, {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": ehs.numpy(),
+                            "text_embeds": pooled.numpy(), "time_ids": time_ids.numpy(),
+                            **slot_feeds(manifest, "unet", lora_file)})[0]
+        return np.concatenate([h1, h2], axis=-1), p, u
+
+    base = run_torch()
+    for got, want in zip(run_onnx(None, base[0], base[1]), base, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    with_lora = run_torch()
+    for changed, unchanged in zip(with_lora, base):
+        assert float((changed - unchanged).abs().max()) > 1e-2  # the LoRA changes every output
+    for got, want in zip(run_onnx(lora, with_lora[0], with_lora[1]), with_lora, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_sdxl_fp16_export_loads_and_runs_on_cpu(tiny_sdxl, tmp_path):
+    """The fp16 variant (meant for CUDA; no GPU here): it exports, onnxruntime's CPU provider loads and runs
+    every graph, and the UNet agrees with the float32 diffusers UNet to half precision."""
+    out, digest, fresh = export_model(tiny_sdxl, tmp_path / "cache", dtype="fp16")
+    assert fresh and out.name == f"{digest}-fp16"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dtype"] == "fp16" and m["vae"]["force_upcast"] is True
+    # The VAE decoder stays float32: the config asks for upcasting.
+    assert m["io_dtype"] == {"text_encoder": "float16", "text_encoder_2": "float16", "unet": "float16",
+                             "vae_decoder": "float32"}
+    pipe = load_xl(tiny_sdxl)
+    g = torch.Generator().manual_seed(0)
+    sample, ehs, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g), torch.randn(1, 32, generator=g)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    with torch.no_grad():
+        want = pipe.unet(sample, torch.tensor([500.0]), ehs,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample.numpy()
+    unet = session(out / "unet.onnx")
+    assert {i.name: i.type for i in unet.get_inputs()[:5]} == {
+        "sample": "tensor(float16)", "timestep": "tensor(float)", "encoder_hidden_states": "tensor(float16)",
+        "text_embeds": "tensor(float16)", "time_ids": "tensor(float)"}
+    got = unet.run(None, {"sample": sample.numpy().astype(np.float16), "timestep": np.array([500.0], np.float32),
+                          "encoder_hidden_states": ehs.numpy().astype(np.float16),
+                          "text_embeds": pooled.numpy().astype(np.float16), "time_ids": time_ids.numpy(),
+                          **{k: v.astype(np.float16) for k, v in slot_feeds(m, "unet").items()}})[0]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-2 * max(1.0, float(np.abs(want).max())))
+    for name in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        session(out / m["files"][name])  # loads on the CPU provider

@@ -2,9 +2,12 @@
 
     python infer_reference.py make-lora MODEL OUT.safetensors --seed S [--rank R] [--alpha A] [--text-encoder]
         A LoRA as diffusers writes it (peft adapter with random non-zero up weights, save_lora_weights, alpha in
-        the metadata). --kohya writes the same weights with kohya key names and .alpha tensors instead.
+        the metadata). --kohya writes the same weights with kohya key names and .alpha tensors instead. For an
+        SDXL model --text-encoder adapts both text encoders (keys text_encoder. and text_encoder_2., as a LoRA
+        trained with train_text_encoder carries them; kohya: lora_te1_ and lora_te2_).
     python infer_reference.py render MODEL REQUEST.json
-        Renders with StableDiffusionPipeline: REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
+        Renders with StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL model (model_index.json
+        says which; no watermark): REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
         height, num_images, scheduler, loras [{path, scale}], latents (a raw little-endian float32 file with the
         unscaled initial latents [n, 4, h/8, w/8]) and out_dir; writes out_dir/ref_<i>.png.
     python infer_reference.py tokenize MODEL TEXT...
@@ -29,11 +32,20 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
 
-def pipeline(model_dir: str):
-    from diffusers import StableDiffusionPipeline
+def is_xl(model_dir: str) -> bool:
+    with open(os.path.join(model_dir, "model_index.json")) as f:
+        return json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+
+def pipeline(model_dir: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if is_xl(model_dir):
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                       safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -41,15 +53,17 @@ def pipeline(model_dir: str):
 def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float, text_encoder: bool,
               kohya: bool) -> None:
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     pipe = pipeline(model_dir)
     torch.manual_seed(seed)
-    parts = [("unet", pipe.unet, UNET_TARGETS)] + ([("text_encoder", pipe.text_encoder, TE_TARGETS)]
-                                                  if text_encoder else [])
+    parts = [("unet", pipe.unet, UNET_TARGETS)]
+    if text_encoder:
+        parts.append(("text_encoder", pipe.text_encoder, TE_TARGETS))
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            parts.append(("text_encoder_2", pipe.text_encoder_2, TE_TARGETS))
     layers, meta = {}, {}
     for name, model, targets in parts:
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
@@ -65,7 +79,9 @@ def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float,
 
         sd = {}
         for name, state in layers.items():
-            prefix = "lora_unet_" if name == "unet" else "lora_te_text_model_"
+            # kohya's SDXL files number the text encoders (lora_te1_, lora_te2_); SD-1.x ones say lora_te_.
+            te1 = "lora_te1_text_model_" if "text_encoder_2" in layers else "lora_te_text_model_"
+            prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_text_model_"}[name]
             for k, v in state.items():
                 stem, kind = k.rsplit(".lora_", 1)  # "<module>", "A.weight"
                 key = prefix + stem.replace(".", "_")
@@ -74,7 +90,7 @@ def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float,
         os.makedirs(out_dir, exist_ok=True)
         save_file(sd, out_file)
         return
-    StableDiffusionPipeline.save_lora_weights(
+    type(pipe).save_lora_weights(
         save_directory=out_dir, weight_name=weight_name, safe_serialization=True,
         **{f"{n}_lora_layers": convert_state_dict_to_diffusers(s) for n, s in layers.items()},
         **{f"{n}_lora_adapter_metadata": m for n, m in meta.items()})
@@ -98,6 +114,8 @@ def render(model_dir: str, request_file: str) -> None:
         pipe.set_adapters(names, adapter_weights=[float(lora["scale"]) for lora in req["loras"]])
     n, h, w = req["num_images"], req["height"], req["width"]
     latents = torch.from_numpy(np.fromfile(req["latents"], dtype="<f4").reshape(n, 4, h // 8, w // 8).copy())
+    # An empty negative prompt is passed as None: SDXL then zeroes the negative embeddings when the model's
+    # force_zeros_for_empty_prompt says so (loraforge's empty negative_prompt means "none given").
     images = pipe(req["prompt"], negative_prompt=req.get("negative_prompt") or None,
                   num_inference_steps=req["steps"], guidance_scale=req["guidance_scale"], height=h, width=w,
                   num_images_per_prompt=n, latents=latents).images

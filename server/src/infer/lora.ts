@@ -9,15 +9,17 @@
 //   unet.<…>.processor.to_q_lora.down.weight                    diffusers' old attention-processor form
 //   base_model.model.<module>.lora_A.weight                      peft's own save (UNet)
 //   lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha   kohya (lora_te_ for the text encoder)
+//   text_encoder_2.<module>…, lora_te1_… / lora_te2_…             SDXL's two text encoders (diffusers / kohya)
 // alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
 // rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
 import { stat } from "node:fs/promises";
 import ort from "onnxruntime-node";
+import { floatTensor } from "./half.js";
 import { readSafetensors, type Tensor } from "./safetensors.js";
 
 /** One slot of an exported model, as manifest.json lists it. */
 export interface SlotInfo {
-  component: "unet" | "text_encoder";
+  component: "unet" | "text_encoder" | "text_encoder_2";
   module: string;
   diffusers_key: string;
   kohya_key: string;
@@ -45,32 +47,35 @@ export class LoraMismatch extends Error {
 }
 
 const stripTextModel = (s: string) => s.replace(/^text_model[._]/, "");
+const KOHYA_PREFIX: Record<SlotInfo["component"], string> = { unet: "lora_unet_", text_encoder: "lora_te_", text_encoder_2: "lora_te2_" };
 
 /** Lookup tables from every key form to slot indices, built once per model. */
 export class SlotIndex {
   private readonly byDotted = new Map<string, number>();
   private readonly byKohya = new Map<string, number>();
-  readonly counts = { unet: 0, text_encoder: 0 };
+  readonly counts = { unet: 0, text_encoder: 0, text_encoder_2: 0 };
 
   constructor(readonly slots: SlotInfo[]) {
     slots.forEach((s, i) => {
-      const mod = s.component === "text_encoder" ? stripTextModel(s.module) : s.module;
+      const mod = s.component === "unet" ? s.module : stripTextModel(s.module);
       this.byDotted.set(`${s.component}.${mod}`, i);
-      const prefix = s.component === "unet" ? "lora_unet_" : "lora_te_";
-      this.byKohya.set(prefix + mod.replace(/\./g, "_"), i);
+      this.byKohya.set(KOHYA_PREFIX[s.component] + mod.replace(/\./g, "_"), i);
       this.counts[s.component]++;
     });
   }
 
   /** The slot of a stem like "unet.down_blocks.0….to_q" or "lora_unet_down_blocks_0_…_to_q"; -1 if none. */
   find(stem: string): number {
-    if (stem.startsWith("lora_unet_") || stem.startsWith("lora_te_") || stem.startsWith("lora_te1_")) {
-      const k = stem.replace(/^lora_te1_/, "lora_te_").replace(/^lora_te_text_model_/, "lora_te_");
+    if (/^lora_(unet|te|te1|te2)_/.test(stem)) {
+      const k = stem
+        .replace(/^lora_te1_/, "lora_te_")
+        .replace(/^lora_te_text_model_/, "lora_te_")
+        .replace(/^lora_te2_text_model_/, "lora_te2_");
       return this.byKohya.get(k) ?? -1;
     }
     let s = stem.replace(/^base_model\.model\./, "unet.");
-    if (!s.startsWith("unet.") && !s.startsWith("text_encoder.")) s = `unet.${s}`;
-    s = s.replace(/^text_encoder\.text_model\./, "text_encoder.");
+    if (!/^(unet|text_encoder|text_encoder_2)\./.test(s)) s = `unet.${s}`;
+    s = s.replace(/^(text_encoder(?:_2)?)\.text_model\./, "$1.");
     return this.byDotted.get(s) ?? -1;
   }
 }
@@ -210,15 +215,21 @@ const EMPTY = new Float32Array(0);
  * along r, and the B matrices side by side along r with their scale applied; rank 0 where no LoRA
  * touches the slot.
  */
-export function slotFeeds(index: SlotIndex, component: SlotInfo["component"], loras: { lora: MappedLora; scale: number }[]): Record<string, ort.Tensor> {
+export function slotFeeds(
+  index: SlotIndex,
+  component: SlotInfo["component"],
+  loras: { lora: MappedLora; scale: number }[],
+  dtype: "float32" | "float16" = "float32",
+): Record<string, ort.Tensor> {
+  const tensor = (data: Float32Array, dims: number[]) => (dtype === "float32" ? new ort.Tensor("float32", data, dims) : floatTensor(data, dims, dtype));
   const feeds: Record<string, ort.Tensor> = {};
   index.slots.forEach((s, i) => {
     if (s.component !== component) return;
     const parts = loras.filter((l) => l.lora.rank.has(i) && l.scale !== 0);
     const total = parts.reduce((n, l) => n + l.lora.rank.get(i)!, 0);
     if (total === 0) {
-      feeds[s.input_a] = new ort.Tensor("float32", EMPTY, [0, s.in_features]);
-      feeds[s.input_b] = new ort.Tensor("float32", EMPTY, [s.out_features, 0]);
+      feeds[s.input_a] = tensor(EMPTY, [0, s.in_features]);
+      feeds[s.input_b] = tensor(EMPTY, [s.out_features, 0]);
       return;
     }
     const a = new Float32Array(total * s.in_features);
@@ -232,8 +243,8 @@ export function slotFeeds(index: SlotIndex, component: SlotInfo["component"], lo
         for (let k = 0; k < r; k++) b[o * total + off + k] = src[o * r + k] * scale;
       off += r;
     }
-    feeds[s.input_a] = new ort.Tensor("float32", a, [total, s.in_features]);
-    feeds[s.input_b] = new ort.Tensor("float32", b, [s.out_features, total]);
+    feeds[s.input_a] = tensor(a, [total, s.in_features]);
+    feeds[s.input_b] = tensor(b, [s.out_features, total]);
   });
   return feeds;
 }

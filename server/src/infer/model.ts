@@ -1,5 +1,6 @@
 // Base models for inference: the ONNX export (made once by the engine, cached by content hash
-// under <stateDir>/onnx/<hash>/) and its three onnxruntime sessions, kept warm per model.
+// under <stateDir>/onnx/<hash>/) and its onnxruntime sessions (text encoder, SDXL's second text
+// encoder, UNet, VAE decoder), kept warm per model.
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from "node:fs";
@@ -14,19 +15,46 @@ import { ClipTokenizer } from "./tokenizer.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/1";
 /** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */
-const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"];
+const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
 
 export interface Manifest {
   format: string;
   model_hash: string;
   source: string;
   complete: boolean;
-  files: { text_encoder: string; unet: string; vae_decoder: string };
+  /** "sd" (SD-1.x/2.x) or "sdxl"; absent in exports made before SDXL was supported (= "sd"). */
+  arch?: "sd" | "sdxl";
+  /** "fp32" or "fp16" (absent = fp32). */
+  dtype?: "fp32" | "fp16";
+  /** Element type of each graph's float inputs and outputs, except timestep and time_ids (absent = float32). */
+  io_dtype?: Partial<Record<keyof Manifest["files"], "float32" | "float16">>;
+  files: { text_encoder: string; text_encoder_2?: string; unet: string; vae_decoder: string };
   tokenizer: { dir: string; max_length: number };
+  tokenizer_2?: { dir: string; max_length: number };
   scheduler_config: SchedulerConfig;
-  vae: { scaling_factor: number; latent_channels: number; shift_factor: number | null };
-  unet: { in_channels: number; sample_size: number; cross_attention_dim: number; latent_multiple: number; vae_factor: number; max_batch: number; time_cond_proj_dim: number | null };
+  vae: {
+    scaling_factor: number;
+    latent_channels: number;
+    shift_factor: number | null;
+    latents_mean?: number[] | null;
+    latents_std?: number[] | null;
+    force_upcast?: boolean;
+  };
+  unet: {
+    in_channels: number;
+    sample_size: number;
+    cross_attention_dim: number;
+    latent_multiple: number;
+    vae_factor: number;
+    max_batch: number;
+    time_cond_proj_dim: number | null;
+    addition_embed_type?: string | null;
+    addition_time_embed_dim?: number;
+  };
   text_encoder: { hidden_size: number; max_length: number };
+  text_encoder_2?: { hidden_size: number; max_length: number; projection_dim: number };
+  /** SDXL: an empty negative prompt gives zero negative embeddings instead of encoding "". */
+  force_zeros_for_empty_prompt?: boolean;
   slots: SlotInfo[];
 }
 
@@ -89,6 +117,11 @@ export interface RuntimeOptions {
   intraOpThreads?: number;
   /** Execution providers in order of preference (default: cuda when its provider library is installed, then cpu). */
   providers?: string[];
+  /**
+   * Which export to run: "fp16" (half precision, for CUDA) or "fp32". Default: fp16 when the CUDA
+   * provider comes first, else fp32 (`LORAFORGE_ONNX_DTYPE` overrides).
+   */
+  dtype?: "fp32" | "fp16";
 }
 
 /** CUDA when onnxruntime-node was installed with its CUDA provider, else CPU. */
@@ -121,6 +154,9 @@ export class LoadedModel {
     readonly unet: ort.InferenceSession,
     readonly vaeDecoder: ort.InferenceSession,
     readonly providers: string[],
+    /** SDXL's second text encoder (CLIPTextModelWithProjection) and its tokenizer; null for SD-1.x/2.x. */
+    readonly textEncoder2: ort.InferenceSession | null,
+    readonly tokenizer2: ClipTokenizer | null,
   ) {}
 
   static async open(dir: string, manifest: Manifest, opts: RuntimeOptions): Promise<LoadedModel> {
@@ -136,12 +172,9 @@ export class LoadedModel {
       // more than they save (3 sessions on 2 cores ran ~2× slower with it).
       extra: { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } },
     });
-    const create = (eps: string[]) =>
-      Promise.all(
-        [manifest.files.text_encoder, manifest.files.unet, manifest.files.vae_decoder].map((f) =>
-          ort.InferenceSession.create(path.join(dir, f), options(eps)),
-        ),
-      );
+    const files = [manifest.files.text_encoder, manifest.files.unet, manifest.files.vae_decoder];
+    if (manifest.files.text_encoder_2) files.push(manifest.files.text_encoder_2);
+    const create = (eps: string[]) => Promise.all(files.map((f) => ort.InferenceSession.create(path.join(dir, f), options(eps))));
     let sessions: ort.InferenceSession[];
     try {
       sessions = await create(providers);
@@ -152,11 +185,16 @@ export class LoadedModel {
       sessions = await create(providers);
     }
     const tokenizer = ClipTokenizer.fromDir(path.join(dir, manifest.tokenizer.dir));
-    return new LoadedModel(dir, manifest, tokenizer, new SlotIndex(manifest.slots), sessions[0], sessions[1], sessions[2], providers);
+    const tokenizer2 = manifest.tokenizer_2 ? ClipTokenizer.fromDir(path.join(dir, manifest.tokenizer_2.dir)) : null;
+    return new LoadedModel(dir, manifest, tokenizer, new SlotIndex(manifest.slots), sessions[0], sessions[1], sessions[2], providers, sessions[3] ?? null, tokenizer2);
+  }
+
+  get isXL(): boolean {
+    return this.manifest.arch === "sdxl";
   }
 
   async release(): Promise<void> {
-    await Promise.all([this.textEncoder.release(), this.unet.release(), this.vaeDecoder.release()]);
+    await Promise.all([this.textEncoder.release(), this.unet.release(), this.vaeDecoder.release(), this.textEncoder2?.release()]);
   }
 }
 
@@ -167,10 +205,13 @@ export interface ExporterConfig {
   cacheRoot: string;
 }
 
+/** The export folder name for a hash and precision (the engine's export_dir_name). */
+export const exportDirName = (hash: string, dtype: "fp32" | "fp16") => (dtype === "fp32" ? hash : `${hash}-${dtype}`);
+
 /** Runs the engine's exporter; resolves with the export folder it reports. */
-function runExporter(cfg: ExporterConfig, modelDir: string): Promise<string> {
+function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", modelDir, "--out", cfg.cacheRoot], {
+    const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype], {
       env: { ...process.env, PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -235,12 +276,21 @@ export class ModelRegistry {
     return p;
   }
 
+  /** fp16 exports where CUDA runs them, fp32 elsewhere (see RuntimeOptions.dtype). */
+  private dtype(): "fp32" | "fp16" {
+    const env = process.env.LORAFORGE_ONNX_DTYPE;
+    if (env === "fp16" || env === "fp32") return env;
+    if (this.runtime.dtype) return this.runtime.dtype;
+    return (this.runtime.providers ?? defaultProviders())[0] === "cuda" ? "fp16" : "fp32";
+  }
+
   private async openOrExport(modelDir: string, hash: string): Promise<LoadedModel> {
-    let dir = path.join(this.exporter.cacheRoot, hash);
+    const dtype = this.dtype();
+    let dir = path.join(this.exporter.cacheRoot, exportDirName(hash, dtype));
     let manifest = readManifest(dir);
     if (!manifest) {
-      log("info", "exporting base model to ONNX", { model: modelDir, hash });
-      dir = await runExporter(this.exporter, modelDir);
+      log("info", "exporting base model to ONNX", { model: modelDir, hash, dtype });
+      dir = await runExporter(this.exporter, modelDir, dtype);
       manifest = readManifest(dir);
       if (!manifest) throw new Error(`the ONNX export of ${modelDir} in ${dir} is incomplete`);
     }
@@ -255,7 +305,8 @@ export class ModelRegistry {
       if (!e.isDirectory() || e.name.startsWith(".")) continue;
       const dir = path.join(this.exporter.cacheRoot, e.name);
       const manifest = readManifest(dir);
-      if (manifest) out.push({ dir, manifest });
+      // One entry per model: an fp16 export beside the fp32 one is the same model.
+      if (manifest && !out.some((o) => o.manifest.model_hash === manifest.model_hash)) out.push({ dir, manifest });
     }
     return out;
   }

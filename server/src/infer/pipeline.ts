@@ -1,9 +1,11 @@
 // One text-to-image run on a loaded model, step for step what diffusers' StableDiffusionPipeline
-// does: tokenize, encode the prompt (and the negative prompt for classifier-free guidance), scale
-// the initial latents, denoise with the sampler, decode with the VAE, encode PNGs.
+// (StableDiffusionXLPipeline for SDXL exports) does: tokenize, encode the prompt (and the negative
+// prompt for classifier-free guidance), scale the initial latents, denoise with the sampler, decode
+// with the VAE, encode PNGs.
 import ort from "onnxruntime-node";
 import sharp from "sharp";
-import type { LoadedModel } from "./model.js";
+import type { LoadedModel, Manifest } from "./model.js";
+import { floatData, floatTensor } from "./half.js";
 import { slotFeeds, type MappedLora } from "./lora.js";
 import { initialLatents } from "./rng.js";
 import { makeScheduler, type SchedulerName } from "./schedulers.js";
@@ -50,25 +52,107 @@ function gatherRows(data: Float32Array, rowSize: number, pick: number[]): Float3
   return out;
 }
 
+function idsTensor(tok: LoadedModel["tokenizer"], texts: string[], seqLen: number): ort.Tensor {
+  const ids = new BigInt64Array(texts.length * seqLen);
+  texts.forEach((t, i) => tok.encode(t).forEach((id, j) => (ids[i * seqLen + j] = BigInt(id))));
+  return new ort.Tensor("int64", ids, [texts.length, seqLen]);
+}
+
+interface TextConditioning {
+  /** encoder_hidden_states [batch, seq, dim] (batch = n, or 2n with guidance: n negative rows first). */
+  ehs: Float32Array;
+  dims: number[];
+  /** SDXL: the pooled text embeddings [batch, projection_dim]. */
+  pooled?: Float32Array;
+  pooledDim?: number;
+}
+
+/**
+ * The prompt (and negative prompt) through the text encoder(s), each row repeated per image.
+ * SD: last_hidden_state. SDXL: both encoders' penultimate hidden states concatenated along the
+ * feature axis, and text_encoder_2's projected pooled output; with guidance and no negative prompt,
+ * zeros for the negative rows when the model's force_zeros_for_empty_prompt says so.
+ */
+async function encodeText(model: LoadedModel, p: RenderParams, cfg: boolean): Promise<TextConditioning> {
+  const m = model.manifest;
+  const n = p.numImages;
+  const seqLen = m.text_encoder.max_length;
+  const pick = cfg ? [...Array(n).fill(0), ...Array(n).fill(1)] : Array(n).fill(0);
+  const io = (f: keyof Manifest["files"]) => m.io_dtype?.[f] ?? "float32";
+  if (!model.isXL) {
+    const texts = cfg ? [p.negativePrompt, p.prompt] : [p.prompt];
+    const hidden = m.text_encoder.hidden_size;
+    const te = await model.textEncoder.run({
+      input_ids: idsTensor(model.tokenizer, texts, seqLen),
+      ...slotFeeds(model.slots, "text_encoder", p.loras, io("text_encoder")),
+    });
+    const embeds = floatData(te[model.textEncoder.outputNames[0]]);
+    return { ehs: gatherRows(embeds, seqLen * hidden, pick), dims: [pick.length, seqLen, hidden] };
+  }
+
+  const te2 = model.textEncoder2!;
+  const zeroNegative = cfg && p.negativePrompt === "" && m.force_zeros_for_empty_prompt !== false;
+  const texts = cfg && !zeroNegative ? [p.negativePrompt, p.prompt] : [p.prompt];
+  const h1 = m.text_encoder.hidden_size;
+  const h2 = m.text_encoder_2!.hidden_size;
+  const pooledDim = m.text_encoder_2!.projection_dim;
+  const [o1, o2] = await Promise.all([
+    model.textEncoder.run({
+      input_ids: idsTensor(model.tokenizer, texts, seqLen),
+      ...slotFeeds(model.slots, "text_encoder", p.loras, io("text_encoder")),
+    }),
+    te2.run({
+      input_ids: idsTensor(model.tokenizer2!, texts, m.text_encoder_2!.max_length),
+      ...slotFeeds(model.slots, "text_encoder_2", p.loras, io("text_encoder_2")),
+    }),
+  ]);
+  const e1 = floatData(o1.penultimate_hidden_state);
+  const e2 = floatData(o2.penultimate_hidden_state);
+  const pooled = floatData(o2.text_embeds);
+  // Rows of the encoded texts, plus a zero row in front when the negative is zeros.
+  const rows = texts.length + (zeroNegative ? 1 : 0);
+  const first = zeroNegative ? 1 : 0;
+  const dim = h1 + h2;
+  const ehsRows = new Float32Array(rows * seqLen * dim);
+  const pooledRows = new Float32Array(rows * pooledDim);
+  for (let t = 0; t < texts.length; t++) {
+    const r = t + first;
+    for (let j = 0; j < seqLen; j++) {
+      const dst = (r * seqLen + j) * dim;
+      ehsRows.set(e1.subarray((t * seqLen + j) * h1, (t * seqLen + j + 1) * h1), dst);
+      ehsRows.set(e2.subarray((t * seqLen + j) * h2, (t * seqLen + j + 1) * h2), dst + h1);
+    }
+    pooledRows.set(pooled.subarray(t * pooledDim, (t + 1) * pooledDim), r * pooledDim);
+  }
+  return {
+    ehs: gatherRows(ehsRows, seqLen * dim, pick),
+    dims: [pick.length, seqLen, dim],
+    pooled: gatherRows(pooledRows, pooledDim, pick),
+    pooledDim,
+  };
+}
+
 export async function render(model: LoadedModel, p: RenderParams): Promise<{ pngs: Buffer[]; timings: RenderTimings }> {
   const m = model.manifest;
   const cfg = p.guidanceScale > 1 && m.unet.time_cond_proj_dim === null;
   const n = p.numImages;
-  const seqLen = m.text_encoder.max_length;
-  const hidden = m.text_encoder.hidden_size;
+  const unetIo = m.io_dtype?.unet ?? "float32";
 
   // --- text: [negative, prompt] in one batch, then each repeated per image.
   let t0 = now();
-  const texts = cfg ? [p.negativePrompt, p.prompt] : [p.prompt];
-  const ids = new BigInt64Array(texts.length * seqLen);
-  texts.forEach((t, i) => model.tokenizer.encode(t).forEach((id, j) => (ids[i * seqLen + j] = BigInt(id))));
-  const te = await model.textEncoder.run({
-    input_ids: new ort.Tensor("int64", ids, [texts.length, seqLen]),
-    ...slotFeeds(model.slots, "text_encoder", p.loras),
-  });
-  const embeds = te[model.textEncoder.outputNames[0]].data as Float32Array;
-  const pick = cfg ? [...Array(n).fill(0), ...Array(n).fill(1)] : Array(n).fill(0);
-  const ehs = new ort.Tensor("float32", gatherRows(embeds, seqLen * hidden, pick), [pick.length, seqLen, hidden]);
+  const text = await encodeText(model, p, cfg);
+  const batch = text.dims[0];
+  const ehs = floatTensor(text.ehs, text.dims, unetIo);
+  const added: Record<string, ort.Tensor> = {};
+  if (model.isXL) {
+    // SDXL's size conditioning: original size, crop top-left, target size (all (h, w)); the
+    // pipeline's defaults: the requested size, no crop, the requested size.
+    const ids = [p.height, p.width, 0, 0, p.height, p.width];
+    const timeIds = new Float32Array(batch * ids.length);
+    for (let b = 0; b < batch; b++) timeIds.set(ids, b * ids.length);
+    added.text_embeds = floatTensor(text.pooled!, [batch, text.pooledDim!], unetIo);
+    added.time_ids = new ort.Tensor("float32", timeIds, [batch, ids.length]);
+  }
   const textEncodeMs = now() - t0;
 
   // --- denoise
@@ -80,8 +164,7 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
   const sched = makeScheduler(p.scheduler, m.scheduler_config, p.steps);
   const noise = p.latents ?? initialLatents(p.seed, n, c, lh, lw);
   let latents: Float32Array = noise.map((v) => v * sched.initNoiseSigma);
-  const unetSlots = slotFeeds(model.slots, "unet", p.loras);
-  const batch = pick.length;
+  const unetSlots = slotFeeds(model.slots, "unet", p.loras, unetIo);
   for (let i = 0; i < sched.timesteps.length; i++) {
     if (p.cancelled?.()) throw new RenderCancelled(i, sched.timesteps.length);
     const input = cfg ? new Float32Array(2 * n * per) : new Float32Array(n * per);
@@ -89,12 +172,13 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
     if (cfg) input.set(latents, n * per);
     const scaled = sched.scaleModelInput(input, i);
     const out = await model.unet.run({
-      sample: new ort.Tensor("float32", scaled, [batch, c, lh, lw]),
+      sample: floatTensor(scaled, [batch, c, lh, lw], unetIo),
       timestep: new ort.Tensor("float32", new Float32Array(batch).fill(sched.timesteps[i]), [batch]),
       encoder_hidden_states: ehs,
+      ...added,
       ...unetSlots,
     });
-    const pred = out[model.unet.outputNames[0]].data as Float32Array;
+    const pred = floatData(out[model.unet.outputNames[0]]);
     let guided: Float32Array;
     if (cfg) {
       guided = new Float32Array(n * per);
@@ -112,14 +196,24 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
   t0 = now();
   const sf = m.vae.scaling_factor;
   const shift = m.vae.shift_factor ?? 0;
+  const lc = m.vae.latent_channels;
+  const mean = m.vae.latents_mean;
+  const std = m.vae.latents_std;
+  // SDXL's pipeline denormalizes with latents_mean/std when the VAE config has them, else divides by
+  // scaling_factor (it ignores shift_factor).
+  const unscaled =
+    model.isXL && mean && std
+      ? latents.map((v, j) => {
+          const ch = Math.floor(j / (lh * lw)) % lc;
+          return (v * std[ch]) / sf + mean[ch];
+        })
+      : model.isXL
+        ? latents.map((v) => v / sf)
+        : latents.map((v) => v / sf + shift);
   const dec = await model.vaeDecoder.run({
-    latent: new ort.Tensor(
-      "float32",
-      latents.map((v) => v / sf + shift),
-      [n, m.vae.latent_channels, lh, lw],
-    ),
+    latent: floatTensor(unscaled, [n, lc, lh, lw], m.io_dtype?.vae_decoder ?? "float32"),
   });
-  const img = dec[model.vaeDecoder.outputNames[0]].data as Float32Array;
+  const img = floatData(dec[model.vaeDecoder.outputNames[0]]);
   const decodeMs = now() - t0;
 
   // --- PNG: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded (diffusers' postprocess), CHW → HWC.

@@ -1,0 +1,153 @@
+// InferenceService on an SDXL base: a real `loraforge serve` exports the tiny SDXL-architecture
+// model (two text encoders, pooled embeddings, size conditioning) on first use and renders on
+// onnxruntime-node; diffusers' StableDiffusionXLPipeline renders the same requests from the same
+// initial latents (tests/py/infer_reference.py), with the LoRA loaded by load_lora_weights, and
+// the images must agree within a mean absolute difference of 2 (0–255).
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { after, before, describe, it } from "node:test";
+import sharp from "sharp";
+import type { InferInput } from "@loraforge/sdk";
+import type { InferRequest, InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { initialLatents } from "@loraforge/server/infer/rng";
+import { PYTHON, python, REPO, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
+
+const REFERENCE = path.join(REPO, "tests", "py", "infer_reference.py");
+const PROMPT = "a red circle on a blue background";
+const TOLERANCE = 2; // mean |ONNX − diffusers| per channel value, 0–255
+
+function reference(model: string, jobs: string[][], dir: string): Promise<string> {
+  const file = path.join(dir, `jobs-${Date.now()}.json`);
+  writeFileSync(file, JSON.stringify(jobs));
+  return new Promise((resolve, reject) => {
+    const child = spawn(PYTHON, [REFERENCE, "batch", model, file], { stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d));
+    child.stderr.on("data", (d: Buffer) => (err += d));
+    child.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`infer_reference.py failed (${code}):\n${err.slice(-4000)}`))));
+  });
+}
+
+const rgb = (png: Buffer | string) => sharp(png).removeAlpha().raw().toBuffer();
+
+const meanAbsDiff = (a: Buffer, b: Buffer) => {
+  assert.equal(a.length, b.length);
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
+  return s / a.length;
+};
+
+/** The tensor names of a safetensors file (its JSON header). */
+function safetensorsKeys(file: string): string[] {
+  const buf = readFileSync(file);
+  const len = Number(buf.readBigUInt64LE(0));
+  return Object.keys(JSON.parse(buf.subarray(8, 8 + len).toString("utf8"))).filter((k) => k !== "__metadata__");
+}
+
+describe("InferenceService on SDXL", () => {
+  let srv: ServerProcess;
+  let dir: string;
+  let model: string;
+  let lora: string;
+
+  before(async () => {
+    // The tiny SDXL model, shared across test runs like the other fixtures when LORAFORGE_TEST_FIXTURES is set.
+    const root = process.env.LORAFORGE_TEST_FIXTURES ?? tmpDir("fixtures-sdxl");
+    model = path.join(root, "tiny-sdxl");
+    if (!existsSync(path.join(model, "model_index.json"))) python(["-m", "loraforge_engine", "make-tiny-model", model, "--arch", "sdxl"]);
+    dir = tmpDir("infer-sdxl");
+    // UNet + both text encoders, alpha 4 / rank 4. Not stronger: with alpha 8 this random LoRA makes the tiny
+    // SDXL's 8-step run chaotic (diffusers itself moved 18/255 for a 1e-4 change of the initial latents), so
+    // no two implementations could agree; at this strength the same perturbation moves it < 0.05.
+    lora = path.join(dir, "lora", "pytorch_lora_weights.safetensors");
+    srv = await startServer();
+    // The first request exports the model (about a minute here); make the LoRA meanwhile.
+    const [, first] = await Promise.all([
+      reference(model, [["make-lora", lora, "--seed", "5", "--rank", "4", "--alpha", "4", "--text-encoder"]], dir),
+      srv.client.infer({ baseModel: model, prompt: PROMPT, numInferenceSteps: 1 } as InferInput),
+    ]);
+    assert.equal(first.images.length, 1);
+  });
+
+  after(async () => {
+    await srv?.stop();
+  });
+
+  it("lists the SDXL export with slots on the UNet and both text encoders", async () => {
+    const res = await srv.client.listModels();
+    const xl = res.baseModels.find((m) => m.path === path.resolve(model));
+    assert.ok(xl, JSON.stringify(res));
+    assert.equal(xl.nativeSize, 64);
+    const manifest = JSON.parse(readFileSync(path.join(srv.stateDir, "onnx", xl.modelHash, "manifest.json"), "utf8"));
+    assert.equal(manifest.arch, "sdxl");
+    const count = (c: string) => manifest.slots.filter((s: { component: string }) => s.component === c).length;
+    assert.deepEqual([count("unet"), count("text_encoder"), count("text_encoder_2")], [24 * 4, 3 * 4, 3 * 4]);
+    assert.equal(xl.loraSlots, 120);
+    // The LoRA adapts all three, as one trained with train_text_encoder on SDXL does.
+    const keys = safetensorsKeys(lora);
+    for (const prefix of ["unet.", "text_encoder.", "text_encoder_2."]) assert.ok(keys.some((k) => k.startsWith(prefix)), `no ${prefix} keys in ${keys.slice(0, 5)}`);
+  });
+
+  it("renders what StableDiffusionXLPipeline renders: no LoRA, one LoRA on the UNet and both text encoders", async () => {
+    interface Case {
+      name: string;
+      req: Partial<InferRequest>;
+      loras: { path: string; scale: number }[];
+    }
+    const cases: Case[] = [
+      // Empty negative prompt: zero negative embeddings and pooled embeddings (force_zeros_for_empty_prompt).
+      { name: "base-euler", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [] },
+      // A negative prompt through both text encoders; two images; another sampler.
+      { name: "base-negative", req: { seed: 32, numInferenceSteps: 8, guidanceScale: 5, scheduler: "dpmpp_2m", numImages: 2, negativePrompt: "a green square" }, loras: [] },
+      { name: "one-lora", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: lora, scale: 1 }] },
+      { name: "one-lora-scaled", req: { seed: 33, numInferenceSteps: 8, guidanceScale: 6, scheduler: "ddim", negativePrompt: "a green square" }, loras: [{ path: lora, scale: 0.6 }] },
+    ];
+    const ours = new Map<string, InferResponse>();
+    const jobs: string[][] = [];
+    for (const c of cases) {
+      const res = await srv.client.infer({
+        ...c.req,
+        baseModel: model,
+        prompt: PROMPT,
+        loras: c.loras.map((l) => ({ source: { $case: "path", path: l.path }, scale: l.scale })),
+      } as InferInput);
+      const n = c.req.numImages ?? 1;
+      assert.equal(res.images.length, n);
+      ours.set(c.name, res);
+      const caseDir = path.join(dir, c.name);
+      mkdirSync(caseDir, { recursive: true });
+      res.images.forEach((im, i) => writeFileSync(path.join(caseDir, `ours_${i}.png`), im.png)); // for a look when it fails
+      writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(c.req.seed!, n, 4, 8, 8).buffer));
+      const request = {
+        prompt: PROMPT,
+        negative_prompt: c.req.negativePrompt ?? "",
+        steps: c.req.numInferenceSteps,
+        guidance_scale: c.req.guidanceScale,
+        width: 64,
+        height: 64,
+        num_images: n,
+        scheduler: c.req.scheduler,
+        loras: c.loras,
+        latents: path.join(caseDir, "latents.f32"),
+        out_dir: caseDir,
+      };
+      writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
+      jobs.push(["render", path.join(caseDir, "request.json")]);
+    }
+    await reference(model, jobs, dir);
+    const diffs: string[] = [];
+    for (const c of cases) {
+      for (const [i, im] of ours.get(c.name)!.images.entries()) {
+        const diff = meanAbsDiff(await rgb(Buffer.from(im.png)), await rgb(path.join(dir, c.name, `ref_${i}.png`)));
+        diffs.push(`${c.name}[${i}]=${diff.toFixed(3)}`);
+        assert.ok(diff <= TOLERANCE, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
+      }
+    }
+    console.log(`# SDXL parity (mean abs diff, 0-255): ${diffs.join(" ")}`);
+    const change = meanAbsDiff(await rgb(Buffer.from(ours.get("base-euler")!.images[0].png)), await rgb(Buffer.from(ours.get("one-lora")!.images[0].png)));
+    assert.ok(change > 2 * TOLERANCE, `the LoRA changed the image by only ${change.toFixed(3)}`);
+  });
+});
