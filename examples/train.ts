@@ -38,6 +38,12 @@ try {
     numValidationImages: 1,
   });
   console.log(`job ${job.id} queued`);
+  // The progress line is redrawn in place; other events start on a fresh line.
+  let midLine = false;
+  const say = (text: string) => {
+    process.stdout.write(`${midLine ? "\n" : ""}${text}\n`);
+    midLine = false;
+  };
   for await (const ev of job.progress()) {
     const p = ev.payload;
     if (p?.$case === "metrics") {
@@ -46,12 +52,13 @@ try {
         `\rstep ${m.step}/${m.totalSteps}  loss ${m.loss.toFixed(4)}  lr ${m.learningRate.toExponential(2)}  ` +
           `${m.imagesPerSecond.toFixed(1)} img/s  eta ${Math.ceil(m.etaSeconds)}s   `,
       );
+      midLine = true;
     } else if (p?.$case === "state") {
-      process.stdout.write(`\n${stateName(p.state.state)}${p.state.error ? `: ${p.state.error}` : ""}\n`);
+      say(`${stateName(p.state.state)}${p.state.error ? `: ${p.state.error}` : ""}`);
     } else if (p?.$case === "checkpoint") {
-      process.stdout.write(`\ncheckpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.path}\n`);
+      say(`checkpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.path}`);
     } else if (p?.$case === "validation") {
-      process.stdout.write(`\nvalidation images (${p.validation.prompt}): ${p.validation.images.map((i) => i.path).join(", ")}\n`);
+      say(`validation images (${p.validation.prompt}): ${p.validation.images.map((i) => i.path).join(", ")}`);
     }
   }
   const done = await job.result();
