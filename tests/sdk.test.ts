@@ -127,8 +127,14 @@ describe("SDK", () => {
     const ds = await srv.client.datasets.upload(f.dataset, { name: "shapes" });
     assert.equal(ds.imageCount, readdirSync(f.dataset).filter((n) => n.endsWith(".png")).length);
     assert.ok(ds.path.startsWith(path.join(srv.stateDir, "datasets")));
-    const job = await srv.client.train(quickSpec(f, { datasetDir: ds.path, maxTrainSteps: 1 }));
-    assert.equal(stateName((await job.result()).state), "SUCCEEDED");
+    const job = await srv.client.train({ ...quickSpec(f, { maxTrainSteps: 1 }), datasetDir: "", datasetId: ds.id });
+    const trained = await job.result();
+    assert.equal(stateName(trained.state), "SUCCEEDED");
+    assert.equal(trained.spec?.datasetDir, ds.path, "the job records the folder the id resolved to");
+    await assert.rejects(srv.client.train({ ...quickSpec(f), datasetDir: "", datasetId: "ds-nosuchset" }), (e: unknown) => {
+      assert.ok(e instanceof LoraforgeError && e.violations.some((v) => v.field === "spec.dataset_id"), String(e));
+      return true;
+    });
 
     const files: Record<string, Uint8Array> = {};
     for (const n of readdirSync(f.dataset)) files[n] = readFileSync(path.join(f.dataset, n));

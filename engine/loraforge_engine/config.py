@@ -59,6 +59,7 @@ class TrainingSpec:
     validation_inference_steps: int = 30
     # Data
     dataset_name: str | None = None  # a Hugging Face dataset (needs network and LORAFORGE_ALLOW_HUB=1)
+    dataset_id: str | None = None  # an uploaded set; the server resolves it into dataset_dir (kept for the record)
     image_column: str | None = None  # None: "file_name" (metadata.jsonl) / "image" (hub data set)
     caption_column: str = "text"
     max_train_samples: int | None = None
@@ -145,6 +146,7 @@ _FIELDS: dict[str, tuple[str, Any, Any]] = {
     "validation_steps": ("int32", 0, 2**31 - 1),
     "validation_inference_steps": ("int32", 1, 1000),
     "dataset_name": ("str", None, None),
+    "dataset_id": ("str", None, None),
     "image_column": ("str", None, None),
     "caption_column": ("str", None, None),
     "max_train_samples": ("int32", 1, 2**31 - 1),

@@ -75,8 +75,8 @@ export interface ListJobsOptions extends CallOpts {
 /** Where {@link Artifacts.download} writes. */
 export type DownloadTarget = { file: string } | { stream: Writable };
 
-/** A TrainingSpec as the SDK accepts it: the two paths are required, every knob optional. */
-export type SpecInput = Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel" | "datasetDir">;
+/** A TrainingSpec as the SDK accepts it: the base model and one data source (datasetDir, datasetId or datasetName); every knob optional. */
+export type SpecInput = Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel">;
 
 /** An Infer request as the SDK accepts it: only the prompt and base model are required. */
 export type InferInput = Partial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
@@ -327,7 +327,7 @@ export class Datasets {
   /**
    * Uploads a captioned image set — a folder (images with .txt captions or a
    * metadata.jsonl; sub-folders are not allowed) or a .zip of one — and returns the
-   * stored set. Use `dataset.path` as the spec's `datasetDir`. Throws a
+   * stored set. Train on it with `{ datasetId: dataset.id }` in the spec. Throws a
    * {@link LoraforgeError} with reason INVALID_DATASET (and `violations` naming each
    * bad file) or DATASET_TOO_LARGE.
    */

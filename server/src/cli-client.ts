@@ -36,7 +36,7 @@ export const CLIENT_USAGE = `usage: loraforge <command> [options]     (every com
   infer --base-model DIR --prompt TEXT [--lora JOB[:SCALE]]... [--lora-file FILE[:SCALE]]...
         [--steps N] [--guidance G] [--seed S] [--width W] [--height H] [--num-images N]
         [--scheduler euler|ddim|dpmpp_2m] [--negative-prompt TEXT] [-o OUT.png]
-  datasets upload FOLDER|ZIP [--name NAME]   upload a captioned image set; prints its path
+  datasets upload FOLDER|ZIP [--name NAME]   upload a captioned image set; prints its id (train --dataset-id ID)
   export-onnx MODEL_DIR [--out DIR]      export a base model to ONNX (runs the engine locally)
 
 Common options:

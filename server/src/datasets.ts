@@ -31,6 +31,9 @@ export const DEFAULT_LIMITS: DatasetLimits = {
   maxImageSide: 8192,
 };
 
+/** What DatasetUpload ids look like ("ds-" + base-36 time + 12 hex digits). */
+export const DATASET_ID_PATTERN = /^ds-[0-9a-z]+$/;
+
 const UPLOADABLE = [...IMAGE_EXTENSIONS.filter((e) => e !== ".bmp"), ".txt"];
 
 const invalid = (violations: FieldViolation[]) =>

@@ -5,7 +5,10 @@ import { status } from "@grpc/grpc-js";
 import { Artifact, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import { ArtifactStore } from "./artifacts.js";
-import { ApiError, invalidSpec, jobNotFound } from "./errors.js";
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { DATASET_ID_PATTERN } from "./datasets.js";
+import { ApiError, invalidSpec, jobNotFound, type FieldViolation } from "./errors.js";
 import { JOB_ID_PATTERN, newJobId } from "./ids.js";
 import { log } from "./log.js";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
@@ -31,7 +34,22 @@ export class Jobs {
     readonly store: JobStore,
     readonly artifacts: ArtifactStore,
     private readonly paths: PathPolicy,
+    /** Where DatasetService stores uploads; a spec's dataset_id resolves to a folder here. */
+    private readonly datasetRoot?: string,
   ) {}
+
+  /**
+   * A spec's dataset_id as the uploaded set's folder (recorded as dataset_dir), or
+   * a violation when the id is unknown or another source is set too.
+   */
+  private resolveDataset(spec: TrainingSpec | undefined): { spec: TrainingSpec | undefined; violations: FieldViolation[] } {
+    if (!spec?.datasetId) return { spec, violations: [] };
+    const bad = (description: string) => ({ spec, violations: [{ field: "spec.dataset_id", description }] });
+    if (spec.datasetDir || spec.datasetName !== undefined) return bad("must not be set together with dataset_dir or dataset_name (give one data source)");
+    const dir = this.datasetRoot && DATASET_ID_PATTERN.test(spec.datasetId) ? path.join(this.datasetRoot, spec.datasetId) : "";
+    if (!dir || !existsSync(dir)) return bad(`no uploaded data set has id ${JSON.stringify(spec.datasetId)}`);
+    return { spec: { ...spec, datasetDir: dir }, violations: [] };
+  }
 
   async get(jobId: string): Promise<Job> {
     const cur = JOB_ID_PATTERN.test(jobId) ? await this.store.get(jobId) : null;
@@ -42,6 +60,9 @@ export class Jobs {
   /** Validates and queues a job; with a request id seen before, returns that job instead. */
   async submit(spec: TrainingSpec | undefined, requestId: string): Promise<Job> {
     if (this.shuttingDown) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
+    const resolved = this.resolveDataset(spec);
+    if (resolved.violations.length > 0) throw invalidSpec(resolved.violations);
+    spec = resolved.spec;
     const violations = validateSpec(spec, this.paths);
     if (requestId.length > 128)
       violations.push({ field: "request_id", description: `must be at most 128 characters, got ${requestId.length}` });

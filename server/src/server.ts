@@ -126,7 +126,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     // that folder is one of the allowed roots.
     const datasetRoot = path.join(cfg.stateDir, "datasets");
     const roots = cfg.dataRoots.length > 0 ? [...cfg.dataRoots, datasetRoot] : [];
-    const jobs = new Jobs(stores.store, stores.artifacts, { roots });
+    const jobs = new Jobs(stores.store, stores.artifacts, { roots }, datasetRoot);
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));

@@ -25,11 +25,14 @@ export const protobufFileName = "loraforge/v1/dataset_service.proto";
 
 /** Dataset is a stored, checked image set. */
 export interface Dataset {
-  /** Server-assigned id, e.g. "ds-01JD7Y0ZQ6W3D5M3Q4T4B8XG2K". */
+  /**
+   * Server-assigned id, e.g. "ds-mhq1k3c2a9f0e1d2c3b4": usable as
+   * TrainingSpec.dataset_id.
+   */
   id: string;
   /** The client's name for it (from the header). */
   name: string;
-  /** Absolute folder on the server: use it as TrainingSpec.dataset_dir. */
+  /** Absolute folder on the server (what dataset_id resolves to). */
   path: string;
   /** Captioned images in the set. */
   imageCount: number;
@@ -574,8 +577,8 @@ export const DatasetServiceService = {
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
    * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; the path is usable as
-   * TrainingSpec.dataset_dir. A bad set is refused with INVALID_ARGUMENT
+   * dataset root and its id and path are returned; use the id as
+   * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */
   uploadDataset: {
@@ -595,8 +598,8 @@ export interface DatasetServiceServer extends UntypedServiceImplementation {
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
    * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; the path is usable as
-   * TrainingSpec.dataset_dir. A bad set is refused with INVALID_ARGUMENT
+   * dataset root and its id and path are returned; use the id as
+   * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */
   uploadDataset: handleClientStreamingCall<UploadDatasetRequest, UploadDatasetResponse>;
@@ -607,8 +610,8 @@ export interface DatasetServiceClient extends Client {
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
    * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; the path is usable as
-   * TrainingSpec.dataset_dir. A bad set is refused with INVALID_ARGUMENT
+   * dataset root and its id and path are returned; use the id as
+   * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */
   uploadDataset(

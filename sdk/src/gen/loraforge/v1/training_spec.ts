@@ -30,8 +30,8 @@ export interface TrainingSpec {
    * Data set: an absolute path to a local folder of images with either a
    * `metadata.jsonl` (one JSON object per line with `file_name` and `text`, the
    * keys named by image_column and caption_column) or a same-named `.txt`
-   * caption next to every image. Required unless dataset_name is set (exactly
-   * one of the two); must hold at least one captioned image.
+   * caption next to every image. Required unless dataset_name or dataset_id is
+   * set (exactly one of the three); must hold at least one captioned image.
    */
   datasetDir: string;
   /**
@@ -351,6 +351,13 @@ export interface TrainingSpec {
    * up to minutes at start (and per new batch shape). Default false.
    */
   torchCompile: boolean;
+  /**
+   * An uploaded data set (DatasetService.UploadDataset), by the id it returned,
+   * e.g. "ds-mhq1k3c2a9f0e1d2c3b4". The server resolves it to the stored folder
+   * and records that folder as dataset_dir on the job. Alternative to
+   * dataset_dir and dataset_name.
+   */
+  datasetId: string;
 }
 
 function createBaseTrainingSpec(): TrainingSpec {
@@ -406,6 +413,7 @@ function createBaseTrainingSpec(): TrainingSpec {
     loraFormat: undefined,
     cacheLatents: undefined,
     torchCompile: false,
+    datasetId: "",
   };
 }
 
@@ -563,6 +571,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.torchCompile !== false) {
       writer.uint32(408).bool(message.torchCompile);
+    }
+    if (message.datasetId !== "") {
+      writer.uint32(418).string(message.datasetId);
     }
     return writer;
   },
@@ -988,6 +999,14 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.torchCompile = reader.bool();
             continue;
           }
+          case 52: {
+            if (tag !== 418) {
+              break;
+            }
+
+            message.datasetId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1241,6 +1260,11 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.torch_compile)
         ? globalThis.Boolean(object.torch_compile)
         : false,
+      datasetId: isSet(object.datasetId)
+        ? globalThis.String(object.datasetId)
+        : isSet(object.dataset_id)
+        ? globalThis.String(object.dataset_id)
+        : "",
     };
   },
 
@@ -1399,6 +1423,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.torchCompile !== false) {
       obj.torchCompile = message.torchCompile;
     }
+    if (message.datasetId !== "") {
+      obj.datasetId = message.datasetId;
+    }
     return obj;
   },
 
@@ -1458,6 +1485,7 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.loraFormat = object.loraFormat ?? undefined;
     message.cacheLatents = object.cacheLatents ?? undefined;
     message.torchCompile = object.torchCompile ?? false;
+    message.datasetId = object.datasetId ?? "";
     return message;
   },
 };
