@@ -4,41 +4,17 @@
 // initial latents (tests/py/infer_reference.py), with the LoRA loaded by load_lora_weights, and
 // the images must agree within a mean absolute difference of 2 (0–255).
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
-import sharp from "sharp";
 import type { InferInput } from "@loraforge/sdk";
 import type { InferRequest, InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
-import { initialLatents } from "@loraforge/server/infer/rng";
-import { PYTHON, python, REPO, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
+import { python, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
+import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, TOLERANCE } from "./lib/parity.js";
 
-const REFERENCE = path.join(REPO, "tests", "py", "infer_reference.py");
-const PROMPT = "a red circle on a blue background";
-const TOLERANCE = 2; // mean |ONNX − diffusers| per channel value, 0–255
 
-function reference(model: string, jobs: string[][], dir: string): Promise<string> {
-  const file = path.join(dir, `jobs-${Date.now()}.json`);
-  writeFileSync(file, JSON.stringify(jobs));
-  return new Promise((resolve, reject) => {
-    const child = spawn(PYTHON, [REFERENCE, "batch", model, file], { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`infer_reference.py failed (${code}):\n${err.slice(-4000)}`))));
-  });
-}
 
-const rgb = (png: Buffer | string) => sharp(png).removeAlpha().raw().toBuffer();
 
-const meanAbsDiff = (a: Buffer, b: Buffer) => {
-  assert.equal(a.length, b.length);
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
-  return s / a.length;
-};
 
 /** The tensor names of a safetensors file (its JSON header). */
 function safetensorsKeys(file: string): string[] {
@@ -118,24 +94,8 @@ describe("InferenceService on SDXL", () => {
       assert.equal(res.images.length, n);
       ours.set(c.name, res);
       const caseDir = path.join(dir, c.name);
-      mkdirSync(caseDir, { recursive: true });
+      jobs.push(referenceJob(caseDir, c.req, c.loras, n));
       res.images.forEach((im, i) => writeFileSync(path.join(caseDir, `ours_${i}.png`), im.png)); // for a look when it fails
-      writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(c.req.seed!, n, 4, 8, 8).buffer));
-      const request = {
-        prompt: PROMPT,
-        negative_prompt: c.req.negativePrompt ?? "",
-        steps: c.req.numInferenceSteps,
-        guidance_scale: c.req.guidanceScale,
-        width: 64,
-        height: 64,
-        num_images: n,
-        scheduler: c.req.scheduler,
-        loras: c.loras,
-        latents: path.join(caseDir, "latents.f32"),
-        out_dir: caseDir,
-      };
-      writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
-      jobs.push(["render", path.join(caseDir, "request.json")]);
     }
     await reference(model, jobs, dir);
     const diffs: string[] = [];

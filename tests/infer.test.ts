@@ -3,51 +3,24 @@
 // requests from the same initial latents (tests/py/infer_reference.py), and the images must agree
 // within a mean absolute difference of 2 (0–255) — for no LoRA, one LoRA, and two with scales.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { credentials, status } from "@grpc/grpc-js";
-import sharp from "sharp";
 import { ArtifactKind, JobState, LoraforgeError, type InferInput, type Job, type LoraforgeClient } from "@loraforge/sdk";
 import { InferenceServiceClient, InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
-import { initialLatents } from "@loraforge/server/infer/rng";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, PYTHON, quickSpec, REPO, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, quickSpec, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, TOLERANCE } from "./lib/parity.js";
 
-const REFERENCE = path.join(REPO, "tests", "py", "infer_reference.py");
-const PROMPT = "a red circle on a blue background";
-const TOLERANCE = 2; // mean |ONNX − diffusers| per channel value, 0–255
 
-/** Runs the reference script without blocking the event loop; resolves with stdout. */
-function reference(model: string, jobs: string[][], dir: string): Promise<string> {
-  const file = path.join(dir, `jobs-${Date.now()}.json`);
-  writeFileSync(file, JSON.stringify(jobs));
-  return new Promise((resolve, reject) => {
-    const child = spawn(PYTHON, [REFERENCE, "batch", model, file], { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`infer_reference.py failed (${code}):\n${err.slice(-4000)}`))));
-  });
-}
 
 /** Infer through the SDK (client.infer), as other services call it. */
 function infer(client: LoraforgeClient, req: Partial<InferRequest>): Promise<InferResponse> {
   return client.infer(req as InferInput);
 }
 
-async function rgb(png: Buffer | string): Promise<Buffer> {
-  return sharp(png).removeAlpha().raw().toBuffer();
-}
 
-const meanAbsDiff = (a: Buffer, b: Buffer) => {
-  assert.equal(a.length, b.length);
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
-  return s / a.length;
-};
 
 /** A safetensors file of float32 tensors (for a LoRA that does not fit the tiny model). */
 function writeSafetensors(file: string, tensors: Record<string, { shape: number[]; data: Float32Array }>) {
@@ -143,25 +116,7 @@ describe("InferenceService", () => {
       assert.equal(res.images.length, n);
       assert.deepEqual(res.images.map((im) => [im.seed, im.width, im.height]), Array.from({ length: n }, (_, i) => [c.req.seed! + i, 64, 64]));
       ours.set(c.name, res);
-      const caseDir = path.join(dir, c.name);
-      mkdirSync(caseDir, { recursive: true });
-      const latents = initialLatents(c.req.seed!, n, 4, 8, 8);
-      writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(latents.buffer));
-      const request = {
-        prompt: PROMPT,
-        negative_prompt: c.req.negativePrompt ?? "",
-        steps: c.req.numInferenceSteps,
-        guidance_scale: c.req.guidanceScale,
-        width: 64,
-        height: 64,
-        num_images: n,
-        scheduler: c.req.scheduler,
-        loras: c.loras,
-        latents: path.join(caseDir, "latents.f32"),
-        out_dir: caseDir,
-      };
-      writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
-      jobs.push(["render", path.join(caseDir, "request.json")]);
+      jobs.push(referenceJob(path.join(dir, c.name), c.req, c.loras, n));
     }
     await reference(f.model, jobs, dir);
     for (const c of cases) {
@@ -248,12 +203,7 @@ describe("InferenceService", () => {
     const req = { seed: 21, numInferenceSteps: 6, guidanceScale: 7.5, scheduler: "euler" };
     const res = await infer(srv.client, { ...req, baseModel: f.model, prompt: PROMPT, loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
     const caseDir = path.join(dir, "trained");
-    mkdirSync(caseDir, { recursive: true });
-    writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(21, 1, 4, 8, 8).buffer));
-    const request = { prompt: PROMPT, steps: 6, guidance_scale: 7.5, width: 64, height: 64, num_images: 1, scheduler: "euler",
-      loras: [{ path: lora.path, scale: 0.8 }], latents: path.join(caseDir, "latents.f32"), out_dir: caseDir };
-    writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
-    await reference(f.model, [["render", path.join(caseDir, "request.json")]], dir);
+    await reference(f.model, [referenceJob(caseDir, req, [{ path: lora.path, scale: 0.8 }], 1)], dir);
     const diff = meanAbsDiff(await rgb(Buffer.from(res.images[0].png)), await rgb(path.join(caseDir, "ref_0.png")));
     assert.ok(diff <= TOLERANCE, `mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
     const listed = await srv.client.listModels();
