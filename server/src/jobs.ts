@@ -1,6 +1,7 @@
 // The job operations behind every front door (gRPC, the dashboard): submit,
 // read, list, cancel, follow events, read artifacts. Transport-free: errors are
 // ApiErrors, which each front door maps to its own status.
+import { stateName } from "@loraforge/sdk";
 import { status } from "@grpc/grpc-js";
 import { Artifact, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
@@ -141,7 +142,7 @@ export class Jobs {
         throw new ApiError(
           status.FAILED_PRECONDITION,
           "JOB_ALREADY_FINAL",
-          `job ${job.id} is already ${JobState[job.state].replace("JOB_STATE_", "")}`,
+          `job ${job.id} is already ${stateName(job.state)}`,
           [],
           { job_id: job.id },
         );

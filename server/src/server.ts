@@ -2,6 +2,7 @@
 // artifact stores, and — for `serve` — the gRPC API with health checking plus an
 // in-process worker, or — for `worker` — a worker alone. Takes it apart in the
 // right order on shutdown.
+import { stateName } from "@loraforge/sdk";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -20,9 +21,7 @@ import { datasetService, trainerService } from "./service.js";
 import { DatasetServiceService } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
 import { telemetry } from "./telemetry.js";
-import { JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 
-const stateName = (s: JobState) => (JobState[s] ?? "UNKNOWN").replace("JOB_STATE_", "");
 import { Worker } from "./worker.js";
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");

@@ -1,5 +1,6 @@
 // Telemetry through @opentelemetry/api only: without an SDK registered every call
 // here is a no-op; `otel.ts` registers the SDK when the server starts.
+import { stateName } from "@loraforge/sdk";
 import {
   context,
   metrics,
@@ -84,6 +85,6 @@ export const telemetry = {
   },
 
   jobFinished(state: JobState): void {
-    jobsFinished.add(1, { state: (JobState[state] ?? "UNKNOWN").replace("JOB_STATE_", "") });
+    jobsFinished.add(1, { state: stateName(state) });
   },
 };

@@ -8,6 +8,7 @@
 //                                          over ?after= (that is how EventSource resumes).
 //   GET  /api/jobs/:id/artifact?name=OBJ   an artifact's bytes (a checkpoint as a .tar)
 //   POST /api/jobs/:id/cancel              cancels the job (needs the header X-Loraforge-Dashboard: 1)
+import { stateName } from "@loraforge/sdk";
 import { status } from "@grpc/grpc-js";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { Readable } from "node:stream";
@@ -25,7 +26,6 @@ export const LIST_POLL_MS = 1000;
 /** A comment line this often keeps idle event streams open through proxies. */
 const HEARTBEAT_MS = 15_000;
 
-const stateName = (s: JobState) => (JobState[s] ?? "UNKNOWN").replace("JOB_STATE_", "");
 
 /** What the job list shows of a job. */
 export interface JobSummary {
