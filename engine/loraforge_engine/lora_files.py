@@ -6,7 +6,10 @@ training scripts write them, plus peft's adapter config under the header key `lo
 which diffusers' `load_lora_weights` rebuilds alpha (so alpha != rank loads at the trained scale).
 
 kohya / A1111 format: keys `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight` and a scalar
-`.alpha` per module; text encoders as `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL). Loaders
+`.alpha` per module; text encoders as `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL). SD 1.x/2.x
+UNet modules keep diffusers' names (as kohya's sd-scripts writes them); SDXL ones take the original (SGM)
+UNet's names (`input_blocks.4.1.…`, `middle_block.1.…`, `output_blocks.0.1.…`), as sd-scripts' SDXL
+trainer writes them and A1111/Forge look them up (see `sgm_module_name`). Loaders
 that know nothing of peft (A1111, ComfyUI) scale each module by alpha / rank from that tensor. It must not
 carry `lora_adapter_metadata` (diffusers refuses a file with both alphas and adapter metadata).
 
@@ -79,8 +82,79 @@ def save_diffusers(path: Path, parts: dict[str, dict[str, torch.Tensor]], adapte
     return _atomic_save(tensors, path, header)
 
 
-def to_kohya(arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
-    """peft state dicts (`<module>.lora_A.weight` / `.lora_B.weight`, per component) -> kohya keys."""
+_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+_TOP_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sgm_module_name(module: str, layers_per_block: int, up_attention_blocks: set[int] | None = None) -> str | None:
+    """The original (SGM / CompVis) UNet's name of a diffusers UNet module, or None where there is none.
+
+    In the SGM UNet input_blocks[0] is conv_in; then each down block i contributes one input block per layer j
+    (index 1 + i·(L+1) + j: [0] its resnet, [1] its transformer) and, except the last, one more holding the
+    downsampler ([0].op); middle_block is [resnet, transformer, resnet]; each up block i contributes L+1 output
+    blocks (index i·(L+1) + j: [0] resnet, [1] transformer, the last one also the upsampler, at [2] when the
+    block has transformers else at [1]). Inside a transformer the names are the same in both; resnets rename
+    conv1/conv2/time_emb_proj/conv_shortcut. This is the inverse of the index arithmetic in diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers` (tests check it against that function)."""
+    step = layers_per_block + 1
+    parts = module.split(".")
+
+    def resnet(rest: list[str]) -> str | None:
+        name = ".".join(rest)
+        return _RESNET_SGM.get(name, name if rest and rest[0] in ("norm1", "norm2") else None)
+
+    if module in _TOP_SGM:
+        return _TOP_SGM[module]
+    if len(parts) < 4 or not parts[1].isdigit():
+        if parts[0] == "mid_block" and len(parts) >= 4 and parts[2].isdigit():
+            kind, j, rest = parts[1], int(parts[2]), parts[3:]
+            if kind == "attentions" and j == 0:
+                return ".".join(["middle_block", "1", *rest])
+            if kind == "resnets" and j in (0, 1):
+                r = resnet(rest)
+                return None if r is None else f"middle_block.{2 * j}.{r}"
+        return None
+    block, i, kind, j, rest = parts[0], int(parts[1]), parts[2], parts[3], parts[4:]
+    if not j.isdigit():
+        return None
+    j_ = int(j)
+    if block == "down_blocks":
+        if kind == "attentions":
+            return ".".join(["input_blocks", str(1 + i * step + j_), "1", *rest])
+        if kind == "resnets":
+            r = resnet(rest)
+            return None if r is None else f"input_blocks.{1 + i * step + j_}.0.{r}"
+        if kind == "downsamplers" and j_ == 0 and rest == ["conv"]:
+            return f"input_blocks.{(i + 1) * step}.0.op"
+    elif block == "up_blocks":
+        if kind == "attentions":
+            return ".".join(["output_blocks", str(i * step + j_), "1", *rest])
+        if kind == "resnets":
+            r = resnet(rest)
+            return None if r is None else f"output_blocks.{i * step + j_}.0.{r}"
+        if kind == "upsamplers" and j_ == 0 and rest == ["conv"] and up_attention_blocks is not None:
+            return f"output_blocks.{i * step + layers_per_block}.{2 if i in up_attention_blocks else 1}.conv"
+    return None
+
+
+def kohya_unet_module(arch: str, module: str, layers_per_block: int) -> str:
+    """The module name kohya files use for a UNet module: diffusers' for SD 1.x/2.x, SGM's for SDXL."""
+    if arch != "sdxl":
+        return module
+    sgm = sgm_module_name(module, layers_per_block)
+    if sgm is None:
+        raise ValueError(f"UNet module {module} has no name in SDXL's original UNet layout; kohya files cannot "
+                         "name it (use the diffusers format)")
+    return sgm
+
+
+def to_kohya(arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: float,
+             layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    """peft state dicts (`<module>.lora_A.weight` / `.lora_B.weight`, per component) -> kohya keys.
+    `layers_per_block`: the UNet's (SDXL names depend on it)."""
     out: dict[str, torch.Tensor] = {}
     for part, sd in peft_parts.items():
         prefix = "lora_unet_" if part == "unet" else KOHYA_TE_PREFIX[arch][part]
@@ -89,7 +163,9 @@ def to_kohya(arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: f
                                               (".lora_B.weight", ".lora_up.weight")):
                 if key.endswith(peft_suffix):
                     module = key[: -len(peft_suffix)]
-                    if part != "unet" and not module.startswith("text_model."):
+                    if part == "unet":
+                        module = kohya_unet_module(arch, module, layers_per_block)
+                    elif not module.startswith("text_model."):
                         # transformers 5 flattened CLIPTextModel; A1111/ComfyUI know the classic module path.
                         module = "text_model." + module
                     name = prefix + module.replace(".", "_")
@@ -102,8 +178,8 @@ def to_kohya(arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: f
 
 
 def save_kohya(path: Path, arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: float,
-               metadata: dict[str, str]) -> Path:
-    return _atomic_save(to_kohya(arch, peft_parts, alpha), path, {"format": "pt", **metadata})
+               metadata: dict[str, str], layers_per_block: int = 2) -> Path:
+    return _atomic_save(to_kohya(arch, peft_parts, alpha, layers_per_block), path, {"format": "pt", **metadata})
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

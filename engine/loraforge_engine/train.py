@@ -229,6 +229,16 @@ class Trainer:
                                           init_lora_weights="gaussian", target_modules=spec.unet_targets))
         except ValueError as e:
             raise SpecError([("target_modules", f"{spec.unet_targets} match no module of the UNet ({e})")]) from None
+        self.layers_per_block = c.unet.config.layers_per_block
+        if spec.lora_format == "kohya" and c.arch == "sdxl":
+            # Fail now, not after training: kohya's SDXL names exist only for the original UNet's modules.
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for name, module in c.unet.named_modules():
+                if isinstance(module, BaseTunerLayer) and lora_files.sgm_module_name(
+                        name, self.layers_per_block) is None:
+                    raise SpecError([("lora_format", f"kohya SDXL files name UNet modules as SDXL's original UNet "
+                                                     f"does; {name} has no such name (use the diffusers format)")])
         self.trained_text_encoders = []
         if spec.train_text_encoder:
             for name, te in zip(c.text_encoder_names, c.text_encoders):
@@ -451,7 +461,7 @@ class Trainer:
                                          self.adapter_configs, meta)
         if kohya:
             path = lora_files.save_kohya(folder / KOHYA_FILE, self.c.arch, parts, self.spec.effective_lora_alpha,
-                                         {**meta, "loraforge.format": "kohya"})
+                                         {**meta, "loraforge.format": "kohya"}, self.layers_per_block)
         return path
 
     def save_checkpoint(self, step: int) -> None:

@@ -135,6 +135,11 @@ def test_sdxl_trains_and_both_files_load_in_the_sdxl_pipeline(tiny_sdxl, dataset
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
     kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors")).keys()
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    # UNet keys in SDXL's original block names, as kohya's SDXL trainer writes them (diffusers maps them back
+    # below; the tiny SDXL's transformers sit in down level 1, the middle and up level 0).
+    unet_blocks = {"_".join(k.split(".")[0].split("_")[2:5]) for k in kohya if k.startswith("lora_unet_")}
+    assert unet_blocks == {"input_blocks_4", "input_blocks_5", "middle_block_1", "output_blocks_0",
+                           "output_blocks_1", "output_blocks_2"}, unet_blocks
     assert read_metadata(out / "pytorch_lora_weights.safetensors")["loraforge.arch"] == "sdxl"
     check_both_formats_load_and_agree(StableDiffusionXLPipeline, tiny_sdxl, out, ["text_encoder", "text_encoder_2"])
 
