@@ -28,6 +28,7 @@ describe("InferenceService on SDXL", () => {
   let dir: string;
   let model: string;
   let lora: string;
+  let kohya: string;
 
   before(async () => {
     // The tiny SDXL model, shared across test runs like the other fixtures when LORAFORGE_TEST_FIXTURES is set.
@@ -39,10 +40,20 @@ describe("InferenceService on SDXL", () => {
     // SDXL's 8-step run chaotic (diffusers itself moved 18/255 for a 1e-4 change of the initial latents), so
     // no two implementations could agree; at this strength the same perturbation moves it < 0.05.
     lora = path.join(dir, "lora", "pytorch_lora_weights.safetensors");
+    // As kohya's sd-scripts writes SDXL LoRAs: SGM UNet names (lora_unet_input_blocks_4_1_…), lora_te1_/lora_te2_,
+    // .alpha tensors, every layer it adapts (attention, feed-forward, proj_in/proj_out, text encoder MLPs).
+    kohya = path.join(dir, "kohya", "sdxl_kohya.safetensors");
     srv = await startServer();
     // The first request exports the model (about a minute here); make the LoRA meanwhile.
     const [, first] = await Promise.all([
-      reference(model, [["make-lora", lora, "--seed", "5", "--rank", "4", "--alpha", "4", "--text-encoder"]], dir),
+      reference(
+        model,
+        [
+          ["make-lora", lora, "--seed", "5", "--rank", "4", "--alpha", "4", "--text-encoder"],
+          ["make-lora", kohya, "--seed", "6", "--rank", "2", "--alpha", "1", "--text-encoder", "--kohya", "--wide"],
+        ],
+        dir,
+      ),
       srv.client.infer({ baseModel: model, prompt: PROMPT, numInferenceSteps: 1 } as InferInput),
     ]);
     assert.equal(first.images.length, 1);
@@ -60,11 +71,16 @@ describe("InferenceService on SDXL", () => {
     const manifest = JSON.parse(readFileSync(path.join(srv.stateDir, "onnx", xl.modelHash, "manifest.json"), "utf8"));
     assert.equal(manifest.arch, "sdxl");
     const count = (c: string) => manifest.slots.filter((s: { component: string }) => s.component === c).length;
-    assert.deepEqual([count("unet"), count("text_encoder"), count("text_encoder_2")], [24 * 4, 3 * 4, 3 * 4]);
-    assert.equal(xl.loraSlots, 120);
+    // 6 transformers (proj_in, proj_out) with 12 blocks (8 attention projections, 2 feed-forward); 3 x 6 per encoder.
+    assert.deepEqual([count("unet"), count("text_encoder"), count("text_encoder_2")], [6 * 2 + 12 * 10, 3 * 6, 3 * 6]);
+    assert.equal(xl.loraSlots, 168);
     // The LoRA adapts all three, as one trained with train_text_encoder on SDXL does.
     const keys = safetensorsKeys(lora);
     for (const prefix of ["unet.", "text_encoder.", "text_encoder_2."]) assert.ok(keys.some((k) => k.startsWith(prefix)), `no ${prefix} keys in ${keys.slice(0, 5)}`);
+    const kohyaKeys = safetensorsKeys(kohya);
+    for (const prefix of ["lora_unet_input_blocks_4_1_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_0_1_", "lora_te1_", "lora_te2_"])
+      assert.ok(kohyaKeys.some((k) => k.startsWith(prefix)), `no ${prefix} keys in ${kohyaKeys.slice(0, 5)}`);
+    assert.ok(!kohyaKeys.some((k) => k.includes("down_blocks")), "kohya SDXL keys use SGM names");
   });
 
   it("renders what StableDiffusionXLPipeline renders: no LoRA, one LoRA on the UNet and both text encoders", async () => {
@@ -80,6 +96,7 @@ describe("InferenceService on SDXL", () => {
       { name: "base-negative", req: { seed: 32, numInferenceSteps: 8, guidanceScale: 5, scheduler: "dpmpp_2m", numImages: 2, negativePrompt: "a green square" }, loras: [] },
       { name: "one-lora", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: lora, scale: 1 }] },
       { name: "one-lora-scaled", req: { seed: 33, numInferenceSteps: 8, guidanceScale: 6, scheduler: "ddim", negativePrompt: "a green square" }, loras: [{ path: lora, scale: 0.6 }] },
+      { name: "kohya-sgm", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: kohya, scale: 1 }] },
     ];
     const ours = new Map<string, InferResponse>();
     const jobs: string[][] = [];
@@ -107,7 +124,10 @@ describe("InferenceService on SDXL", () => {
       }
     }
     console.log(`# SDXL parity (mean abs diff, 0-255): ${diffs.join(" ")}`);
-    const change = meanAbsDiff(await rgb(Buffer.from(ours.get("base-euler")!.images[0].png)), await rgb(Buffer.from(ours.get("one-lora")!.images[0].png)));
-    assert.ok(change > 2 * TOLERANCE, `the LoRA changed the image by only ${change.toFixed(3)}`);
+    const base = await rgb(Buffer.from(ours.get("base-euler")!.images[0].png));
+    for (const name of ["one-lora", "kohya-sgm"]) {
+      const change = meanAbsDiff(base, await rgb(Buffer.from(ours.get(name)!.images[0].png)));
+      assert.ok(change > 2 * TOLERANCE, `${name}: the LoRA changed the image by only ${change.toFixed(3)}`);
+    }
   });
 });

@@ -57,7 +57,9 @@ describe("InferenceService", () => {
     f = fixtures();
     dir = tmpDir("infer");
     loraA = path.join(dir, "a", "pytorch_lora_weights.safetensors"); // diffusers form, UNet + text encoder, alpha 8 / rank 4
-    loraB = path.join(dir, "b", "kohya_lora.safetensors"); // kohya form with .alpha tensors
+    // kohya form with .alpha tensors, on every layer kohya's sd-scripts adapts: attention, feed-forward,
+    // proj_in/proj_out (1x1 convolutions here, [r, in, 1, 1] weights) and the text encoder's MLP.
+    loraB = path.join(dir, "b", "kohya_lora.safetensors");
     srv = await startServer();
     client = new InferenceServiceClient(srv.address, credentials.createInsecure());
     // A LoRA trained by the service itself, for the job_id source.
@@ -69,7 +71,7 @@ describe("InferenceService", () => {
         f.model,
         [
           ["make-lora", loraA, "--seed", "1", "--rank", "4", "--alpha", "8", "--text-encoder"],
-          ["make-lora", loraB, "--seed", "2", "--rank", "2", "--alpha", "1", "--text-encoder", "--kohya"],
+          ["make-lora", loraB, "--seed", "2", "--rank", "2", "--alpha", "1", "--text-encoder", "--kohya", "--wide"],
           ["tokenize", ...texts],
         ],
         dir,
@@ -94,6 +96,7 @@ describe("InferenceService", () => {
       { name: "base-euler", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [] },
       { name: "base-dpmpp", req: { seed: 12, numInferenceSteps: 8, guidanceScale: 6, scheduler: "dpmpp_2m" }, loras: [] },
       { name: "one-lora", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraA, scale: 1 }] },
+      { name: "kohya-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraB, scale: 1 }] },
       {
         name: "two-loras",
         req: { seed: 13, numInferenceSteps: 8, guidanceScale: 5, scheduler: "ddim", numImages: 2, negativePrompt: "a green square" },
@@ -127,8 +130,11 @@ describe("InferenceService", () => {
       }
     }
     // The LoRA really changes the picture (so agreeing with diffusers means something).
-    const change = meanAbsDiff(await rgb(Buffer.from(ours.get("base-euler")!.images[0].png)), await rgb(Buffer.from(ours.get("one-lora")!.images[0].png)));
-    assert.ok(change > 2 * TOLERANCE, `the LoRA changed the image by only ${change.toFixed(3)}`);
+    const base = await rgb(Buffer.from(ours.get("base-euler")!.images[0].png));
+    for (const name of ["one-lora", "kohya-wide"]) {
+      const change = meanAbsDiff(base, await rgb(Buffer.from(ours.get(name)!.images[0].png)));
+      assert.ok(change > 2 * TOLERANCE, `${name}: the LoRA changed the image by only ${change.toFixed(3)}`);
+    }
   });
 
   it("refuses bad requests, naming the field or the layer", async () => {
@@ -172,6 +178,18 @@ describe("InferenceService", () => {
     assert.equal(mismatch.reason, "LORA_MISMATCH");
     assert.equal(mismatch.metadata.layer, layer);
     assert.match(mismatch.message, /loras\[1\].*attn2\.to_k/);
+
+    // A LoCon-style layer (a 3x3 ResNet convolution) has no slot: refused by name, not silently dropped.
+    const conv = "lora_unet_down_blocks_0_resnets_0_conv1";
+    const locon = path.join(dir, "locon.safetensors");
+    writeSafetensors(locon, {
+      [`${conv}.lora_down.weight`]: { shape: [2, 32, 3, 3], data: new Float32Array(2 * 32 * 9).fill(0.01) },
+      [`${conv}.lora_up.weight`]: { shape: [32, 2, 1, 1], data: new Float32Array(32 * 2).fill(0.01) },
+    });
+    const noSlot = await fail({ ...base, loras: [{ source: { $case: "path", path: locon } }] });
+    assert.equal(noSlot.code, status.FAILED_PRECONDITION);
+    assert.equal(noSlot.metadata.layer, conv);
+    assert.match(noSlot.message, /no LoRA slot.*LoCon/);
   });
 
   it("stops denoising when the client cancels", async () => {
@@ -215,7 +233,8 @@ describe("InferenceService", () => {
     const tiny = res.baseModels.find((m) => m.path === path.resolve(f.model));
     assert.ok(tiny, JSON.stringify(res));
     assert.equal(tiny.nativeSize, 64);
-    assert.equal(tiny.loraSlots, 60);
+    // UNet: 6 transformers x (proj_in, proj_out, 8 attention projections, 2 feed-forward); text encoder: 3 x 6.
+    assert.equal(tiny.loraSlots, 6 * 12 + 3 * 6);
     assert.equal(readFileSync(path.join(srv.stateDir, "onnx", tiny.modelHash, "manifest.json"), "utf8").includes(tiny.modelHash), true);
   });
 });

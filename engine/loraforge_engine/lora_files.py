@@ -2,7 +2,8 @@
 
 diffusers format (`pytorch_lora_weights.safetensors`): keys `unet.<module>.lora.down.weight` /
 `.lora.up.weight` and `text_encoder[_2].<module>.lora_linear_layer.{down,up}.weight`, as diffusers' own
-training scripts write them, plus peft's adapter config under the header key `lora_adapter_metadata`, from
+training scripts write them (peft's `<component>.<module>.lora_A.weight` / `.lora_B.weight` when the targets
+go beyond the attention projections; see `diffusers_keys`), plus peft's adapter config under the header key `lora_adapter_metadata`, from
 which diffusers' `load_lora_weights` rebuilds alpha (so alpha != rank loads at the trained scale).
 
 kohya / A1111 format: keys `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight` and a scalar
@@ -149,6 +150,19 @@ def kohya_unet_module(arch: str, module: str, layers_per_block: int) -> str:
         raise ValueError(f"UNet module {module} has no name in SDXL's original UNet layout; kohya files cannot "
                          "name it (use the diffusers format)")
     return sgm
+
+
+def diffusers_keys(peft_sd: dict[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
+    """The keys diffusers' training scripts write (`convert` = diffusers' convert_state_dict_to_diffusers:
+    `.lora.down`/`.lora.up`, `.lora_linear_layer.…`) when it renames every layer; peft's own keys otherwise.
+
+    The conversion knows only the attention projections; with other targets (feed-forward, proj_in, MLP) it
+    leaves those as `lora_A`/`lora_B`, and load_lora_weights, reading that mixed file as peft's form, drops
+    the renamed attention layers (seen with diffusers 0.42). peft's form loads whole."""
+    converted = convert(peft_sd)
+    if any(".lora_A." in k or ".lora_B." in k for k in converted):
+        return dict(peft_sd)
+    return converted
 
 
 def to_kohya(arch: str, peft_parts: dict[str, dict[str, torch.Tensor]], alpha: float,

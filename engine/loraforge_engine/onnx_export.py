@@ -9,10 +9,12 @@ vae_decoder.onnx, the tokenizer files and manifest.json — for SDXL also text_e
 complete is not redone. The model hash is a content hash of the model's files (see `model_hash`); the server
 computes the same one to find an export without starting Python.
 
-LoRA "slots": every attention projection a LoRA may target (UNet: to_q, to_k, to_v, to_out.0 of every
-attention block; each text encoder: q_proj, k_proj, v_proj, out_proj of every layer) is wrapped so that it
-computes y = W x + b + B (A x), with A [r, in] and B [out, r] two extra graph inputs whose rank axis r is
-dynamic. A LoRA is then only tensors fed to the session: the runtime folds alpha / rank and the user's
+LoRA "slots": every layer a LoRA may adapt in the places LoRA trainers put them — in the UNet every Linear
+and 1x1 convolution inside each transformer (Transformer2DModel: proj_in, the attention projections to_q, to_k,
+to_v, to_out.0, the feed-forward ff.net.0.proj and ff.net.2, proj_out), in each text encoder every Linear of
+every layer (q_proj, k_proj, v_proj, out_proj, mlp.fc1, mlp.fc2); the set kohya's sd-scripts trains — is
+wrapped so that it computes y = W x + b + B (A x) (per pixel for a 1x1 convolution), with A [r, in] and
+B [out, r] two extra graph inputs whose rank axis r is dynamic. A LoRA is then only tensors fed to the session: the runtime folds alpha / rank and the user's
 scale into B, concatenates several LoRAs along r, and feeds rank-0 tensors to unused slots (which leaves
 the base model's output unchanged).
 
@@ -37,13 +39,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST_FORMAT = "loraforge-onnx/1"
+# /2: slots on every transformer Linear / 1x1 conv and text encoder MLP (/1 had attention projections only).
+MANIFEST_FORMAT = "loraforge-onnx/2"
 # What the hash covers: the parts of a diffusers folder that the exported graphs and the runtime read.
 # text_encoder_2 / tokenizer_2 exist only in SDXL folders: SD-1.x hashes are the same as before they were added.
 HASHED_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                   "unet", "vae")
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # diffusers' upsampling takes a different branch for batch >= 64: the exported graph serves batch 1..63.
 MAX_BATCH = 63
@@ -103,9 +104,11 @@ class Slot:
     out_features: int
     input_a: str
     input_b: str
+    kind: str = "linear"  # or "conv1x1" (the slot's A and B are still 2-D; applied per pixel)
+    layers_per_block: int = 0  # the UNet's, for the SGM name
 
     def manifest(self) -> dict:
-        return {
+        out = {
             "component": self.component,
             "module": self.module,
             # The key stem a diffusers / peft LoRA file uses for this layer (before .lora_A/.lora.down …).
@@ -118,7 +121,16 @@ class Slot:
             "out_features": self.out_features,
             "input_a": self.input_a,
             "input_b": self.input_b,
+            "kind": self.kind,
         }
+        if self.component == "unet":
+            from .lora_files import sgm_module_name
+
+            sgm = sgm_module_name(self.module, self.layers_per_block)
+            if sgm is not None:
+                # kohya's SDXL files name UNet modules as SDXL's original (SGM) UNet does.
+                out["kohya_sgm_key"] = "lora_unet_" + sgm.replace(".", "_")
+        return out
 
 
 def _slot_modules():
@@ -145,6 +157,21 @@ def _slot_modules():
             a = self.feed.tensors[2 * self.index]
             b = self.feed.tensors[2 * self.index + 1]
             return self.base(x) + F.linear(F.linear(x, a), b)
+
+    class SlottedConv1x1(torch.nn.Module):
+        """A 1x1 Conv2d plus a per-pixel low-rank update (as peft's 1x1 conv LoRA computes it)."""
+
+        def __init__(self, base: torch.nn.Conv2d, feed: SlotFeed, index: int):
+            super().__init__()
+            self.base = base
+            self.feed = feed
+            self.index = index
+
+        def forward(self, x):
+            a = self.feed.tensors[2 * self.index]
+            b = self.feed.tensors[2 * self.index + 1]
+            # MatMuls over the channel axis rather than convolutions: they take rank 0 (an unused slot).
+            return self.base(x) + F.linear(F.linear(x.movedim(1, -1), a), b).movedim(-1, 1)
 
     class SlottedUNet(torch.nn.Module):
         def __init__(self, unet, feed):
@@ -199,35 +226,37 @@ def _slot_modules():
         def forward(self, latent):
             return self.vae.decode(latent, return_dict=False)[0]
 
-    return SlotFeed, SlottedLinear, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
+    return SlotFeed, SlottedLinear, SlottedConv1x1, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
 
 
-def insert_slots(model, component: str, targets: tuple[str, ...], parent_type, feed, SlottedLinear) -> list[Slot]:
-    """Wrap every `targets` projection of each `parent_type` module of `model` in a SlottedLinear, in module
-    order; returns the slots (graph input names follow the order)."""
+def insert_slots(model, component: str, parent_type, feed, SlottedLinear, SlottedConv1x1,
+                 layers_per_block: int = 0) -> list[Slot]:
+    """Wrap every Linear and 1x1 Conv2d inside each `parent_type` module of `model` (in module order) in a
+    slotted layer; returns the slots (graph input names follow the order)."""
     import torch
 
     slots: list[Slot] = []
     prefix = INPUT_PREFIX[component]
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, parent_type):
-            continue
-        for target in targets:
-            parent = module
-            *path, leaf = target.split(".")
-            for p in path:
-                parent = getattr(parent, p) if not p.isdigit() else parent[int(p)]
-            linear = parent[int(leaf)] if leaf.isdigit() else getattr(parent, leaf)
-            if not isinstance(linear, torch.nn.Linear):
-                continue
-            i = len(slots)
-            wrapped = SlottedLinear(linear, feed, i)
-            if leaf.isdigit():
-                parent[int(leaf)] = wrapped
-            else:
-                setattr(parent, leaf, wrapped)
-            slots.append(Slot(component, f"{name}.{target}", linear.in_features, linear.out_features,
-                              f"{prefix}_lora_{i}_a", f"{prefix}_lora_{i}_b"))
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, parent_type):
+            for sub, layer in module.named_modules():
+                if isinstance(layer, torch.nn.Linear):
+                    found.append((f"{name}.{sub}", layer, "linear", layer.in_features, layer.out_features))
+                elif isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) == (1, 1) \
+                        and tuple(layer.stride) == (1, 1) and layer.groups == 1:
+                    found.append((f"{name}.{sub}", layer, "conv1x1", layer.in_channels, layer.out_channels))
+    for path, layer, kind, in_f, out_f in found:
+        i = len(slots)
+        wrapped = (SlottedLinear if kind == "linear" else SlottedConv1x1)(layer, feed, i)
+        parent_name, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if leaf.isdigit():
+            parent[int(leaf)] = wrapped
+        else:
+            setattr(parent, leaf, wrapped)
+        slots.append(Slot(component, path, in_f, out_f, f"{prefix}_lora_{i}_a", f"{prefix}_lora_{i}_b", kind,
+                          layers_per_block))
     return slots
 
 
@@ -322,12 +351,13 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
 
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from torch.export import Dim
 
-    SlotFeed, SlottedLinear, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = _slot_modules()
+    SlotFeed, SlottedLinear, SlottedConv1x1, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = \
+        _slot_modules()
     model_index = json.loads((model_dir / "model_index.json").read_text())
     half = dtype == "fp16"
     torch.manual_seed(0)
@@ -366,7 +396,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         # --- text encoder(s)
         def export_text_encoder(model, component, outputs, output_names, seed):
             feed = SlotFeed()
-            slots = insert_slots(model, component, TEXT_ENCODER_TARGETS, CLIPAttention, feed, SlottedLinear)
+            slots = insert_slots(model, component, CLIPEncoderLayer, feed, SlottedLinear, SlottedConv1x1)
             te = SlottedTextEncoder(model, feed, outputs).eval().to(fdt)
             ids = torch.randint(0, model.config.vocab_size, (2, max_len), dtype=torch.int64)
             args = [ids, *slot_args(slots, seed)]
@@ -389,7 +419,9 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
 
         # --- UNet
         feed = SlotFeed()
-        unet_slots = insert_slots(unet, "unet", UNET_TARGETS, Attention, feed, SlottedLinear)
+        lpb = unet.config.layers_per_block
+        unet_slots = insert_slots(unet, "unet", Transformer2DModel, feed, SlottedLinear, SlottedConv1x1,
+                                  lpb if isinstance(lpb, int) else 0)
         su = (SlottedUNetXL if xl else SlottedUNet)(unet, feed).eval().to(fdt)
         lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
         lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
@@ -481,6 +513,14 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
             manifest["force_zeros_for_empty_prompt"] = bool(model_index.get("force_zeros_for_empty_prompt", True))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         os.chmod(tmp, 0o755)
+        if final.exists() and not is_complete(final):
+            # An interrupted export or one in an older format: set it aside, then remove it.
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=out_root))
+            try:
+                os.rename(final, stale / "old")
+            except OSError:
+                pass  # a concurrent exporter moved it first
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -457,7 +457,8 @@ class Trainer:
         meta = lora_files.provenance(steps=step, **self.provenance_base)
         parts = self._peft_parts()
         path = lora_files.save_diffusers(folder / ckpt.LORA_FILE,
-                                         {k: convert_state_dict_to_diffusers(v) for k, v in parts.items()},
+                                         {k: lora_files.diffusers_keys(v, convert_state_dict_to_diffusers)
+                                          for k, v in parts.items()},
                                          self.adapter_configs, meta)
         if kohya:
             path = lora_files.save_kohya(folder / KOHYA_FILE, self.c.arch, parts, self.spec.effective_lora_alpha,

@@ -239,6 +239,16 @@ def test_rank_alpha_dropout_targets_reach_peft(tiny_model, dataset, tmp_path):
         make_trainer(tiny_model, dataset, tmp_path / "bad", maxTrainSamples=4, targetModules=["no_such_layer"])
 
 
+def test_kohya_sdxl_refuses_targets_without_an_original_name_before_training(tiny_sdxl, dataset, tmp_path):
+    # An upsampler convolution: peft adapts it, but kohya's SDXL names (the original UNet's) cannot name it
+    # without the block layout; the spec is refused at start, not after the run.
+    with pytest.raises(SpecError, match="lora_format"):
+        make_trainer(tiny_sdxl, dataset, tmp_path / "o", maxTrainSamples=4, loraFormat="kohya",
+                     targetModules=["to_q", "upsamplers.0.conv"])
+    make_trainer(tiny_sdxl, dataset, tmp_path / "ok", maxTrainSamples=4, loraFormat="kohya",
+                 targetModules=["to_q", "ff.net.2", "proj_in", "conv1"])  # all have original names
+
+
 def test_train_text_encoder_puts_lora_on_its_attention(tiny_model, dataset, tmp_path):
     from peft.tuners.lora.layer import Linear as LoraLinear
 

@@ -16,10 +16,13 @@ import torch
 from safetensors import safe_open
 
 from helpers import engine_cmd, engine_env, load_pipeline
+from loraforge_engine.lora_files import diffusers_keys
 from loraforge_engine.onnx_export import export_model, model_hash
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# Every layer kohya's sd-scripts adapts (the export's slots): attention, feed-forward, proj_in/proj_out (1x1
+# convolutions in SD-1.x, Linear in SDXL) and the text encoders' attention and MLP.
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.2)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model), convert_state_dict_to_diffusers)
         cfg = model.peft_config["default"].to_dict()
         meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
                                                 for k, v in cfg.items()}
@@ -68,11 +71,14 @@ def slot_feeds(manifest, component: str, lora_file=None) -> dict:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
         scale = meta[f"{component}.lora_alpha"] / meta[f"{component}.r"] if f"{component}.r" in meta else 1.0
         for s in slots:
-            for down, up in ((".lora.down.weight", ".lora.up.weight"),
+            for down, up in ((".lora.down.weight", ".lora.up.weight"), (".lora_A.weight", ".lora_B.weight"),
                              (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")):
                 if s["diffusers_key"] + down in f.keys():
-                    feeds[s["input_a"]] = f.get_tensor(s["diffusers_key"] + down).numpy()
-                    feeds[s["input_b"]] = f.get_tensor(s["diffusers_key"] + up).numpy() * scale
+                    # 1x1 convolution LoRAs are [r, in, 1, 1] / [out, r, 1, 1]: the slots take them 2-D.
+                    a = f.get_tensor(s["diffusers_key"] + down).numpy()
+                    b = f.get_tensor(s["diffusers_key"] + up).numpy()
+                    feeds[s["input_a"]] = a.reshape(a.shape[0], a.shape[1])
+                    feeds[s["input_b"]] = b.reshape(b.shape[0], b.shape[1]) * scale
     return feeds
 
 
@@ -86,8 +92,12 @@ def test_export_is_cached_by_content(exported, tmp_path):
     model, out, digest, root = exported
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model_hash"] == digest and manifest["complete"] is True
-    assert len([s for s in manifest["slots"] if s["component"] == "unet"]) == 6 * 2 * 4  # 6 transformers, 2 attn
-    assert len([s for s in manifest["slots"] if s["component"] == "text_encoder"]) == 3 * 4
+    unet_slots = [s for s in manifest["slots"] if s["component"] == "unet"]
+    # 6 transformers of one block each: proj_in, proj_out, 2 attentions x 4 projections, 2 feed-forward layers.
+    assert len(unet_slots) == 6 * (2 + 2 * 4 + 2)
+    assert {s["kind"] for s in unet_slots if s["module"].endswith(("proj_in", "proj_out"))} == {"conv1x1"}
+    assert {s["kind"] for s in unet_slots if not s["module"].endswith(("proj_in", "proj_out"))} == {"linear"}
+    assert len([s for s in manifest["slots"] if s["component"] == "text_encoder"]) == 3 * 6
     # A copy elsewhere has the same hash, and the CLI finds the export instead of redoing it.
     copy = tmp_path / "copy"
     shutil.copytree(model, copy)
@@ -173,7 +183,7 @@ def make_xl_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.2)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model), convert_state_dict_to_diffusers)
         cfg = model.peft_config["default"].to_dict()
         meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
                                                 for k, v in cfg.items()}
@@ -189,7 +199,12 @@ def test_sdxl_exports_two_text_encoders_and_added_conditioning(exported_xl):
     assert m["text_encoder_2"]["projection_dim"] == 32 and m["unet"]["cross_attention_dim"] == 64
     assert (out / "tokenizer_2" / "vocab.json").is_file()
     counts = {c: sum(s["component"] == c for s in m["slots"]) for c in ("unet", "text_encoder", "text_encoder_2")}
-    assert counts == {"unet": 24 * 4, "text_encoder": 12, "text_encoder_2": 12}
+    # 6 transformers (proj_in, proj_out) holding 12 blocks (2 attentions x 4 projections, 2 feed-forward).
+    assert counts == {"unet": 6 * 2 + 12 * (2 * 4 + 2), "text_encoder": 18, "text_encoder_2": 18}
+    sgm = {s["module"]: s.get("kohya_sgm_key") for s in m["slots"] if s["component"] == "unet"}
+    assert sgm["down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"] == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"
+    assert sgm["up_blocks.0.attentions.2.proj_out"] == "lora_unet_output_blocks_2_1_proj_out"
     assert len({s["input_a"] for s in m["slots"]}) == len(m["slots"])  # input names never collide
     names = [i.name for i in session(out / "unet.onnx").get_inputs()][:5]
     assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]

@@ -121,6 +121,27 @@ def test_checkpoint_limit_and_validation_every_epoch(sd_te_run):
             assert hashlib.sha256(Path(img["path"]).read_bytes()).hexdigest() == img["sha256"]
 
 
+def test_targets_beyond_attention_load_whole_in_diffusers(tiny_model, dataset, tmp_path):
+    """Feed-forward and proj_in/proj_out (1x1 convolutions in SD-1.x) as well as the attention projections —
+    what kohya's trainer adapts: every adapted layer comes back in load_lora_weights, from both files."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+    out = tmp_path / "wide"
+    rc, _, stderr = run_train(spec_for(tiny_model, dataset, targetModules=targets, loraFormat="kohya",
+                                       maxTrainSteps=4, checkpointingSteps=100), out)
+    assert rc == 0, stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        pipe = load(StableDiffusionPipeline, tiny_model)
+        pipe.load_lora_weights(str(out), weight_name=name)
+        adapted = [n for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)]
+        # 6 transformers of one block: proj_in, proj_out, 2 x 4 attention projections, 2 feed-forward layers.
+        assert len(adapted) == 6 * 12, (name, len(adapted))
+        assert {t for t in targets if any(n.endswith(t) for n in adapted)} == set(targets), name
+    check_both_formats_load_and_agree(StableDiffusionPipeline, tiny_model, out, [])
+
+
 def test_sdxl_trains_and_both_files_load_in_the_sdxl_pipeline(tiny_sdxl, dataset, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -1,10 +1,14 @@
 """The diffusers side of the inference parity tests and the bench.
 
     python infer_reference.py make-lora MODEL OUT.safetensors --seed S [--rank R] [--alpha A] [--text-encoder]
+            [--kohya] [--wide]
         A LoRA as diffusers writes it (peft adapter with random non-zero up weights, save_lora_weights, alpha in
-        the metadata). --kohya writes the same weights with kohya key names and .alpha tensors instead. For an
-        SDXL model --text-encoder adapts both text encoders (keys text_encoder. and text_encoder_2., as a LoRA
-        trained with train_text_encoder carries them; kohya: lora_te1_ and lora_te2_).
+        the metadata). --kohya writes the same weights as kohya's sd-scripts names them, with .alpha tensors
+        instead: lora_unet_ + diffusers module names for SD-1.x, + the original (SGM) UNet's names for SDXL
+        (input_blocks_4_1_…). For an SDXL model --text-encoder adapts both text encoders (keys text_encoder. and
+        text_encoder_2., as a LoRA trained with train_text_encoder carries them; kohya: lora_te1_ and lora_te2_).
+        --wide adapts what sd-scripts adapts by default: also the feed-forward layers and proj_in/proj_out (1x1
+        convolutions in SD-1.x) of every transformer, and the text encoders' MLP (fc1, fc2).
     python infer_reference.py render MODEL REQUEST.json
         Renders with StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL model (model_index.json
         says which; no watermark): REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
@@ -29,6 +33,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_WIDE = UNET_TARGETS + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+TE_WIDE = TE_TARGETS + ["fc1", "fc2"]
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 
 
@@ -51,19 +57,23 @@ def pipeline(model_dir: str):
 
 
 def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float, text_encoder: bool,
-              kohya: bool) -> None:
+              kohya: bool, wide: bool = False) -> None:
     import torch
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "engine"))
+    from loraforge_engine.lora_files import diffusers_keys, sgm_module_name
+
     pipe = pipeline(model_dir)
     torch.manual_seed(seed)
-    parts = [("unet", pipe.unet, UNET_TARGETS)]
+    unet_targets, te_targets = (UNET_WIDE, TE_WIDE) if wide else (UNET_TARGETS, TE_TARGETS)
+    parts = [("unet", pipe.unet, unet_targets)]
     if text_encoder:
-        parts.append(("text_encoder", pipe.text_encoder, TE_TARGETS))
+        parts.append(("text_encoder", pipe.text_encoder, te_targets))
         if getattr(pipe, "text_encoder_2", None) is not None:
-            parts.append(("text_encoder_2", pipe.text_encoder_2, TE_TARGETS))
+            parts.append(("text_encoder_2", pipe.text_encoder_2, te_targets))
     layers, meta = {}, {}
     for name, model, targets in parts:
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
@@ -84,6 +94,10 @@ def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float,
             prefix = {"unet": "lora_unet_", "text_encoder": te1, "text_encoder_2": "lora_te2_text_model_"}[name]
             for k, v in state.items():
                 stem, kind = k.rsplit(".lora_", 1)  # "<module>", "A.weight"
+                if name == "unet" and is_xl(model_dir):
+                    stem = sgm_module_name(stem, pipe.unet.config.layers_per_block)
+                elif name != "unet" and stem.startswith("text_model."):
+                    stem = stem[len("text_model."):]  # CLIPTextModelWithProjection keeps it; the prefix has it
                 key = prefix + stem.replace(".", "_")
                 sd[f"{key}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v.contiguous()
                 sd[f"{key}.alpha"] = torch.tensor(float(alpha))
@@ -92,7 +106,7 @@ def make_lora(model_dir: str, out_file: str, seed: int, rank: int, alpha: float,
         return
     type(pipe).save_lora_weights(
         save_directory=out_dir, weight_name=weight_name, safe_serialization=True,
-        **{f"{n}_lora_layers": convert_state_dict_to_diffusers(s) for n, s in layers.items()},
+        **{f"{n}_lora_layers": diffusers_keys(s, convert_state_dict_to_diffusers) for n, s in layers.items()},
         **{f"{n}_lora_adapter_metadata": m for n, m in meta.items()})
 
 
@@ -149,8 +163,9 @@ def main(argv: list[str]) -> None:
         p.add_argument("--alpha", type=float, default=4.0)
         p.add_argument("--text-encoder", action="store_true")
         p.add_argument("--kohya", action="store_true")
+        p.add_argument("--wide", action="store_true")
         a = p.parse_args(rest)
-        make_lora(model, a.out, a.seed, a.rank, a.alpha, a.text_encoder, a.kohya)
+        make_lora(model, a.out, a.seed, a.rank, a.alpha, a.text_encoder, a.kohya, a.wide)
     elif cmd == "render":
         render(model, rest[0])
     elif cmd == "tokenize":

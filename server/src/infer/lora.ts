@@ -9,7 +9,10 @@
 //   unet.<…>.processor.to_q_lora.down.weight                    diffusers' old attention-processor form
 //   base_model.model.<module>.lora_A.weight                      peft's own save (UNet)
 //   lora_unet_<module with _>.lora_down.weight / .lora_up.weight / .alpha   kohya (lora_te_ for the text encoder)
+//   lora_unet_input_blocks_4_1_…, middle_block_1_…, output_blocks_…   kohya's SDXL files: the original (SGM)
+//                                                                UNet's module names (the manifest's kohya_sgm_key)
 //   text_encoder_2.<module>…, lora_te1_… / lora_te2_…             SDXL's two text encoders (diffusers / kohya)
+// 1x1 convolution layers (SD-1.x's proj_in/proj_out) carry [r, in, 1, 1] / [out, r, 1, 1] weights: read as 2-D.
 // alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
 // rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
 import { stat } from "node:fs/promises";
@@ -27,6 +30,10 @@ export interface SlotInfo {
   out_features: number;
   input_a: string;
   input_b: string;
+  /** "linear" or "conv1x1" (absent in older manifests: linear). */
+  kind?: string;
+  /** The kohya key in SDXL's original UNet names (UNet slots inside transformers). */
+  kohya_sgm_key?: string;
 }
 
 /** A LoRA mapped onto one model: per slot index, A [r, in] and B [out, r] (alpha / r folded in). */
@@ -60,6 +67,7 @@ export class SlotIndex {
       const mod = s.component === "unet" ? s.module : stripTextModel(s.module);
       this.byDotted.set(`${s.component}.${mod}`, i);
       this.byKohya.set(KOHYA_PREFIX[s.component] + mod.replace(/\./g, "_"), i);
+      if (s.kohya_sgm_key) this.byKohya.set(s.kohya_sgm_key, i);
       this.counts[s.component]++;
     });
   }
@@ -129,6 +137,14 @@ function adapterMetadata(metadata: Record<string, string>): Record<string, unkno
   }
 }
 
+/** A LoRA matrix's 2-D shape: [a, b] as is, [a, b, 1, 1] (a 1x1 convolution) as [a, b]; null otherwise. */
+function as2d(t: Tensor): [number, number] | null {
+  const s = t.shape;
+  if (s.length === 2) return [s[0], s[1]];
+  if (s.length === 4 && s[2] === 1 && s[3] === 1) return [s[0], s[1]];
+  return null;
+}
+
 /** Maps one parsed LoRA file onto a model's slots, checking every shape. */
 export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Record<string, string>, index: SlotIndex): MappedLora {
   const groups = new Map<string, Partial<Record<Part, Tensor>>>();
@@ -144,12 +160,25 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
   for (const [stem, g] of groups) {
     const slot = index.find(stem);
     if (slot < 0)
-      throw new LoraMismatch(stem, `${file}: layer ${stem} has no LoRA slot in this base model (is the LoRA made for another base model?)`);
+      throw new LoraMismatch(
+        stem,
+        `${file}: layer ${stem} has no LoRA slot in this base model. Slots cover every Linear and 1x1 convolution ` +
+          `inside the UNet's transformers (attention, feed-forward, proj_in/proj_out) and the text encoders' attention ` +
+          `and MLP layers; a LoRA on other layers (ResNet convolutions: LoCon/LyCORIS) is not served, and one made ` +
+          `for another base model names layers this one does not have`,
+      );
     const info = index.slots[slot];
     if (!g.down || !g.up) throw new LoraMismatch(stem, `${file}: layer ${stem} lacks its ${g.down ? "up" : "down"} weight`);
-    const [r, inF] = g.down.shape;
-    const [outF, r2] = g.up.shape;
-    if (g.down.shape.length !== 2 || g.up.shape.length !== 2 || r !== r2)
+    const down = as2d(g.down);
+    const up = as2d(g.up);
+    if (!down || !up)
+      throw new LoraMismatch(
+        stem,
+        `${file}: layer ${stem} has down ${JSON.stringify(g.down.shape)} and up ${JSON.stringify(g.up.shape)}: only linear and 1x1 convolution LoRA layers are served`,
+      );
+    const [r, inF] = down;
+    const [outF, r2] = up;
+    if (r !== r2)
       throw new LoraMismatch(stem, `${file}: layer ${stem} has down ${JSON.stringify(g.down.shape)} and up ${JSON.stringify(g.up.shape)}, which do not pair`);
     if (inF !== info.in_features || outF !== info.out_features)
       throw new LoraMismatch(

@@ -13,7 +13,7 @@ import type { SchedulerConfig } from "./schedulers.js";
 import { SlotIndex, type SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
 
-export const MANIFEST_FORMAT = "loraforge-onnx/1";
+export const MANIFEST_FORMAT = "loraforge-onnx/2";
 /** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */
 const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
 

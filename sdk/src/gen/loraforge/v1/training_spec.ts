@@ -290,7 +290,10 @@ export interface TrainingSpec {
   /**
    * UNet modules (names or name suffixes, as peft matches them) that get LoRA.
    * Empty: ["to_q", "to_k", "to_v", "to_out.0"] (the attention projections).
-   * At most 64 names of letters, digits, "_" and ".".
+   * At most 64 names of letters, digits, "_" and ".". Infer serves LoRAs on
+   * the layers inside the UNet's transformers (these four, "proj_in",
+   * "proj_out", "ff.net.0.proj", "ff.net.2"); a LoRA on other layers (a
+   * ResNet's "conv1") trains and loads in diffusers, but Infer refuses it.
    */
   targetModules: string[];
   /**
@@ -331,7 +334,9 @@ export interface TrainingSpec {
    * (pytorch_lora_weights.safetensors) or "kohya" (the A1111 / ComfyUI
    * layout, lora_unet_… / lora_te_… keys with .alpha tensors, written as
    * pytorch_lora_weights_kohya.safetensors; the diffusers file is written
-   * beside it). Default "diffusers".
+   * beside it). Default "diffusers". SDXL UNet keys take the original
+   * UNet's names (lora_unet_input_blocks_4_1_…), as kohya's sd-scripts
+   * writes them; a target without such a name fails the job at its start.
    */
   loraFormat?:
     | string
