@@ -96,6 +96,20 @@ describe("InferenceService on SDXL", () => {
       { name: "base-negative", req: { seed: 32, numInferenceSteps: 8, guidanceScale: 5, scheduler: "dpmpp_2m", numImages: 2, negativePrompt: "a green square" }, loras: [] },
       { name: "one-lora", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: lora, scale: 1 }] },
       { name: "one-lora-scaled", req: { seed: 33, numInferenceSteps: 8, guidanceScale: 6, scheduler: "ddim", negativePrompt: "a green square" }, loras: [{ path: lora, scale: 0.6 }] },
+      // The second encoder's own prompts, and size conditioning other than the pipeline's default.
+      {
+        name: "prompt-2-size",
+        req: {
+          seed: 31,
+          numInferenceSteps: 8,
+          guidanceScale: 7.5,
+          scheduler: "euler",
+          prompt2: "a yellow cross",
+          negativePrompt2: "a green square",
+          sizeConditioning: { originalWidth: 128, originalHeight: 96, cropTop: 8, cropLeft: 16, targetWidth: 64, targetHeight: 64 },
+        },
+        loras: [],
+      },
       { name: "kohya-sgm", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: kohya, scale: 1 }] },
     ];
     const ours = new Map<string, InferResponse>();
@@ -125,9 +139,9 @@ describe("InferenceService on SDXL", () => {
     }
     console.log(`# SDXL parity (mean abs diff, 0-255): ${diffs.join(" ")}`);
     const base = await rgb(Buffer.from(ours.get("base-euler")!.images[0].png));
-    for (const name of ["one-lora", "kohya-sgm"]) {
+    for (const name of ["one-lora", "kohya-sgm", "prompt-2-size"]) {
       const change = meanAbsDiff(base, await rgb(Buffer.from(ours.get(name)!.images[0].png)));
-      assert.ok(change > 2 * TOLERANCE, `${name}: the LoRA changed the image by only ${change.toFixed(3)}`);
+      assert.ok(change > 2 * TOLERANCE, `${name}: changed the image by only ${change.toFixed(3)}`);
     }
   });
 });

@@ -179,6 +179,14 @@ describe("InferenceService", () => {
     assert.equal(mismatch.metadata.layer, layer);
     assert.match(mismatch.message, /loras\[1\].*attn2\.to_k/);
 
+    // SDXL-only fields on an SD-1.x model are refused, not ignored; bad size conditioning is named.
+    const sdxlOnly = await fail({ ...base, prompt2: "a blue square", sizeConditioning: { cropTop: 8, cropLeft: 0 } });
+    assert.equal(sdxlOnly.code, status.INVALID_ARGUMENT);
+    assert.deepEqual(sdxlOnly.violations.map((v) => v.field), ["prompt_2", "size_conditioning"]);
+    const badCrop = await fail({ ...base, sizeConditioning: { cropTop: -1, cropLeft: 0, originalWidth: 0 } });
+    assert.equal(badCrop.code, status.INVALID_ARGUMENT);
+    assert.deepEqual(badCrop.violations.map((v) => v.field), ["size_conditioning.original_width", "size_conditioning.crop_top"]);
+
     // A LoCon-style layer (a 3x3 ResNet convolution) has no slot: refused by name, not silently dropped.
     const conv = "lora_unet_down_blocks_0_resnets_0_conv1";
     const locon = path.join(dir, "locon.safetensors");

@@ -17,7 +17,7 @@ import {
 import { createHash } from "node:crypto";
 import { Artifact, ArtifactKind, Job, JobEvent, JobState } from "./gen/loraforge/v1/job.js";
 import { TrainerServiceClient, type DownloadArtifactResponse, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
-import { InferenceServiceClient, InferRequest, type InferResponse, type ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";
+import { InferenceServiceClient, InferRequest, type DeepPartial, type InferResponse, type ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";
 import { DatasetServiceClient, type Dataset, type UploadDatasetRequest } from "./gen/loraforge/v1/dataset_service.js";
 import { TrainingSpec } from "./gen/loraforge/v1/training_spec.js";
 import { fromGrpcError, LoraforgeError } from "./errors.js";
@@ -79,7 +79,7 @@ export type DownloadTarget = { file: string } | { stream: Writable };
 export type SpecInput = Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel">;
 
 /** An Infer request as the SDK accepts it: only the prompt and base model are required. */
-export type InferInput = Partial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
+export type InferInput = DeepPartial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
 
 /** The final states: once a job is in one, it never changes again. */
 export const FINAL_STATES: readonly JobState[] = [JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED];

@@ -19,7 +19,7 @@ import {
   UnavailableError,
   type LoraforgeClient,
 } from "@loraforge/sdk";
-import { InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { InferResponse, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { configFromEnv } from "./server.js";
 
 /** Exit codes, documented in the README and `loraforge --help`. */
@@ -36,6 +36,8 @@ export const CLIENT_USAGE = `usage: loraforge <command> [options]     (every com
   infer --base-model DIR --prompt TEXT [--lora JOB[:SCALE]]... [--lora-file FILE[:SCALE]]...
         [--steps N] [--guidance G] [--seed S] [--width W] [--height H] [--num-images N]
         [--scheduler euler|ddim|dpmpp_2m] [--negative-prompt TEXT] [-o OUT.png]
+        SDXL: [--prompt-2 TEXT] [--negative-prompt-2 TEXT] [--original-size WxH] [--crop TOP,LEFT]
+        [--target-size WxH]
   datasets upload FOLDER|ZIP [--name NAME]   upload a captioned image set; prints its id (train --dataset-id ID)
   export-onnx MODEL_DIR [--out DIR]      export a base model to ONNX (runs the engine locally)
 
@@ -260,6 +262,9 @@ export async function runClient(command: string, argv: string[]): Promise<number
           height: num("height"),
           numImages: num("num-images"),
           scheduler: one(a, "scheduler") ?? "",
+          prompt2: one(a, "prompt-2"),
+          negativePrompt2: one(a, "negative-prompt-2"),
+          sizeConditioning: sizeConditioning(a),
         });
         const out = one(a, "o") ?? one(a, "output") ?? "out.png";
         const files = res.images.map((img, i) => {
@@ -286,6 +291,29 @@ export async function runClient(command: string, argv: string[]): Promise<number
   } finally {
     client.close();
   }
+}
+
+/** --original-size WxH, --crop TOP,LEFT, --target-size WxH → SDXL's size conditioning (undefined when none given). */
+function sizeConditioning(a: Args): DeepPartial<SizeConditioning> | undefined {
+  const pair = (key: string, sep: string, what: string): [number, number] | undefined => {
+    const v = one(a, key);
+    if (v === undefined) return undefined;
+    const m = v.split(sep).map(Number);
+    if (m.length !== 2 || !m.every(Number.isInteger)) throw new UsageError(`--${key} takes ${what}, got ${JSON.stringify(v)}`);
+    return [m[0], m[1]];
+  };
+  const orig = pair("original-size", "x", "WIDTHxHEIGHT");
+  const crop = pair("crop", ",", "TOP,LEFT");
+  const target = pair("target-size", "x", "WIDTHxHEIGHT");
+  if (!orig && !crop && !target) return undefined;
+  return {
+    originalWidth: orig?.[0],
+    originalHeight: orig?.[1],
+    cropTop: crop?.[0] ?? 0,
+    cropLeft: crop?.[1] ?? 0,
+    targetWidth: target?.[0],
+    targetHeight: target?.[1],
+  };
 }
 
 function report(command: string, err: unknown): number {

@@ -46,6 +46,7 @@ export function meanAbsDiff(a: Buffer, b: Buffer): number {
 export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras: { path: string; scale: number }[], n: number): string[] {
   mkdirSync(caseDir, { recursive: true });
   writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(req.seed!, n, 4, 8, 8).buffer));
+  const sc = req.sizeConditioning;
   const request = {
     prompt: PROMPT,
     negative_prompt: req.negativePrompt ?? "",
@@ -58,6 +59,16 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
     loras,
     latents: path.join(caseDir, "latents.f32"),
     out_dir: caseDir,
+    // SDXL's second prompts and size conditioning, as the pipeline takes them ((h, w) sizes, (top, left) crop).
+    ...(req.prompt2 !== undefined ? { prompt_2: req.prompt2 } : {}),
+    ...(req.negativePrompt2 !== undefined ? { negative_prompt_2: req.negativePrompt2 } : {}),
+    ...(sc
+      ? {
+          original_size: [sc.originalHeight ?? 64, sc.originalWidth ?? 64],
+          crops_coords_top_left: [sc.cropTop ?? 0, sc.cropLeft ?? 0],
+          target_size: [sc.targetHeight ?? 64, sc.targetWidth ?? 64],
+        }
+      : {}),
   };
   writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
   return ["render", path.join(caseDir, "request.json")];

@@ -13,7 +13,8 @@
         Renders with StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL model (model_index.json
         says which; no watermark): REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
         height, num_images, scheduler, loras [{path, scale}], latents (a raw little-endian float32 file with the
-        unscaled initial latents [n, 4, h/8, w/8]) and out_dir; writes out_dir/ref_<i>.png.
+        unscaled initial latents [n, 4, h/8, w/8]) and out_dir, for SDXL optionally prompt_2, negative_prompt_2,
+        original_size, crops_coords_top_left, target_size; writes out_dir/ref_<i>.png.
     python infer_reference.py tokenize MODEL TEXT...
         Prints transformers' CLIPTokenizer ids (padded to 77) as JSON, one list per text.
     python infer_reference.py batch MODEL JOBS.json
@@ -130,9 +131,15 @@ def render(model_dir: str, request_file: str) -> None:
     latents = torch.from_numpy(np.fromfile(req["latents"], dtype="<f4").reshape(n, 4, h // 8, w // 8).copy())
     # An empty negative prompt is passed as None: SDXL then zeroes the negative embeddings when the model's
     # force_zeros_for_empty_prompt says so (loraforge's empty negative_prompt means "none given").
-    images = pipe(req["prompt"], negative_prompt=req.get("negative_prompt") or None,
+    # SDXL extras, named as the pipeline names them (sizes are (height, width), the crop (top, left)).
+    extra = {k: req[k] for k in ("prompt_2", "negative_prompt_2") if k in req}
+    extra.update({k: tuple(req[k]) for k in ("original_size", "crops_coords_top_left", "target_size") if k in req})
+    negative = req.get("negative_prompt") or None
+    if negative is None and extra.get("negative_prompt_2"):
+        negative = ""  # a second negative prompt alone: the first encoder encodes "" (no zeroing)
+    images = pipe(req["prompt"], negative_prompt=negative,
                   num_inference_steps=req["steps"], guidance_scale=req["guidance_scale"], height=h, width=w,
-                  num_images_per_prompt=n, latents=latents).images
+                  num_images_per_prompt=n, latents=latents, **extra).images
     os.makedirs(req["out_dir"], exist_ok=True)
     for i, img in enumerate(images):
         img.save(os.path.join(req["out_dir"], f"ref_{i}.png"))

@@ -42,6 +42,9 @@ export interface InferenceOptions extends RuntimeOptions {
   maxQueued?: number;
 }
 
+/** SDXL's size-conditioning values: 1..16384 pixels (crop 0..16384). */
+const COND_MAX = 16384;
+
 interface Validated {
   steps: number;
   guidance: number;
@@ -92,6 +95,20 @@ export function validateInfer(req: InferRequest, roots: string[]): { v: Validate
     if (l.scale !== undefined && !(Number.isFinite(l.scale) && Math.abs(l.scale) <= LIMITS.scale))
       add(`${f}.scale`, `must be a number in -${LIMITS.scale}..${LIMITS.scale}, got ${l.scale}`);
   });
+  const sc = req.sizeConditioning;
+  if (sc) {
+    for (const [field, v, min] of [
+      ["original_width", sc.originalWidth, 1],
+      ["original_height", sc.originalHeight, 1],
+      ["crop_top", sc.cropTop, 0],
+      ["crop_left", sc.cropLeft, 0],
+      ["target_width", sc.targetWidth, 1],
+      ["target_height", sc.targetHeight, 1],
+    ] as const) {
+      if (v !== undefined && (!Number.isInteger(v) || v < min || v > COND_MAX))
+        add(`size_conditioning.${field}`, `must be an integer in ${min}..${COND_MAX}, got ${v}`);
+    }
+  }
   const seed = req.seed ?? randomInt(0, 2 ** 47);
   if (!Number.isSafeInteger(seed)) add("seed", `must be an integer of at most 53 bits, got ${seed}`);
   return { v: { steps, guidance, seed, numImages, scheduler, width: req.width, height: req.height }, violations: bad };
@@ -161,7 +178,23 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       const sizeBad: FieldViolation[] = [];
       if (width % multiple !== 0) sizeBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
       if (height % multiple !== 0) sizeBad.push({ field: "height", description: `must be a multiple of ${multiple} for this base model, got ${height}` });
+      if (!model.isXL) {
+        // Fields only a second text encoder and SDXL's added conditioning can honour: refused, not ignored.
+        if (req.prompt2 !== undefined) sizeBad.push({ field: "prompt_2", description: "only SDXL base models have a second text encoder" });
+        if (req.negativePrompt2 !== undefined)
+          sizeBad.push({ field: "negative_prompt_2", description: "only SDXL base models have a second text encoder" });
+        if (req.sizeConditioning) sizeBad.push({ field: "size_conditioning", description: "only SDXL base models take size conditioning" });
+      }
       if (sizeBad.length > 0) throw invalidInferRequest(sizeBad);
+      const sc = req.sizeConditioning;
+      const timeIds = [
+        sc?.originalHeight ?? height,
+        sc?.originalWidth ?? width,
+        sc?.cropTop ?? 0,
+        sc?.cropLeft ?? 0,
+        sc?.targetHeight ?? height,
+        sc?.targetWidth ?? width,
+      ];
 
       t = performance.now();
       const mapped: { lora: MappedLora; scale: number }[] = [];
@@ -178,6 +211,9 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       const { pngs, timings } = await render(model, {
         prompt: req.prompt,
         negativePrompt: req.negativePrompt,
+        prompt2: req.prompt2,
+        negativePrompt2: req.negativePrompt2,
+        timeIds,
         steps: v.steps,
         guidanceScale: v.guidance,
         seed: v.seed,

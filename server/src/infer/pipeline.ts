@@ -13,6 +13,11 @@ import { makeScheduler, type SchedulerName } from "./schedulers.js";
 export interface RenderParams {
   prompt: string;
   negativePrompt: string;
+  /** SDXL: the second text encoder's prompt and negative prompt (unset: the first ones). */
+  prompt2?: string;
+  negativePrompt2?: string;
+  /** SDXL: original size (h, w), crop top-left (y, x), target size (h, w); unset: the requested size, no crop. */
+  timeIds?: number[];
   steps: number;
   guidanceScale: number;
   seed: number;
@@ -91,8 +96,11 @@ async function encodeText(model: LoadedModel, p: RenderParams, cfg: boolean): Pr
   }
 
   const te2 = model.textEncoder2!;
-  const zeroNegative = cfg && p.negativePrompt === "" && m.force_zeros_for_empty_prompt !== false;
+  const negative2 = p.negativePrompt2 ?? p.negativePrompt;
+  // No negative prompt for either encoder: zeros (the pipeline's negative_prompt=None).
+  const zeroNegative = cfg && p.negativePrompt === "" && negative2 === "" && m.force_zeros_for_empty_prompt !== false;
   const texts = cfg && !zeroNegative ? [p.negativePrompt, p.prompt] : [p.prompt];
+  const texts2 = cfg && !zeroNegative ? [negative2, p.prompt2 ?? p.prompt] : [p.prompt2 ?? p.prompt];
   const h1 = m.text_encoder.hidden_size;
   const h2 = m.text_encoder_2!.hidden_size;
   const pooledDim = m.text_encoder_2!.projection_dim;
@@ -102,7 +110,7 @@ async function encodeText(model: LoadedModel, p: RenderParams, cfg: boolean): Pr
       ...slotFeeds(model.slots, "text_encoder", p.loras, io("text_encoder")),
     }),
     te2.run({
-      input_ids: idsTensor(model.tokenizer2!, texts, m.text_encoder_2!.max_length),
+      input_ids: idsTensor(model.tokenizer2!, texts2, m.text_encoder_2!.max_length),
       ...slotFeeds(model.slots, "text_encoder_2", p.loras, io("text_encoder_2")),
     }),
   ]);
@@ -146,8 +154,8 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
   const added: Record<string, ort.Tensor> = {};
   if (model.isXL) {
     // SDXL's size conditioning: original size, crop top-left, target size (all (h, w)); the
-    // pipeline's defaults: the requested size, no crop, the requested size.
-    const ids = [p.height, p.width, 0, 0, p.height, p.width];
+    // pipeline's defaults: the requested size, no crop, the requested size. Negative rows: the same.
+    const ids = p.timeIds ?? [p.height, p.width, 0, 0, p.height, p.width];
     const timeIds = new Float32Array(batch * ids.length);
     for (let b = 0; b < batch; b++) timeIds.set(ids, b * ids.length);
     added.text_embeds = floatTensor(text.pooled!, [batch, text.pooledDim!], unetIo);

@@ -64,7 +64,7 @@ export interface InferRequest {
   negativePrompt: string;
   /**
    * Base model: an absolute path to a local diffusers-layout folder with
-   * safetensors weights (SD-1.x). Required. Must lie inside the server's data
+   * safetensors weights (SD-1.x/2.x or SDXL). Required. Must lie inside the server's data
    * roots when the server confines paths. The first request for a model
    * exports it to ONNX (seconds for a tiny model, minutes for SD-1.5).
    */
@@ -117,6 +117,63 @@ export interface InferRequest {
    * or empty means "euler".
    */
   scheduler: string;
+  /**
+   * SDXL only: the prompt for the second text encoder, as
+   * StableDiffusionXLPipeline's prompt_2. Unset: prompt. A base model with one
+   * text encoder refuses it (INVALID_ARGUMENT).
+   */
+  prompt2?:
+    | string
+    | undefined;
+  /**
+   * SDXL only: the negative prompt for the second text encoder. Unset:
+   * negative_prompt. When negative_prompt and negative_prompt_2 are both empty
+   * the negative conditioning is zeros (the model's
+   * force_zeros_for_empty_prompt, as the pipeline does for no negative prompt).
+   */
+  negativePrompt2?:
+    | string
+    | undefined;
+  /**
+   * SDXL only: the size and crop the UNet is conditioned on. Unset: original
+   * and target size are the requested size, no crop (the pipeline's default).
+   */
+  sizeConditioning: SizeConditioning | undefined;
+}
+
+/**
+ * SizeConditioning is SDXL's micro-conditioning (the pipeline's original_size,
+ * crops_coords_top_left and target_size), in pixels. The negative branch of
+ * classifier-free guidance gets the same values, as the pipeline's default.
+ */
+export interface SizeConditioning {
+  /**
+   * Width of the source image the model is told about. Unset: the requested
+   * width; 1..16384.
+   */
+  originalWidth?:
+    | number
+    | undefined;
+  /** Height of that source image. Unset: the requested height; 1..16384. */
+  originalHeight?:
+    | number
+    | undefined;
+  /** Top edge of the crop taken from that image. Default 0; 0..16384. */
+  cropTop: number;
+  /** Left edge of that crop. Default 0; 0..16384. */
+  cropLeft: number;
+  /**
+   * Width the model is told the result should have. Unset: the requested
+   * width; 1..16384.
+   */
+  targetWidth?:
+    | number
+    | undefined;
+  /**
+   * Height the model is told the result should have. Unset: the requested
+   * height; 1..16384.
+   */
+  targetHeight?: number | undefined;
 }
 
 /** InferResponse carries the images and where the time went. */
@@ -337,6 +394,9 @@ function createBaseInferRequest(): InferRequest {
     height: undefined,
     numImages: undefined,
     scheduler: "",
+    prompt2: undefined,
+    negativePrompt2: undefined,
+    sizeConditioning: undefined,
   };
 }
 
@@ -374,6 +434,15 @@ export const InferRequest: MessageFns<InferRequest> = {
     }
     if (message.scheduler !== "") {
       writer.uint32(90).string(message.scheduler);
+    }
+    if (message.prompt2 !== undefined) {
+      writer.uint32(98).string(message.prompt2);
+    }
+    if (message.negativePrompt2 !== undefined) {
+      writer.uint32(106).string(message.negativePrompt2);
+    }
+    if (message.sizeConditioning !== undefined) {
+      SizeConditioning.encode(message.sizeConditioning, writer.uint32(114).fork()).join();
     }
     return writer;
   },
@@ -479,6 +548,30 @@ export const InferRequest: MessageFns<InferRequest> = {
             message.scheduler = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.prompt2 = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.negativePrompt2 = reader.string();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.sizeConditioning = SizeConditioning.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -524,6 +617,21 @@ export const InferRequest: MessageFns<InferRequest> = {
         ? globalThis.Number(object.num_images)
         : undefined,
       scheduler: isSet(object.scheduler) ? globalThis.String(object.scheduler) : "",
+      prompt2: isSet(object.prompt2)
+        ? globalThis.String(object.prompt2)
+        : isSet(object.prompt_2)
+        ? globalThis.String(object.prompt_2)
+        : undefined,
+      negativePrompt2: isSet(object.negativePrompt2)
+        ? globalThis.String(object.negativePrompt2)
+        : isSet(object.negative_prompt_2)
+        ? globalThis.String(object.negative_prompt_2)
+        : undefined,
+      sizeConditioning: isSet(object.sizeConditioning)
+        ? SizeConditioning.fromJSON(object.sizeConditioning)
+        : isSet(object.size_conditioning)
+        ? SizeConditioning.fromJSON(object.size_conditioning)
+        : undefined,
     };
   },
 
@@ -562,6 +670,15 @@ export const InferRequest: MessageFns<InferRequest> = {
     if (message.scheduler !== "") {
       obj.scheduler = message.scheduler;
     }
+    if (message.prompt2 !== undefined) {
+      obj.prompt2 = message.prompt2;
+    }
+    if (message.negativePrompt2 !== undefined) {
+      obj.negativePrompt2 = message.negativePrompt2;
+    }
+    if (message.sizeConditioning !== undefined) {
+      obj.sizeConditioning = SizeConditioning.toJSON(message.sizeConditioning);
+    }
     return obj;
   },
 
@@ -581,6 +698,191 @@ export const InferRequest: MessageFns<InferRequest> = {
     message.height = object.height ?? undefined;
     message.numImages = object.numImages ?? undefined;
     message.scheduler = object.scheduler ?? "";
+    message.prompt2 = object.prompt2 ?? undefined;
+    message.negativePrompt2 = object.negativePrompt2 ?? undefined;
+    message.sizeConditioning = (object.sizeConditioning !== undefined && object.sizeConditioning !== null)
+      ? SizeConditioning.fromPartial(object.sizeConditioning)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSizeConditioning(): SizeConditioning {
+  return {
+    originalWidth: undefined,
+    originalHeight: undefined,
+    cropTop: 0,
+    cropLeft: 0,
+    targetWidth: undefined,
+    targetHeight: undefined,
+  };
+}
+
+export const SizeConditioning: MessageFns<SizeConditioning> = {
+  encode(message: SizeConditioning, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.originalWidth !== undefined) {
+      writer.uint32(8).int32(message.originalWidth);
+    }
+    if (message.originalHeight !== undefined) {
+      writer.uint32(16).int32(message.originalHeight);
+    }
+    if (message.cropTop !== 0) {
+      writer.uint32(24).int32(message.cropTop);
+    }
+    if (message.cropLeft !== 0) {
+      writer.uint32(32).int32(message.cropLeft);
+    }
+    if (message.targetWidth !== undefined) {
+      writer.uint32(40).int32(message.targetWidth);
+    }
+    if (message.targetHeight !== undefined) {
+      writer.uint32(48).int32(message.targetHeight);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SizeConditioning {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSizeConditioning();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.originalWidth = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.originalHeight = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.cropTop = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.cropLeft = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.targetWidth = reader.int32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.targetHeight = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SizeConditioning {
+    return {
+      originalWidth: isSet(object.originalWidth)
+        ? globalThis.Number(object.originalWidth)
+        : isSet(object.original_width)
+        ? globalThis.Number(object.original_width)
+        : undefined,
+      originalHeight: isSet(object.originalHeight)
+        ? globalThis.Number(object.originalHeight)
+        : isSet(object.original_height)
+        ? globalThis.Number(object.original_height)
+        : undefined,
+      cropTop: isSet(object.cropTop)
+        ? globalThis.Number(object.cropTop)
+        : isSet(object.crop_top)
+        ? globalThis.Number(object.crop_top)
+        : 0,
+      cropLeft: isSet(object.cropLeft)
+        ? globalThis.Number(object.cropLeft)
+        : isSet(object.crop_left)
+        ? globalThis.Number(object.crop_left)
+        : 0,
+      targetWidth: isSet(object.targetWidth)
+        ? globalThis.Number(object.targetWidth)
+        : isSet(object.target_width)
+        ? globalThis.Number(object.target_width)
+        : undefined,
+      targetHeight: isSet(object.targetHeight)
+        ? globalThis.Number(object.targetHeight)
+        : isSet(object.target_height)
+        ? globalThis.Number(object.target_height)
+        : undefined,
+    };
+  },
+
+  toJSON(message: SizeConditioning): unknown {
+    const obj: any = {};
+    if (message.originalWidth !== undefined) {
+      obj.originalWidth = Math.round(message.originalWidth);
+    }
+    if (message.originalHeight !== undefined) {
+      obj.originalHeight = Math.round(message.originalHeight);
+    }
+    if (message.cropTop !== 0) {
+      obj.cropTop = Math.round(message.cropTop);
+    }
+    if (message.cropLeft !== 0) {
+      obj.cropLeft = Math.round(message.cropLeft);
+    }
+    if (message.targetWidth !== undefined) {
+      obj.targetWidth = Math.round(message.targetWidth);
+    }
+    if (message.targetHeight !== undefined) {
+      obj.targetHeight = Math.round(message.targetHeight);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SizeConditioning>, I>>(base?: I): SizeConditioning {
+    return SizeConditioning.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SizeConditioning>, I>>(object: I): SizeConditioning {
+    const message = createBaseSizeConditioning();
+    message.originalWidth = object.originalWidth ?? undefined;
+    message.originalHeight = object.originalHeight ?? undefined;
+    message.cropTop = object.cropTop ?? 0;
+    message.cropLeft = object.cropLeft ?? 0;
+    message.targetWidth = object.targetWidth ?? undefined;
+    message.targetHeight = object.targetHeight ?? undefined;
     return message;
   },
 };
