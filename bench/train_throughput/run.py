@@ -6,8 +6,8 @@ run, on the same tiny model, data and batch.
 
 reference: what diffusers' train_text_to_image_lora.py does per step — load and transform the batch's images
   (resize, centre crop, random flip, normalise) and tokenize its captions, encode the images with the VAE and
-  the captions with the text encoder, UNet forward + backward through peft's LoRA, torch's default AdamW
-  (the for-loop implementation on CPU), LR scheduler step.
+  the captions with the text encoder, UNet forward + backward through peft's LoRA, gradient clipping to norm 1,
+  torch's default AdamW (the for-loop implementation on CPU), LR scheduler step.
 engine: loraforge_engine.train.Trainer with the spec's defaults (latents and text embeddings cached once per
   run, channels_last, fused AdamW, real gradient clipping), driven through its own training loop.
 
@@ -169,12 +169,17 @@ def reference_path(model: str, data: str, steps: int, batch: int, resolution: in
         with autocast():
             pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+        # The recipe's max_grad_norm 1: the reference clips every step (accelerator.clip_grad_norm_), as the
+        # engine does.
         if scaler:
             scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()

@@ -269,7 +269,8 @@ class Trainer:
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()
-            events.log("info", "torch.compile: the first steps include compilation")
+            events.log("info", "torch.compile: the first steps include compilation (kernel cache: "
+                               f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'torch default'})")
 
         # ------------------------------------------------------------------------------ optimizer, schedule
         accum = spec.gradient_accumulation_steps

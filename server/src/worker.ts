@@ -324,7 +324,12 @@ export class Worker {
       outputDir,
       onEvent,
       (line) => log("debug", `[engine ${job.id}] ${line}`),
-      telemetry.traceEnv(),
+      {
+        ...telemetry.traceEnv(),
+        // torch.compile's kernels and graphs outlive the job here, so that only the first compiling job on a
+        // machine pays the full compile (measured on the tiny model: 81 s cold, 7.6 s from this cache).
+        ...(process.env.TORCHINDUCTOR_CACHE_DIR ? {} : { TORCHINDUCTOR_CACHE_DIR: path.join(this.opts.stateDir, "cache", "torch-compile") }),
+      },
       resume,
     );
     running.engine = engine;

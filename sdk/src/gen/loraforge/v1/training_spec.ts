@@ -353,7 +353,10 @@ export interface TrainingSpec {
     | undefined;
   /**
    * Compile the UNet with torch.compile: faster steps after a compilation of
-   * up to minutes at start (and per new batch shape). Default false.
+   * up to minutes at start (and per new batch shape). Workers keep the
+   * compiled kernels in <state dir>/cache/torch-compile (TORCHINDUCTOR_CACHE_DIR
+   * overrides), so later jobs of the same model and shapes start in seconds.
+   * Default false.
    */
   torchCompile: boolean;
   /**
