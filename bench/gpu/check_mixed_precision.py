@@ -33,7 +33,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench/gpu/check_mixed_precision.py needs a CUDA device")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "engine"), "HF_HUB_OFFLINE": "1"}
+    # The engine first, then whatever PYTHONPATH holds (on the device machine: the carried wheels).
+    path = os.pathsep.join(p for p in (str(ROOT / "engine"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     work = Path(a.work)
     model, data = work / f"tiny-{a.arch}", work / "data"
     py = [sys.executable, "-m", "loraforge_engine"]
