@@ -3,8 +3,9 @@
 diffusers format (`pytorch_lora_weights.safetensors`): keys `unet.<module>.lora.down.weight` /
 `.lora.up.weight` and `text_encoder[_2].<module>.lora_linear_layer.{down,up}.weight`, as diffusers' own
 training scripts write them (peft's `<component>.<module>.lora_A.weight` / `.lora_B.weight` when the targets
-go beyond the attention projections; see `diffusers_keys`), plus peft's adapter config under the header key `lora_adapter_metadata`, from
-which diffusers' `load_lora_weights` rebuilds alpha (so alpha != rank loads at the trained scale).
+go beyond the attention projections; see `diffusers_keys`), plus peft's adapter config under the header key
+`lora_adapter_metadata`, from which diffusers' `load_lora_weights` rebuilds alpha (so alpha != rank loads at the
+trained scale).
 
 kohya / A1111 format: keys `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight` and a scalar
 `.alpha` per module; text encoders as `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL). SD 1.x/2.x
@@ -100,6 +101,8 @@ def sgm_module_name(module: str, layers_per_block: int, up_attention_blocks: set
     block has transformers else at [1]). Inside a transformer the names are the same in both; resnets rename
     conv1/conv2/time_emb_proj/conv_shortcut. This is the inverse of the index arithmetic in diffusers'
     `_maybe_map_sgm_blocks_to_diffusers` (tests check it against that function)."""
+    if not isinstance(layers_per_block, int):
+        return None  # per-block layer counts: no single SGM layout
     step = layers_per_block + 1
     parts = module.split(".")
 

@@ -14,9 +14,9 @@ and 1x1 convolution inside each transformer (Transformer2DModel: proj_in, the at
 to_v, to_out.0, the feed-forward ff.net.0.proj and ff.net.2, proj_out), in each text encoder every Linear of
 every layer (q_proj, k_proj, v_proj, out_proj, mlp.fc1, mlp.fc2); the set kohya's sd-scripts trains — is
 wrapped so that it computes y = W x + b + B (A x) (per pixel for a 1x1 convolution), with A [r, in] and
-B [out, r] two extra graph inputs whose rank axis r is dynamic. A LoRA is then only tensors fed to the session: the runtime folds alpha / rank and the user's
-scale into B, concatenates several LoRAs along r, and feeds rank-0 tensors to unused slots (which leaves
-the base model's output unchanged).
+B [out, r] two extra graph inputs whose rank axis r is dynamic. A LoRA is then only tensors fed to the
+session: the runtime folds alpha / rank and the user's scale into B, concatenates several LoRAs along r, and
+feeds rank-0 tensors to unused slots (which leaves the base model's output unchanged).
 
 SDXL (a UNet with addition_embed_type "text_time" and a second text encoder): as StableDiffusionXLPipeline
 reads them, both text encoders output their penultimate hidden states (concatenated by the runtime into the

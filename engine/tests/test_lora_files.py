@@ -39,7 +39,8 @@ def test_sgm_names_are_what_diffusers_maps_back():
     assert names["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == \
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     assert names["down_blocks.2.attentions.1.proj_out"] == "input_blocks.8.1.proj_out"
-    assert names["mid_block.attentions.0.transformer_blocks.1.ff.net.2"] == "middle_block.1.transformer_blocks.1.ff.net.2"
+    assert names["mid_block.attentions.0.transformer_blocks.1.ff.net.2"] == \
+        "middle_block.1.transformer_blocks.1.ff.net.2"
     assert names["up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0"] == \
         "output_blocks.2.1.transformer_blocks.0.attn2.to_out.0"
     assert names["up_blocks.2.resnets.1.conv1"] == "output_blocks.7.0.in_layers.2"

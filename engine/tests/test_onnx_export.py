@@ -50,7 +50,8 @@ def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.2)
-        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model), convert_state_dict_to_diffusers)
+        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model),
+                                                       convert_state_dict_to_diffusers)
         cfg = model.peft_config["default"].to_dict()
         meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
                                                 for k, v in cfg.items()}
@@ -183,7 +184,8 @@ def make_xl_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.2)
-        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model), convert_state_dict_to_diffusers)
+        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model),
+                                                       convert_state_dict_to_diffusers)
         cfg = model.peft_config["default"].to_dict()
         meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
                                                 for k, v in cfg.items()}

@@ -175,17 +175,17 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       const width = v.width ?? native;
       const height = v.height ?? native;
       const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;
-      const sizeBad: FieldViolation[] = [];
-      if (width % multiple !== 0) sizeBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
-      if (height % multiple !== 0) sizeBad.push({ field: "height", description: `must be a multiple of ${multiple} for this base model, got ${height}` });
+      const modelBad: FieldViolation[] = [];
+      if (width % multiple !== 0) modelBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
+      if (height % multiple !== 0) modelBad.push({ field: "height", description: `must be a multiple of ${multiple} for this base model, got ${height}` });
       if (!model.isXL) {
         // Fields only a second text encoder and SDXL's added conditioning can honour: refused, not ignored.
-        if (req.prompt2 !== undefined) sizeBad.push({ field: "prompt_2", description: "only SDXL base models have a second text encoder" });
+        if (req.prompt2 !== undefined) modelBad.push({ field: "prompt_2", description: "only SDXL base models have a second text encoder" });
         if (req.negativePrompt2 !== undefined)
-          sizeBad.push({ field: "negative_prompt_2", description: "only SDXL base models have a second text encoder" });
-        if (req.sizeConditioning) sizeBad.push({ field: "size_conditioning", description: "only SDXL base models take size conditioning" });
+          modelBad.push({ field: "negative_prompt_2", description: "only SDXL base models have a second text encoder" });
+        if (req.sizeConditioning) modelBad.push({ field: "size_conditioning", description: "only SDXL base models take size conditioning" });
       }
-      if (sizeBad.length > 0) throw invalidInferRequest(sizeBad);
+      if (modelBad.length > 0) throw invalidInferRequest(modelBad);
       const sc = req.sizeConditioning;
       const timeIds = [
         sc?.originalHeight ?? height,
