@@ -5,7 +5,7 @@ counted, and the LoRA loads with diffusers' load_lora_weights and changes the im
 
 Runs the real `train` command (a subprocess, as the server runs it) on the tiny model at 64 px, batch 4, then
 renders the validation prompt with and without the LoRA. Prints one line per precision and a JSON summary;
-exits non-zero when a check fails. Needs CUDA.
+exits non-zero when a check fails. Needs CUDA; `--device cpu` is a dry run of the script itself (CI).
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--arch", choices=("sd", "sdxl"), default="sd")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-check-mp"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of this script's own code (CI runs it so that it still works when a GPU "
+                        "session comes); fp16 then trains in fp32 and says nothing about CUDA")
     a = p.parse_args()
     import numpy as np
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu/check_mixed_precision.py needs a CUDA device")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu/check_mixed_precision.py needs a CUDA device (--device cpu for a dry run)")
     # The engine first, then whatever PYTHONPATH holds (on the device machine: the carried wheels).
     path = os.pathsep.join(p for p in (str(ROOT / "engine"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+    if a.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the engine picks CUDA whenever it sees one
     work = Path(a.work)
     model, data = work / f"tiny-{a.arch}", work / "data"
     py = [sys.executable, "-m", "loraforge_engine"]
@@ -47,7 +52,7 @@ def main() -> None:
     from diffusers import DiffusionPipeline
 
     def render(lora_dir: Path | None) -> np.ndarray:
-        pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, use_safetensors=True).to("cuda")
+        pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, use_safetensors=True).to(a.device)
         pipe.set_progress_bar_config(disable=True)
         if lora_dir is not None:
             pipe.load_lora_weights(str(lora_dir))
@@ -87,7 +92,8 @@ def main() -> None:
               f"{row['skipped_steps']}, peak {row['peak_memory_bytes'] / 2**20:.0f} MiB, "
               f"{row['images_per_s']:.0f} images/s, LoRA image vs base max diff {diff:.3f} -> "
               f"{'ok' if passed else 'FAILED'}", flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "arch": a.arch, **summary}))
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)"
+    print(json.dumps({"device": name, "arch": a.arch, **summary}))
     sys.exit(0 if ok else 1)
 
 

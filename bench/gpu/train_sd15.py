@@ -1,7 +1,7 @@
 """GPU training benchmark on the SD-1.5 architecture with random weights (nothing is downloaded).
 
     PYTHONPATH=engine python bench/gpu/train_sd15.py [--precisions fp16,bf16] [--batches 1,4,16] [--steps 12]
-        [--warmup 4] [--work DIR] [--paths reference,engine]
+        [--warmup 4] [--work DIR] [--paths reference,engine] [--device cuda|cpu] [--tiny]
 
 The UNet, VAE and CLIP text encoder are built from the public SD-1.5 configs written out below
 (runwayml/stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json,
@@ -16,7 +16,8 @@ For each precision and batch size, in one process, it runs bench/train_throughpu
              channels_last), mixed_precision as given.
 It prints images/s, time to first step, peak GPU memory (torch.cuda.max_memory_allocated) and achieved
 TFLOP/s (FLOPs of one training step of that path counted with torch.utils.flop_counter at batch 1, times
-images/s), and the engine/reference ratio. The last line is JSON. Needs CUDA; refuses to run without it.
+images/s), and the engine/reference ratio. The last line is JSON. Needs CUDA; refuses to run without it, except
+for `--device cpu --tiny`, a dry run of the script itself on the tiny model at 64 px (CI runs it).
 """
 
 from __future__ import annotations
@@ -77,36 +78,38 @@ def make_sd15(folder: Path) -> Path:
     return folder
 
 
-def step_flops(model: Path, path: str, precision: str) -> float:
-    """FLOPs of one batch-1 512 px training step of `path` (forward + backward; the VAE and text encoder
-    forward only for the reference path), counted by torch's FlopCounterMode."""
+def step_flops(model: Path, path: str, precision: str, device: str = "cuda", resolution: int = 512) -> float:
+    """FLOPs of one batch-1 training step of `path` at `resolution` (forward + backward; the VAE and text
+    encoder forward only for the reference path), counted by torch's FlopCounterMode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextModel
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dt).cuda()
+    unet = UNet2DConditionModel.from_pretrained(str(model), subfolder="unet", torch_dtype=dt).to(device)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    latents = torch.randn(1, 4, 64, 64, device="cuda")
-    hidden = torch.randn(1, 77, 768, device="cuda", dtype=dt)
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side, device=device)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dt)
     counter = FlopCounterMode(display=False)
     with counter:
         if path == "reference":
-            vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae", torch_dtype=dt).cuda()
-            te = CLIPTextModel.from_pretrained(str(model), subfolder="text_encoder", dtype=dt).cuda()
+            vae = AutoencoderKL.from_pretrained(str(model), subfolder="vae", torch_dtype=dt).to(device)
+            te = CLIPTextModel.from_pretrained(str(model), subfolder="text_encoder", dtype=dt).to(device)
             with torch.no_grad():
-                vae.encode(torch.randn(1, 3, 512, 512, device="cuda", dtype=dt))
-                te(torch.zeros(1, 77, dtype=torch.long, device="cuda"))
-        with torch.autocast("cuda", dtype=dt):
-            out = unet(latents, torch.tensor([500], device="cuda"), hidden).sample
+                vae.encode(torch.randn(1, 3, resolution, resolution, device=device, dtype=dt))
+                te(torch.zeros(1, 77, dtype=torch.long, device=device))
+        with torch.autocast(device, dtype=dt):
+            out = unet(latents, torch.tensor([500], device=device), hidden).sample
         out.float().square().mean().backward()
     del unet
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return float(counter.get_total_flops())
 
 
@@ -118,36 +121,48 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-gpu"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu (with --tiny): a dry run of this script's own code, which CI runs; no numbers to keep")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny test model at 64 px instead of the SD-1.5 architecture at 512 px (dry runs)")
     a = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu/train_sd15.py needs a CUDA device")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu/train_sd15.py needs a CUDA device (--device cpu --tiny for a dry run)")
     torch.backends.cuda.matmul.allow_tf32 = True
     import run as throughput  # bench/train_throughput/run.py
 
-    from loraforge_engine.tiny import make_dataset
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
 
     work = Path(a.work)
-    model = make_sd15(work / "sd15-random")
-    data = work / "data-512"
+    resolution = 64 if a.tiny else 512
+    if a.tiny:
+        model = work / "tiny-sd"
+        if not (model / "model_index.json").is_file():
+            make_tiny_model(model, seed=0)
+    else:
+        model = make_sd15(work / "sd15-random")
+    data = work / f"data-{resolution}"
     if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=32, size=512, seed=0)
-    device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; SD-1.5 architecture, random weights, 512 px",
-          flush=True)
+        make_dataset(data, count=32, size=resolution, seed=0)
+    device = torch.device(a.device)
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)"
+    print(f"{name}, torch {torch.__version__}; {'tiny model' if a.tiny else 'SD-1.5 architecture'}, random "
+          f"weights, {resolution} px", flush=True)
     results = []
     for precision in a.precisions.split(","):
-        flops = {path: step_flops(model, path, precision) for path in a.paths.split(",")}
+        flops = {path: step_flops(model, path, precision, a.device, resolution) for path in a.paths.split(",")}
         for batch in (int(b) for b in a.batches.split(",")):
             row = {"precision": precision, "batch": batch}
             for path in a.paths.split(","):
-                torch.cuda.empty_cache()
+                if a.device == "cuda":
+                    torch.cuda.empty_cache()
                 with throughput.PeakMemory(device) as mem:
                     if path == "reference":
-                        r = throughput.reference_path(str(model), str(data), a.steps, batch, 512, a.warmup, device,
-                                                      precision=precision)
+                        r = throughput.reference_path(str(model), str(data), a.steps, batch, resolution, a.warmup,
+                                                      device, precision=precision)
                     else:
-                        r = throughput.engine_path(str(model), str(data), a.steps, batch, 512, a.warmup, work,
-                                                   {"mixedPrecision": precision})
+                        r = throughput.engine_path(str(model), str(data), a.steps, batch, resolution, a.warmup,
+                                                   work, {"mixedPrecision": precision})
                 r["peak_memory_gib"] = mem.peak / 2**30
                 r["tflops"] = flops[path] * r["images_per_s"] / 1e12
                 row[path] = r
@@ -158,7 +173,7 @@ def main() -> None:
                 row["ratio"] = row["engine"]["images_per_s"] / row["reference"]["images_per_s"]
                 print(f"{precision} batch {batch:2d} engine / reference: {row['ratio']:.2f}x", flush=True)
             results.append(row)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}))
+    print(json.dumps({"device": name, "torch": torch.__version__, "resolution": resolution, "results": results}))
 
 
 if __name__ == "__main__":
