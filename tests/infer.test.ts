@@ -122,13 +122,16 @@ describe("InferenceService", () => {
       jobs.push(referenceJob(path.join(dir, c.name), c.req, c.loras, n));
     }
     await reference(f.model, jobs, dir);
+    const diffs: string[] = [];
     for (const c of cases) {
       const res = ours.get(c.name)!;
       for (const [i, im] of res.images.entries()) {
         const diff = meanAbsDiff(await rgb(Buffer.from(im.png)), await rgb(path.join(dir, c.name, `ref_${i}.png`)));
+        diffs.push(`${c.name}[${i}]=${diff.toFixed(3)}`);
         assert.ok(diff <= TOLERANCE, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
       }
     }
+    console.log(`# SD parity (mean abs diff, 0-255): ${diffs.join(" ")}`);
     // The LoRA really changes the picture (so agreeing with diffusers means something).
     const base = await rgb(Buffer.from(ours.get("base-euler")!.images[0].png));
     for (const name of ["one-lora", "kohya-wide"]) {
