@@ -244,8 +244,8 @@ export interface BaseModel {
   /** Native image size in pixels (UNet sample_size × 8). */
   nativeSize: number;
   /**
-   * Number of LoRA slots (adaptable projections) in the UNet and text
-   * encoder together.
+   * Number of LoRA slots (adaptable layers) in the UNet and text encoder(s)
+   * together.
    */
   loraSlots: number;
 }
@@ -1723,7 +1723,9 @@ export const TrainedLora: MessageFns<TrainedLora> = {
  * InferenceService draws images with a base model plus any number of LoRAs, on
  * onnxruntime in the server. A base model is exported to ONNX once, on first
  * use (cached by the content hash of its files), with LoRA inputs on every
- * attention projection, so switching LoRAs between requests reloads nothing.
+ * layer LoRA trainers adapt (each Linear and 1x1 convolution inside the UNet's
+ * transformers, each Linear of the text encoder layers), so switching LoRAs
+ * between requests reloads nothing.
  * Errors carry a google.rpc.ErrorInfo (domain "loraforge.dev") and, for bad
  * fields, a google.rpc.BadRequest naming each one.
  */
@@ -1733,7 +1735,8 @@ export const InferenceServiceService = {
    * Infer renders `num_images` images for one prompt. INVALID_ARGUMENT
    * (INVALID_INFER_REQUEST) names each bad field; NOT_FOUND (LORA_NOT_FOUND,
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
-   * (LORA_MISMATCH) for a LoRA made for another base model, naming the layer;
+   * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
+   * without a slot (ResNet convolutions), naming the layer;
    * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
    * request the client cancels stops denoising at the next step.
    */
@@ -1766,7 +1769,8 @@ export interface InferenceServiceServer extends UntypedServiceImplementation {
    * Infer renders `num_images` images for one prompt. INVALID_ARGUMENT
    * (INVALID_INFER_REQUEST) names each bad field; NOT_FOUND (LORA_NOT_FOUND,
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
-   * (LORA_MISMATCH) for a LoRA made for another base model, naming the layer;
+   * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
+   * without a slot (ResNet convolutions), naming the layer;
    * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
    * request the client cancels stops denoising at the next step.
    */
@@ -1783,7 +1787,8 @@ export interface InferenceServiceClient extends Client {
    * Infer renders `num_images` images for one prompt. INVALID_ARGUMENT
    * (INVALID_INFER_REQUEST) names each bad field; NOT_FOUND (LORA_NOT_FOUND,
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
-   * (LORA_MISMATCH) for a LoRA made for another base model, naming the layer;
+   * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
+   * without a slot (ResNet convolutions), naming the layer;
    * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
    * request the client cancels stops denoising at the next step.
    */
