@@ -83,6 +83,9 @@ describe("loraforge CLI", () => {
     assert.equal(unknown.code, 2);
     assert.match(unknown.err, /--no-such-knob/);
     assert.equal(cli(["frobnicate"], env).code, 2);
+    const crop = cli(["infer", "--base-model", f.model, "--prompt", "a red circle", "--crop", "8"], env);
+    assert.equal(crop.code, 2);
+    assert.match(crop.err, /--crop takes TOP,LEFT/);
     assert.equal(cli(["jobs"], { LORAFORGE_ADDRESS: "127.0.0.1:1" }).code, 69);
   });
 
