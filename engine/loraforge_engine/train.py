@@ -230,15 +230,21 @@ class Trainer:
         except ValueError as e:
             raise SpecError([("target_modules", f"{spec.unet_targets} match no module of the UNet ({e})")]) from None
         self.layers_per_block = c.unet.config.layers_per_block
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = [name for name, module in c.unet.named_modules() if isinstance(module, BaseTunerLayer)]
         if spec.lora_format == "kohya" and c.arch == "sdxl":
             # Fail now, not after training: kohya's SDXL names exist only for the original UNet's modules.
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for name, module in c.unet.named_modules():
-                if isinstance(module, BaseTunerLayer) and lora_files.sgm_module_name(
-                        name, self.layers_per_block) is None:
+            for name in adapted:
+                if lora_files.sgm_module_name(name, self.layers_per_block) is None:
                     raise SpecError([("lora_format", f"kohya SDXL files name UNet modules as SDXL's original UNet "
                                                      f"does; {name} has no such name (use the diffusers format)")])
+        outside = [name for name in adapted if ".attentions." not in f".{name}"]
+        if outside:
+            # Said before training, not discovered at the first Infer request.
+            events.log("warning", f"target_modules adapt {len(outside)} UNet layers outside its transformers "
+                                  f"(e.g. {outside[0]}): the LoRA loads in diffusers, but loraforge's Infer serves "
+                                  "only layers inside the transformers and will refuse it")
         self.trained_text_encoders = []
         if spec.train_text_encoder:
             for name, te in zip(c.text_encoder_names, c.text_encoders):

@@ -249,6 +249,21 @@ def test_kohya_sdxl_refuses_targets_without_an_original_name_before_training(tin
                  targetModules=["to_q", "ff.net.2", "proj_in", "conv1"])  # all have original names
 
 
+def test_targets_that_infer_cannot_serve_are_warned_about_at_start(tiny_model, dataset, tmp_path):
+    sink = io.StringIO()
+    spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64,
+                       "maxTrainSamples": 4, "targetModules": ["to_q", "conv1"]})
+    Trainer(spec, str(tmp_path / "o"), EventWriter(sink))
+    warnings = [json.loads(line)["log"]["message"] for line in sink.getvalue().splitlines()
+                if json.loads(line).get("log", {}).get("level") == "LOG_LEVEL_WARNING"]
+    assert any("outside its transformers" in w and "resnets" in w for w in warnings), warnings
+    sink = io.StringIO()
+    spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64,
+                       "maxTrainSamples": 4, "targetModules": ["to_q", "ff.net.2", "proj_in"]})
+    Trainer(spec, str(tmp_path / "p"), EventWriter(sink))
+    assert "outside its transformers" not in sink.getvalue()
+
+
 def test_train_text_encoder_puts_lora_on_its_attention(tiny_model, dataset, tmp_path):
     from peft.tuners.lora.layer import Linear as LoraLinear
 

@@ -293,7 +293,8 @@ export interface TrainingSpec {
    * At most 64 names of letters, digits, "_" and ".". Infer serves LoRAs on
    * the layers inside the UNet's transformers (these four, "proj_in",
    * "proj_out", "ff.net.0.proj", "ff.net.2"); a LoRA on other layers (a
-   * ResNet's "conv1") trains and loads in diffusers, but Infer refuses it.
+   * ResNet's "conv1") trains and loads in diffusers, but Infer refuses it
+   * (the job logs a warning saying so at its start).
    */
   targetModules: string[];
   /**
