@@ -107,6 +107,7 @@ describe("InferenceService on SDXL", () => {
           prompt2: "a yellow cross",
           negativePrompt2: "a green square",
           sizeConditioning: { originalWidth: 128, originalHeight: 96, cropTop: 8, cropLeft: 16, targetWidth: 64, targetHeight: 64 },
+          negativeSizeConditioning: { originalWidth: 32, originalHeight: 32, cropTop: 0, cropLeft: 0 },
         },
         loras: [],
       },
@@ -135,6 +136,9 @@ describe("InferenceService on SDXL", () => {
         const diff = meanAbsDiff(await rgb(Buffer.from(im.png)), await rgb(path.join(dir, c.name, `ref_${i}.png`)));
         diffs.push(`${c.name}[${i}]=${diff.toFixed(3)}`);
         assert.ok(diff <= TOLERANCE, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
+        // The tiny model reacts weakly to size conditioning: giving the negative branch the positive branch's
+        // values instead of its own moved this case by only ~1.2/255. It measures 0.000 when right.
+        if (c.name === "prompt-2-size") assert.ok(diff <= 0.5, `${c.name}: mean abs diff ${diff.toFixed(3)} > 0.5`);
       }
     }
     console.log(`# SDXL parity (mean abs diff, 0-255): ${diffs.join(" ")}`);

@@ -37,7 +37,7 @@ export const CLIENT_USAGE = `usage: loraforge <command> [options]     (every com
         [--steps N] [--guidance G] [--seed S] [--width W] [--height H] [--num-images N]
         [--scheduler euler|ddim|dpmpp_2m] [--negative-prompt TEXT] [-o OUT.png]
         SDXL: [--prompt-2 TEXT] [--negative-prompt-2 TEXT] [--original-size WxH] [--crop TOP,LEFT]
-        [--target-size WxH]
+        [--target-size WxH] [--negative-original-size WxH] [--negative-crop TOP,LEFT] [--negative-target-size WxH]
   datasets upload FOLDER|ZIP [--name NAME]   upload a captioned image set; prints its id (train --dataset-id ID)
   export-onnx MODEL_DIR [--out DIR]      export a base model to ONNX (runs the engine locally)
 
@@ -264,7 +264,8 @@ export async function runClient(command: string, argv: string[]): Promise<number
           scheduler: one(a, "scheduler") ?? "",
           prompt2: one(a, "prompt-2"),
           negativePrompt2: one(a, "negative-prompt-2"),
-          sizeConditioning: sizeConditioning(a),
+          sizeConditioning: sizeConditioning(a, ""),
+          negativeSizeConditioning: sizeConditioning(a, "negative-"),
         });
         const out = one(a, "o") ?? one(a, "output") ?? "out.png";
         const files = res.images.map((img, i) => {
@@ -293,8 +294,9 @@ export async function runClient(command: string, argv: string[]): Promise<number
   }
 }
 
-/** --original-size WxH, --crop TOP,LEFT, --target-size WxH → SDXL's size conditioning (undefined when none given). */
-function sizeConditioning(a: Args): DeepPartial<SizeConditioning> | undefined {
+/** --[prefix]original-size WxH, --[prefix]crop TOP,LEFT, --[prefix]target-size WxH → SDXL's size conditioning
+ * (undefined when none is given). */
+function sizeConditioning(a: Args, prefix: string): DeepPartial<SizeConditioning> | undefined {
   const pair = (key: string, sep: string, what: string): [number, number] | undefined => {
     const v = one(a, key);
     if (v === undefined) return undefined;
@@ -302,9 +304,9 @@ function sizeConditioning(a: Args): DeepPartial<SizeConditioning> | undefined {
     if (m.length !== 2 || !m.every(Number.isInteger)) throw new UsageError(`--${key} takes ${what}, got ${JSON.stringify(v)}`);
     return [m[0], m[1]];
   };
-  const orig = pair("original-size", "x", "WIDTHxHEIGHT");
-  const crop = pair("crop", ",", "TOP,LEFT");
-  const target = pair("target-size", "x", "WIDTHxHEIGHT");
+  const orig = pair(`${prefix}original-size`, "x", "WIDTHxHEIGHT");
+  const crop = pair(`${prefix}crop`, ",", "TOP,LEFT");
+  const target = pair(`${prefix}target-size`, "x", "WIDTHxHEIGHT");
   if (!orig && !crop && !target) return undefined;
   return {
     originalWidth: orig?.[0],

@@ -47,6 +47,7 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
   mkdirSync(caseDir, { recursive: true });
   writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(req.seed!, n, 4, 8, 8).buffer));
   const sc = req.sizeConditioning;
+  const nsc = req.negativeSizeConditioning;
   const request = {
     prompt: PROMPT,
     negative_prompt: req.negativePrompt ?? "",
@@ -67,6 +68,13 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
           original_size: [sc.originalHeight ?? 64, sc.originalWidth ?? 64],
           crops_coords_top_left: [sc.cropTop ?? 0, sc.cropLeft ?? 0],
           target_size: [sc.targetHeight ?? 64, sc.targetWidth ?? 64],
+        }
+      : {}),
+    ...(nsc
+      ? {
+          negative_original_size: [nsc.originalHeight ?? 64, nsc.originalWidth ?? 64],
+          negative_crops_coords_top_left: [nsc.cropTop ?? 0, nsc.cropLeft ?? 0],
+          negative_target_size: [nsc.targetHeight ?? 64, nsc.targetWidth ?? 64],
         }
       : {}),
   };

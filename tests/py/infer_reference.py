@@ -14,7 +14,7 @@
         says which; no watermark): REQUEST has prompt, negative_prompt, steps, guidance_scale, width,
         height, num_images, scheduler, loras [{path, scale}], latents (a raw little-endian float32 file with the
         unscaled initial latents [n, 4, h/8, w/8]) and out_dir, for SDXL optionally prompt_2, negative_prompt_2,
-        original_size, crops_coords_top_left, target_size; writes out_dir/ref_<i>.png.
+        original_size, crops_coords_top_left, target_size and their negative_ forms; writes out_dir/ref_<i>.png.
     python infer_reference.py tokenize MODEL TEXT...
         Prints transformers' CLIPTokenizer ids (padded to 77) as JSON, one list per text.
     python infer_reference.py batch MODEL JOBS.json
@@ -133,7 +133,9 @@ def render(model_dir: str, request_file: str) -> None:
     # force_zeros_for_empty_prompt says so (loraforge's empty negative_prompt means "none given").
     # SDXL extras, named as the pipeline names them (sizes are (height, width), the crop (top, left)).
     extra = {k: req[k] for k in ("prompt_2", "negative_prompt_2") if k in req}
-    extra.update({k: tuple(req[k]) for k in ("original_size", "crops_coords_top_left", "target_size") if k in req})
+    extra.update({k: tuple(req[k]) for k in ("original_size", "crops_coords_top_left", "target_size",
+                                             "negative_original_size", "negative_crops_coords_top_left",
+                                             "negative_target_size") if k in req})
     negative = req.get("negative_prompt") or None
     if negative is None and extra.get("negative_prompt_2"):
         negative = ""  # a second negative prompt alone: the first encoder encodes "" (no zeroing)

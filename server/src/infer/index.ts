@@ -95,8 +95,11 @@ export function validateInfer(req: InferRequest, roots: string[]): { v: Validate
     if (l.scale !== undefined && !(Number.isFinite(l.scale) && Math.abs(l.scale) <= LIMITS.scale))
       add(`${f}.scale`, `must be a number in -${LIMITS.scale}..${LIMITS.scale}, got ${l.scale}`);
   });
-  const sc = req.sizeConditioning;
-  if (sc) {
+  for (const [name, sc] of [
+    ["size_conditioning", req.sizeConditioning],
+    ["negative_size_conditioning", req.negativeSizeConditioning],
+  ] as const) {
+    if (!sc) continue;
     for (const [field, v, min] of [
       ["original_width", sc.originalWidth, 1],
       ["original_height", sc.originalHeight, 1],
@@ -106,7 +109,7 @@ export function validateInfer(req: InferRequest, roots: string[]): { v: Validate
       ["target_height", sc.targetHeight, 1],
     ] as const) {
       if (v !== undefined && (!Number.isInteger(v) || v < min || v > COND_MAX))
-        add(`size_conditioning.${field}`, `must be an integer in ${min}..${COND_MAX}, got ${v}`);
+        add(`${name}.${field}`, `must be an integer in ${min}..${COND_MAX}, got ${v}`);
     }
   }
   const seed = req.seed ?? randomInt(0, 2 ** 47);
@@ -184,10 +187,12 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
         if (req.negativePrompt2 !== undefined)
           modelBad.push({ field: "negative_prompt_2", description: "only SDXL base models have a second text encoder" });
         if (req.sizeConditioning) modelBad.push({ field: "size_conditioning", description: "only SDXL base models take size conditioning" });
+        if (req.negativeSizeConditioning)
+          modelBad.push({ field: "negative_size_conditioning", description: "only SDXL base models take size conditioning" });
       }
       if (modelBad.length > 0) throw invalidInferRequest(modelBad);
-      const sc = req.sizeConditioning;
-      const timeIds = [
+      // SDXL's time ids: original (h, w), crop (top, left), target (h, w); unset sizes are the requested size.
+      const ids = (sc: InferRequest["sizeConditioning"]) => [
         sc?.originalHeight ?? height,
         sc?.originalWidth ?? width,
         sc?.cropTop ?? 0,
@@ -195,6 +200,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
         sc?.targetHeight ?? height,
         sc?.targetWidth ?? width,
       ];
+      const timeIds = ids(req.sizeConditioning);
+      const negativeTimeIds = req.negativeSizeConditioning ? ids(req.negativeSizeConditioning) : timeIds;
 
       t = performance.now();
       const mapped: { lora: MappedLora; scale: number }[] = [];
@@ -214,6 +221,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
         prompt2: req.prompt2,
         negativePrompt2: req.negativePrompt2,
         timeIds,
+        negativeTimeIds,
         steps: v.steps,
         guidanceScale: v.guidance,
         seed: v.seed,

@@ -18,6 +18,8 @@ export interface RenderParams {
   negativePrompt2?: string;
   /** SDXL: original size (h, w), crop top-left (y, x), target size (h, w); unset: the requested size, no crop. */
   timeIds?: number[];
+  /** SDXL: the same for the negative rows of classifier-free guidance; unset: timeIds. */
+  negativeTimeIds?: number[];
   steps: number;
   guidanceScale: number;
   seed: number;
@@ -154,10 +156,12 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
   const added: Record<string, ort.Tensor> = {};
   if (model.isXL) {
     // SDXL's size conditioning: original size, crop top-left, target size (all (h, w)); the
-    // pipeline's defaults: the requested size, no crop, the requested size. Negative rows: the same.
+    // pipeline's defaults: the requested size, no crop, the requested size. With guidance the first
+    // n rows are the negative branch (its own values when given, else the same).
     const ids = p.timeIds ?? [p.height, p.width, 0, 0, p.height, p.width];
+    const negIds = p.negativeTimeIds ?? ids;
     const timeIds = new Float32Array(batch * ids.length);
-    for (let b = 0; b < batch; b++) timeIds.set(ids, b * ids.length);
+    for (let b = 0; b < batch; b++) timeIds.set(cfg && b < n ? negIds : ids, b * ids.length);
     added.text_embeds = floatTensor(text.pooled!, [batch, text.pooledDim!], unetIo);
     added.time_ids = new ort.Tensor("float32", timeIds, [batch, ids.length]);
   }

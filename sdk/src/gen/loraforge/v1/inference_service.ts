@@ -138,13 +138,21 @@ export interface InferRequest {
    * SDXL only: the size and crop the UNet is conditioned on. Unset: original
    * and target size are the requested size, no crop (the pipeline's default).
    */
-  sizeConditioning: SizeConditioning | undefined;
+  sizeConditioning:
+    | SizeConditioning
+    | undefined;
+  /**
+   * SDXL only: the size conditioning of the negative (unconditional) branch of
+   * classifier-free guidance, as the pipeline's negative_original_size,
+   * negative_crops_coords_top_left and negative_target_size. Unset: the same
+   * as size_conditioning. Its unset sizes are the requested size.
+   */
+  negativeSizeConditioning: SizeConditioning | undefined;
 }
 
 /**
  * SizeConditioning is SDXL's micro-conditioning (the pipeline's original_size,
- * crops_coords_top_left and target_size), in pixels. The negative branch of
- * classifier-free guidance gets the same values, as the pipeline's default.
+ * crops_coords_top_left and target_size), in pixels.
  */
 export interface SizeConditioning {
   /**
@@ -397,6 +405,7 @@ function createBaseInferRequest(): InferRequest {
     prompt2: undefined,
     negativePrompt2: undefined,
     sizeConditioning: undefined,
+    negativeSizeConditioning: undefined,
   };
 }
 
@@ -443,6 +452,9 @@ export const InferRequest: MessageFns<InferRequest> = {
     }
     if (message.sizeConditioning !== undefined) {
       SizeConditioning.encode(message.sizeConditioning, writer.uint32(114).fork()).join();
+    }
+    if (message.negativeSizeConditioning !== undefined) {
+      SizeConditioning.encode(message.negativeSizeConditioning, writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -572,6 +584,14 @@ export const InferRequest: MessageFns<InferRequest> = {
             message.sizeConditioning = SizeConditioning.decode(reader, reader.uint32());
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.negativeSizeConditioning = SizeConditioning.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -632,6 +652,11 @@ export const InferRequest: MessageFns<InferRequest> = {
         : isSet(object.size_conditioning)
         ? SizeConditioning.fromJSON(object.size_conditioning)
         : undefined,
+      negativeSizeConditioning: isSet(object.negativeSizeConditioning)
+        ? SizeConditioning.fromJSON(object.negativeSizeConditioning)
+        : isSet(object.negative_size_conditioning)
+        ? SizeConditioning.fromJSON(object.negative_size_conditioning)
+        : undefined,
     };
   },
 
@@ -679,6 +704,9 @@ export const InferRequest: MessageFns<InferRequest> = {
     if (message.sizeConditioning !== undefined) {
       obj.sizeConditioning = SizeConditioning.toJSON(message.sizeConditioning);
     }
+    if (message.negativeSizeConditioning !== undefined) {
+      obj.negativeSizeConditioning = SizeConditioning.toJSON(message.negativeSizeConditioning);
+    }
     return obj;
   },
 
@@ -703,6 +731,10 @@ export const InferRequest: MessageFns<InferRequest> = {
     message.sizeConditioning = (object.sizeConditioning !== undefined && object.sizeConditioning !== null)
       ? SizeConditioning.fromPartial(object.sizeConditioning)
       : undefined;
+    message.negativeSizeConditioning =
+      (object.negativeSizeConditioning !== undefined && object.negativeSizeConditioning !== null)
+        ? SizeConditioning.fromPartial(object.negativeSizeConditioning)
+        : undefined;
     return message;
   },
 };
