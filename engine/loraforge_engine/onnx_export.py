@@ -144,34 +144,24 @@ def _slot_modules():
         def __init__(self):
             self.tensors: list = []
 
-    class SlottedLinear(torch.nn.Module):
-        """A Linear plus a low-rank update read from the feed: y = W x + b + B (A x)."""
+    class SlottedLayer(torch.nn.Module):
+        """A Linear, or a 1x1 Conv2d applied per pixel, plus a low-rank update read from the feed:
+        y = W x + b + B (A x) (as peft's LoRA layers compute it)."""
 
-        def __init__(self, base: torch.nn.Linear, feed: SlotFeed, index: int):
+        def __init__(self, base, feed: SlotFeed, index: int):
             super().__init__()
             self.base = base
             self.feed = feed
             self.index = index
+            self.per_pixel = isinstance(base, torch.nn.Conv2d)
 
         def forward(self, x):
             a = self.feed.tensors[2 * self.index]
             b = self.feed.tensors[2 * self.index + 1]
+            if self.per_pixel:
+                # MatMuls over the channel axis rather than convolutions: they take rank 0 (an unused slot).
+                return self.base(x) + F.linear(F.linear(x.movedim(1, -1), a), b).movedim(-1, 1)
             return self.base(x) + F.linear(F.linear(x, a), b)
-
-    class SlottedConv1x1(torch.nn.Module):
-        """A 1x1 Conv2d plus a per-pixel low-rank update (as peft's 1x1 conv LoRA computes it)."""
-
-        def __init__(self, base: torch.nn.Conv2d, feed: SlotFeed, index: int):
-            super().__init__()
-            self.base = base
-            self.feed = feed
-            self.index = index
-
-        def forward(self, x):
-            a = self.feed.tensors[2 * self.index]
-            b = self.feed.tensors[2 * self.index + 1]
-            # MatMuls over the channel axis rather than convolutions: they take rank 0 (an unused slot).
-            return self.base(x) + F.linear(F.linear(x.movedim(1, -1), a), b).movedim(-1, 1)
 
     class SlottedUNet(torch.nn.Module):
         def __init__(self, unet, feed):
@@ -226,11 +216,10 @@ def _slot_modules():
         def forward(self, latent):
             return self.vae.decode(latent, return_dict=False)[0]
 
-    return SlotFeed, SlottedLinear, SlottedConv1x1, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
+    return SlotFeed, SlottedLayer, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
 
 
-def insert_slots(model, component: str, parent_type, feed, SlottedLinear, SlottedConv1x1,
-                 layers_per_block: int = 0) -> list[Slot]:
+def insert_slots(model, component: str, parent_type, feed, SlottedLayer, layers_per_block: int = 0) -> list[Slot]:
     """Wrap every Linear and 1x1 Conv2d inside each `parent_type` module of `model` (in module order) in a
     slotted layer; returns the slots (graph input names follow the order)."""
     import torch
@@ -248,7 +237,7 @@ def insert_slots(model, component: str, parent_type, feed, SlottedLinear, Slotte
                     found.append((f"{name}.{sub}", layer, "conv1x1", layer.in_channels, layer.out_channels))
     for path, layer, kind, in_f, out_f in found:
         i = len(slots)
-        wrapped = (SlottedLinear if kind == "linear" else SlottedConv1x1)(layer, feed, i)
+        wrapped = SlottedLayer(layer, feed, i)
         parent_name, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_name)
         if leaf.isdigit():
@@ -356,8 +345,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from torch.export import Dim
 
-    SlotFeed, SlottedLinear, SlottedConv1x1, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = \
-        _slot_modules()
+    SlotFeed, SlottedLayer, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = _slot_modules()
     model_index = json.loads((model_dir / "model_index.json").read_text())
     half = dtype == "fp16"
     torch.manual_seed(0)
@@ -396,7 +384,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         # --- text encoder(s)
         def export_text_encoder(model, component, outputs, output_names, seed):
             feed = SlotFeed()
-            slots = insert_slots(model, component, CLIPEncoderLayer, feed, SlottedLinear, SlottedConv1x1)
+            slots = insert_slots(model, component, CLIPEncoderLayer, feed, SlottedLayer)
             te = SlottedTextEncoder(model, feed, outputs).eval().to(fdt)
             ids = torch.randint(0, model.config.vocab_size, (2, max_len), dtype=torch.int64)
             args = [ids, *slot_args(slots, seed)]
@@ -420,7 +408,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         # --- UNet
         feed = SlotFeed()
         lpb = unet.config.layers_per_block
-        unet_slots = insert_slots(unet, "unet", Transformer2DModel, feed, SlottedLinear, SlottedConv1x1,
+        unet_slots = insert_slots(unet, "unet", Transformer2DModel, feed, SlottedLayer,
                                   lpb if isinstance(lpb, int) else 0)
         su = (SlottedUNetXL if xl else SlottedUNet)(unet, feed).eval().to(fdt)
         lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
