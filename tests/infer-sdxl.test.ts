@@ -10,18 +10,11 @@ import { after, before, describe, it } from "node:test";
 import type { InferInput } from "@loraforge/sdk";
 import type { InferRequest, InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { python, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
-import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, TOLERANCE } from "./lib/parity.js";
+import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, safetensorsKeys, TOLERANCE } from "./lib/parity.js";
 
 
 
 
-
-/** The tensor names of a safetensors file (its JSON header). */
-function safetensorsKeys(file: string): string[] {
-  const buf = readFileSync(file);
-  const len = Number(buf.readBigUInt64LE(0));
-  return Object.keys(JSON.parse(buf.subarray(8, 8 + len).toString("utf8"))).filter((k) => k !== "__metadata__");
-}
 
 describe("InferenceService on SDXL", () => {
   let srv: ServerProcess;

@@ -11,7 +11,7 @@ import { ArtifactKind, JobState, LoraforgeError, type InferInput, type Job, type
 import { InferenceServiceClient, InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
 import { fixtures, quickSpec, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
-import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, TOLERANCE } from "./lib/parity.js";
+import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, safetensorsHeader, TOLERANCE } from "./lib/parity.js";
 
 
 
@@ -49,6 +49,7 @@ describe("InferenceService", () => {
   let dir: string;
   let loraA: string;
   let loraB: string;
+  let loraC: string;
   let tokenizerIds: number[][];
   let trained: Promise<Job>;
   const texts = [PROMPT, "  A  RED\tCircle!! on a Blue-ish background ", "zebra's café 1234 <|endoftext|>", "", "red ".repeat(100)];
@@ -60,6 +61,9 @@ describe("InferenceService", () => {
     // kohya form with .alpha tensors, on every layer kohya's sd-scripts adapts: attention, feed-forward,
     // proj_in/proj_out (1x1 convolutions here, [r, in, 1, 1] weights) and the text encoder's MLP.
     loraB = path.join(dir, "b", "kohya_lora.safetensors");
+    // The same layers in diffusers' file with peft's keys (what the engine writes for targets beyond the
+    // attention projections), alpha from the adapter metadata.
+    loraC = path.join(dir, "c", "pytorch_lora_weights.safetensors");
     srv = await startServer();
     client = new InferenceServiceClient(srv.address, credentials.createInsecure());
     // A LoRA trained by the service itself, for the job_id source.
@@ -72,6 +76,7 @@ describe("InferenceService", () => {
         [
           ["make-lora", loraA, "--seed", "1", "--rank", "4", "--alpha", "8", "--text-encoder"],
           ["make-lora", loraB, "--seed", "2", "--rank", "2", "--alpha", "1", "--text-encoder", "--kohya", "--wide"],
+          ["make-lora", loraC, "--seed", "3", "--rank", "2", "--alpha", "1", "--text-encoder", "--wide"],
           ["tokenize", ...texts],
         ],
         dir,
@@ -97,6 +102,7 @@ describe("InferenceService", () => {
       { name: "base-dpmpp", req: { seed: 12, numInferenceSteps: 8, guidanceScale: 6, scheduler: "dpmpp_2m" }, loras: [] },
       { name: "one-lora", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraA, scale: 1 }] },
       { name: "kohya-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraB, scale: 1 }] },
+      { name: "peft-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraC, scale: 1 }] },
       {
         name: "two-loras",
         req: { seed: 13, numInferenceSteps: 8, guidanceScale: 5, scheduler: "ddim", numImages: 2, negativePrompt: "a green square" },
@@ -106,6 +112,10 @@ describe("InferenceService", () => {
         ],
       },
     ];
+    // loraC is in peft's key form, with 1x1-convolution (4-D) layers among its keys.
+    const header = safetensorsHeader(loraC);
+    assert.ok(Object.keys(header).some((k) => k.startsWith("unet.") && k.endsWith(".lora_A.weight")), Object.keys(header).slice(0, 3).join(" "));
+    assert.equal(header["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"]?.shape.length, 4);
     const ours = new Map<string, InferResponse>();
     const jobs: string[][] = [];
     for (const c of cases) {
@@ -134,7 +144,7 @@ describe("InferenceService", () => {
     console.log(`# SD parity (mean abs diff, 0-255): ${diffs.join(" ")}`);
     // The LoRA really changes the picture (so agreeing with diffusers means something).
     const base = await rgb(Buffer.from(ours.get("base-euler")!.images[0].png));
-    for (const name of ["one-lora", "kohya-wide"]) {
+    for (const name of ["one-lora", "kohya-wide", "peft-wide"]) {
       const change = meanAbsDiff(base, await rgb(Buffer.from(ours.get(name)!.images[0].png)));
       assert.ok(change > 2 * TOLERANCE, `${name}: the LoRA changed the image by only ${change.toFixed(3)}`);
     }

@@ -2,7 +2,7 @@
 // (tests/py/infer_reference.py), its request files, and image comparison.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdirSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import sharp from "sharp";
 import type { InferRequest } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
@@ -81,3 +81,15 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
   writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
   return ["render", path.join(caseDir, "request.json")];
 }
+
+/** The tensor names and shapes of a safetensors file (its JSON header). */
+export function safetensorsHeader(file: string): Record<string, { shape: number[] }> {
+  const buf = readFileSync(file);
+  const len = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + len).toString("utf8")) as Record<string, { shape: number[] }>;
+  delete header.__metadata__;
+  return header;
+}
+
+/** The tensor names of a safetensors file. */
+export const safetensorsKeys = (file: string): string[] => Object.keys(safetensorsHeader(file));
