@@ -81,6 +81,8 @@ describe("InferenceService on SDXL", () => {
       name: string;
       req: Partial<InferRequest>;
       loras: { path: string; scale: number }[];
+      /** A bound tighter than TOLERANCE, where a mistake would move the tiny model's image less than that. */
+      tolerance?: number;
     }
     const cases: Case[] = [
       // Empty negative prompt: zero negative embeddings and pooled embeddings (force_zeros_for_empty_prompt).
@@ -103,6 +105,9 @@ describe("InferenceService on SDXL", () => {
           negativeSizeConditioning: { originalWidth: 32, originalHeight: 32, cropTop: 0, cropLeft: 0 },
         },
         loras: [],
+        // The tiny model reacts weakly to these: ignoring prompt_2 moved this image by ~1.8/255, giving the
+        // negative branch the positive size conditioning by ~1.2/255. It measures 0.000 when right.
+        tolerance: 0.5,
       },
       { name: "kohya-sgm", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: kohya, scale: 1 }] },
     ];
@@ -128,10 +133,8 @@ describe("InferenceService on SDXL", () => {
       for (const [i, im] of ours.get(c.name)!.images.entries()) {
         const diff = meanAbsDiff(await rgb(Buffer.from(im.png)), await rgb(path.join(dir, c.name, `ref_${i}.png`)));
         diffs.push(`${c.name}[${i}]=${diff.toFixed(3)}`);
-        assert.ok(diff <= TOLERANCE, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
-        // The tiny model reacts weakly to size conditioning: giving the negative branch the positive branch's
-        // values instead of its own moved this case by only ~1.2/255. It measures 0.000 when right.
-        if (c.name === "prompt-2-size") assert.ok(diff <= 0.5, `${c.name}: mean abs diff ${diff.toFixed(3)} > 0.5`);
+        const bound = c.tolerance ?? TOLERANCE;
+        assert.ok(diff <= bound, `${c.name} image ${i}: mean abs diff ${diff.toFixed(3)} > ${bound}`);
       }
     }
     console.log(`# SDXL parity (mean abs diff, 0-255): ${diffs.join(" ")}`);

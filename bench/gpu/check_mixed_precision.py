@@ -37,7 +37,7 @@ def main() -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu/check_mixed_precision.py needs a CUDA device (--device cpu for a dry run)")
     # The engine first, then whatever PYTHONPATH holds (on the device machine: the carried wheels).
-    path = os.pathsep.join(p for p in (str(ROOT / "engine"), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(part for part in (str(ROOT / "engine"), os.environ.get("PYTHONPATH", "")) if part)
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the engine picks CUDA whenever it sees one

@@ -105,7 +105,7 @@ class Slot:
     input_a: str
     input_b: str
     kind: str = "linear"  # or "conv1x1" (the slot's A and B are still 2-D; applied per pixel)
-    layers_per_block: int = 0  # the UNet's, for the SGM name
+    sgm_module: str | None = None  # UNet slots: the module's name in the original (SGM) UNet, if it has one
 
     def manifest(self) -> dict:
         out = {
@@ -123,13 +123,9 @@ class Slot:
             "input_b": self.input_b,
             "kind": self.kind,
         }
-        if self.component == "unet":
-            from .lora_files import sgm_module_name
-
-            sgm = sgm_module_name(self.module, self.layers_per_block)
-            if sgm is not None:
-                # kohya's SDXL files name UNet modules as SDXL's original (SGM) UNet does.
-                out["kohya_sgm_key"] = "lora_unet_" + sgm.replace(".", "_")
+        if self.sgm_module is not None:
+            # kohya's SDXL files name UNet modules as SDXL's original (SGM) UNet does.
+            out["kohya_sgm_key"] = "lora_unet_" + self.sgm_module.replace(".", "_")
         return out
 
 
@@ -219,10 +215,13 @@ def _slot_modules():
     return SlotFeed, SlottedLayer, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder
 
 
-def insert_slots(model, component: str, parent_type, feed, SlottedLayer, layers_per_block: int = 0) -> list[Slot]:
+def insert_slots(model, component: str, parent_type, feed, SlottedLayer, layers_per_block=None) -> list[Slot]:
     """Wrap every Linear and 1x1 Conv2d inside each `parent_type` module of `model` (in module order) in a
-    slotted layer; returns the slots (graph input names follow the order)."""
+    slotted layer; returns the slots (graph input names follow the order). `layers_per_block`: the UNet's,
+    for its slots' SGM names (None for text encoders)."""
     import torch
+
+    from .lora_files import sgm_module_name
 
     slots: list[Slot] = []
     prefix = INPUT_PREFIX[component]
@@ -244,8 +243,8 @@ def insert_slots(model, component: str, parent_type, feed, SlottedLayer, layers_
             parent[int(leaf)] = wrapped
         else:
             setattr(parent, leaf, wrapped)
-        slots.append(Slot(component, path, in_f, out_f, f"{prefix}_lora_{i}_a", f"{prefix}_lora_{i}_b", kind,
-                          layers_per_block))
+        sgm = sgm_module_name(path, layers_per_block) if layers_per_block is not None else None
+        slots.append(Slot(component, path, in_f, out_f, f"{prefix}_lora_{i}_a", f"{prefix}_lora_{i}_b", kind, sgm))
     return slots
 
 
@@ -407,9 +406,8 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
 
         # --- UNet
         feed = SlotFeed()
-        lpb = unet.config.layers_per_block
         unet_slots = insert_slots(unet, "unet", Transformer2DModel, feed, SlottedLayer,
-                                  lpb if isinstance(lpb, int) else 0)
+                                  unet.config.layers_per_block)
         su = (SlottedUNetXL if xl else SlottedUNet)(unet, feed).eval().to(fdt)
         lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
         lat_w = Dim("latent_w_div", min=1, max=4096 // factor)

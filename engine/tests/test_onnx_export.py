@@ -34,17 +34,15 @@ def exported(tiny_model, tmp_path_factory):
     return model, out, digest, root
 
 
-def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=False):
-    """A LoRA as diffusers writes it (save_lora_weights, alpha in the metadata), with non-zero up weights."""
-    from diffusers import StableDiffusionPipeline
+def save_random_lora(pipe, parts, out_dir, seed: int, rank: int, alpha: float):
+    """Adds a peft adapter to each (component name, model, targets) of `pipe`, gives its up weights random
+    non-zero values, and saves them as diffusers does (save_lora_weights, alpha in the metadata)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = load_pipeline(model_dir)
     torch.manual_seed(seed)
     layers, meta = {}, {}
-    parts = [("unet", pipe.unet, UNET_TARGETS)] + ([("text_encoder", pipe.text_encoder, TE_TARGETS)] if text_encoder else [])
     for name, model, targets in parts:
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
         for n, p in model.named_parameters():
@@ -55,8 +53,15 @@ def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=
         cfg = model.peft_config["default"].to_dict()
         meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
                                                 for k, v in cfg.items()}
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(out_dir), safe_serialization=True, **layers, **meta)
+    type(pipe).save_lora_weights(save_directory=str(out_dir), safe_serialization=True, **layers, **meta)
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def make_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0, text_encoder=False):
+    """An SD LoRA on the UNet (and the text encoder), with non-zero up weights."""
+    pipe = load_pipeline(model_dir)
+    parts = [("unet", pipe.unet, UNET_TARGETS)] + ([("text_encoder", pipe.text_encoder, TE_TARGETS)] if text_encoder else [])
+    return save_random_lora(pipe, parts, out_dir, seed, rank, alpha)
 
 
 def slot_feeds(manifest, component: str, lora_file=None) -> dict:
@@ -170,27 +175,10 @@ def load_xl(model_dir):
 
 def make_xl_lora(model_dir, out_dir, seed: int, *, rank=4, alpha=8.0):
     """An SDXL LoRA on the UNet and both text encoders, as a train_text_encoder run saves it."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     pipe = load_xl(model_dir)
-    torch.manual_seed(seed)
-    layers, meta = {}, {}
-    for name, model, targets in (("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TE_TARGETS),
-                                 ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS)):
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.data.normal_(0, 0.2)
-        layers[f"{name}_lora_layers"] = diffusers_keys(get_peft_model_state_dict(model),
-                                                       convert_state_dict_to_diffusers)
-        cfg = model.peft_config["default"].to_dict()
-        meta[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
-                                                for k, v in cfg.items()}
-    StableDiffusionXLPipeline.save_lora_weights(save_directory=str(out_dir), safe_serialization=True, **layers, **meta)
-    return out_dir / "pytorch_lora_weights.safetensors"
+    parts = [("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TE_TARGETS),
+             ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS)]
+    return save_random_lora(pipe, parts, out_dir, seed, rank, alpha)
 
 
 def test_sdxl_exports_two_text_encoders_and_added_conditioning(exported_xl):

@@ -38,6 +38,16 @@ export function meanAbsDiff(a: Buffer, b: Buffer): number {
   return s / a.length;
 }
 
+/** A size conditioning as StableDiffusionXLPipeline's keyword arguments (prefix "" or "negative_"); none when unset. */
+function sizeKwargs(prefix: string, sc: InferRequest["sizeConditioning"]): Record<string, number[]> {
+  if (!sc) return {};
+  return {
+    [`${prefix}original_size`]: [sc.originalHeight ?? 64, sc.originalWidth ?? 64],
+    [`${prefix}crops_coords_top_left`]: [sc.cropTop ?? 0, sc.cropLeft ?? 0],
+    [`${prefix}target_size`]: [sc.targetHeight ?? 64, sc.targetWidth ?? 64],
+  };
+}
+
 /**
  * Writes the reference's request for one parity case into `caseDir` — the same
  * initial latents the server drew for `req.seed` (so the two RNGs need not match)
@@ -46,8 +56,6 @@ export function meanAbsDiff(a: Buffer, b: Buffer): number {
 export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras: { path: string; scale: number }[], n: number): string[] {
   mkdirSync(caseDir, { recursive: true });
   writeFileSync(path.join(caseDir, "latents.f32"), Buffer.from(initialLatents(req.seed!, n, 4, 8, 8).buffer));
-  const sc = req.sizeConditioning;
-  const nsc = req.negativeSizeConditioning;
   const request = {
     prompt: PROMPT,
     negative_prompt: req.negativePrompt ?? "",
@@ -63,20 +71,8 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
     // SDXL's second prompts and size conditioning, as the pipeline takes them ((h, w) sizes, (top, left) crop).
     ...(req.prompt2 !== undefined ? { prompt_2: req.prompt2 } : {}),
     ...(req.negativePrompt2 !== undefined ? { negative_prompt_2: req.negativePrompt2 } : {}),
-    ...(sc
-      ? {
-          original_size: [sc.originalHeight ?? 64, sc.originalWidth ?? 64],
-          crops_coords_top_left: [sc.cropTop ?? 0, sc.cropLeft ?? 0],
-          target_size: [sc.targetHeight ?? 64, sc.targetWidth ?? 64],
-        }
-      : {}),
-    ...(nsc
-      ? {
-          negative_original_size: [nsc.originalHeight ?? 64, nsc.originalWidth ?? 64],
-          negative_crops_coords_top_left: [nsc.cropTop ?? 0, nsc.cropLeft ?? 0],
-          negative_target_size: [nsc.targetHeight ?? 64, nsc.targetWidth ?? 64],
-        }
-      : {}),
+    ...sizeKwargs("", req.sizeConditioning),
+    ...sizeKwargs("negative_", req.negativeSizeConditioning),
   };
   writeFileSync(path.join(caseDir, "request.json"), JSON.stringify(request));
   return ["render", path.join(caseDir, "request.json")];
