@@ -15,7 +15,8 @@ differences:
     the per-step sample is drawn exactly as the uncached path draws it) and text embeddings are cached when
     the augmentation allows it (centre crop; both orientations under random flip; the empty caption under
     caption dropout; text embeddings only while the text encoder is frozen);
-  * fused AdamW where the device has it, channels_last UNet, optional torch.compile;
+  * fused AdamW where the device has it, channels_last UNet, optional torch.compile; on a CPU, small LoRA
+    layers fold the adapter into the weight and small convolutions skip oneDNN (small_ops);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
@@ -42,6 +43,7 @@ from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .data import CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset, select_samples
 from .events import EventWriter
 from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
+from .small_ops import fold_small_lora_layers, route_small_convs
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -72,39 +74,6 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     s = snr(alphas_cumprod, timesteps)
     clipped = torch.minimum(s, torch.full_like(s, gamma))
     return clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s
-
-
-# Below this many multiply-adds a LoRA layer's extra weight-gradient matmul costs less on a CPU than the four
-# extra operators (and their backward) of peft's separate LoRA branch: at the tiny model's sizes each operator
-# costs ~10-20 us of dispatch, the arithmetic next to nothing.
-SMALL_LORA_MACS = 1_000_000
-
-
-def _small_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft LoRA Linear forward with the adapter folded into the weight, x (W + s B A)^T + b, for small
-    layers: two operators instead of five. The gradients reaching A and B are the same (to rounding)."""
-    base = self.base_layer
-    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != ["default"]
-            or (x.numel() // base.in_features) * base.in_features * base.out_features > SMALL_LORA_MACS):
-        return self._peft_forward(x, *args, **kwargs)
-    weight = torch.addmm(base.weight, self.lora_B["default"].weight, self.lora_A["default"].weight,
-                         alpha=self.scaling["default"])
-    return F.linear(x, weight, base.bias)
-
-
-def fold_small_lora_layers(model: torch.nn.Module) -> int:
-    """Route every peft LoRA Linear of `model` through _small_lora_forward; returns how many."""
-    import types
-
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLinear) and not hasattr(m, "_peft_forward"):
-            m._peft_forward = m.forward
-            m.forward = types.MethodType(_small_lora_forward, m)
-            n += 1
-    return n
 
 
 @dataclass
@@ -269,9 +238,14 @@ class Trainer:
         # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
-        if device.type == "cpu" and spec.lora_dropout == 0:
-            # Fewer small operators where per-operator overhead, not arithmetic, is the cost (see above).
-            fold_small_lora_layers(c.unet)
+        if device.type == "cpu":
+            # Small layers on a CPU: fewer operators, and the convolution kernel that is faster at their size
+            # (small_ops). Under torch.compile its own kernels decide.
+            if spec.lora_dropout == 0:
+                fold_small_lora_layers(c.unet)
+            if not spec.torch_compile:
+                route_small_convs(c.unet)
+                route_small_convs(c.vae)
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()

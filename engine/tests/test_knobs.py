@@ -279,6 +279,36 @@ def test_train_text_encoder_puts_lora_on_its_attention(tiny_model, dataset, tmp_
     assert te_grads and all(g is not None for g in te_grads) and any(g.abs().max() > 0 for g in te_grads)
 
 
+# --------------------------------------------------------------------------------------------- CPU kernels
+
+def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_model, dataset, tmp_path,
+                                                                          monkeypatch):
+    from loraforge_engine import small_ops
+
+    t = make_trainer(tiny_model, dataset, tmp_path / "o")
+    convs = [m for m in t.c.unet.modules() if type(m) is torch.nn.Conv2d]
+    assert convs and all(hasattr(m, "_torch_forward") for m in convs)
+    assert any(hasattr(m, "_peft_forward") for m in t.c.unet.modules())
+
+    def loss_and_grads():
+        t.optimizer.zero_grad(set_to_none=True)
+        loss = t.loss(first_batch(t), 3)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in t.named_params.items()}
+
+    routed = loss_and_grads()
+    monkeypatch.setattr(small_ops, "SMALL_CONV_MACS", 0)  # every layer takes its own forward
+    monkeypatch.setattr(small_ops, "SMALL_LORA_MACS", 0)
+    own = loss_and_grads()
+    torch.testing.assert_close(routed[0], own[0], rtol=1e-5, atol=1e-6)
+    assert routed[1].keys() == own[1].keys()
+    for name, g in own[1].items():
+        torch.testing.assert_close(routed[1][name], g, rtol=1e-3, atol=1e-6, msg=name)
+
+    compiled = make_trainer(tiny_model, dataset, tmp_path / "c", torchCompile=True)
+    assert not any(hasattr(m, "_torch_forward") for m in compiled.c.unet.modules())  # inductor picks kernels
+
+
 # --------------------------------------------------------------------------------------------- caches
 
 def test_caches_follow_the_augmentation_and_match_the_uncached_path(tiny_model, dataset, tmp_path):

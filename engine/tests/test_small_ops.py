@@ -1,0 +1,104 @@
+"""The CPU routings for small layers compute what the layers they replace compute: same outputs, same
+gradients, and the layers' own forward outside the size range."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from loraforge_engine import small_ops
+
+
+def _conv_pair(cin, cout, k, stride=1, padding=0, trainable=False, **kw):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=padding, **kw).requires_grad_(trainable)
+    routed = copy.deepcopy(plain)
+    return plain, routed
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,channels_last,trainable", [
+    (32, 32, 3, 1, 1, True, False),   # the tiny UNet's resnet convolution
+    (64, 64, 3, 2, 1, True, False),   # a downsampler
+    (32, 4, 1, 1, 0, False, True),    # a 1x1 projection, trainable (a LoCon LoRA layer's own weights)
+    (4, 32, 3, 1, 1, False, True),
+])
+def test_small_convolutions_take_thnn_and_match_conv2d(cin, cout, k, stride, padding, channels_last, trainable):
+    plain, routed = _conv_pair(cin, cout, k, stride, padding, trainable)
+    assert small_ops.route_small_convs(routed) == 1
+    x = torch.randn(4, cin, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        plain.to(memory_format=torch.channels_last)
+        routed.to(memory_format=torch.channels_last)
+    assert small_ops.conv_macs(routed, x) < small_ops.SMALL_CONV_MACS
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(xa), routed(xb)
+    assert type(yb.grad_fn).__name__ == "SlowConv2DBackward0"  # the routed kernel ran, not oneDNN's
+    assert ya.shape == yb.shape
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+    if trainable:
+        torch.testing.assert_close(routed.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(routed.bias.grad, plain.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_large_convolutions_and_other_inputs_keep_the_module_forward():
+    plain, routed = _conv_pair(64, 64, 3, padding=1)
+    small_ops.route_small_convs(routed)
+    big = torch.randn(4, 64, 32, 32)  # 37.7 M multiply-adds
+    assert small_ops.conv_macs(routed, big) >= small_ops.SMALL_CONV_MACS
+    y = routed(big.requires_grad_(True))
+    assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
+    assert torch.equal(y, plain(big))
+    small = torch.randn(1, 64, 4, 4, dtype=torch.float64)  # small, but not float32
+    assert torch.equal(routed.double()(small), plain.double()(small))
+
+
+def test_only_convolutions_thnn_computes_alike_are_routed():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 8, 3, padding="same"),
+        torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=2),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        torch.nn.Conv1d(8, 8, 3),
+    )
+    assert small_ops.route_small_convs(model) == 1
+    assert small_ops.route_small_convs(model) == 0  # idempotent
+    assert hasattr(model[0], "_torch_forward") and not any(hasattr(m, "_torch_forward") for m in model[1:])
+
+
+def test_folded_lora_gives_peft_outputs_and_gradients():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 16))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["0", "1"])
+    plain = inject_adapter_in_model(config, copy.deepcopy(base))
+    for name, p in plain.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # peft starts B at zero; a non-zero B exercises the product
+    folded = copy.deepcopy(plain)
+    assert small_ops.fold_small_lora_layers(folded) == 2
+    x = torch.randn(4, 8, 32)
+    ya, yb = plain(x), folded(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert len(grads) == 4
+    for n, p in folded.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    # Above the size limit the layer runs peft's own forward (its sum of branches, not one linear).
+    wide = torch.randn(small_ops.SMALL_LORA_MACS // (32 * 32) + 1, 32)
+    assert type(folded[0](wide[:4]).grad_fn).__name__ == "AddmmBackward0"
+    out = folded[0](wide)
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    torch.testing.assert_close(out, plain[0](wide), rtol=1e-5, atol=1e-5)
