@@ -63,8 +63,10 @@ def conv_macs(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
 
 
 def _small_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Conv2d forward through thnn_conv2d (im2col + GEMM) for small float32 CPU convolutions."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or conv_macs(self, x) >= SMALL_CONV_MACS:
+    """Conv2d forward through thnn_conv2d (im2col + GEMM) for small float32 CPU convolutions. Under autocast
+    the module's own forward runs, so the convolution keeps autocast's dtype (thnn_conv2d is not on its list)."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.is_autocast_enabled("cpu")
+            or conv_macs(self, x) >= SMALL_CONV_MACS):
         return self._torch_forward(x)
     return torch._C._nn.thnn_conv2d(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
 

@@ -55,7 +55,11 @@ def test_large_convolutions_and_other_inputs_keep_the_module_forward():
     y = routed(big.requires_grad_(True))
     assert type(y.grad_fn).__name__ == "ConvolutionBackward0"
     assert torch.equal(y, plain(big))
-    small = torch.randn(1, 64, 4, 4, dtype=torch.float64)  # small, but not float32
+    small = torch.randn(1, 64, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # small, but autocast picks the dtype
+        y = routed(small)
+    assert y.dtype == torch.bfloat16  # thnn_conv2d would have computed (and returned) float32
+    small = small.double()  # small, but not float32
     assert torch.equal(routed.double()(small), plain.double()(small))
 
 
