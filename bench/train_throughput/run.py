@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -79,6 +80,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        # Objects of the previous run that only the cycle collector frees would otherwise go while this one runs,
+        # lowering the level under its base.
+        gc.collect()
         self.base = self._rss()
         self._stop = threading.Event()
 

@@ -1,0 +1,141 @@
+"""The engine's CPU kernel choices for small layers (loraforge_engine/small_ops.py), measured in one run.
+
+    PYTHONPATH=engine engine/.venv/bin/python bench/small_ops/run.py [--threads 0] [--steps 200] [--work DIR]
+
+1. Convolution kernels: for a range of sizes, forward + input gradient (channels_last, frozen weights, as in the
+   UNet) through oneDNN (Conv2d's default on CPU) and through thnn_conv2d (im2col + GEMM), median of repeated
+   calls, and their ratio. small_ops.SMALL_CONV_MACS should sit where the ratio crosses 1.
+2. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
+   every step through three settings so that all see the same machine load: both routings (the default), the
+   LoRA fold only (convolutions on oneDNN), none (every layer on its module's own forward; size limits set to
+   0). Median step time of each and the median of its ratios to the adjacent "none" step. The last line is
+   JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine runs
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# (batch, channels, height = width, kernel): the tiny UNet's sizes at 64 px first, then larger ones.
+CONV_SIZES = [(4, 32, 8, 3), (4, 64, 4, 3), (4, 32, 8, 1), (8, 32, 8, 3), (4, 64, 8, 3), (4, 32, 16, 3),
+              (4, 64, 16, 3), (4, 128, 16, 3), (4, 128, 32, 3)]
+
+
+def median_us(fn, calls: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e6
+
+
+def conv_kernels(max_calls: int) -> list[dict]:
+    rows = []
+    for b, c, h, k in CONV_SIZES:
+        conv = torch.nn.Conv2d(c, c, k, padding=k // 2).requires_grad_(False).to(memory_format=torch.channels_last)
+        x = torch.randn(b, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        macs = b * c * h * h * c * k * k
+        calls = max(min(10, max_calls), min(max_calls, int(3e9 / macs)))
+
+        def onednn():
+            y = conv(x)
+            y.backward(torch.ones_like(y))
+
+        def thnn():
+            y = torch._C._nn.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
+            y.backward(torch.ones_like(y))
+
+        a, t = median_us(onednn, calls), median_us(thnn, calls)
+        rows.append({"shape": [b, c, h, h], "kernel": k, "macs": macs, "onednn_us": a, "thnn_us": t,
+                     "ratio": t / a})
+        print(f"conv {b}x{c}x{h}x{h} k{k}: {macs / 1e6:7.2f} M multiply-adds   oneDNN {a:8.0f} us   "
+              f"thnn {t:8.0f} us   thnn/oneDNN {t / a:.2f}", flush=True)
+    return rows
+
+
+def engine_steps(work: Path, steps: int) -> dict:
+    from loraforge_engine import small_ops
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
+    from loraforge_engine.train import Trainer
+
+    model, data = work / "tiny-sd", work / "data"
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(model, seed=0)
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, count=16, size=64, seed=0)
+    spec = parse_spec({"baseModel": str(model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 4,
+                       "maxTrainSteps": 10_000, "learningRate": 1e-4, "rank": 4, "centerCrop": True,
+                       "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, "lrWarmupSteps": 0})
+    t = Trainer(spec, str(work / f"small-ops-out-{os.getpid()}"), EventWriter(io.StringIO()))
+    conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
+    settings = {"both": (conv, lora), "lora_fold_only": (0, lora), "none": (0, 0)}
+
+    def step(i: int, limits: tuple[int, int]) -> float:
+        small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS = limits
+        t0 = time.perf_counter()
+        mb = t.micro_batch(0, i % t.batches_per_epoch, i)
+        loss = t.loss(mb, i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t.lora_params, 1.0)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    i = 0
+    for rep in range(steps + 5):
+        for name, limits in settings.items():
+            dt = step(i, limits)
+            i += 1
+            if rep >= 5:  # warm-up
+                times[name].append(dt)
+    small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS = conv, lora
+    none = np.array(times["none"])
+    r = {}
+    for name, v in times.items():
+        r[name] = {"median_ms": float(np.median(v)) * 1e3, "paired_ratio_to_none": float(np.median(np.array(v) / none))}
+        print(f"engine step, {name:>14}: {r[name]['median_ms']:6.2f} ms (median of {steps})   "
+              f"/ none, median of paired steps: {r[name]['paired_ratio_to_none']:.3f}")
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--steps", type=int, default=150, help="engine steps per setting")
+    p.add_argument("--max-calls", type=int, default=300, help="timed calls per convolution size, at most")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-train"))
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+    convs = conv_kernels(a.max_calls)
+    steps = engine_steps(Path(a.work), a.steps)
+    print(json.dumps({"threads": torch.get_num_threads(), "convolutions": convs, "engine_step": steps}))
+
+
+if __name__ == "__main__":
+    main()
