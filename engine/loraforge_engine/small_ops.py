@@ -6,10 +6,11 @@ untouched) and each falling back to the module's own forward outside its size ra
 * peft LoRA Linear layers below SMALL_LORA_MACS fold the adapter into the weight, x (W + s B A)^T + b: two
   operators instead of five, the same gradients for A and B (to rounding).
 * Conv2d layers below SMALL_CONV_MACS run torch's im2col + GEMM convolution (thnn_conv2d) instead of oneDNN's.
-  oneDNN pays a set-up cost on every call that dominates small convolutions; measured on a 2-core x86 CPU,
-  forward + input gradient, channels_last: 2.4 M multiply-adds (the tiny test model's convolutions at 64 px,
-  batch 4) 0.62x oneDNN's time, 4.7 M 0.63-0.80x, 9.4 M 0.95-1.31x, 38 M and above 1.2-2.3x (slower). Both
-  paths compute the same convolution (largest difference 1e-6 at these sizes).
+  oneDNN pays a set-up cost on every call that dominates small convolutions. Forward + input gradient,
+  channels_last, on the 2-core x86 development machine (bench/small_ops, bench/RESULTS.md), thnn_conv2d took
+  0.54-0.65x oneDNN's time at 2.4 M multiply-adds (the tiny test model's convolutions at 64 px, batch 4),
+  0.63-0.91x at 4.7 M, 0.68-1.31x at 9.4 M, and mostly longer above (0.85-2.3x from 38 M). Both compute the
+  same convolution (largest difference ~1e-6 at these sizes).
 
 Neither is used under torch.compile, which picks its own kernels, nor on other devices.
 """
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 # extra operators (and their backward) of peft's separate LoRA branch: at the tiny model's sizes each operator
 # costs ~10-20 us of dispatch, the arithmetic next to nothing.
 SMALL_LORA_MACS = 1_000_000
-# Below this many multiply-adds per call, thnn_conv2d beats oneDNN on a CPU (measurements above).
+# Below this many multiply-adds per call, thnn_conv2d beat oneDNN on every measurement (see above).
 SMALL_CONV_MACS = 5_000_000
 
 
