@@ -23,11 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine runs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))
+
+from loraforge_engine.openmp import set_wait_policy  # noqa: E402
+
+set_wait_policy()  # as the engine runs, before torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -130,8 +133,8 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     convs = conv_kernels(a.max_calls)
     steps = engine_steps(Path(a.work), a.steps)
     print(json.dumps({"threads": torch.get_num_threads(), "convolutions": convs, "engine_step": steps}))

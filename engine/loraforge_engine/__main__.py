@@ -16,10 +16,10 @@ import traceback
 
 EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_DATA, EXIT_STOPPED = 0, 1, 2, 3, 4
 
-# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU shared with other
-# processes (the server's inference, other jobs) spinning threads made each step 10-50x slower
-# (measured: 0.1 s -> 1-5 s per tiny-model step on 2 busy cores); passive waiting costs nothing here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .openmp import set_wait_policy  # noqa: E402 - imports nothing heavy
+
+# Before torch loads OpenMP: idle threads poll briefly, then sleep (see openmp.py).
+set_wait_policy()
 
 
 def _quiet_libraries() -> None:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-# As the engine does (see loraforge_engine/__main__.py): OpenMP threads that spin while idle make torch
-# 10-50x slower on a CPU shared with other processes. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# As the engine does (loraforge_engine/openmp.py), before torch is imported.
+from loraforge_engine.openmp import set_wait_policy  # noqa: E402
+
+set_wait_policy()
 
 from helpers import engine_cmd, engine_env  # noqa: E402
 

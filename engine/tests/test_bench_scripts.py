@@ -35,3 +35,8 @@ def test_small_ops_bench_runs_every_setting(tmp_path):
     assert len(out["convolutions"]) >= 5 and all(r["onednn_us"] > 0 and r["thnn_us"] > 0 for r in out["convolutions"])
     assert set(out["engine_step"]) == {"both", "lora_fold_only", "none"}
     assert out["engine_step"]["none"]["paired_ratio_to_none"] == 1.0
+
+
+def test_omp_wait_bench_runs_a_setting_alone_and_in_pairs(tmp_path):
+    out = run_script("omp_wait/run.py", "--reps", "1", "--steps", "2", "--settings", "spin300", "--work", str(tmp_path))
+    assert out["spin300"]["alone"] > 0 and out["spin300"]["two_at_once"] > 0
