@@ -12,7 +12,7 @@ libgomp, the OpenMP runtime of torch's Linux wheels:
   passive   OMP_WAIT_POLICY=PASSIVE — idle threads sleep at once (the engine's setting until spin300)
   spinN     OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=N — idle threads poll N times, then sleep (spin300: the
             engine's setting now, loraforge_engine/openmp.py)
-  default   neither set — libgomp's own default (300 000 polls)
+  default   GOMP_SPINCOUNT=300000 — libgomp's own default when neither is set
 
 The parent rotates through the settings `--reps` times; each turn runs one process alone, then two at once.
 It prints the median images/s of each setting in each case and its ratio to `passive`. The last line is JSON.
@@ -26,13 +26,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[2] / "engine"
 SETTINGS = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "default": {},
+    # libgomp's own default count, given explicitly: with neither variable set the engine would set its own.
+    "default": {"GOMP_SPINCOUNT": "300000"},
 }
 
 
@@ -48,34 +48,17 @@ def setting_env(name: str) -> dict[str, str]:
 
 
 def child(a: argparse.Namespace) -> None:
-    import io
-
+    sys.path.insert(0, str(ENGINE))
+    sys.path.insert(0, str(ENGINE.parent / "bench" / "train_throughput"))  # before this folder
     import numpy as np
+    import run as throughput  # bench/train_throughput/run.py: the same spec and step
     import torch
-
-    from loraforge_engine.config import parse_spec
-    from loraforge_engine.events import EventWriter
-    from loraforge_engine.train import Trainer
 
     if a.threads:
         torch.set_num_threads(a.threads)
     work = Path(a.work)
-    spec = parse_spec({"baseModel": str(work / "tiny-sd"), "datasetDir": str(work / "data"), "resolution": 64,
-                       "trainBatchSize": 4, "maxTrainSteps": 10_000, "learningRate": 1e-4, "rank": 4,
-                       "centerCrop": True, "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0,
-                       "lrWarmupSteps": 0})
-    t = Trainer(spec, str(work / f"omp-wait-out-{os.getpid()}"), EventWriter(io.StringIO()))
-    times = []
-    for i in range(a.steps + 5):
-        t0 = time.perf_counter()
-        mb = t.micro_batch(0, i % t.batches_per_epoch, i)
-        loss = t.loss(mb, i)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(t.lora_params, 1.0)
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        times.append(time.perf_counter() - t0)
+    t = throughput.engine_trainer(str(work / "tiny-sd"), str(work / "data"), 10_000, 4, 64, work, {})
+    times = [throughput.timed_engine_step(t, i) for i in range(a.steps + 5)]
     print(json.dumps({"images_per_s": 4 / float(np.median(times[5:]))}))
 
 
@@ -108,13 +91,10 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, str(ENGINE))
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
+    sys.path.insert(0, str(ENGINE.parent / "bench" / "train_throughput"))  # before this folder
+    import run as throughput  # bench/train_throughput/run.py
 
-    work = Path(a.work)
-    if not (work / "tiny-sd" / "model_index.json").is_file():
-        make_tiny_model(work / "tiny-sd", seed=0)
-    if not (work / "data" / "metadata.jsonl").is_file():
-        make_dataset(work / "data", count=16, size=64, seed=0)
+    throughput.tiny_model_and_data(Path(a.work))  # made here, once, not by each child
     names = a.settings.split(",")
     for name in names:
         if not (name in SETTINGS or (name.startswith("spin") and name[4:].isdigit())):

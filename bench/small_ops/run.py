@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train_throughput"))  # before this folder
 
 from loraforge_engine.openmp import set_wait_policy  # noqa: E402
 
@@ -76,35 +76,18 @@ def conv_kernels(max_calls: int) -> list[dict]:
 
 
 def engine_steps(work: Path, steps: int) -> dict:
-    from loraforge_engine import small_ops
-    from loraforge_engine.config import parse_spec
-    from loraforge_engine.events import EventWriter
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
-    from loraforge_engine.train import Trainer
+    import run as throughput  # bench/train_throughput/run.py: the same spec and step
 
-    model, data = work / "tiny-sd", work / "data"
-    if not (model / "model_index.json").is_file():
-        make_tiny_model(model, seed=0)
-    if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=16, size=64, seed=0)
-    spec = parse_spec({"baseModel": str(model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 4,
-                       "maxTrainSteps": 10_000, "learningRate": 1e-4, "rank": 4, "centerCrop": True,
-                       "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, "lrWarmupSteps": 0})
-    t = Trainer(spec, str(work / f"small-ops-out-{os.getpid()}"), EventWriter(io.StringIO()))
+    from loraforge_engine import small_ops
+
+    model, data = throughput.tiny_model_and_data(work)
+    t = throughput.engine_trainer(str(model), str(data), 10_000, 4, 64, work, {})
     conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
     settings = {"both": (conv, lora), "lora_fold_only": (0, lora), "none": (0, 0)}
 
     def step(i: int, limits: tuple[int, int]) -> float:
         small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS = limits
-        t0 = time.perf_counter()
-        mb = t.micro_batch(0, i % t.batches_per_epoch, i)
-        loss = t.loss(mb, i)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(t.lora_params, 1.0)
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        return time.perf_counter() - t0
+        return throughput.timed_engine_step(t, i)
 
     times: dict[str, list[float]] = {name: [] for name in settings}
     i = 0

@@ -204,8 +204,8 @@ def reference_path(model: str, data: str, steps: int, batch: int, resolution: in
     return {"images_per_s": batch * len(measured) / sum(measured), "first_step_s": first}
 
 
-def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,
-                extra: dict) -> dict:
+def engine_trainer(model: str, data: str, steps: int, batch: int, resolution: int, work: Path, extra: dict):
+    """The engine's Trainer for this bench's spec (the spec's defaults otherwise), events to a string."""
     from loraforge_engine.config import parse_spec
     from loraforge_engine.events import EventWriter
     from loraforge_engine.train import Trainer
@@ -214,9 +214,40 @@ def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, 
                        "maxTrainSteps": steps, "learningRate": LR, "rank": RANK, "centerCrop": True,
                        "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, "lrWarmupSteps": 0,
                        **extra})
-    sink = io.StringIO()
+    return Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(io.StringIO()))
+
+
+def timed_engine_step(trainer, i: int) -> float:
+    """Seconds for one optimizer step of `trainer` on its i-th batch, outside its own loop (no accumulation,
+    no events): what other benchmarks time while they change one thing between steps."""
+    t0 = time.perf_counter()
+    mb = trainer.micro_batch(0, i % trainer.batches_per_epoch, i)
+    loss = trainer.loss(mb, i)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.lora_params, trainer.spec.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.item()
+    sync(trainer.device)
+    return time.perf_counter() - t0
+
+
+def tiny_model_and_data(work: Path, resolution: int = 64) -> tuple[Path, Path]:
+    """The tiny SD-1.x model and the 16-image synthetic set under `work`, made on first use."""
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
+
+    model, data = work / "tiny-sd", work / "data"
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(model, seed=0)
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, count=16, size=resolution, seed=0)
+    return model, data
+
+
+def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,
+                extra: dict) -> dict:
     t_start = time.perf_counter()
-    trainer = Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(sink))
+    trainer = engine_trainer(model, data, steps, batch, resolution, work, extra)
     times: list[float] = []
     first = [None]
     orig_metrics = trainer.events.metrics
@@ -250,14 +281,8 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
-
     work = Path(a.work)
-    model, data = work / "tiny-sd", work / "data"
-    if not (model / "model_index.json").is_file():
-        make_tiny_model(model, seed=0)
-    if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=16, size=a.resolution, seed=0)
+    model, data = tiny_model_and_data(work, a.resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Import everything both paths use first, so neither pays for (or has its memory inflated by) imports.
     import diffusers.optimization  # noqa: F401
