@@ -1,6 +1,7 @@
 """The engine's CPU kernel choices for small layers (loraforge_engine/small_ops.py), measured in one run.
 
-    PYTHONPATH=engine engine/.venv/bin/python bench/small_ops/run.py [--threads 0] [--steps 200] [--work DIR]
+    PYTHONPATH=engine engine/.venv/bin/python bench/small_ops/run.py [--threads 0] [--steps 150] [--max-calls 300]
+        [--work DIR]
 
 1. Convolution kernels: for a range of sizes, forward + input gradient (channels_last, frozen weights, as in the
    UNet) through oneDNN (Conv2d's default on CPU) and through thnn_conv2d (im2col + GEMM), median of repeated

@@ -12,7 +12,8 @@ untouched) and each falling back to the module's own forward outside its size ra
   0.63-0.91x at 4.7 M, 0.68-1.31x at 9.4 M, and mostly longer above (0.85-2.3x from 38 M). Both compute the
   same convolution (largest difference ~1e-6 at these sizes).
 
-Neither is used under torch.compile, which picks its own kernels, nor on other devices.
+The engine uses both on CPU only, and the convolution routing not under torch.compile, which picks its own
+kernels.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 # extra operators (and their backward) of peft's separate LoRA branch: at the tiny model's sizes each operator
 # costs ~10-20 us of dispatch, the arithmetic next to nothing.
 SMALL_LORA_MACS = 1_000_000
-# Below this many multiply-adds per call, thnn_conv2d beat oneDNN on every measurement (see above).
+# Below this many multiply-adds per call thnn_conv2d was the faster kernel in the measurements above.
 SMALL_CONV_MACS = 5_000_000
 
 
