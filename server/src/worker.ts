@@ -362,20 +362,26 @@ export class Worker {
       artifacts.push(lora);
       lora = await uploaded(lora)();
     }
-    const finalEvent = events.emit({
-      $case: "state",
-      state: { state: outcome.state, error: outcome.error, lora: outcome.state === JobState.JOB_STATE_SUCCEEDED ? lora : undefined },
-    });
+    // The record turns final before the final event goes out (as a cancel of a queued job does), so a client
+    // that reads the job when it sees that event finds the finished record with the LoRA among its artifacts.
+    const endTime = new Date();
     await this.updateOwned(job.id, attempt, (j) => {
       j.state = outcome.state;
       j.error = outcome.error;
-      j.endTime = finalEvent.time;
+      j.endTime = endTime;
       j.currentStep = step;
       j.totalSteps = totalSteps;
       j.artifacts = artifacts;
-      j.lastSequence = finalEvent.sequence;
+      j.lastSequence = events.lastSequence + 1; // the sequence of the event emitted next
       return j;
     });
+    events.emit(
+      {
+        $case: "state",
+        state: { state: outcome.state, error: outcome.error, lora: outcome.state === JobState.JOB_STATE_SUCCEEDED ? lora : undefined },
+      },
+      endTime,
+    );
     await events.flush();
     telemetry.jobFinished(outcome.state);
     log("info", "job finished", { job: job.id, state: JobState[outcome.state], error: outcome.error });
