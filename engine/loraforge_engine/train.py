@@ -106,6 +106,29 @@ def make_optimizer(spec: TrainingSpec, params: list[torch.Tensor], lr: float, de
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
+class _InBackground:
+    """fn() on a daemon thread (a failed setup does not wait for it); result() waits and re-raises its error."""
+
+    def __init__(self, fn):
+        self._done = threading.Event()
+        self._value = self._error = None
+        threading.Thread(target=self._run, args=(fn,), name="loraforge-background", daemon=True).start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Trainer:
     """One training run. Construction is the setup (everything that can fail on bad inputs fails here);
     `train()` runs the loop and saves the result."""
@@ -173,6 +196,15 @@ class Trainer:
             examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column)
         examples = select_samples(examples, spec.max_train_samples, seed)
         sizes = check_all(examples)
+        # The provenance hashes read every byte of the base model (gigabytes: ~1.3 s per GiB on the CI host)
+        # and of the image files; they are needed only when the first LoRA file is written, so they run on a
+        # thread beside loading and training instead of delaying the first step. In-memory images (a hub
+        # dataset) are hashed here: PIL images are not shared across threads.
+        files_only = all(ex.path is not None for ex in examples)
+        self.fingerprints = _InBackground(lambda: {
+            "base_model_sha256": model_fingerprint(spec.base_model),
+            **({"dataset_sha256": dataset_fingerprint(examples)} if files_only else {})})
+        data_sha = {} if files_only else {"dataset_sha256": dataset_fingerprint(examples)}
         self.dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed,
                                        interpolation=spec.interpolation, caption_dropout=spec.caption_dropout,
                                        sizes=sizes)
@@ -304,11 +336,10 @@ class Trainer:
         self.adapter_configs = {"unet": config_dict(c.unet),
                                 **{name: config_dict(te) for name, te in self.trained_text_encoders}}
         self.provenance_base = {
-            "base_model": spec.base_model, "base_model_sha256": model_fingerprint(spec.base_model),
-            "arch": c.arch, "rank": spec.rank, "alpha": alpha, "unet_targets": spec.unet_targets,
+            "base_model": spec.base_model, "arch": c.arch, "rank": spec.rank, "alpha": alpha, "unet_targets": spec.unet_targets,
             "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if spec.train_text_encoder else [],
-            "resolution": spec.resolution, "dataset_size": len(self.dataset),
-            "dataset_sha256": dataset_fingerprint(examples), "spec": spec.to_json_dict()}
+            "resolution": spec.resolution, "dataset_size": len(self.dataset), **data_sha,
+            "spec": spec.to_json_dict()}
 
     # ------------------------------------------------------------------------------------------ helpers
     def autocast(self):
@@ -334,8 +365,12 @@ class Trainer:
         if spec.center_crop:
             keys = [(i, flip) for i in range(len(ds)) for flip in ((False, True) if spec.random_flip else (False,))]
             self.latent_cache = {}
-            for k in range(0, len(keys), 16):
-                chunk = keys[k:k + 16]
+            # Images per VAE call: at most 2^20 pixels (4 at 512 px, 1 at 1024 px, 16 at the most). The VAE
+            # encoder's full-resolution activations dominate a GPU's peak memory: 16 at 512 px took 11 GiB on
+            # SD-1.5 in fp16 (bench/RESULTS.md), more than the training step itself at batch 1.
+            per_call = max(1, min(16, 2**20 // spec.resolution**2))
+            for k in range(0, len(keys), per_call):
+                chunk = keys[k:k + per_call]
                 pixels = []
                 for i, flip in chunk:
                     aug = ds.augment(0, i)  # centre crop: the same window every epoch; flip set explicitly
@@ -344,6 +379,8 @@ class Trainer:
                 for j, key in enumerate(chunk):
                     self.latent_cache[key] = (mean[j], std[j])
             done.append(f"{len(keys)} image latents")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the encoder's activations are not needed again
         else:
             self.events.log("info", "random crop: VAE latents are computed every step (not cached)")
         if done:
@@ -435,7 +472,7 @@ class Trainer:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         folder.mkdir(parents=True, exist_ok=True)
-        meta = lora_files.provenance(steps=step, **self.provenance_base)
+        meta = lora_files.provenance(steps=step, **self.provenance_base, **self.fingerprints.result())
         parts = self._peft_parts()
         path = lora_files.save_diffusers(folder / ckpt.LORA_FILE,
                                          {k: lora_files.diffusers_keys(v, convert_state_dict_to_diffusers)

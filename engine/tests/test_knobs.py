@@ -329,3 +329,65 @@ def test_caches_follow_the_augmentation_and_match_the_uncached_path(tiny_model, 
         torch.testing.assert_close(x.hidden, y.hidden, atol=1e-5, rtol=1e-5)
     random_crop = make_trainer(tiny_model, dataset, tmp_path / "c", centerCrop=False)
     assert random_crop.latent_cache is None and random_crop.text_cache is not None
+
+
+def test_latent_cache_encodes_at_most_a_megapixel_per_vae_call(tiny_model, dataset, tmp_path, monkeypatch):
+    # A GPU's peak memory during caching is the VAE encoder's full-resolution activations times the images per
+    # call: 16 per call at 512 px took 11 GiB on SD-1.5 (bench/RESULTS.md). At 512 px: 4 per call.
+    from diffusers import AutoencoderKL
+
+    calls = []
+    encode = AutoencoderKL.encode
+
+    def counting_encode(self, x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    t = make_trainer(tiny_model, dataset, tmp_path / "a", resolution=512, randomFlip=True)
+    n = len(t.dataset)
+    assert len(t.latent_cache) == 2 * n
+    assert calls and all(shape[0] <= 4 and shape[2:] == (512, 512) for shape in calls), calls
+    assert sum(shape[0] for shape in calls) == 2 * n  # every image and orientation exactly once
+    before = len(calls)
+    make_trainer(tiny_model, dataset, tmp_path / "b", randomFlip=True)  # 64 px: up to 16 per call
+    sizes = [shape[0] for shape in calls[before:]]
+    assert max(sizes) == min(16, 2 * n) and sum(sizes) == 2 * n, sizes
+    # Chunked or not, a batch's latents are those of the uncached path.
+    uncached = make_trainer(tiny_model, dataset, tmp_path / "c", resolution=512, randomFlip=True, cacheLatents=False)
+    torch.testing.assert_close(t.micro_batch(0, 1, 5).latents, uncached.micro_batch(0, 1, 5).latents,
+                               atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+def test_provenance_hashes_run_beside_setup_and_reach_the_lora_file(tiny_model, dataset, tmp_path, monkeypatch):
+    # Hashing a real base model reads gigabytes; the Trainer must not wait for it before training starts.
+    import threading
+
+    from loraforge_engine import train
+    from loraforge_engine.data import dataset_fingerprint
+    from loraforge_engine.lora_files import read_metadata
+
+    release, seen = threading.Event(), []
+
+    def slow_fingerprint(path):
+        seen.append(threading.current_thread().name)
+        assert release.wait(60), "never released"
+        return "f" * 64
+
+    monkeypatch.setattr(train, "model_fingerprint", slow_fingerprint)
+    t = make_trainer(tiny_model, dataset, tmp_path / "a")  # returns although the hash is still running
+    assert seen == ["loraforge-background"] and not release.is_set()
+    release.set()
+    meta = read_metadata(t.save_lora(tmp_path / "lora", step=0))
+    assert meta["loraforge.base_model_sha256"] == "f" * 64
+    assert meta["loraforge.dataset_sha256"] == dataset_fingerprint(discover(dataset))
+
+    def unreadable(path):
+        raise PermissionError(f"{path}: permission denied")
+
+    monkeypatch.setattr(train, "model_fingerprint", unreadable)
+    t = make_trainer(tiny_model, dataset, tmp_path / "b")
+    with pytest.raises(PermissionError, match="permission denied"):  # surfaces where the hash is needed
+        t.save_lora(tmp_path / "lora-b", step=0)
