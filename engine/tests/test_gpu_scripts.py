@@ -45,3 +45,17 @@ def test_train_sd15_dry_run(tmp_path):
     assert row["reference"]["tflops"] / row["reference"]["images_per_s"] > \
         row["engine"]["tflops"] / row["engine"]["images_per_s"]
     assert row["ratio"] > 0
+
+
+def test_profile_step_dry_run(tmp_path):
+    out = run_script("profile_step.py", "--device", "cpu", "--tiny", "--precision", "no", "--steps", "1",
+                     "--profile-steps", "1", "--work", str(tmp_path))
+    assert (out["device"], out["resolution"], out["batch"], out["compile"]) == ("cpu (dry run)", 64, 1, False)
+    # Both layouts were timed, alternating, in the one Trainer.
+    assert set(out["median_step_s"]) == {"channels_last", "contiguous"}
+    assert all(t > 0 for t in out["median_step_s"].values())
+    assert out["profiled_wall_s"] > 0 and out["gpu_busy_s"] is None and out["launches"] is None
+    # The profiler saw the training step: the UNet's convolutions are among the host's costliest operators.
+    ops = [row["op"] for row in out["top_host_ops"]]
+    assert len(ops) == 10 and all(row["calls"] > 0 for row in out["top_host_ops"])
+    assert any("conv" in op for op in ops), ops

@@ -1,0 +1,145 @@
+"""Where a training step of the engine spends its time on a GPU: wall time per step against the GPU's busy time,
+the operators that cost the most host (CPU) time, and the memory peaks of setup and of the steps.
+
+    PYTHONPATH=engine python bench/gpu/profile_step.py [--precision bf16] [--batch 1] [--steps 8] [--work DIR]
+        [--device cuda|cpu] [--tiny] [--layouts channels_last,contiguous] [--compile]
+
+Model and data as bench/gpu/train_sd15.py makes them (SD-1.5 architecture, random weights, 512 px). In one
+process and one Trainer (the engine's defaults), it times optimizer steps with the UNet in channels_last (the
+engine's default) and in the plain (contiguous) layout, alternating the layout every step, then profiles a few
+steps with torch.profiler; the last line is a JSON summary (per-step figures). `--compile --layouts channels_last` does the same with the engine's torch_compile
+option (its first steps include the compilation). When the wall time of a step is much larger than the GPU's busy time, the step is
+bound by the host (kernel launches and Python), not by the GPU. Needs CUDA; `--device cpu --tiny` is a dry run
+of the script itself (CI runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "engine"))
+sys.path.insert(0, str(ROOT / "bench" / "train_throughput"))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--precision", default="bf16", choices=("fp16", "bf16", "no"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-gpu"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--tiny", action="store_true", help="the tiny test model at 64 px (dry runs)")
+    p.add_argument("--layouts", default="channels_last,contiguous",
+                   help="UNet memory layouts to time, alternating every step; the first one is profiled")
+    p.add_argument("--compile", action="store_true",
+                   help="the engine's torch_compile option (then give one layout: a layout change recompiles)")
+    a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/gpu/profile_step.py needs a CUDA device (--device cpu --tiny for a dry run)")
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import run as throughput  # bench/train_throughput/run.py
+    from torch.profiler import ProfilerActivity, profile
+    from train_sd15 import make_sd15
+
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
+
+    work = Path(a.work)
+    resolution = 64 if a.tiny else 512
+    if a.tiny:
+        model = work / "tiny-sd"
+        if not (model / "model_index.json").is_file():
+            make_tiny_model(model, seed=0)
+    else:
+        model = make_sd15(work / "sd15-random")
+    data = work / f"data-{resolution}"
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, count=32, size=resolution, seed=0)
+    cuda = a.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    total = a.steps * 2 + a.profile_steps + 4
+    trainer = throughput.engine_trainer(str(model), str(data), total, a.batch, resolution, work,
+                                        {"mixedPrecision": a.precision, "torchCompile": a.compile})
+    setup_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
+    print(f"{name}, torch {torch.__version__}; {'tiny model' if a.tiny else 'SD-1.5 architecture'}, {resolution} px, "
+          f"{a.precision}, batch {a.batch}{', torch_compile' if a.compile else ''}", flush=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    unet = trainer.c.unet
+    known = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    layouts = {k: known[k] for k in a.layouts.split(",")}
+    times: dict[str, list[float]] = {k: [] for k in layouts}
+    i = 0
+    for _ in range(2):  # warm-up (and compilation), each layout twice
+        for key, fmt in layouts.items():
+            unet.to(memory_format=fmt)
+            t = throughput.timed_engine_step(trainer, i)
+            if i < len(layouts):
+                print(f"{key:>13}: first step {t:.1f} s", flush=True)
+            i += 1
+    for _ in range(a.steps):
+        for key, fmt in layouts.items():
+            unet.to(memory_format=fmt)
+            throughput.sync(trainer.device)
+            times[key].append(throughput.timed_engine_step(trainer, i))
+            i += 1
+    step_peak = torch.cuda.max_memory_allocated() if cuda else 0
+    for key, ts in times.items():
+        med = float(np.median(ts))
+        print(f"{key:>13}: median step {med * 1e3:7.1f} ms  ({a.batch / med:6.2f} images/s), "
+              f"min {min(ts) * 1e3:7.1f} ms", flush=True)
+    if len(times) == 2:
+        (k1, t1), (k2, t2) = times.items()
+        print(f"{k1} / {k2} step time: {float(np.median(t1)) / float(np.median(t2)):.2f}", flush=True)
+    print(f"peak memory: setup (load + caches) {setup_peak / 2**30:.2f} GiB, steps {step_peak / 2**30:.2f} GiB",
+          flush=True)
+
+    unet.to(memory_format=next(iter(layouts.values())))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        walls = [throughput.timed_engine_step(trainer, i + k) for k in range(a.profile_steps)]
+    events = prof.key_averages()
+    wall = sum(walls)
+    print(f"profiled {a.profile_steps} steps ({next(iter(layouts))}; the profiler slows the host): wall "
+          f"{wall * 1e3 / a.profile_steps:.1f} ms per step", flush=True)
+    device_busy = launches = None
+    if cuda:
+        # Kernel rows only (operator rows repeat their kernels' time), as the table's own total counts them.
+        device_busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                          and not e.is_user_annotation) / 1e3  # µs -> ms
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                             "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+        print(f"GPU busy {device_busy / a.profile_steps:.1f} ms per step; kernel launches per step "
+              f"{launches / a.profile_steps:.0f}", flush=True)
+        print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    per_step = 1 / a.profile_steps
+    print(json.dumps({
+        "device": name, "torch": torch.__version__, "resolution": resolution, "precision": a.precision,
+        "batch": a.batch, "compile": a.compile, "median_step_s": {k: float(np.median(t)) for k, t in times.items()},
+        "setup_peak_bytes": setup_peak, "step_peak_bytes": step_peak, "profiled_wall_s": wall * per_step,
+        "gpu_busy_s": None if device_busy is None else device_busy / 1e3 * per_step,
+        "launches": None if launches is None else launches * per_step,
+        "top_host_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6 * per_step,
+                          "calls": e.count * per_step} for e in host]}))
+
+
+if __name__ == "__main__":
+    main()
