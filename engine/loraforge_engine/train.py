@@ -77,6 +77,15 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 
 @dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches
+    images: int
+    grad_norm: float  # before clipping
+    learning_rate: float  # the rate this step used
+    skipped: bool  # fp16: the gradient scaler found inf/NaN gradients and skipped the update
+
+
+@dataclass
 class MicroBatch:
     latents: torch.Tensor  # scaled VAE latents, fp32
     hidden: torch.Tensor  # text encoder hidden states
@@ -536,6 +545,44 @@ class Trainer:
                 m.train(was_training)
         del pipe
 
+    def optimizer_step(self, step: int) -> StepResult:
+        """Optimizer step number `step` (0-based): its micro-batches forward and backward, gradient clipping,
+        the update (through the gradient scaler under fp16), the LR schedule. Which batches, and all randomness,
+        follow from `step` alone; train() runs these in order, benchmarks call it directly."""
+        spec = self.spec
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        first = step_in_epoch * spec.gradient_accumulation_steps
+        batch_ids = range(first, min(first + spec.gradient_accumulation_steps, self.batches_per_epoch))
+        loss_sum, images = 0.0, 0
+        for b in batch_ids:
+            micro_index = epoch * self.batches_per_epoch + b  # global batch number: the key of its randomness
+            mb = self.micro_batch(epoch, b, micro_index)
+            loss = self.loss(mb, micro_index)
+            scaled = loss / len(batch_ids)  # mean over the accumulated batches
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.item()
+            images += len(mb.captions)
+
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, spec.max_grad_norm)
+        learning_rate = self.lr_scheduler.get_last_lr()[0]
+        skipped = False
+        if self.scaler:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
+            self.scaler.update()
+            # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            self.optimizer.step()
+        if skipped:
+            self.skipped_steps += 1  # as accelerate does, the LR schedule does not advance either
+        else:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_sum / len(batch_ids), images, float(grad_norm), learning_rate, skipped)
+
     # ------------------------------------------------------------------------------------------ train
     def train(self, stop: threading.Event) -> tuple[Path, int]:
         spec, events = self.spec, self.events
@@ -548,44 +595,14 @@ class Trainer:
             if stop.is_set():
                 break
             t0 = time.perf_counter()
-            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-            first = step_in_epoch * accum
-            batch_ids = range(first, min(first + accum, self.batches_per_epoch))
-            loss_sum, images = 0.0, 0
-            for b in batch_ids:
-                micro_index = epoch * self.batches_per_epoch + b  # global batch number: the key of its randomness
-                mb = self.micro_batch(epoch, b, micro_index)
-                loss = self.loss(mb, micro_index)
-                scaled = loss / len(batch_ids)  # mean over the accumulated batches
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                loss_sum += loss.item()
-                images += len(mb.captions)
-
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, spec.max_grad_norm)
-            learning_rate = self.lr_scheduler.get_last_lr()[0]
-            skipped = False
-            if self.scaler:
-                scale_before = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
-                self.scaler.update()
-                # The scaler lowers its scale exactly when it found inf/NaN gradients and skipped the step.
-                skipped = self.scaler.get_scale() < scale_before
-            else:
-                self.optimizer.step()
-            if skipped:
-                self.skipped_steps += 1  # as accelerate does, the LR schedule does not advance either
-            else:
-                self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            epoch = step // self.steps_per_epoch
+            r = self.optimizer_step(step)
             step += 1
-
-            recent.append((time.perf_counter() - t0, images))
+            recent.append((time.perf_counter() - t0, r.images))
             seconds = sum(s for s, _ in recent)
-            events.metrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=loss_sum / len(batch_ids),
-                           learning_rate=learning_rate, images_per_second=sum(i for _, i in recent) / seconds,
-                           eta_seconds=(self.total_steps - step) * seconds / len(recent), grad_norm=float(grad_norm),
+            events.metrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=r.loss,
+                           learning_rate=r.learning_rate, images_per_second=sum(i for _, i in recent) / seconds,
+                           eta_seconds=(self.total_steps - step) * seconds / len(recent), grad_norm=r.grad_norm,
                            peak_memory_bytes=(torch.cuda.max_memory_allocated(self.device)
                                               if self.device.type == "cuda" else 0),
                            skipped_steps=self.skipped_steps)

@@ -391,3 +391,25 @@ def test_provenance_hashes_run_beside_setup_and_reach_the_lora_file(tiny_model, 
     t = make_trainer(tiny_model, dataset, tmp_path / "b")
     with pytest.raises(PermissionError, match="permission denied"):  # surfaces where the hash is needed
         t.save_lora(tmp_path / "lora-b", step=0)
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_counted(tiny_model, dataset, tmp_path):
+    # The engine's fp16 scaler exists on CUDA only; torch's GradScaler for the CPU has the same contract (inf/NaN
+    # gradients: no update, the scale halves), so the engine's skip handling is exercised here with it.
+    t = make_trainer(tiny_model, dataset, tmp_path / "a", lrScheduler="linear", maxTrainSteps=4)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    first = t.optimizer_step(0)
+    assert not first.skipped and t.skipped_steps == 0 and t.scaler.get_scale() == 2.0**10
+    before = {n: p.detach().clone() for n, p in t.named_params.items()}
+    lr_before = t.lr_scheduler.get_last_lr()[0]
+    poisoned = next(iter(t.named_params.values()))
+    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("inf")))
+    second = t.optimizer_step(1)
+    handle.remove()
+    assert second.skipped and t.skipped_steps == 1 and t.scaler.get_scale() == 2.0**9
+    for n, p in t.named_params.items():
+        assert torch.equal(p.detach(), before[n]), n  # no parameter moved
+    assert t.lr_scheduler.get_last_lr()[0] == lr_before  # nor did the schedule
+    third = t.optimizer_step(2)
+    assert not third.skipped and t.skipped_steps == 1 and t.lr_scheduler.get_last_lr()[0] < lr_before
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in t.named_params.items())
