@@ -7,10 +7,10 @@
    UNet) through oneDNN (Conv2d's default on CPU) and through thnn_conv2d (im2col + GEMM), median of repeated
    calls, and their ratio. small_ops.SMALL_CONV_MACS should sit where the ratio crosses 1.
 2. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
-   every step through three settings so that all see the same machine load: both routings (the default), the
-   LoRA fold only (convolutions on oneDNN), none (every layer on its module's own forward; size limits set to
-   0). Median step time of each and the median of its ratios to the adjacent "none" step. The last line is
-   JSON.
+   every step through four settings so that all see the same machine load: all (the default: both routings and
+   direct_attention_calls' shortcut), both routings without the shortcut, the LoRA fold only (convolutions on
+   oneDNN), none (every layer on its module's own forward: size limits set to 0, shortcut off). Median step time
+   of each and the median of its ratios to the adjacent "none" step. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def engine_steps(work: Path, steps: int) -> dict:
     model, data = throughput.tiny_model_and_data(work)
     t = throughput.engine_trainer(str(model), str(data), 10_000, 4, 64, work, {})
     conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
-    settings = {"both": (conv, lora), "lora_fold_only": (0, lora), "none": (0, 0)}
+    settings = {"all": (conv, lora, True), "both": (conv, lora, False), "lora_fold_only": (0, lora, False),
+                "none": (0, 0, False)}
 
-    def step(i: int, limits: tuple[int, int]) -> float:
-        small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS = limits
+    def step(i: int, limits: tuple[int, int, bool]) -> float:
+        small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION = limits
         return throughput.timed_engine_step(t, i)
 
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -98,7 +99,7 @@ def engine_steps(work: Path, steps: int) -> dict:
             i += 1
             if rep >= 5:  # warm-up
                 times[name].append(dt)
-    small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS = conv, lora
+    small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION = conv, lora, True
     none = np.array(times["none"])
     r = {}
     for name, v in times.items():

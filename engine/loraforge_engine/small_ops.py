@@ -14,6 +14,11 @@ untouched) and each falling back to the module's own forward outside its size ra
 
 The engine uses both on CPU only, and the convolution routing not under torch.compile, which picks its own
 kernels.
+
+One more cut, on every device (not under torch.compile, which traces the Python away): diffusers' Attention.forward
+reads its processor's signature with inspect on every call, to filter extra keyword arguments; when there are
+none, direct_attention_calls calls the processor as that forward then does, without the inspection (3.5% of a
+tiny-model CPU step, bench/RESULTS.md). The processor, and so the arithmetic, is the same.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import torch.nn.functional as F
 SMALL_LORA_MACS = 1_000_000
 # Below this many multiply-adds per call thnn_conv2d was the faster kernel in the measurements above.
 SMALL_CONV_MACS = 5_000_000
+# direct_attention_calls' shortcut; bench/small_ops switches it off to measure it.
+DIRECT_ATTENTION = True
 
 
 def _small_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -82,5 +89,28 @@ def route_small_convs(model: torch.nn.Module) -> int:
                 and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1):
             m._torch_forward = m.forward
             m.forward = types.MethodType(_small_conv_forward, m)
+            n += 1
+    return n
+
+
+def _direct_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                              attention_mask: torch.Tensor | None = None, **cross_attention_kwargs) -> torch.Tensor:
+    """diffusers Attention.forward without its per-call signature inspection when there are no extra keyword
+    arguments (then it passes exactly these three to the processor); with any, the module's own forward."""
+    if cross_attention_kwargs or not DIRECT_ATTENTION:
+        return self._diffusers_forward(hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask)
+
+
+def direct_attention_calls(model: torch.nn.Module) -> int:
+    """Route every diffusers Attention module of `model` through _direct_attention_forward; returns how many."""
+    from diffusers.models.attention_processor import Attention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention) and not hasattr(m, "_diffusers_forward"):
+            m._diffusers_forward = m.forward
+            m.forward = types.MethodType(_direct_attention_forward, m)
             n += 1
     return n

@@ -43,7 +43,7 @@ from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .data import CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset, select_samples
 from .events import EventWriter
 from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
-from .small_ops import fold_small_lora_layers, route_small_convs
+from .small_ops import direct_attention_calls, fold_small_lora_layers, route_small_convs
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -287,6 +287,8 @@ class Trainer:
             if not spec.torch_compile:
                 route_small_convs(c.unet)
                 route_small_convs(c.vae)
+        if not spec.torch_compile:
+            direct_attention_calls(c.unet)  # every device: the host's time per step matters on GPUs too
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()

@@ -33,7 +33,7 @@ def test_train_throughput_runs_both_paths(tmp_path):
 def test_small_ops_bench_runs_every_setting(tmp_path):
     out = run_script("small_ops/run.py", "--steps", "2", "--max-calls", "2", "--work", str(tmp_path))
     assert len(out["convolutions"]) >= 5 and all(r["onednn_us"] > 0 and r["thnn_us"] > 0 for r in out["convolutions"])
-    assert set(out["engine_step"]) == {"both", "lora_fold_only", "none"}
+    assert set(out["engine_step"]) == {"all", "both", "lora_fold_only", "none"}
     assert out["engine_step"]["none"]["paired_ratio_to_none"] == 1.0
 
 

@@ -106,3 +106,53 @@ def test_folded_lora_gives_peft_outputs_and_gradients():
     out = folded[0](wide)
     assert type(out.grad_fn).__name__ == "AddBackward0"
     torch.testing.assert_close(out, plain[0](wide), rtol=1e-5, atol=1e-5)
+
+
+def test_direct_attention_calls_skip_the_signature_inspection_and_change_nothing(monkeypatch):
+    from diffusers.models import attention_processor
+    from diffusers.models.attention_processor import Attention
+
+    inspected = []
+    real_signature = attention_processor.inspect.signature
+    monkeypatch.setattr(attention_processor.inspect, "signature",
+                        lambda f: inspected.append(f) or real_signature(f))
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 32)
+    for cross_dim, enc in ((None, None), (16, torch.randn(2, 7, 16))):  # self- and cross-attention
+        plain = Attention(query_dim=32, cross_attention_dim=cross_dim, heads=4, dim_head=8)
+        routed = copy.deepcopy(plain)
+        assert small_ops.direct_attention_calls(routed) == 1
+        assert small_ops.direct_attention_calls(routed) == 0  # once per module
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya = plain(xa, encoder_hidden_states=enc)
+        n = len(inspected)
+        yb = routed(xb, encoder_hidden_states=enc)
+        assert len(inspected) == n  # the routed call did not inspect
+        assert torch.equal(ya, yb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(xa.grad, xb.grad)
+    # Extra keyword arguments take diffusers' own forward, which inspects and filters them.
+    n = len(inspected)
+    assert torch.equal(routed(x, enc, temb=None), plain(x, enc, temb=None)) and len(inspected) == n + 2
+
+
+def test_the_trainer_routes_every_unet_attention_unless_compiled(tiny_model, dataset, tmp_path):
+    import io
+
+    from diffusers.models.attention_processor import Attention
+
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.train import Trainer
+
+    def attentions(compile_: bool):
+        spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64,
+                           "maxTrainSteps": 1, "torchCompile": compile_})
+        t = Trainer(spec, str(tmp_path / f"o{compile_}"), EventWriter(io.StringIO()))
+        return [m for m in t.c.unet.modules() if isinstance(m, Attention)]
+
+    eager = attentions(False)
+    assert eager and all(hasattr(m, "_diffusers_forward") for m in eager)
+    assert not any(hasattr(m, "_diffusers_forward") for m in attentions(True))
