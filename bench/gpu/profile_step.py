@@ -22,13 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "engine"))
-sys.path.insert(0, str(ROOT / "bench" / "train_throughput"))
-sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Importing it sets what this script needs too: offline hub, quiet libraries, the engine and
+# bench/train_throughput on the import path.
+import train_sd15  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,21 +51,8 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import run as throughput  # bench/train_throughput/run.py
     from torch.profiler import ProfilerActivity, profile
-    from train_sd15 import make_sd15
-
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
-
     work = Path(a.work)
-    resolution = 64 if a.tiny else 512
-    if a.tiny:
-        model = work / "tiny-sd"
-        if not (model / "model_index.json").is_file():
-            make_tiny_model(model, seed=0)
-    else:
-        model = make_sd15(work / "sd15-random")
-    data = work / f"data-{resolution}"
-    if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=32, size=resolution, seed=0)
+    model, data, resolution = train_sd15.model_and_data(work, a.tiny)
     cuda = a.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -78,6 +78,24 @@ def make_sd15(folder: Path) -> Path:
     return folder
 
 
+def model_and_data(work: Path, tiny: bool) -> tuple[Path, Path, int]:
+    """The benchmark's model folder, its 32-image data set and their resolution, made under `work` on first use:
+    the SD-1.5 architecture at 512 px, or with `tiny` the tiny test model at 64 px (dry runs)."""
+    from loraforge_engine.tiny import make_dataset, make_tiny_model
+
+    resolution = 64 if tiny else 512
+    if tiny:
+        model = work / "tiny-sd"
+        if not (model / "model_index.json").is_file():
+            make_tiny_model(model, seed=0)
+    else:
+        model = make_sd15(work / "sd15-random")
+    data = work / f"data-{resolution}"
+    if not (data / "metadata.jsonl").is_file():
+        make_dataset(data, count=32, size=resolution, seed=0)
+    return model, data, resolution
+
+
 def step_flops(model: Path, path: str, precision: str, device: str = "cuda", resolution: int = 512) -> float:
     """FLOPs of one batch-1 training step of `path` at `resolution` (forward + backward; the VAE and text
     encoder forward only for the reference path), counted by torch's FlopCounterMode."""
@@ -131,19 +149,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     import run as throughput  # bench/train_throughput/run.py
 
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
-
     work = Path(a.work)
-    resolution = 64 if a.tiny else 512
-    if a.tiny:
-        model = work / "tiny-sd"
-        if not (model / "model_index.json").is_file():
-            make_tiny_model(model, seed=0)
-    else:
-        model = make_sd15(work / "sd15-random")
-    data = work / f"data-{resolution}"
-    if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=32, size=resolution, seed=0)
+    model, data, resolution = model_and_data(work, a.tiny)
     device = torch.device(a.device)
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run)"
     print(f"{name}, torch {torch.__version__}; {'tiny model' if a.tiny else 'SD-1.5 architecture'}, random "

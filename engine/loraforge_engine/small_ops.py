@@ -49,17 +49,23 @@ def _small_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return F.linear(x, weight, base.bias)
 
 
+def _reroute(model: torch.nn.Module, wanted, saved_as: str, forward) -> int:
+    """Give each module of `model` for which wanted(module) holds `forward` as its forward, keeping its own as
+    attribute `saved_as` (which also marks it done: a second call skips it); returns how many it rerouted."""
+    n = 0
+    for m in model.modules():
+        if wanted(m) and not hasattr(m, saved_as):
+            setattr(m, saved_as, m.forward)
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    return n
+
+
 def fold_small_lora_layers(model: torch.nn.Module) -> int:
     """Route every peft LoRA Linear of `model` through _small_lora_forward; returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    n = 0
-    for m in model.modules():
-        if isinstance(m, LoraLinear) and not hasattr(m, "_peft_forward"):
-            m._peft_forward = m.forward
-            m.forward = types.MethodType(_small_lora_forward, m)
-            n += 1
-    return n
+    return _reroute(model, lambda m: isinstance(m, LoraLinear), "_peft_forward", _small_lora_forward)
 
 
 def conv_macs(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:
@@ -83,14 +89,9 @@ def _small_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
 def route_small_convs(model: torch.nn.Module) -> int:
     """Route every Conv2d of `model` that thnn_conv2d computes exactly as Conv2d does (zero padding given as
     numbers, no dilation, one group) through _small_conv_forward; returns how many."""
-    n = 0
-    for m in model.modules():
-        if (type(m) is torch.nn.Conv2d and not hasattr(m, "_torch_forward") and m.padding_mode == "zeros"
-                and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1):
-            m._torch_forward = m.forward
-            m.forward = types.MethodType(_small_conv_forward, m)
-            n += 1
-    return n
+    return _reroute(model, lambda m: (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
+                                      and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1),
+                    "_torch_forward", _small_conv_forward)
 
 
 def _direct_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -107,10 +108,4 @@ def direct_attention_calls(model: torch.nn.Module) -> int:
     """Route every diffusers Attention module of `model` through _direct_attention_forward; returns how many."""
     from diffusers.models.attention_processor import Attention
 
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Attention) and not hasattr(m, "_diffusers_forward"):
-            m._diffusers_forward = m.forward
-            m.forward = types.MethodType(_direct_attention_forward, m)
-            n += 1
-    return n
+    return _reroute(model, lambda m: isinstance(m, Attention), "_diffusers_forward", _direct_attention_forward)
