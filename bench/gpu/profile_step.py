@@ -7,10 +7,11 @@ the operators that cost the most host (CPU) time, and the memory peaks of setup 
 Model and data as bench/gpu/train_sd15.py makes them (SD-1.5 architecture, random weights, 512 px). In one
 process and one Trainer (the engine's defaults), it times optimizer steps with the UNet in channels_last (the
 engine's default) and in the plain (contiguous) layout, alternating the layout every step, then profiles a few
-steps with torch.profiler; the last line is a JSON summary (per-step figures). `--compile --layouts channels_last` does the same with the engine's torch_compile
-option (its first steps include the compilation). When the wall time of a step is much larger than the GPU's busy time, the step is
-bound by the host (kernel launches and Python), not by the GPU. Needs CUDA; `--device cpu --tiny` is a dry run
-of the script itself (CI runs it).
+steps with torch.profiler; the last line is a JSON summary (per-step figures). `--compile --layouts
+channels_last` does the same with the engine's torch_compile option (its first steps include the compilation).
+When the wall time of a step is much larger than the GPU's busy time, the step is bound by the host (kernel
+launches and Python), not by the GPU. Needs CUDA; `--device cpu --tiny` is a dry run of the script itself (CI
+runs it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import run as throughput  # bench/train_throughput/run.py
     from torch.profiler import ProfilerActivity, profile
+
     work = Path(a.work)
     model, data, resolution = train_sd15.model_and_data(work, a.tiny)
     cuda = a.device == "cuda"

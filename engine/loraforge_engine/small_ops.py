@@ -15,10 +15,11 @@ untouched) and each falling back to the module's own forward outside its size ra
 The engine uses both on CPU only, and the convolution routing not under torch.compile, which picks its own
 kernels.
 
-One more cut, on every device (not under torch.compile, which traces the Python away): diffusers' Attention.forward
-reads its processor's signature with inspect on every call, to filter extra keyword arguments; when there are
-none, direct_attention_calls calls the processor as that forward then does, without the inspection (3.5% of a
-tiny-model CPU step, bench/RESULTS.md). The processor, and so the arithmetic, is the same.
+One more cut, on every device (not under torch.compile, which traces the Python away): diffusers'
+Attention.forward reads its processor's signature with inspect on every call, to filter extra keyword arguments;
+when there are none, direct_attention_calls calls the processor as that forward then does, without the
+inspection (3.5-4.7% of a tiny-model CPU step, bench/RESULTS.md). The processor, and so the arithmetic, is the
+same.
 """
 
 from __future__ import annotations

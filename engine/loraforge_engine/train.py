@@ -347,7 +347,8 @@ class Trainer:
         self.adapter_configs = {"unet": config_dict(c.unet),
                                 **{name: config_dict(te) for name, te in self.trained_text_encoders}}
         self.provenance_base = {
-            "base_model": spec.base_model, "arch": c.arch, "rank": spec.rank, "alpha": alpha, "unet_targets": spec.unet_targets,
+            "base_model": spec.base_model, "arch": c.arch, "rank": spec.rank, "alpha": alpha,
+            "unet_targets": spec.unet_targets,
             "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if spec.train_text_encoder else [],
             "resolution": spec.resolution, "dataset_size": len(self.dataset), **data_sha,
             "spec": spec.to_json_dict()}
