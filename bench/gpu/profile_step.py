@@ -58,7 +58,11 @@ def main() -> None:
     cuda = a.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    total = a.steps * 2 + a.profile_steps + 4
+    known = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    layouts = {k: known[k] for k in a.layouts.split(",")}
+    warmup_rounds = 2  # the first steps of each layout (and under --compile, its compilation)
+    # The LR schedule's length: warm-up, timed and profiled steps.
+    total = (warmup_rounds + a.steps) * len(layouts) + a.profile_steps
     trainer = throughput.engine_trainer(str(model), str(data), total, a.batch, resolution, work,
                                         {"mixedPrecision": a.precision, "torchCompile": a.compile})
     setup_peak = torch.cuda.max_memory_allocated() if cuda else 0
@@ -68,11 +72,9 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     unet = trainer.c.unet
-    known = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    layouts = {k: known[k] for k in a.layouts.split(",")}
     times: dict[str, list[float]] = {k: [] for k in layouts}
     i = 0
-    for _ in range(2):  # warm-up (and compilation), each layout twice
+    for _ in range(warmup_rounds):
         for key, fmt in layouts.items():
             unet.to(memory_format=fmt)
             t = throughput.timed_engine_step(trainer, i)

@@ -81,15 +81,12 @@ def make_sd15(folder: Path) -> Path:
 def model_and_data(work: Path, tiny: bool) -> tuple[Path, Path, int]:
     """The benchmark's model folder, its 32-image data set and their resolution, made under `work` on first use:
     the SD-1.5 architecture at 512 px, or with `tiny` the tiny test model at 64 px (dry runs)."""
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
+    import run as throughput  # bench/train_throughput/run.py
+
+    from loraforge_engine.tiny import make_dataset
 
     resolution = 64 if tiny else 512
-    if tiny:
-        model = work / "tiny-sd"
-        if not (model / "model_index.json").is_file():
-            make_tiny_model(model, seed=0)
-    else:
-        model = make_sd15(work / "sd15-random")
+    model = throughput.tiny_model(work) if tiny else make_sd15(work / "sd15-random")
     data = work / f"data-{resolution}"
     if not (data / "metadata.jsonl").is_file():
         make_dataset(data, count=32, size=resolution, seed=0)

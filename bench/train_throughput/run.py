@@ -227,16 +227,24 @@ def timed_engine_step(trainer, i: int) -> float:
     return time.perf_counter() - t0
 
 
-def tiny_model_and_data(work: Path, resolution: int = 64) -> tuple[Path, Path]:
-    """The tiny SD-1.x model and the 16-image synthetic set under `work`, made on first use."""
-    from loraforge_engine.tiny import make_dataset, make_tiny_model
+def tiny_model(work: Path) -> Path:
+    """The tiny SD-1.x model under `work`, made on first use."""
+    from loraforge_engine.tiny import make_tiny_model
 
-    model, data = work / "tiny-sd", work / "data"
+    model = work / "tiny-sd"
     if not (model / "model_index.json").is_file():
         make_tiny_model(model, seed=0)
+    return model
+
+
+def tiny_model_and_data(work: Path, resolution: int = 64) -> tuple[Path, Path]:
+    """The tiny SD-1.x model and the 16-image synthetic set under `work`, made on first use."""
+    from loraforge_engine.tiny import make_dataset
+
+    data = work / "data"
     if not (data / "metadata.jsonl").is_file():
         make_dataset(data, count=16, size=resolution, seed=0)
-    return model, data
+    return tiny_model(work), data
 
 
 def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,

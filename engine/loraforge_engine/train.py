@@ -16,7 +16,8 @@ differences:
     the augmentation allows it (centre crop; both orientations under random flip; the empty caption under
     caption dropout; text embeddings only while the text encoder is frozen);
   * fused AdamW where the device has it, channels_last UNet, optional torch.compile; on a CPU, small LoRA
-    layers fold the adapter into the weight and small convolutions skip oneDNN (small_ops);
+    layers fold the adapter into the weight and small convolutions skip oneDNN; attention modules call their
+    processor without diffusers' per-call signature inspection (all in small_ops);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
