@@ -6,11 +6,16 @@
 1. Convolution kernels: for a range of sizes, forward + input gradient (channels_last, frozen weights, as in the
    UNet) through oneDNN (Conv2d's default on CPU) and through thnn_conv2d (im2col + GEMM), median of repeated
    calls, and their ratio. small_ops.SMALL_CONV_MACS should sit where the ratio crosses 1.
-2. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
-   every step through four settings so that all see the same machine load: all (the default: both routings and
-   direct_attention_calls' shortcut), both routings without the shortcut, the LoRA fold only (convolutions on
-   oneDNN), none (every layer on its module's own forward: size limits set to 0, shortcut off). Median step time
-   of each and the median of its ratios to the adjacent "none" step. The last line is JSON.
+2. Cross-attention over 77 text tokens: forward + gradients of q, k and v through torch's SDPA (flash kernel on
+   CPU) for a range of query counts and head sizes, with the 77 keys as they come and padded to 80 under a
+   -10000 bias mask (small_ops.pad_text_tokens), and their ratio. small_ops.SMALL_HEAD_DIM should sit where the
+   ratio crosses 1.
+3. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
+   every step through five settings so that all see the same machine load: all (the default: both routings,
+   direct_attention_calls' shortcut and the text-token padding), all but the padding, both routings (no
+   shortcut, no padding), the LoRA fold only (convolutions on oneDNN), none (every layer on its module's own
+   forward: size limits set to 0, shortcut and padding off). Median step time of each and the median of its
+   ratios to the adjacent "none" step. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ set_wait_policy()  # as the engine runs, before torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # (batch, channels, height = width, kernel): the tiny UNet's sizes at 64 px first, then larger ones.
 CONV_SIZES = [(4, 32, 8, 3), (4, 64, 4, 3), (4, 32, 8, 1), (8, 32, 8, 3), (4, 64, 8, 3), (4, 32, 16, 3),
@@ -76,6 +82,37 @@ def conv_kernels(max_calls: int) -> list[dict]:
     return rows
 
 
+# (queries, head size) with 8 heads and batch 4: the tiny UNet's (64 px: 64 and 16 queries), then larger ones up
+# to SD-1.5's head sizes.
+ATTENTION_SIZES = [(64, 4), (16, 8), (64, 8), (64, 16), (256, 16), (64, 32), (256, 40), (256, 80)]
+
+
+def attention_kernels(max_calls: int) -> list[dict]:
+    from loraforge_engine.small_ops import pad_text_tokens
+
+    rows = []
+    batch, heads, tokens = 4, 8, 77
+    for queries, dim in ATTENTION_SIZES:
+        q = torch.randn(batch, queries, heads, dim).transpose(1, 2).requires_grad_(True)  # as diffusers lays it out
+        text = torch.randn(batch, tokens, heads * dim)
+        padded, mask = pad_text_tokens(text)
+        bias = ((1 - mask) * -10000.0)[:, None, None, :]  # what diffusers' UNet makes of the mask
+        grad = torch.randn(batch, heads, queries, dim)
+        calls = max(min(10, max_calls), min(max_calls, int(2e8 / (batch * heads * queries * 80 * dim))))
+
+        def attend(t: torch.Tensor, attn_mask=None):
+            kv = t.view(batch, -1, heads, dim).transpose(1, 2).detach().requires_grad_(True)
+            k, v = kv, kv.clone().detach().requires_grad_(True)
+            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).backward(grad)
+
+        plain, masked = median_us(attend(text), calls), median_us(attend(padded, bias), calls)
+        rows.append({"queries": queries, "head_dim": dim, "plain_us": plain, "padded_us": masked,
+                     "ratio": masked / plain})
+        print(f"cross-attention {batch}x{heads} heads, {queries:4d} queries, head size {dim:3d}: 77 keys "
+              f"{plain:7.0f} us   80 keys + mask {masked:7.0f} us   padded/plain {masked / plain:.2f}", flush=True)
+    return rows
+
+
 def engine_steps(work: Path, steps: int) -> dict:
     import run as throughput  # bench/train_throughput/run.py: the same spec and step
 
@@ -84,11 +121,16 @@ def engine_steps(work: Path, steps: int) -> dict:
     model, data = throughput.tiny_model_and_data(work)
     t = throughput.engine_trainer(str(model), str(data), 10_000, 4, 64, work, {})
     conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
-    settings = {"all": (conv, lora, True), "both": (conv, lora, False), "lora_fold_only": (0, lora, False),
-                "none": (0, 0, False)}
+    settings = {"all": (conv, lora, True, True), "no_key_padding": (conv, lora, True, False),
+                "both": (conv, lora, False, False), "lora_fold_only": (0, lora, False, False),
+                "none": (0, 0, False, False)}
 
-    def step(i: int, limits: tuple[int, int, bool]) -> float:
-        small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION = limits
+    def apply(limits: tuple[int, int, bool, bool]) -> None:
+        (small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION,
+         small_ops.PAD_TEXT_KEYS) = limits
+
+    def step(i: int, limits: tuple[int, int, bool, bool]) -> float:
+        apply(limits)
         return throughput.timed_engine_step(t, i)
 
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -99,7 +141,7 @@ def engine_steps(work: Path, steps: int) -> dict:
             i += 1
             if rep >= 5:  # warm-up
                 times[name].append(dt)
-    small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION = conv, lora, True
+    apply(settings["all"])
     none = np.array(times["none"])
     r = {}
     for name, v in times.items():
@@ -121,8 +163,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}", flush=True)
     convs = conv_kernels(a.max_calls)
+    attention = attention_kernels(a.max_calls)
     steps = engine_steps(Path(a.work), a.steps)
-    print(json.dumps({"threads": torch.get_num_threads(), "convolutions": convs, "engine_step": steps}))
+    print(json.dumps({"threads": torch.get_num_threads(), "convolutions": convs, "cross_attention": attention,
+                      "engine_step": steps}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 run, on the same tiny model, data and batch.
 
     PYTHONPATH=engine engine/.venv/bin/python bench/train_throughput/run.py [--steps 40] [--batch 4]
-        [--resolution 64] [--threads 0] [--work DIR]
+        [--resolution 64] [--threads 0] [--rounds 3] [--compile] [--phases] [--work DIR]
 
 reference: what diffusers' train_text_to_image_lora.py does per step — load and transform the batch's images
   (resize, centre crop, random flip, normalise) and tokenize its captions, encode the images with the VAE and
@@ -17,13 +17,15 @@ images/s over the steps after the first `--warmup`, time to first step (from the
 end of the first optimizer step, caches included), peak memory (CUDA: peak allocated, during the timed rounds;
 CPU: heap bytes in use (glibc mallinfo2) above the level before the path started, sampled every 2 ms in one
 extra untimed run of each path, since the sampling thread would slow the timed steps), and the ratio of the
-best rounds and of the median rounds. The last line is JSON.
+best rounds and of the median rounds. `--phases` also prints where each path's step goes: the reference's
+REFERENCE_PHASES, the engine's ENGINE_PHASES (median milliseconds per step). The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -112,10 +114,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# Where each path's step goes, printed with --phases. The reference's phases end at perf_counter marks in its
+# loop (CUDA: after a synchronize, so they add a few syncs per step there); the engine's are timed around the
+# Trainer's own calls, its backward being what the rest leaves.
+REFERENCE_PHASES = ("load + transform images, tokenize", "VAE encode", "noise + text encode",
+                    "UNet forward + loss", "backward", "clip + AdamW + schedule")
+ENGINE_PHASES = ("batch from the caches", "UNet forward + loss", "backward (and the rest)", "clip", "AdamW")
+
+
+def end_of_phase(device: torch.device) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def phase_medians(names: tuple[str, ...], marks: list[list[float]]) -> dict[str, float]:
+    """Median milliseconds of each phase, from per-step time marks (the step's start, then each phase's end)."""
+    spans = np.diff(np.array(marks), axis=1) * 1e3
+    return {name: float(np.median(spans[:, i])) for i, name in enumerate(names)}
+
+
 def reference_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int,
-                   device: torch.device, precision: str = "no") -> dict:
+                   device: torch.device, precision: str = "no", phases: bool = False) -> dict:
     """The reference script's per-step work, written out (no caching, default AdamW). `precision` fp16/bf16
-    (CUDA): frozen weights in that dtype, LoRA fp32, autocast, and a GradScaler for fp16, as accelerate does."""
+    (CUDA): frozen weights in that dtype, LoRA fp32, autocast, and a GradScaler for fp16, as accelerate does.
+    `phases`: also time REFERENCE_PHASES (on CUDA that adds synchronizations)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from PIL import Image
@@ -162,6 +184,8 @@ def reference_path(model: str, data: str, steps: int, batch: int, resolution: in
 
     unet.train()
     times, first = [], None
+    marks: list[list[float]] = []  # per step: the end of each of REFERENCE_PHASES
+    phase_end = (lambda: end_of_phase(device)) if phases else time.perf_counter
     order: list[int] = []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -171,25 +195,31 @@ def reference_path(model: str, data: str, steps: int, batch: int, resolution: in
         items = [preprocess(rows[i]) for i in picked]
         pixel_values = torch.stack([x for x, _ in items]).to(device, dt)
         input_ids = torch.stack([y for _, y in items]).to(device)
+        mark = [phase_end()]
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        mark.append(phase_end())
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+        mark.append(phase_end())
         with autocast():
             pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
+        mark.append(phase_end())
         # The recipe's max_grad_norm 1, clipped for real as the engine does. (The reference script calls
         # accelerator.clip_grad_norm_ on an iterator its optimizer already consumed, so there it clips nothing;
         # this path does the work it intends, so that both paths train alike.)
         if scaler:
             scaler.scale(loss).backward()
+            mark.append(phase_end())
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            mark.append(phase_end())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
         lr_scheduler.step()
@@ -200,8 +230,12 @@ def reference_path(model: str, data: str, steps: int, batch: int, resolution: in
         if first is None:
             first = now - t_start
         times.append(now - t0)
+        marks.append([t0, *mark, now])
     measured = times[warmup:]
-    return {"images_per_s": batch * len(measured) / sum(measured), "first_step_s": first}
+    result = {"images_per_s": batch * len(measured) / sum(measured), "first_step_s": first}
+    if phases:
+        result["phases_ms"] = phase_medians(REFERENCE_PHASES, marks[warmup:])
+    return result
 
 
 def engine_trainer(model: str, data: str, steps: int, batch: int, resolution: int, work: Path, extra: dict):
@@ -248,26 +282,58 @@ def tiny_model_and_data(work: Path, resolution: int = 64) -> tuple[Path, Path]:
 
 
 def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,
-                extra: dict) -> dict:
+                extra: dict, phases: bool = False) -> dict:
+    """The engine's own training loop, timed at its step ends. `phases`: also time ENGINE_PHASES."""
     t_start = time.perf_counter()
     trainer = engine_trainer(model, data, steps, batch, resolution, work, extra)
     times: list[float] = []
     first = [None]
     orig_metrics = trainer.events.metrics
+    batch_, forward, backward, clip, adamw = ENGINE_PHASES
+    spent = {batch_: 0.0, forward: 0.0, clip: 0.0, adamw: 0.0}  # the current step's timed phases
+    marks: list[list[float]] = []  # per step: its start, then the end of each of ENGINE_PHASES
 
     def on_metrics(**m):  # one call per finished optimizer step
         sync(trainer.device)
         now = time.perf_counter()
         if first[0] is None:
             first[0] = now - t_start
+        elif phases:  # as phase ends, in ENGINE_PHASES order, with the backward taking what the rest leaves
+            start, rest = times[-1], now - times[-1] - sum(spent.values())
+            ends = np.cumsum([spent[batch_], spent[forward], rest, spent[clip], spent[adamw]]) + start
+            marks.append([start, *ends])
         times.append(now)
+        spent.update(dict.fromkeys(spent, 0.0))
         orig_metrics(**m)
 
+    def timed(name: str, fn):
+        @functools.wraps(fn)  # keeps the marks torch's LR scheduler leaves on optimizer.step
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(trainer.device)
+                spent[name] += time.perf_counter() - t0
+        return call
+
     trainer.events.metrics = on_metrics
-    trainer.train(threading.Event())
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+    if phases:
+        trainer.micro_batch = timed(batch_, trainer.micro_batch)
+        trainer.loss = timed(forward, trainer.loss)
+        trainer.optimizer.step = timed(adamw, trainer.optimizer.step)
+        torch.nn.utils.clip_grad_norm_ = timed(clip, clip_grad_norm)  # train.py looks it up at every step
+    try:
+        trainer.train(threading.Event())
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip_grad_norm
     # Step durations from consecutive step ends (the first step's start is unknown here: drop it).
     durations = np.diff(times)[max(0, warmup - 1):]
-    return {"images_per_s": batch * len(durations) / float(np.sum(durations)), "first_step_s": first[0]}
+    result = {"images_per_s": batch * len(durations) / float(np.sum(durations)), "first_step_s": first[0]}
+    if phases:
+        result["phases_ms"] = phase_medians(ENGINE_PHASES, marks[max(0, warmup - 1):])
+    return result
 
 
 def main() -> None:
@@ -280,6 +346,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="alternate the paths this many times; each path's best round is reported")
     p.add_argument("--compile", action="store_true", help="also run the engine with torch_compile")
+    p.add_argument("--phases", action="store_true",
+                   help="also print where each path's step goes (median ms per phase)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-train"))
     a = p.parse_args()
     if a.threads:
@@ -300,12 +368,13 @@ def main() -> None:
 
     results = {}
     runs = [("reference", lambda: reference_path(str(model), str(data), a.steps, a.batch, a.resolution,
-                                                  a.warmup, device)),
+                                                  a.warmup, device, phases=a.phases)),
             ("engine", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution, a.warmup,
-                                           work, {}))]
+                                           work, {}, phases=a.phases))]
     if a.compile:
         runs.append(("engine+compile", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution,
-                                                            a.warmup, work, {"torchCompile": True})))
+                                                            a.warmup, work, {"torchCompile": True},
+                                                            phases=a.phases)))
     # On a CPU the memory sampler (a Python thread waking every 2 ms) would slow the timed steps it watches,
     # so timed rounds run without it and each path runs once more, untimed, for its peak memory.
     separate_memory_pass = device.type != "cuda"
@@ -329,6 +398,8 @@ def main() -> None:
                                                                        best["peak_memory_mb"] if best else 0.0),
                 "rounds_images_per_s": (best["rounds_images_per_s"] if best else []) + [r["images_per_s"]],
             }
+            if a.phases:
+                results[name]["rounds_phases_ms"] = (best["rounds_phases_ms"] if best else []) + [r["phases_ms"]]
     print("best of rounds (images/s: highest; first step: lowest; peak memory: "
           + ("the memory pass):" if separate_memory_pass else "highest):"))
     for name, r in results.items():
@@ -343,6 +414,13 @@ def main() -> None:
                                              / float(np.median(results["reference"]["rounds_images_per_s"])))
             print(f"{name} / reference: {results[name]['ratio']:.2f}x images/s (best rounds), "
                   f"{results[name]['median_ratio']:.2f}x (median rounds)")
+    if a.phases:
+        print("where a step goes (ms; per phase, the median over rounds of its median step):")
+        for name, r in results.items():
+            rounds = r.pop("rounds_phases_ms")
+            r["phases_ms"] = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
+            print(f"{name:>15}: " + " | ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
+                  + f" | sum {sum(r['phases_ms'].values()):.2f}")
     print(json.dumps({"device": str(device), "batch": a.batch, "resolution": a.resolution, "steps": a.steps,
                       "threads": torch.get_num_threads(), **results}))
 

@@ -289,6 +289,7 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
     convs = [m for m in t.c.unet.modules() if type(m) is torch.nn.Conv2d]
     assert convs and all(hasattr(m, "_torch_forward") for m in convs)
     assert any(hasattr(m, "_peft_forward") for m in t.c.unet.modules())
+    assert t.pad_text
 
     def loss_and_grads():
         t.optimizer.zero_grad(set_to_none=True)
@@ -302,6 +303,7 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
     assert all(g.abs().max() > 0 for g in routed[1].values())
     monkeypatch.setattr(small_ops, "SMALL_CONV_MACS", 0)  # every layer takes its own forward
     monkeypatch.setattr(small_ops, "SMALL_LORA_MACS", 0)
+    monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)  # the 77 text tokens as they come
     own = loss_and_grads()
     torch.testing.assert_close(routed[0], own[0], rtol=1e-5, atol=1e-6)
     assert routed[1].keys() == own[1].keys()

@@ -156,3 +156,88 @@ def test_the_trainer_routes_every_unet_attention_unless_compiled(tiny_model, dat
     eager = attentions(False)
     assert eager and all(hasattr(m, "_diffusers_forward") for m in eager)
     assert not any(hasattr(m, "_diffusers_forward") for m in attentions(True))
+
+
+def test_pad_text_tokens_appends_masked_zero_tokens_up_to_a_multiple_of_16(monkeypatch):
+    hidden = torch.randn(3, 77, 8)
+    padded, mask = small_ops.pad_text_tokens(hidden)
+    assert padded.shape == (3, 80, 8) and mask.shape == (3, 80)
+    assert torch.equal(padded[:, :77], hidden) and not padded[:, 77:].any()
+    assert mask[:, :77].eq(1).all() and mask[:, 77:].eq(0).all()
+    even = torch.randn(2, 64, 8)
+    same, none = small_ops.pad_text_tokens(even)
+    assert same is even and none is None  # already a multiple: nothing to pad
+    monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)
+    assert small_ops.pad_text_tokens(hidden) == (hidden, None)
+
+
+def _padded_and_plain_unet_runs(unet, hidden, extra):
+    """Output and LoRA gradients of `unet` on 77 text tokens, plain and padded under pad_text_tokens' mask."""
+    torch.manual_seed(1)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8)
+    t = torch.tensor([10, 600])
+    runs = []
+    for pad in (False, True):
+        unet.zero_grad(set_to_none=True)
+        h, mask = small_ops.pad_text_tokens(hidden) if pad else (hidden, None)
+        out = unet(sample, t, h, encoder_attention_mask=mask, return_dict=False, **extra)[0]
+        out.square().mean().backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}))
+    return runs
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_padded_masked_text_tokens_give_the_unpadded_output_and_lora_gradients(arch, tiny_model, tiny_sdxl):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model if arch == "sd" else tiny_sdxl, subfolder="unet")
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero; nonzero B makes every LoRA gradient nonzero
+            torch.nn.init.normal_(p, std=0.1)
+    assert small_ops.small_cross_attention(unet)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+    extra = {}
+    if arch == "sdxl":
+        c = unet.config
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    (plain, plain_grads), (padded, padded_grads) = _padded_and_plain_unet_runs(unet, hidden, extra)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == padded_grads.keys() and len(plain_grads) > 0
+    for name, g in plain_grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(padded_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_trainer_pads_text_tokens_on_a_cpu_in_float32_only(tiny_model, dataset, tmp_path):
+    import io
+
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.train import Trainer
+
+    def pads(**extra) -> bool:
+        spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64,
+                           "maxTrainSteps": 1, **extra})
+        return Trainer(spec, str(tmp_path / f"o{len(list(tmp_path.iterdir()))}"), EventWriter(io.StringIO())).pad_text
+
+    assert pads()
+    assert not pads(torchCompile=True)  # inductor picks its own kernels
+    assert not pads(mixedPrecision="bf16")  # measured in float32 only
+
+
+def test_large_cross_attention_heads_are_not_padded():
+    from diffusers.models.attention_processor import Attention
+
+    small = torch.nn.ModuleList([Attention(query_dim=64, cross_attention_dim=32, heads=8, dim_head=8)])
+    large = torch.nn.ModuleList([Attention(query_dim=320, cross_attention_dim=32, heads=8, dim_head=40)])
+    self_only = torch.nn.ModuleList([Attention(query_dim=64, heads=8, dim_head=8)])
+    assert small_ops.small_cross_attention(small)
+    assert not small_ops.small_cross_attention(large)
+    assert not small_ops.small_cross_attention(self_only)
