@@ -289,7 +289,7 @@ def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, 
     times: list[float] = []
     first = [None]
     orig_metrics = trainer.events.metrics
-    batch_, forward, backward, clip, adamw = ENGINE_PHASES
+    batch_, forward, _, clip, adamw = ENGINE_PHASES  # the backward is what the others leave
     spent = {batch_: 0.0, forward: 0.0, clip: 0.0, adamw: 0.0}  # the current step's timed phases
     marks: list[list[float]] = []  # per step: its start, then the end of each of ENGINE_PHASES
 

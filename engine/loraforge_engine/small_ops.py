@@ -21,9 +21,9 @@ when there are none, direct_attention_calls calls the processor as that forward 
 inspection (3.5-4.7% of a tiny-model CPU step, bench/RESULTS.md). The processor, and so the arithmetic, is the
 same.
 
-And one for cross-attention on a CPU: torch's flash-attention kernel there runs its forward up to 2x slower when
-the key count (77 CLIP tokens) is not a multiple of 16 (head size 4, 64 queries, 1 thread: 0.47 ms at 77 keys,
-0.24 ms at 80). pad_text_tokens appends zero tokens up to a multiple of KEY_MULTIPLE and gives the UNet an
+And one for cross-attention on a CPU: torch's flash-attention kernel there is slower when the key count (77 CLIP
+tokens) is not a multiple of 16 than with a few more keys that are. pad_text_tokens appends zero tokens up to a
+multiple of KEY_MULTIPLE and gives the UNet an
 encoder_attention_mask that excludes them; diffusers turns it into a -10000 bias on their scores, whose exp is
 exactly 0 in float32, so the padding gets zero attention weight and zero gradient, and the result is that of the
 77 keys (to rounding). Forward + gradients, 80 masked keys against 77 (bench/small_ops, 2 threads): 0.65-0.92x
