@@ -2,13 +2,15 @@
 the operators that cost the most host (CPU) time, and the memory peaks of setup and of the steps.
 
     PYTHONPATH=engine python bench/gpu/profile_step.py [--precision bf16] [--batch 1] [--steps 8] [--work DIR]
-        [--device cuda|cpu] [--tiny] [--layouts channels_last,contiguous] [--compile]
+        [--device cuda|cpu] [--tiny] [--layouts channels_last,contiguous] [--compile | --compile-mode MODE]
 
 Model and data as bench/gpu/train_sd15.py makes them (SD-1.5 architecture, random weights, 512 px). In one
 process and one Trainer (the engine's defaults), it times optimizer steps with the UNet in channels_last (the
 engine's default) and in the plain (contiguous) layout, alternating the layout every step, then profiles a few
 steps with torch.profiler; the last line is a JSON summary (per-step figures). `--compile --layouts
-channels_last` does the same with the engine's torch_compile option (its first steps include the compilation).
+channels_last` does the same with the engine's torch_compile option (its first steps include the compilation);
+`--compile-mode reduce-overhead --layouts channels_last` compiles the engine's UNet in that torch.compile mode
+instead (here: CUDA graphs, which replay a step's kernels without launching each one from the host).
 When the wall time of a step is much larger than the GPU's busy time, the step is bound by the host (kernel
 launches and Python), not by the GPU. Needs CUDA; `--device cpu --tiny` is a dry run of the script itself (CI
 runs it).
@@ -45,7 +47,12 @@ def main() -> None:
                    help="UNet memory layouts to time, alternating every step; the first one is profiled")
     p.add_argument("--compile", action="store_true",
                    help="the engine's torch_compile option (then give one layout: a layout change recompiles)")
+    p.add_argument("--compile-mode", default=None,
+                   help="compile the engine's UNet in this torch.compile mode (e.g. reduce-overhead) instead of "
+                        "through its torch_compile option (one layout, as with --compile)")
     a = p.parse_args()
+    if a.compile and a.compile_mode:
+        p.error("--compile and --compile-mode are two ways to compile: give one")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu/profile_step.py needs a CUDA device (--device cpu --tiny for a dry run)")
     if a.device == "cpu":
@@ -65,10 +72,13 @@ def main() -> None:
     total = (warmup_rounds + a.steps) * len(layouts) + a.profile_steps
     trainer = throughput.engine_trainer(str(model), str(data), total, a.batch, resolution, work,
                                         {"mixedPrecision": a.precision, "torchCompile": a.compile})
+    if a.compile_mode:
+        trainer.c.unet.compile(mode=a.compile_mode)  # in place, as the engine's own option compiles it
     setup_peak = torch.cuda.max_memory_allocated() if cuda else 0
     name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
     print(f"{name}, torch {torch.__version__}; {'tiny model' if a.tiny else 'SD-1.5 architecture'}, {resolution} px, "
-          f"{a.precision}, batch {a.batch}{', torch_compile' if a.compile else ''}", flush=True)
+          f"{a.precision}, batch {a.batch}{', torch_compile' if a.compile else ''}"
+          f"{f', torch.compile mode {a.compile_mode}' if a.compile_mode else ''}", flush=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     unet = trainer.c.unet
@@ -121,7 +131,7 @@ def main() -> None:
     per_step = 1 / a.profile_steps
     print(json.dumps({
         "device": name, "torch": torch.__version__, "resolution": resolution, "precision": a.precision,
-        "batch": a.batch, "compile": a.compile, "median_step_s": {k: float(np.median(t)) for k, t in times.items()},
+        "batch": a.batch, "compile": a.compile, "compile_mode": a.compile_mode, "median_step_s": {k: float(np.median(t)) for k, t in times.items()},
         "setup_peak_bytes": setup_peak, "step_peak_bytes": step_peak, "profiled_wall_s": wall * per_step,
         "gpu_busy_s": None if device_busy is None else device_busy / 1e3 * per_step,
         "launches": None if launches is None else launches * per_step,

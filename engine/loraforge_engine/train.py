@@ -291,9 +291,9 @@ class Trainer:
                 route_small_convs(c.unet)
                 route_small_convs(c.vae)
         # Text tokens padded to a multiple of 16 under a mask, where that makes torch's CPU attention faster
-        # (small heads, float32, eager: small_ops.pad_text_tokens); the result is the unpadded one.
-        self.pad_text = (device.type == "cpu" and not spec.torch_compile and self.autocast_dtype is None
-                         and small_cross_attention(c.unet))
+        # (small heads, float32: small_ops.pad_text_tokens); the result is the unpadded one. Compiled graphs call
+        # the same attention kernel, so this holds under torch_compile too.
+        self.pad_text = device.type == "cpu" and self.autocast_dtype is None and small_cross_attention(c.unet)
         if not spec.torch_compile:
             direct_attention_calls(c.unet)  # every device: the host's time per step matters on GPUs too
         if spec.torch_compile:
