@@ -131,7 +131,8 @@ def main() -> None:
     per_step = 1 / a.profile_steps
     print(json.dumps({
         "device": name, "torch": torch.__version__, "resolution": resolution, "precision": a.precision,
-        "batch": a.batch, "compile": a.compile, "compile_mode": a.compile_mode, "median_step_s": {k: float(np.median(t)) for k, t in times.items()},
+        "batch": a.batch, "compile": a.compile, "compile_mode": a.compile_mode,
+        "median_step_s": {k: float(np.median(t)) for k, t in times.items()},
         "setup_peak_bytes": setup_peak, "step_peak_bytes": step_peak, "profiled_wall_s": wall * per_step,
         "gpu_busy_s": None if device_busy is None else device_busy / 1e3 * per_step,
         "launches": None if launches is None else launches * per_step,
