@@ -23,10 +23,9 @@ same.
 
 And one for cross-attention on a CPU: torch's flash-attention kernel there is slower when the key count (77 CLIP
 tokens) is not a multiple of 16 than with a few more keys that are. pad_text_tokens appends zero tokens up to a
-multiple of KEY_MULTIPLE and gives the UNet an
-encoder_attention_mask that excludes them; diffusers turns it into a -10000 bias on their scores, whose exp is
-exactly 0 in float32, so the padding gets zero attention weight and zero gradient, and the result is that of the
-77 keys (to rounding). Forward + gradients, 80 masked keys against 77 (bench/small_ops, 2 threads): 0.65-0.92x
+multiple of KEY_MULTIPLE and gives the UNet an encoder_attention_mask that excludes them; diffusers turns it into
+a -10000 bias on their scores, whose exp is exactly 0 in float32, so the padding gets zero attention weight and
+zero gradient, and the result is that of the 77 keys (to rounding). Forward + gradients, 80 masked keys against 77 (bench/small_ops, 2 threads): 0.65-0.92x
 the time at head sizes 4-40, 1.44x at 80, where the mask's own cost wins; so the engine pads only when every
 cross-attention head has at most SMALL_HEAD_DIM channels. Compiled graphs call the same kernel, so it pads under
 torch.compile too.

@@ -215,21 +215,39 @@ def test_padded_masked_text_tokens_give_the_unpadded_output_and_lora_gradients(a
         torch.testing.assert_close(padded_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_the_trainer_pads_text_tokens_on_a_cpu_in_float32(tiny_model, dataset, tmp_path):
+def test_the_trainer_pads_text_tokens_on_a_cpu_in_float32(tiny_model, dataset, tmp_path, monkeypatch):
     import io
 
     from loraforge_engine.config import parse_spec
     from loraforge_engine.events import EventWriter
     from loraforge_engine.train import Trainer
 
-    def pads(**extra) -> bool:
+    def trainer(**extra) -> Trainer:
         spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64,
                            "maxTrainSteps": 1, **extra})
-        return Trainer(spec, str(tmp_path / f"o{len(list(tmp_path.iterdir()))}"), EventWriter(io.StringIO())).pad_text
+        return Trainer(spec, str(tmp_path / f"o{len(list(tmp_path.iterdir()))}"), EventWriter(io.StringIO()))
 
-    assert pads()
-    assert pads(torchCompile=True)  # compiled graphs call the same flash-attention kernel
-    assert not pads(mixedPrecision="bf16")  # measured in float32 only
+    t = trainer()
+    assert t.pad_text
+    assert trainer(torchCompile=True).pad_text  # compiled graphs call the same flash-attention kernel
+    assert not trainer(mixedPrecision="bf16").pad_text  # measured in float32 only
+
+    # What the UNet receives from the Trainer's loss: 80 tokens and the mask that hides the last 3.
+    seen = []
+    forward = t.c.unet.forward
+
+    def recording(sample, timestep, hidden, *args, encoder_attention_mask=None, **kwargs):
+        seen.append((hidden.shape[1], encoder_attention_mask))
+        return forward(sample, timestep, hidden, *args, encoder_attention_mask=encoder_attention_mask, **kwargs)
+
+    t.c.unet.forward = recording
+    t.loss(t.micro_batch(0, 0, 0), 0)
+    tokens, mask = seen[-1]
+    assert tokens == 80 and mask.shape[1] == 80
+    assert mask[:, :77].eq(1).all() and mask[:, 77:].eq(0).all()
+    monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)
+    t.loss(t.micro_batch(0, 0, 0), 0)
+    assert seen[-1] == (77, None)
 
 
 def test_large_cross_attention_heads_are_not_padded():
