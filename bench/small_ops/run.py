@@ -11,10 +11,11 @@
    -10000 bias mask (small_ops.pad_text_tokens), and their ratio. small_ops.SMALL_HEAD_DIM should sit where the
    ratio crosses 1.
 3. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
-   every step through five settings so that all see the same machine load: all (the default: both routings,
-   direct_attention_calls' shortcut and the text-token padding), all but the padding, both routings (no
+   every step through six settings so that all see the same machine load: all (the default: both routings,
+   the LoRA layers' grouped products, direct_attention_calls' shortcut and the text-token padding), all but
+   the grouped products (each LoRA layer folds its own weight), all but the padding, both routings (no
    shortcut, no padding), the LoRA fold only (convolutions on oneDNN), none (every layer on its module's own
-   forward: size limits set to 0, shortcut and padding off). Median step time of each and the median of its
+   forward: size limits set to 0, groups, shortcut and padding off). Median step time of each and the median of its
    ratios to the adjacent "none" step. The last line is JSON.
 """
 
@@ -121,15 +122,15 @@ def engine_steps(work: Path, steps: int) -> dict:
     model, data = throughput.tiny_model_and_data(work)
     t = throughput.engine_trainer(str(model), str(data), 10_000, 4, 64, work, {})
     conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
-    settings = {"all": (conv, lora, True, True), "no_key_padding": (conv, lora, True, False),
-                "both": (conv, lora, False, False), "lora_fold_only": (0, lora, False, False),
-                "none": (0, 0, False, False)}
+    settings = {"all": (conv, lora, True, True, True), "no_lora_groups": (conv, lora, True, True, False),
+                "no_key_padding": (conv, lora, True, False, True), "both": (conv, lora, False, False, True),
+                "lora_fold_only": (0, lora, False, False, True), "none": (0, 0, False, False, False)}
 
-    def apply(limits: tuple[int, int, bool, bool]) -> None:
+    def apply(limits: tuple[int, int, bool, bool, bool]) -> None:
         (small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION,
-         small_ops.PAD_TEXT_KEYS) = limits
+         small_ops.PAD_TEXT_KEYS, small_ops.GROUP_LORA) = limits
 
-    def step(i: int, limits: tuple[int, int, bool, bool]) -> float:
+    def step(i: int, limits: tuple[int, int, bool, bool, bool]) -> float:
         apply(limits)
         return throughput.timed_engine_step(t, i)
 

@@ -4,7 +4,9 @@ Two routings, each applied to a model's modules in place (their parameters, name
 untouched) and each falling back to the module's own forward outside its size range:
 
 * peft LoRA Linear layers below SMALL_LORA_MACS fold the adapter into the weight, x (W + s B A)^T + b: two
-  operators instead of five, the same gradients for A and B (to rounding).
+  operators instead of five, the same gradients for A and B (to rounding). The model's small LoRA layers of one
+  shape get their folded weights W + s B A together, from one batched product per shape computed as the model's
+  forward starts (48 products become 3 in the tiny UNet, and their 48 backward nodes 3).
 * Conv2d layers below SMALL_CONV_MACS run torch's im2col + GEMM convolution (thnn_conv2d) instead of oneDNN's.
   oneDNN pays a set-up cost on every call that dominates small convolutions. Forward + input gradient,
   channels_last, on the 2-core x86 development machine (bench/small_ops, bench/RESULTS.md), thnn_conv2d took
@@ -42,6 +44,11 @@ import torch.nn.functional as F
 # extra operators (and their backward) of peft's separate LoRA branch: at the tiny model's sizes each operator
 # costs ~10-20 us of dispatch, the arithmetic next to nothing.
 SMALL_LORA_MACS = 1_000_000
+# LoRA layers whose frozen weight has at most this many elements get their folded weights in groups
+# (_LoraGroups): at most 256 x 256, so the stacked copy of their weights each forward stays small.
+GROUP_LORA_WEIGHTS = 1 << 16
+# _LoraGroups' batched products; bench/small_ops switches them off to measure them.
+GROUP_LORA = True
 # Below this many multiply-adds per call thnn_conv2d was the faster kernel in the measurements above.
 SMALL_CONV_MACS = 5_000_000
 # direct_attention_calls' shortcut; bench/small_ops switches it off to measure it.
@@ -55,14 +62,69 @@ PAD_TEXT_KEYS = True
 
 
 def _small_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft LoRA Linear forward with the adapter folded into the weight, for small layers."""
+    """peft LoRA Linear forward with the adapter folded into the weight, for small layers: the weight its
+    group computed for this forward of the model (_LoraGroups), else its own product."""
     base = self.base_layer
     if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != ["default"]
             or (x.numel() // base.in_features) * base.in_features * base.out_features > SMALL_LORA_MACS):
         return self._peft_forward(x, *args, **kwargs)
-    weight = torch.addmm(base.weight, self.lora_B["default"].weight, self.lora_A["default"].weight,
-                         alpha=self.scaling["default"])
+    weight = group_weight(self)
+    if weight is None:
+        weight = torch.addmm(base.weight, self.lora_B["default"].weight, self.lora_A["default"].weight,
+                             alpha=self.scaling["default"])
     return F.linear(x, weight, base.bias)
+
+
+def group_weight(layer) -> torch.Tensor | None:
+    """The folded weight W + s B A that `layer`'s group computed for the model's current forward, if any."""
+    slot = getattr(layer, "_lora_group_slot", None)
+    if slot is None or slot[0][0] is None:
+        return None
+    return slot[0][0][slot[1]]
+
+
+class _LoraGroups:
+    """The folded weights W + s B A of a model's small LoRA layers, one batched product (baddbmm) per group of
+    layers of the same shapes, computed when the model's forward starts and dropped when it ends, so a layer
+    never sees weights older than the current forward (a layer called outside it, or again in a gradient
+    checkpoint's recomputation, computes its own). Gradients reach every A and B through the stacks. Each
+    layer keeps a slot (its group's holder, its index); the holder has the group's weights during a forward.
+    The groups hold the layers' parameter objects: the optimizer and checkpoint restores update those in place.
+    A layer that runs peft's forward instead (adapter disabled, merged, too large an input) ignores its weight."""
+
+    def __init__(self, layers):
+        groups: dict[tuple, list] = {}
+        for m in layers:
+            w, a = m.base_layer.weight, m.lora_A["default"].weight
+            if w.numel() <= GROUP_LORA_WEIGHTS and w.dtype == a.dtype:
+                groups.setdefault((tuple(w.shape), tuple(a.shape), w.dtype, w.device), []).append(m)
+        self.groups = []
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            holder = [None]
+            for i, m in enumerate(members):
+                m._lora_group_slot = (holder, i)
+            self.groups.append((holder, members, [m.base_layer.weight for m in members],
+                                [m.lora_B["default"].weight for m in members],
+                                [m.lora_A["default"].weight for m in members]))
+
+    def before(self, model, args, kwargs) -> None:
+        if not GROUP_LORA:
+            return
+        for holder, members, w, b, a in self.groups:
+            scales = [m.scaling["default"] for m in members]
+            bs = torch.stack(b)
+            if len(set(scales)) == 1:
+                folded = torch.baddbmm(torch.stack(w), bs, torch.stack(a), alpha=scales[0])
+            else:  # peft's per-layer scales (set_scale) differ
+                folded = torch.baddbmm(torch.stack(w), bs * torch.tensor(scales, dtype=bs.dtype).view(-1, 1, 1),
+                                       torch.stack(a))
+            holder[0] = folded.unbind(0)
+
+    def after(self, model, args, kwargs, output) -> None:
+        for holder, *_ in self.groups:
+            holder[0] = None
 
 
 def _reroute(model: torch.nn.Module, wanted, saved_as: str, forward) -> int:
@@ -78,10 +140,17 @@ def _reroute(model: torch.nn.Module, wanted, saved_as: str, forward) -> int:
 
 
 def fold_small_lora_layers(model: torch.nn.Module) -> int:
-    """Route every peft LoRA Linear of `model` through _small_lora_forward; returns how many."""
+    """Route every peft LoRA Linear of `model` through _small_lora_forward, and have `model`'s forward compute
+    their folded weights in groups (_LoraGroups); returns how many layers it routed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    return _reroute(model, lambda m: isinstance(m, LoraLinear), "_peft_forward", _small_lora_forward)
+    before = {id(m) for m in model.modules() if hasattr(m, "_peft_forward")}
+    n = _reroute(model, lambda m: isinstance(m, LoraLinear), "_peft_forward", _small_lora_forward)
+    if n:
+        groups = _LoraGroups([m for m in model.modules() if hasattr(m, "_peft_forward") and id(m) not in before])
+        model.register_forward_pre_hook(groups.before, with_kwargs=True)
+        model.register_forward_hook(groups.after, with_kwargs=True, always_call=True)
+    return n
 
 
 def conv_macs(conv: torch.nn.Conv2d, x: torch.Tensor) -> int:

@@ -299,11 +299,19 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
 
     loss_and_grads()
     t.optimizer.step()  # lora_B starts at zero, so lora_A's gradients are zero until a step moves B
+    lora_layers = [m for m in t.c.unet.modules() if hasattr(m, "_peft_forward")]
+    grouped = []  # the LoRA layers that found their folded weight computed by their group when called
+    hooks = [m.register_forward_pre_hook(lambda m, _: grouped.append(small_ops.group_weight(m) is not None))
+             for m in lora_layers]
     routed = loss_and_grads()
+    for h in hooks:
+        h.remove()
+    assert len(grouped) == len(lora_layers) and all(grouped)  # the tiny UNet's 48: 3 shapes, 3 products
     assert all(g.abs().max() > 0 for g in routed[1].values())
     monkeypatch.setattr(small_ops, "SMALL_CONV_MACS", 0)  # every layer takes its own forward
     monkeypatch.setattr(small_ops, "SMALL_LORA_MACS", 0)
     monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)  # the 77 text tokens as they come
+    monkeypatch.setattr(small_ops, "GROUP_LORA", False)
     own = loss_and_grads()
     torch.testing.assert_close(routed[0], own[0], rtol=1e-5, atol=1e-6)
     assert routed[1].keys() == own[1].keys()

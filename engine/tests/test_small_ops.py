@@ -108,6 +108,59 @@ def test_folded_lora_gives_peft_outputs_and_gradients():
     torch.testing.assert_close(out, plain[0](wide), rtol=1e-5, atol=1e-5)
 
 
+def test_lora_layers_of_one_shape_get_their_folded_weights_from_one_batched_product(monkeypatch):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(3)), torch.nn.Linear(32, 16))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["0", "1", "2", "3"])
+    plain = inject_adapter_in_model(config, copy.deepcopy(base))
+    for name, p in plain.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    grouped = copy.deepcopy(plain)
+    assert small_ops.fold_small_lora_layers(grouped) == 4
+    seen = {}  # per layer: whether it found a weight from the group's product when called
+    for i in range(4):
+        grouped[i].register_forward_pre_hook(lambda m, _, i=i: seen.__setitem__(
+            i, small_ops.group_weight(m) is not None))
+
+    def outputs_and_grads(model, x):
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.square().mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    x = torch.randn(4, 8, 32)
+    ya, ga = outputs_and_grads(plain, x)
+    for scales in ((2.0, 2.0, 2.0), (2.0, 0.5, 3.0)):  # peft's scale, then per-layer scales that differ
+        for i, s in enumerate(scales):
+            plain[i].scaling["default"] = grouped[i].scaling["default"] = s
+        ya, ga = outputs_and_grads(plain, x)
+        yb, gb = outputs_and_grads(grouped, x)
+        assert seen == {0: True, 1: True, 2: True, 3: False}  # the 32 -> 16 layer is alone in its shape
+        assert all(small_ops.group_weight(m) is None for m in grouped)  # dropped when the forward ends
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        assert ga.keys() == gb.keys() and len(ga) == 8
+        for n, g in ga.items():
+            torch.testing.assert_close(gb[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # A layer called on its own (outside its model's forward) computes its own folded weight.
+    torch.testing.assert_close(grouped[1](x), plain[1](x), rtol=1e-5, atol=1e-5)
+    assert seen[1] is False
+    # Switched off, every layer computes its own; the results are the same.
+    monkeypatch.setattr(small_ops, "GROUP_LORA", False)
+    yc, gc = outputs_and_grads(grouped, x)
+    assert not any(seen.values())
+    torch.testing.assert_close(yc, yb, rtol=1e-5, atol=1e-6)
+    # A layer with its adapter disabled runs peft's forward, and ignores its group's weight.
+    monkeypatch.setattr(small_ops, "GROUP_LORA", True)
+    grouped[0].enable_adapters(False)
+    plain[0].enable_adapters(False)
+    torch.testing.assert_close(grouped(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(grouped[0](x), grouped[0].base_layer(x))  # peft's forward: the base layer alone
+
+
 def test_direct_attention_calls_skip_the_signature_inspection_and_change_nothing(monkeypatch):
     from diffusers.models import attention_processor
     from diffusers.models.attention_processor import Attention
