@@ -11,11 +11,12 @@
    -10000 bias mask (small_ops.pad_text_tokens), and their ratio. small_ops.SMALL_HEAD_DIM should sit where the
    ratio crosses 1.
 3. The engine's training step on the tiny model (64 px, batch 4, the bench/train_throughput spec), rotating
-   every step through six settings so that all see the same machine load: all (the default: both routings,
-   the LoRA layers' grouped products, direct_attention_calls' shortcut and the text-token padding), all but
+   every step through seven settings so that all see the same machine load: all (the default: both routings,
+   the LoRA layers' grouped products, direct_attention_calls' shortcut, the plain attention and resnet blocks
+   and the text-token padding), all but the plain blocks (diffusers' own processor and resnet forward), all but
    the grouped products (each LoRA layer folds its own weight), all but the padding, both routings (no
-   shortcut, no padding), the LoRA fold only (convolutions on oneDNN), none (every layer on its module's own
-   forward: size limits set to 0, groups, shortcut and padding off). Median step time of each and the median of its
+   shortcut, no plain blocks, no padding), the LoRA fold only (convolutions on oneDNN), none (every layer on its
+   module's own forward: size limits set to 0, groups, shortcut, plain blocks and padding off). Median step time of each and the median of its
    ratios to the adjacent "none" step. The last line is JSON.
 """
 
@@ -122,15 +123,20 @@ def engine_steps(work: Path, steps: int) -> dict:
     model, data = throughput.tiny_model_and_data(work)
     t = throughput.engine_trainer(str(model), str(data), 10_000, 4, 64, work, {})
     conv, lora = small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS
-    settings = {"all": (conv, lora, True, True, True), "no_lora_groups": (conv, lora, True, True, False),
-                "no_key_padding": (conv, lora, True, False, True), "both": (conv, lora, False, False, True),
-                "lora_fold_only": (0, lora, False, False, True), "none": (0, 0, False, False, False)}
+    # (SMALL_CONV_MACS, SMALL_LORA_MACS, DIRECT_ATTENTION, PAD_TEXT_KEYS, GROUP_LORA, PLAIN_BLOCKS)
+    settings = {"all": (conv, lora, True, True, True, True),
+                "no_plain_blocks": (conv, lora, True, True, True, False),
+                "no_lora_groups": (conv, lora, True, True, False, True),
+                "no_key_padding": (conv, lora, True, False, True, True),
+                "both": (conv, lora, False, False, True, False),
+                "lora_fold_only": (0, lora, False, False, True, False),
+                "none": (0, 0, False, False, False, False)}
 
-    def apply(limits: tuple[int, int, bool, bool, bool]) -> None:
+    def apply(limits: tuple) -> None:
         (small_ops.SMALL_CONV_MACS, small_ops.SMALL_LORA_MACS, small_ops.DIRECT_ATTENTION,
-         small_ops.PAD_TEXT_KEYS, small_ops.GROUP_LORA) = limits
+         small_ops.PAD_TEXT_KEYS, small_ops.GROUP_LORA, small_ops.PLAIN_BLOCKS) = limits
 
-    def step(i: int, limits: tuple[int, int, bool, bool, bool]) -> float:
+    def step(i: int, limits: tuple) -> float:
         apply(limits)
         return throughput.timed_engine_step(t, i)
 
@@ -147,7 +153,7 @@ def engine_steps(work: Path, steps: int) -> dict:
     r = {}
     for name, v in times.items():
         r[name] = {"median_ms": float(np.median(v)) * 1e3, "paired_ratio_to_none": float(np.median(np.array(v) / none))}
-        print(f"engine step, {name:>14}: {r[name]['median_ms']:6.2f} ms (median of {steps})   "
+        print(f"engine step, {name:>15}: {r[name]['median_ms']:6.2f} ms (median of {steps})   "
               f"/ none, median of paired steps: {r[name]['paired_ratio_to_none']:.3f}")
     return r
 

@@ -18,7 +18,8 @@ differences:
   * fused AdamW where the device has it, channels_last UNet, optional torch.compile; on a CPU, small LoRA
     layers fold the adapter into the weight (one batched product per shape), small convolutions skip oneDNN and, with small attention heads,
     text tokens are padded to a multiple of 16 under a mask; attention modules call their processor without
-    diffusers' per-call signature inspection (all in small_ops);
+    diffusers' per-call signature inspection, and plain SDPA attention and resnet blocks skip diffusers'
+    division by an output factor of 1 (all in small_ops);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
@@ -45,8 +46,8 @@ from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .data import CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset, select_samples
 from .events import EventWriter
 from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
-from .small_ops import (direct_attention_calls, fold_small_lora_layers, pad_text_tokens, route_small_convs,
-                        small_cross_attention)
+from .small_ops import (direct_attention_calls, fold_small_lora_layers, pad_text_tokens, plain_resnet_calls,
+                        route_small_convs, small_cross_attention)
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -295,7 +296,12 @@ class Trainer:
         # the same attention kernel, so this holds under torch_compile too.
         self.pad_text = device.type == "cpu" and self.autocast_dtype is None and small_cross_attention(c.unet)
         if not spec.torch_compile:
-            direct_attention_calls(c.unet)  # every device: the host's time per step matters on GPUs too
+            # Every device (the host's time per step matters on GPUs too): attention modules call their processor
+            # without diffusers' per-call inspection, and the plain SDPA attention and resnet blocks skip their
+            # division by 1 (small_ops). Under torch.compile the compiler removes such operators itself.
+            direct_attention_calls(c.unet)
+            plain_resnet_calls(c.unet)
+            plain_resnet_calls(c.vae)
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()

@@ -38,7 +38,8 @@ def test_small_ops_bench_runs_every_setting(tmp_path):
     assert len(out["convolutions"]) >= 5 and all(r["onednn_us"] > 0 and r["thnn_us"] > 0 for r in out["convolutions"])
     assert len(out["cross_attention"]) >= 5 and all(r["plain_us"] > 0 and r["padded_us"] > 0
                                                     for r in out["cross_attention"])
-    assert set(out["engine_step"]) == {"all", "no_lora_groups", "no_key_padding", "both", "lora_fold_only", "none"}
+    assert set(out["engine_step"]) == {"all", "no_plain_blocks", "no_lora_groups", "no_key_padding", "both",
+                                       "lora_fold_only", "none"}
     assert out["engine_step"]["none"]["paired_ratio_to_none"] == 1.0
 
 

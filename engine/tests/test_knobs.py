@@ -289,6 +289,8 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
     convs = [m for m in t.c.unet.modules() if type(m) is torch.nn.Conv2d]
     assert convs and all(hasattr(m, "_torch_forward") for m in convs)
     assert any(hasattr(m, "_peft_forward") for m in t.c.unet.modules())
+    resnets = [m for m in t.c.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert resnets and all(hasattr(m, "_diffusers_forward") for m in resnets)
     assert t.pad_text
 
     def loss_and_grads():
@@ -312,6 +314,7 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
     monkeypatch.setattr(small_ops, "SMALL_LORA_MACS", 0)
     monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)  # the 77 text tokens as they come
     monkeypatch.setattr(small_ops, "GROUP_LORA", False)
+    monkeypatch.setattr(small_ops, "PLAIN_BLOCKS", False)  # diffusers' attention processor and resnet forward
     own = loss_and_grads()
     torch.testing.assert_close(routed[0], own[0], rtol=1e-5, atol=1e-6)
     assert routed[1].keys() == own[1].keys()
@@ -320,6 +323,7 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
 
     compiled = make_trainer(tiny_model, dataset, tmp_path / "c", torchCompile=True)
     assert not any(hasattr(m, "_torch_forward") for m in compiled.c.unet.modules())  # inductor picks kernels
+    assert not any(hasattr(m, "_diffusers_forward") for m in compiled.c.unet.modules())
 
 
 # --------------------------------------------------------------------------------------------- caches

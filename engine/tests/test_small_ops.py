@@ -211,6 +211,101 @@ def test_the_trainer_routes_every_unet_attention_unless_compiled(tiny_model, dat
     assert not any(hasattr(m, "_diffusers_forward") for m in attentions(True))
 
 
+def _grad_fn_names(t: torch.Tensor) -> list[str]:
+    """The names of every autograd node behind `t`."""
+    seen, todo, names = set(), [t.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_plain_attention_and_resnet_blocks_give_diffusers_outputs_and_gradients_bit_for_bit(
+        arch, tiny_model, tiny_sdxl, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model if arch == "sd" else tiny_sdxl, subfolder="unet")
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    assert small_ops.direct_attention_calls(unet) > 0
+    resnets = small_ops.plain_resnet_calls(unet)
+    assert resnets > 0 and small_ops.plain_resnet_calls(unet) == 0  # once per module
+    plain_calls = []
+    real = small_ops._plain_sdpa_attention
+    monkeypatch.setattr(small_ops, "_plain_sdpa_attention", lambda *a: plain_calls.append(1) or real(*a))
+    sample = torch.randn(2, unet.config.in_channels, 8, 8)
+    hidden, mask = small_ops.pad_text_tokens(torch.randn(2, 77, unet.config.cross_attention_dim))
+    extra = {}
+    if arch == "sdxl":
+        c = unet.config
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled),
+                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    runs = {}
+    for plain in (False, True):
+        monkeypatch.setattr(small_ops, "PLAIN_BLOCKS", plain)
+        unet.zero_grad(set_to_none=True)
+        out = unet(sample, torch.tensor([10, 600]), hidden, encoder_attention_mask=mask, return_dict=False,
+                   **extra)[0]
+        divisions = _grad_fn_names(out).count("DivBackward0")
+        out.square().mean().backward()
+        runs[plain] = (out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad},
+                       divisions)
+    attentions = len([m for m in unet.modules() if hasattr(m, "processor")])
+    assert len(plain_calls) == attentions  # every attention call took the plain path (with the mask, too)
+    assert runs[False][2] >= resnets and runs[True][2] == 0  # diffusers' divisions by 1, then none
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1].keys() == runs[False][1].keys() and runs[False][1]
+    for name, g in runs[False][1].items():
+        assert torch.equal(runs[True][1][name], g), name
+
+
+def test_other_attention_and_resnet_configurations_keep_diffusers_forward(monkeypatch):
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8)
+    temb = torch.randn(2, 16)
+    for kwargs in ({"up": True}, {"down": True}, {"output_scale_factor": 2.0},
+                   {"time_embedding_norm": "scale_shift"}, {"dropout": 0.5}):
+        plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4, **kwargs)
+        routed = copy.deepcopy(plain)
+        assert small_ops.plain_resnet_calls(routed) == 1
+        torch.manual_seed(1)
+        ya = plain(x, temb)
+        torch.manual_seed(1)
+        assert torch.equal(routed(x, temb), ya), kwargs
+    routed.eval()  # dropout 0.5 has no effect in eval: the plain path, same result as diffusers' own
+    plain.eval()
+    assert torch.equal(routed(x, temb), plain(x, temb))
+    calls = []
+    real = small_ops._plain_sdpa_attention
+    monkeypatch.setattr(small_ops, "_plain_sdpa_attention", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randn(2, 10, 32)
+    for kwargs in ({"residual_connection": True}, {"rescale_output_factor": 2.0}, {"norm_num_groups": 4}):
+        plain = Attention(query_dim=32, heads=4, dim_head=8, **kwargs)
+        routed = copy.deepcopy(plain)
+        small_ops.direct_attention_calls(routed)
+        assert torch.equal(routed(tokens), plain(tokens)), kwargs
+    assert not calls
+    # A mask repeated per head already (batch x heads rows) is left to the processor too.
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    small_ops.direct_attention_calls(attn)
+    assert torch.equal(attn(tokens, attention_mask=torch.zeros(8, 1, 10)), attn(tokens)) and len(calls) == 1
+
+
 def test_pad_text_tokens_appends_masked_zero_tokens_up_to_a_multiple_of_16(monkeypatch):
     hidden = torch.randn(3, 77, 8)
     padded, mask = small_ops.pad_text_tokens(hidden)
