@@ -10,9 +10,12 @@ untouched) and each falling back to the module's own forward outside its size ra
 * Conv2d layers below SMALL_CONV_MACS run torch's im2col + GEMM convolution (thnn_conv2d) instead of oneDNN's.
   oneDNN pays a set-up cost on every call that dominates small convolutions. Forward + input gradient,
   channels_last, on the 2-core x86 development machine (bench/small_ops, bench/RESULTS.md), thnn_conv2d took
-  0.54-0.65x oneDNN's time at 2.4 M multiply-adds (the tiny test model's convolutions at 64 px, batch 4),
-  0.63-0.91x at 4.7 M, 0.68-1.31x at 9.4 M, and mostly longer above (0.85-2.3x from 38 M). Both compute the
-  same convolution (largest difference ~1e-6 at these sizes).
+  0.54-0.65x oneDNN's time at 2.4 M multiply-adds (most of the tiny test model's convolutions at 64 px, batch
+  4), 0.63-0.91x at 4.7 M, 0.68-1.31x at 9.4 M (0.68-0.93x at 8 x 8 pixels, the tiny UNet's two largest; slower
+  only at 16 x 16 on one thread), and mostly longer above (0.85-2.3x from 38 M). Both compute the same
+  convolution (largest difference ~1e-6 at these sizes). With the limit at 10 M instead of 5 M, which moves
+  those two to thnn, the tiny model's whole step took 0.976x the time on 2 threads and 0.986x on 1 (paired
+  A/B, scratch script, 200 steps each).
 
 The engine uses both on CPU only, and the convolution routing not under torch.compile, which picks its own
 kernels.
@@ -57,7 +60,7 @@ GROUP_LORA_WEIGHTS = 1 << 16
 # _LoraGroups' batched products; bench/small_ops switches them off to measure them.
 GROUP_LORA = True
 # Below this many multiply-adds per call thnn_conv2d was the faster kernel in the measurements above.
-SMALL_CONV_MACS = 5_000_000
+SMALL_CONV_MACS = 10_000_000
 # direct_attention_calls' shortcut; bench/small_ops switches it off to measure it.
 DIRECT_ATTENTION = True
 # _plain_sdpa_attention and _plain_resnet_forward; bench/small_ops switches them off to measure them.
