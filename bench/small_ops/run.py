@@ -16,8 +16,8 @@
    and the text-token padding), all but the plain blocks (diffusers' own processor and resnet forward), all but
    the grouped products (each LoRA layer folds its own weight), all but the padding, both routings (no
    shortcut, no plain blocks, no padding), the LoRA fold only (convolutions on oneDNN), none (every layer on its
-   module's own forward: size limits set to 0, groups, shortcut, plain blocks and padding off). Median step time of each and the median of its
-   ratios to the adjacent "none" step. The last line is JSON.
+   module's own forward: size limits set to 0, groups, shortcut, plain blocks and padding off). Median step
+   time of each and the median of its ratios to the adjacent "none" step. The last line is JSON.
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ bit for bit, 3.2% of a tiny-model CPU step in a paired A/B (scratch script, 150 
 
 And one for cross-attention on a CPU: torch's flash-attention kernel there is slower when the key count (77 CLIP
 tokens) is not a multiple of 16 than with a few more keys that are. pad_text_tokens appends zero tokens up to a
-multiple of KEY_MULTIPLE and gives the UNet an encoder_attention_mask that excludes them; diffusers turns it into
-a -10000 bias on their scores, whose exp is exactly 0 in float32, so the padding gets zero attention weight and
-zero gradient, and the result is that of the 77 keys (to rounding). Forward + gradients, 80 masked keys against 77 (bench/small_ops, 2 threads): 0.65-0.92x
-the time at head sizes 4-40, 1.44x at 80, where the mask's own cost wins; so the engine pads only when every
-cross-attention head has at most SMALL_HEAD_DIM channels. Compiled graphs call the same kernel, so it pads under
-torch.compile too.
+multiple of KEY_MULTIPLE and gives the UNet an encoder_attention_mask that excludes them; diffusers turns it into a
+-10000 bias on their scores, whose exp is exactly 0 in float32, so the padding gets zero attention weight and zero
+gradient, and the result is that of the 77 keys (to rounding). Forward + gradients, 80 masked keys against 77
+(bench/small_ops, 2 threads): 0.65-0.92x the time at head sizes 4-40, 1.44x at 80, where the mask's own cost wins;
+so the engine pads only when every cross-attention head has at most SMALL_HEAD_DIM channels. Compiled graphs call
+the same kernel, so it pads under torch.compile too.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _plain_sdpa_case(attn, hidden_states: torch.Tensor, attention_mask: torch.Te
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     return (type(attn.processor) is AttnProcessor2_0 and hidden_states.dim() == 3 and attn.spatial_norm is None
-            and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
+            and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None and attn.norm_cross is None
             and not attn.residual_connection and attn.rescale_output_factor == 1.0
             and (attention_mask is None or (attention_mask.dim() == 3 and attention_mask.shape[1] == 1
                                             and attention_mask.shape[0] == hidden_states.shape[0])))

@@ -16,10 +16,10 @@ differences:
     the augmentation allows it (centre crop; both orientations under random flip; the empty caption under
     caption dropout; text embeddings only while the text encoder is frozen);
   * fused AdamW where the device has it, channels_last UNet, optional torch.compile; on a CPU, small LoRA
-    layers fold the adapter into the weight (one batched product per shape), small convolutions skip oneDNN and, with small attention heads,
-    text tokens are padded to a multiple of 16 under a mask; attention modules call their processor without
-    diffusers' per-call signature inspection, and plain SDPA attention and resnet blocks skip diffusers'
-    division by an output factor of 1 (all in small_ops);
+    layers fold the adapter into the weight (one batched product per shape), small convolutions skip oneDNN
+    and, with small attention heads, text tokens are padded to a multiple of 16 under a mask; attention
+    modules call their processor without diffusers' per-call signature inspection, and plain SDPA attention
+    and resnet blocks skip diffusers' division by an output factor of 1 (all in small_ops);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
