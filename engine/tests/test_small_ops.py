@@ -211,6 +211,31 @@ def test_the_trainer_routes_every_unet_attention_unless_compiled(tiny_model, dat
     assert not any(hasattr(m, "_diffusers_forward") for m in attentions(True))
 
 
+def _tiny_unet_with_lora(path):
+    """The tiny UNet at `path` with LoRA on its attention projections, B drawn nonzero (peft starts it at zero)
+    so that every LoRA gradient is nonzero."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for n, p in unet.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return unet
+
+
+def _sdxl_conditioning(unet) -> dict:
+    """added_cond_kwargs for a batch of 2 on an SDXL UNet: pooled text embeddings and size/crop ids."""
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled),
+                                  "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}}
+
+
 def _grad_fn_names(t: torch.Tensor) -> list[str]:
     """The names of every autograd node behind `t`."""
     seen, todo, names = set(), [t.grad_fn], []
@@ -227,17 +252,7 @@ def _grad_fn_names(t: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("arch", ["sd", "sdxl"])
 def test_plain_attention_and_resnet_blocks_give_diffusers_outputs_and_gradients_bit_for_bit(
         arch, tiny_model, tiny_sdxl, monkeypatch):
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model if arch == "sd" else tiny_sdxl, subfolder="unet")
-    unet.requires_grad_(False)
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for n, p in unet.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
+    unet = _tiny_unet_with_lora(tiny_model if arch == "sd" else tiny_sdxl)
     assert small_ops.direct_attention_calls(unet) > 0
     resnets = small_ops.plain_resnet_calls(unet)
     assert resnets > 0 and small_ops.plain_resnet_calls(unet) == 0  # once per module
@@ -246,12 +261,7 @@ def test_plain_attention_and_resnet_blocks_give_diffusers_outputs_and_gradients_
     monkeypatch.setattr(small_ops, "_plain_sdpa_attention", lambda *a: plain_calls.append(1) or real(*a))
     sample = torch.randn(2, unet.config.in_channels, 8, 8)
     hidden, mask = small_ops.pad_text_tokens(torch.randn(2, 77, unet.config.cross_attention_dim))
-    extra = {}
-    if arch == "sdxl":
-        c = unet.config
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled),
-                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    extra = _sdxl_conditioning(unet) if arch == "sdxl" else {}
     runs = {}
     for plain in (False, True):
         monkeypatch.setattr(small_ops, "PLAIN_BLOCKS", plain)
@@ -346,25 +356,10 @@ def _padded_and_plain_unet_runs(unet, hidden, extra):
 
 @pytest.mark.parametrize("arch", ["sd", "sdxl"])
 def test_padded_masked_text_tokens_give_the_unpadded_output_and_lora_gradients(arch, tiny_model, tiny_sdxl):
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model if arch == "sd" else tiny_sdxl, subfolder="unet")
-    unet.requires_grad_(False)
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for n, p in unet.named_parameters():
-        if "lora_B" in n:  # peft starts B at zero; nonzero B makes every LoRA gradient nonzero
-            torch.nn.init.normal_(p, std=0.1)
+    unet = _tiny_unet_with_lora(tiny_model if arch == "sd" else tiny_sdxl)
     assert small_ops.small_cross_attention(unet)
     hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
-    extra = {}
-    if arch == "sdxl":
-        c = unet.config
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled),
-                                      "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    extra = _sdxl_conditioning(unet) if arch == "sdxl" else {}
     (plain, plain_grads), (padded, padded_grads) = _padded_and_plain_unet_runs(unet, hidden, extra)
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
     assert plain_grads.keys() == padded_grads.keys() and len(plain_grads) > 0
