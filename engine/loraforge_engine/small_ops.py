@@ -98,8 +98,10 @@ def group_weight(layer) -> torch.Tensor | None:
 class _LoraGroups:
     """The folded weights W + s B A of a model's small LoRA layers, one batched product (baddbmm) per group of
     layers of the same shapes, computed when the model's forward starts and dropped when it ends, so a layer
-    never sees weights older than the current forward (a layer called outside it, or again in a gradient
-    checkpoint's recomputation, computes its own). Gradients reach every A and B through the stacks. Each
+    never sees weights older than the current forward (a layer called outside it computes its own). Under
+    gradient checkpointing the groups stand aside: a checkpointed block's recomputation, in the backward, must
+    save the tensors its first forward saved, and would find no group weights then. Gradients reach every A and
+    B through the stacks. Each
     layer keeps a slot (its group's holder, its index); the holder has the group's weights during a forward.
     The groups hold the layers' parameter objects: the optimizer and checkpoint restores update those in place.
     A layer that runs peft's forward instead (adapter disabled, merged, too large an input) ignores its weight."""
@@ -122,7 +124,7 @@ class _LoraGroups:
                                 [m.lora_A["default"].weight for m in members]))
 
     def before(self, model, args, kwargs) -> None:
-        if not GROUP_LORA:
+        if not GROUP_LORA or getattr(model, "is_gradient_checkpointing", False):
             return
         for holder, members, w, b, a in self.groups:
             scales = [m.scaling["default"] for m in members]
