@@ -107,6 +107,7 @@ class _LoraGroups:
     A layer that runs peft's forward instead (adapter disabled, merged, too large an input) ignores its weight."""
 
     def __init__(self, layers):
+        self.checkpointing = None  # the model's modules with a gradient_checkpointing flag, found on first use
         groups: dict[tuple, list] = {}
         for m in layers:
             w, a = m.base_layer.weight, m.lora_A["default"].weight
@@ -124,7 +125,9 @@ class _LoraGroups:
                                 [m.lora_A["default"].weight for m in members]))
 
     def before(self, model, args, kwargs) -> None:
-        if not GROUP_LORA or getattr(model, "is_gradient_checkpointing", False):
+        if self.checkpointing is None:  # diffusers' blocks that can checkpoint carry the flag from __init__
+            self.checkpointing = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        if not GROUP_LORA or any(m.gradient_checkpointing for m in self.checkpointing):
             return
         for holder, members, w, b, a in self.groups:
             scales = [m.scaling["default"] for m in members]
