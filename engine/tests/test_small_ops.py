@@ -153,8 +153,21 @@ def test_lora_layers_of_one_shape_get_their_folded_weights_from_one_batched_prod
     yc, gc = outputs_and_grads(grouped, x)
     assert not any(seen.values())
     torch.testing.assert_close(yc, yb, rtol=1e-5, atol=1e-6)
-    # A layer with its adapter disabled runs peft's forward, and ignores its group's weight.
+    # Under gradient checkpointing (diffusers' blocks carry the flag) the groups stand aside: a recomputation in
+    # the backward must save what the first forward saved.
     monkeypatch.setattr(small_ops, "GROUP_LORA", True)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing = False  # as diffusers' blocks have it from __init__
+    small_ops.fold_small_lora_layers(checkpointed)
+    for i in range(4):
+        checkpointed[i].register_forward_pre_hook(lambda m, _, i=i: seen.__setitem__(
+            i, small_ops.group_weight(m) is not None))
+    checkpointed(x)
+    assert seen == {0: True, 1: True, 2: True, 3: False}
+    checkpointed.gradient_checkpointing = True
+    torch.testing.assert_close(checkpointed(x), yc, rtol=1e-5, atol=1e-6)
+    assert not any(seen.values())
+    # A layer with its adapter disabled runs peft's forward, and ignores its group's weight.
     grouped[0].enable_adapters(False)
     plain[0].enable_adapters(False)
     torch.testing.assert_close(grouped(x), plain(x), rtol=1e-5, atol=1e-5)
