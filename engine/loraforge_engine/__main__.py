@@ -11,7 +11,6 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import traceback
 
 EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_DATA, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -69,19 +68,49 @@ def cmd_train(args) -> int:
         events_out.close()
 
 
+class StopOnSignal:
+    """SIGTERM/SIGINT handling for `train`: the first signal asks the training loop to finish its step, save a
+    checkpoint and stop (`is_set()` is what the loop polls); a signal again, AGAIN_AFTER_S or more after the
+    first, exits at once without a checkpoint.
+
+    The handler takes no lock: it runs between any two bytecodes of the main thread, and a second signal may
+    run it again inside the first. threading.Event.set takes a lock, and when a Node worker is killed with -9
+    the kernel sends its engine two SIGTERMs 0.4 ms apart: the nested handler waited forever for the lock its
+    outer call held (an orphaned engine hung in CI). Signals closer together than AGAIN_AFTER_S are one request
+    (that same burst), not a user's second Ctrl-C."""
+
+    AGAIN_AFTER_S = 1.0
+
+    def __init__(self, events, exit_now=os._exit, clock=None):
+        import time
+
+        self._events, self._exit_now, self._clock = events, exit_now, clock or time.monotonic
+        self._first: float | None = None  # when the first signal came (clock seconds)
+
+    def is_set(self) -> bool:
+        return self._first is not None
+
+    def handle(self, signum: int, _frame=None) -> None:
+        from .events import note
+
+        name = signal.Signals(signum).name
+        now = self._clock()
+        if self._first is None:
+            self._first = now
+            note(f"[loraforge] {name}: finishing the current step, then saving a checkpoint")
+        elif now - self._first >= self.AGAIN_AFTER_S:
+            try:
+                self._events.log("error", f"{name} received again; exiting without a checkpoint")
+            finally:  # exit even if the log could not be written
+                self._exit_now(EXIT_STOPPED)
+
+
 def _train(args, events) -> int:
-    stop = threading.Event()
+    from .events import note
 
-    def on_signal(signum, _frame):
-        if stop.is_set():  # a second signal: stop now, without a checkpoint
-            events.log("error", f"{signal.Signals(signum).name} received again; exiting without a checkpoint")
-            os._exit(EXIT_STOPPED)
-        stop.set()
-        print(f"[loraforge] {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint",
-              file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopOnSignal(events)
+    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(signal.SIGINT, stop.handle)
     _stop_with_parent()
 
     from .config import SpecError, load_spec
@@ -105,7 +134,7 @@ def _train(args, events) -> int:
         from .data import DataError
         from .train import Stopped, run
     except Exception as e:
-        traceback.print_exc()
+        note(traceback.format_exc().rstrip())
         events.log("error", f"engine failed to start: {type(e).__name__}: {e}")
         return EXIT_ERROR
 
@@ -117,11 +146,11 @@ def _train(args, events) -> int:
         events.log("error", f"invalid spec: {e}")
         return EXIT_SPEC
     except DataError as e:
-        traceback.print_exc()
+        note(traceback.format_exc().rstrip())
         events.log("error", str(e))
         return EXIT_DATA
     except BaseException as e:  # noqa: BLE001 - the supervisor needs a reason for anything
-        traceback.print_exc()
+        note(traceback.format_exc().rstrip())
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         events.log("error", f"training failed: {type(e).__name__}{': ' + first if first else ''}")
         return EXIT_ERROR

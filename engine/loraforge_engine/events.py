@@ -30,6 +30,17 @@ def claim_stdout() -> TextIO:
     return os.fdopen(events_fd, "w", encoding="utf-8", buffering=1)
 
 
+def note(text: str) -> None:
+    """Write a line for the supervisor's log to stderr. A supervisor killed outright (kill -9 of its worker)
+    leaves the pipe without a reader: the write then fails with EPIPE, and the engine carries on without its log,
+    toward the checkpoint it saves when the SIGTERM that the parent's death sends arrives, instead of dying of the
+    error (a signal handler's failed write would surface anywhere in the training step)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, RuntimeError):  # BrokenPipeError; stderr closed; a signal handler's write
+        pass                                        # inside the main thread's ("reentrant call")
+
+
 def now_rfc3339() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -89,7 +100,7 @@ class EventWriter:
 
     def log(self, level: str, message: str) -> None:
         self.emit("log", {"level": LEVELS[level], "message": message})
-        print(f"[loraforge] {level.upper()}: {message}", file=sys.stderr, flush=True)
+        note(f"[loraforge] {level.upper()}: {message}")
 
     def metrics(self, *, step: int, total_steps: int, epoch: int, loss: float, learning_rate: float,
                 images_per_second: float, eta_seconds: float, grad_norm: float,

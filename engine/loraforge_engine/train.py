@@ -35,6 +35,7 @@ from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -51,6 +52,12 @@ from .small_ops import (direct_attention_calls, fold_small_lora_layers, pad_text
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
+
+
+class StopFlag(Protocol):
+    """What train() polls between steps: a threading.Event, or the engine's signal handler (StopOnSignal)."""
+
+    def is_set(self) -> bool: ...
 
 
 class Stopped(Exception):
@@ -601,7 +608,7 @@ class Trainer:
         return StepResult(loss_sum / len(batch_ids), images, float(grad_norm), learning_rate, skipped)
 
     # ------------------------------------------------------------------------------------------ train
-    def train(self, stop: threading.Event) -> tuple[Path, int]:
+    def train(self, stop: StopFlag) -> tuple[Path, int]:
         spec, events = self.spec, self.events
         accum = spec.gradient_accumulation_steps
         events.log("info", f"{self.total_steps} optimizer steps, {self.steps_per_epoch} per epoch; "
@@ -655,7 +662,7 @@ class Trainer:
         return final, step
 
 
-def run(spec: TrainingSpec, output_dir: str, events: EventWriter, stop: threading.Event,
+def run(spec: TrainingSpec, output_dir: str, events: EventWriter, stop: StopFlag,
         resume_from: str | None = None) -> tuple[Path, int]:
     """Train; return the final LoRA file and the step it was taken after.
     Raises SpecError (a spec the model or device cannot honour), DataError (bad inputs), Stopped (after a

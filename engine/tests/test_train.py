@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,72 @@ def test_sigterm_saves_checkpoint_and_resume_latest_matches(main_run, tiny_model
     diff = max_abs_diff(out_main / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
     print(f"SIGTERM at step {stopped_at} + resume latest: largest abs diff {diff:g}")
     assert diff <= 1e-6
+
+
+SUPERVISOR = """
+import json, os, signal, subprocess, sys
+engine = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, LORAFORGE_SUPERVISOR_PID=str(os.getpid())))
+print(engine.pid, flush=True)
+for line in engine.stdout:
+    if json.loads(line).get("metrics", {}).get("step") == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 of a worker: the engine's pipes lose their reader
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the parent-death signal is Linux's")
+def test_an_orphaned_engine_saves_a_checkpoint_and_exits(tiny_model, dataset, tmp_path):
+    """The worker supervising the engine is killed outright: the engine gets SIGTERM from the kernel, its event
+    and log pipes have no reader any more, and it must still finish its step, save a checkpoint and exit."""
+    import time
+
+    out = tmp_path / "orphaned"
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({**main_spec(tiny_model, dataset), "maxTrainSteps": 10_000}))
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, *engine_cmd(
+        "train", "--spec", str(spec_path), "--output-dir", str(out))], stdout=subprocess.PIPE, env=engine_env())
+    engine_pid = int(supervisor.stdout.readline())
+    assert supervisor.wait(timeout=120) == -signal.SIGKILL
+    # A Node worker killed with -9 gets its engine two SIGTERMs 0.4 ms apart; one more here makes that burst.
+    # The engine must take it as one request (a second Ctrl-C a second later would mean: exit at once).
+    if _running(engine_pid):
+        os.kill(engine_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while _running(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(engine_pid), "the orphaned engine kept running"
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert saved and saved[-1] >= 3  # the step it was on when its supervisor died, or a later one
+    assert (out / "checkpoints" / f"checkpoint-{saved[-1]}" / "training_state.json").is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_stop_on_signal_takes_a_burst_as_one_request_and_a_later_signal_as_exit_now():
+    import io
+
+    from loraforge_engine.__main__ import EXIT_STOPPED, StopOnSignal
+    from loraforge_engine.events import EventWriter
+
+    now, exits, out = [100.0], [], io.StringIO()
+    stop = StopOnSignal(EventWriter(out), exit_now=exits.append, clock=lambda: now[0])
+    assert not stop.is_set()
+    stop.handle(signal.SIGTERM)
+    assert stop.is_set() and not exits
+    now[0] += 0.0004  # the kernel's second SIGTERM when a Node worker dies
+    stop.handle(signal.SIGTERM)
+    assert not exits and out.getvalue() == ""
+    now[0] += StopOnSignal.AGAIN_AFTER_S  # a user's second Ctrl-C
+    stop.handle(signal.SIGINT)
+    assert exits == [EXIT_STOPPED]
+    assert "SIGINT received again; exiting without a checkpoint" in out.getvalue()
 
 
 def test_corrupt_image_fails_fast_naming_the_file(tiny_model, dataset, tmp_path):
