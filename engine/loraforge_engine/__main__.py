@@ -84,20 +84,21 @@ class StopOnSignal:
     def __init__(self, events, exit_now=os._exit, clock=None):
         import time
 
+        from .events import note
+
         self._events, self._exit_now, self._clock = events, exit_now, clock or time.monotonic
+        self._note = note  # imported here: the handler imports nothing (the import system has its own locks)
         self._first: float | None = None  # when the first signal came (clock seconds)
 
     def is_set(self) -> bool:
         return self._first is not None
 
     def handle(self, signum: int, _frame=None) -> None:
-        from .events import note
-
         name = signal.Signals(signum).name
         now = self._clock()
         if self._first is None:
             self._first = now
-            note(f"[loraforge] {name}: finishing the current step, then saving a checkpoint")
+            self._note(f"[loraforge] {name}: finishing the current step, then saving a checkpoint")
         elif now - self._first >= self.AGAIN_AFTER_S:
             try:
                 self._events.log("error", f"{name} received again; exiting without a checkpoint")
