@@ -101,10 +101,10 @@ class _LoraGroups:
     never sees weights older than the current forward (a layer called outside it computes its own). Under
     gradient checkpointing the groups stand aside: a checkpointed block's recomputation, in the backward, must
     save the tensors its first forward saved, and would find no group weights then. Gradients reach every A and
-    B through the stacks. Each
-    layer keeps a slot (its group's holder, its index); the holder has the group's weights during a forward.
-    The groups hold the layers' parameter objects: the optimizer and checkpoint restores update those in place.
-    A layer that runs peft's forward instead (adapter disabled, merged, too large an input) ignores its weight."""
+    B through the stacks. Each layer keeps a slot (its group's holder, its index); the holder has the group's
+    weights during a forward. The groups hold the layers' parameter objects: the optimizer and checkpoint
+    restores update those in place. A layer that runs peft's forward instead (adapter disabled, merged, too
+    large an input) ignores its weight."""
 
     def __init__(self, layers):
         self.checkpointing = None  # the model's modules with a gradient_checkpointing flag, found on first use
