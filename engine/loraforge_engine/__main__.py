@@ -15,11 +15,6 @@ import traceback
 
 EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_DATA, EXIT_STOPPED = 0, 1, 2, 3, 4
 
-from .openmp import set_wait_policy  # noqa: E402 - imports nothing heavy
-
-# Before torch loads OpenMP: idle threads poll briefly, then sleep (see openmp.py).
-set_wait_policy()
-
 
 def _quiet_libraries() -> None:
     """No progress bars, library logging at WARNING, on stderr; never any network."""

@@ -11,11 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# As the engine does (loraforge_engine/openmp.py), before torch is imported.
-from loraforge_engine.openmp import set_wait_policy  # noqa: E402
-
-set_wait_policy()
-
 from helpers import engine_cmd, engine_env  # noqa: E402
 
 
