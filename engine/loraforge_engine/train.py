@@ -11,15 +11,15 @@ differences:
   * the LR schedule is counted in optimizer steps (the proto's unit). The reference multiplies warm-up and
     total steps by the accumulation factor because its scheduler is stepped per micro-batch; this is the
     same schedule, sampled once per optimizer step;
-  * frozen encoders run once per run, not once per step: VAE latents (the distribution's mean and std, so
-    the per-step sample is drawn exactly as the uncached path draws it) and text embeddings are cached when
-    the augmentation allows it (centre crop; both orientations under random flip; the empty caption under
-    caption dropout; text embeddings only while the text encoder is frozen);
-  * fused AdamW where the device has it, channels_last UNet, optional torch.compile; on a CPU, small LoRA
-    layers fold the adapter into the weight (one batched product per shape), small convolutions skip oneDNN
-    and, with small attention heads, text tokens are padded to a multiple of 16 under a mask; attention
-    modules call their processor without diffusers' per-call signature inspection, and plain SDPA attention
-    and resnet blocks skip diffusers' division by an output factor of 1 (all in small_ops);
+  * frozen encoders run once per image and caption, not once per step: VAE latents (the distribution's mean
+    and std, so the per-step sample is drawn exactly as the uncached path draws it) and text embeddings are
+    cached on first use where the augmentation allows it (centre crop, or a random crop of an image already
+    at the training size; both orientations under random flip; the empty caption under caption dropout; text
+    embeddings only while the text encoder is frozen);
+  * fused AdamW where the device has it, channels_last UNet, optional torch.compile; attention modules call
+    their processor without diffusers' per-call signature inspection, and plain SDPA attention and resnet
+    blocks skip diffusers' division by an output factor of 1 (small_ops); on a CPU the step uses as many
+    threads as there are cores that other work leaves free (cpu_threads);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
@@ -44,11 +44,12 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import lora_files
 from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
-from .data import CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset, select_samples
+from .cpu_threads import core_share, fixed_threads
+from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset,
+                   resized_size, select_samples)
 from .events import EventWriter
 from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
-from .small_ops import (direct_attention_calls, fold_small_lora_layers, pad_text_tokens, plain_resnet_calls,
-                        route_small_convs, small_cross_attention)
+from .small_ops import direct_attention_calls, plain_resnet_calls
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -127,7 +128,9 @@ def make_optimizer(spec: TrainingSpec, params: list[torch.Tensor], lr: float, de
 
 
 class _InBackground:
-    """fn() on a daemon thread (a failed setup does not wait for it); result() waits and re-raises its error."""
+    """fn() on a daemon thread (a failed setup does not wait for it); result() waits and re-raises its error.
+    On Linux the thread runs at idle priority: it takes only CPU time that nothing else wants, so it never slows
+    training; a result() that must wait leaves it the core the waiting thread gave up."""
 
     def __init__(self, fn):
         self._done = threading.Event()
@@ -136,6 +139,8 @@ class _InBackground:
 
     def _run(self, fn) -> None:
         try:
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
             self._value = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
             self._error = e
@@ -177,9 +182,16 @@ class Trainer:
         if spec.allow_tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        self.cores = None
         if device.type == "cpu":
             # Denormal floats make CPU kernels crawl; gradients of tiny LoRA updates produce them.
             torch.set_flush_denormal(True)
+            # Steps run on the cores other work leaves free (cpu_threads); from here on, setup included.
+            fixed = fixed_threads()
+            if fixed:
+                torch.set_num_threads(fixed)
+            else:
+                self.cores = core_share(torch.get_num_threads())
 
         # ------------------------------------------------------------------------------ resume target, seed
         # Resume target first: an unset seed must come from the checkpoint, not be drawn anew.
@@ -290,18 +302,6 @@ class Trainer:
         # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
-        if device.type == "cpu":
-            # Small layers on a CPU: fewer operators, and the convolution kernel that is faster at their size
-            # (small_ops). Under torch.compile its own kernels decide.
-            if spec.lora_dropout == 0:
-                fold_small_lora_layers(c.unet)
-            if not spec.torch_compile:
-                route_small_convs(c.unet)
-                route_small_convs(c.vae)
-        # Text tokens padded to a multiple of 16 under a mask, where that makes torch's CPU attention faster
-        # (small heads, float32: small_ops.pad_text_tokens); the result is the unpadded one. Compiled graphs call
-        # the same attention kernel, so this holds under torch_compile too.
-        self.pad_text = device.type == "cpu" and self.autocast_dtype is None and small_cross_attention(c.unet)
         if not spec.torch_compile:
             # Every device (the host's time per step matters on GPUs too): attention modules call their processor
             # without diffusers' per-call inspection, and the plain SDPA attention and resnet blocks skip their
@@ -355,8 +355,9 @@ class Trainer:
         # ------------------------------------------------------------------------------ caches
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.latent_cacheable: list[bool] = []
         if spec.cache_latents:
-            self._build_caches()
+            self._set_up_caches()
 
         # peft's LoraConfig as safetensors metadata: diffusers' loader rebuilds the config from it, so
         # lora_alpha != rank loads at the trained scale. Sets become sorted lists (stable file bytes).
@@ -377,46 +378,70 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
-    def _build_caches(self) -> None:
-        """Encode what the augmentation leaves fixed once: text embeddings of every caption (and of "" under
-        caption dropout) while the text encoder is frozen; VAE latent moments of every image in each
-        orientation it can be shown in, when crops are deterministic (centre crop)."""
+    def _set_up_caches(self) -> None:
+        """Decide what the frozen encoders' outputs may be cached for, and say so in the log. The caches fill on
+        first use (micro_batch), so the first step costs what an uncached one does and no image or caption is
+        encoded twice: text embeddings of each caption (and of "" under caption dropout) while the text encoder
+        is frozen; VAE latent moments of each image in each orientation it is shown in, where its crop window is
+        the same every epoch (centre crop, or a random crop of an image already at the training size)."""
         spec, ds = self.spec, self.dataset
-        t0 = time.perf_counter()
-        done = []
-        if not spec.train_text_encoder:
-            captions = sorted({ex.caption for ex in ds.examples} | ({""} if spec.caption_dropout > 0 else set()))
-            self.text_cache = {}
-            for k in range(0, len(captions), 64):
-                chunk = captions[k:k + 64]
-                with torch.no_grad(), self.autocast():
-                    hidden, pooled = encode_text(self.c, tokenize(self.c, chunk))
-                for j, cap in enumerate(chunk):
-                    self.text_cache[cap] = (hidden[j], None if pooled is None else pooled[j])
-            done.append(f"{len(captions)} caption embeddings")
-        if spec.center_crop:
-            keys = [(i, flip) for i in range(len(ds)) for flip in ((False, True) if spec.random_flip else (False,))]
-            self.latent_cache = {}
-            # Images per VAE call: at most 2^20 pixels (4 at 512 px, 1 at 1024 px, 16 at the most). The VAE
-            # encoder's full-resolution activations dominate a GPU's peak memory: 16 at 512 px took 11 GiB on
-            # SD-1.5 in fp16 (bench/RESULTS.md), more than the training step itself at batch 1.
-            per_call = max(1, min(16, 2**20 // spec.resolution**2))
-            for k in range(0, len(keys), per_call):
-                chunk = keys[k:k + per_call]
-                pixels = []
-                for i, flip in chunk:
-                    aug = ds.augment(0, i)  # centre crop: the same window every epoch; flip set explicitly
-                    pixels.append(ds.pixels(i, type(aug)(aug.resized, aug.left, aug.top, flip)))
-                mean, std = self._vae_moments(np.stack(pixels))
-                for j, key in enumerate(chunk):
-                    self.latent_cache[key] = (mean[j], std[j])
-            done.append(f"{len(keys)} image latents")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the encoder's activations are not needed again
+        said = []
+        if spec.train_text_encoder:
+            said.append("text embeddings not cached (the text encoder is trained)")
         else:
-            self.events.log("info", "random crop: VAE latents are computed every step (not cached)")
-        if done:
-            self.events.log("info", f"cached {' and '.join(done)} in {time.perf_counter() - t0:.1f} s")
+            self.text_cache = {}
+            said.append("text embeddings cached on first use (text encoder frozen)")
+        square = (spec.resolution, spec.resolution)
+        self.latent_cacheable = [spec.center_crop or resized_size(size, spec.resolution) == square
+                                 for size in ds.sizes]
+        n, total = sum(self.latent_cacheable), len(ds)
+        flips = ", both orientations" if spec.random_flip else ""
+        if spec.center_crop:
+            why = "centre crop: the same window every epoch"
+        elif n == total:
+            why = "every image is already at the training size: its random crop is the whole image"
+        else:
+            why = (f"random crop: {total - n} images are larger than {spec.resolution} px and are encoded every "
+                   f"step; {n} already at the training size are cached")
+        if n:
+            self.latent_cache = {}
+            said.append(f"VAE latents cached on first use for {n} of {total} images{flips} ({why})")
+        else:
+            said.append("VAE latents not cached (random crop: every image is larger than the training size)")
+        self.events.log("info", "; ".join(said))
+
+    def _latent_moments(self, ids: list[int], augs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE latent distribution's mean and std of each sample. Cacheable samples come from the cache, or are
+        encoded each on its own and cached: a VAE call's kernels round differently at other batch sizes, and a
+        cached value must not depend on which batch drew it first (a resumed run rebuilds the cache in other
+        batches). The rest are encoded together now, as every step does."""
+        cache, ds = self.latent_cache, self.dataset
+        keys = [(i, a.flip) if cache is not None and self.latent_cacheable[i] else None for i, a in zip(ids, augs)]
+        got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j, key in enumerate(keys):
+            if key is not None:
+                if key not in cache:
+                    mean, std = self._vae_moments(ds.pixels(ids[j], augs[j])[None])
+                    cache[key] = (mean[0], std[0])
+                got[j] = cache[key]
+        todo = [j for j, key in enumerate(keys) if key is None]
+        if todo:
+            mean, std = self._vae_moments(np.stack([ds.pixels(ids[j], augs[j]) for j in todo]))
+            got.update({j: (mean[n], std[n]) for n, j in enumerate(todo)})
+        return torch.stack([got[j][0] for j in range(len(ids))]), torch.stack([got[j][1] for j in range(len(ids))])
+
+    def _text_embeddings(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text encoder hidden states (and SDXL's pooled embedding) of `captions`: each caption not yet in the
+        text cache is encoded on its own (its value independent of the batch that drew it first) and kept."""
+        c, cache = self.c, self.text_cache
+        for cap in dict.fromkeys(captions):
+            if cap not in cache:
+                with torch.no_grad(), self.autocast():
+                    hidden, pooled = encode_text(c, tokenize(c, [cap]))
+                cache[cap] = (hidden[0], None if pooled is None else pooled[0])
+        hidden = torch.stack([cache[cap][0] for cap in captions])
+        pooled = torch.stack([cache[cap][1] for cap in captions]) if c.arch == "sdxl" else None
+        return hidden, pooled
 
     def _vae_moments(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), self.autocast():
@@ -431,11 +456,7 @@ class Trainer:
         ids = ds.batch_ids(epoch, b, self.spec.train_batch_size)
         augs = [ds.augment(epoch, i) for i in ids]
         captions = [ds.caption(epoch, i) for i in ids]
-        if self.latent_cache is not None:
-            mean = torch.stack([self.latent_cache[(i, a.flip)][0] for i, a in zip(ids, augs)])
-            std = torch.stack([self.latent_cache[(i, a.flip)][1] for i, a in zip(ids, augs)])
-        else:
-            mean, std = self._vae_moments(np.stack([ds.pixels(i, a) for i, a in zip(ids, augs)]))
+        mean, std = self._latent_moments(ids, augs)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 1))
         sample = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(self.device, mean.dtype)
         # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
@@ -444,8 +465,7 @@ class Trainer:
             latents = latents - c.vae.config.shift_factor
         latents = latents * c.vae.config.scaling_factor
         if self.text_cache is not None:
-            hidden = torch.stack([self.text_cache[cap][0] for cap in captions])
-            pooled = torch.stack([self.text_cache[cap][1] for cap in captions]) if c.arch == "sdxl" else None
+            hidden, pooled = self._text_embeddings(captions)
         else:
             # Gradients flow into the text encoders only when they carry LoRA.
             with (nullcontext() if self.trained_text_encoders else torch.no_grad()), self.autocast():
@@ -483,10 +503,9 @@ class Trainer:
         extra = {}
         if mb.add_time_ids is not None:
             extra["added_cond_kwargs"] = {"text_embeds": mb.pooled, "time_ids": mb.add_time_ids}
-        hidden, mask = pad_text_tokens(mb.hidden) if self.pad_text else (mb.hidden, None)
         with self.autocast():
-            pred = self.c.unet(noisy.contiguous(memory_format=torch.channels_last), timesteps, hidden,
-                               encoder_attention_mask=mask, return_dict=False, **extra)[0]
+            pred = self.c.unet(noisy.contiguous(memory_format=torch.channels_last), timesteps, mb.hidden,
+                               return_dict=False, **extra)[0]
         if self.spec.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -607,6 +626,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum / len(batch_ids), images, float(grad_norm), learning_rate, skipped)
 
+    def _share_cores(self) -> None:
+        """On a CPU: run the next steps on as many threads as other work leaves cores free (cpu_threads)."""
+        threads = self.cores.look() if self.cores is not None else None
+        if threads is not None:
+            torch.set_num_threads(threads)
+            self.events.log("info", f"training on {threads} CPU thread{'s' if threads > 1 else ''}: other work on "
+                                    f"this machine leaves {threads} of {len(self.cores.cpus)} cores free")
+
     # ------------------------------------------------------------------------------------------ train
     def train(self, stop: StopFlag) -> tuple[Path, int]:
         spec, events = self.spec, self.events
@@ -618,6 +645,7 @@ class Trainer:
         while step < self.total_steps:
             if stop.is_set():
                 break
+            self._share_cores()
             t0 = time.perf_counter()
             epoch = step // self.steps_per_epoch
             r = self.optimizer_step(step)

@@ -281,17 +281,13 @@ def test_train_text_encoder_puts_lora_on_its_attention(tiny_model, dataset, tmp_
 
 # --------------------------------------------------------------------------------------------- CPU kernels
 
-def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_model, dataset, tmp_path,
-                                                                          monkeypatch):
+def test_the_plain_block_routings_give_diffusers_own_loss_and_gradients(tiny_model, dataset, tmp_path,
+                                                                       monkeypatch):
     from loraforge_engine import small_ops
 
     t = make_trainer(tiny_model, dataset, tmp_path / "o")
-    convs = [m for m in t.c.unet.modules() if type(m) is torch.nn.Conv2d]
-    assert convs and all(hasattr(m, "_torch_forward") for m in convs)
-    assert any(hasattr(m, "_peft_forward") for m in t.c.unet.modules())
     resnets = [m for m in t.c.unet.modules() if type(m).__name__ == "ResnetBlock2D"]
     assert resnets and all(hasattr(m, "_diffusers_forward") for m in resnets)
-    assert t.pad_text
 
     def loss_and_grads():
         t.optimizer.zero_grad(set_to_none=True)
@@ -301,28 +297,17 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
 
     loss_and_grads()
     t.optimizer.step()  # lora_B starts at zero, so lora_A's gradients are zero until a step moves B
-    lora_layers = [m for m in t.c.unet.modules() if hasattr(m, "_peft_forward")]
-    grouped = []  # the LoRA layers that found their folded weight computed by their group when called
-    hooks = [m.register_forward_pre_hook(lambda m, _: grouped.append(small_ops.group_weight(m) is not None))
-             for m in lora_layers]
     routed = loss_and_grads()
-    for h in hooks:
-        h.remove()
-    assert len(grouped) == len(lora_layers) and all(grouped)  # the tiny UNet's 48: 3 shapes, 3 products
     assert all(g.abs().max() > 0 for g in routed[1].values())
-    monkeypatch.setattr(small_ops, "SMALL_CONV_MACS", 0)  # every layer takes its own forward
-    monkeypatch.setattr(small_ops, "SMALL_LORA_MACS", 0)
-    monkeypatch.setattr(small_ops, "PAD_TEXT_KEYS", False)  # the 77 text tokens as they come
-    monkeypatch.setattr(small_ops, "GROUP_LORA", False)
     monkeypatch.setattr(small_ops, "PLAIN_BLOCKS", False)  # diffusers' attention processor and resnet forward
+    monkeypatch.setattr(small_ops, "DIRECT_ATTENTION", False)
     own = loss_and_grads()
-    torch.testing.assert_close(routed[0], own[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(routed[0], own[0])
     assert routed[1].keys() == own[1].keys()
     for name, g in own[1].items():
-        torch.testing.assert_close(routed[1][name], g, rtol=1e-3, atol=1e-6, msg=name)
+        assert torch.equal(routed[1][name], g), name
 
     compiled = make_trainer(tiny_model, dataset, tmp_path / "c", torchCompile=True)
-    assert not any(hasattr(m, "_torch_forward") for m in compiled.c.unet.modules())  # inductor picks kernels
     assert not any(hasattr(m, "_diffusers_forward") for m in compiled.c.unet.modules())
 
 
@@ -330,47 +315,59 @@ def test_cpu_small_layer_routings_give_the_modules_own_loss_and_gradients(tiny_m
 
 def test_caches_follow_the_augmentation_and_match_the_uncached_path(tiny_model, dataset, tmp_path):
     cached = make_trainer(tiny_model, dataset, tmp_path / "a", randomFlip=True, captionDropout=0.5)
-    n = len(cached.dataset)
-    assert len(cached.latent_cache) == 2 * n  # both orientations
-    assert "" in cached.text_cache  # the dropped caption's embedding
+    assert cached.latent_cache == {} and cached.text_cache == {}  # filled on first use
+    assert all(cached.latent_cacheable)  # centre crop: every image's window is fixed
     uncached = make_trainer(tiny_model, dataset, tmp_path / "b", randomFlip=True, captionDropout=0.5,
                             cacheLatents=False)
     assert uncached.latent_cache is None and uncached.text_cache is None
-    for epoch, b in ((0, 0), (1, 2)):
+    for epoch, b in ((0, 0), (1, 2), (2, 0)):
         x, y = cached.micro_batch(epoch, b, 7), uncached.micro_batch(epoch, b, 7)
         assert x.captions == y.captions
-        torch.testing.assert_close(x.latents, y.latents, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(x.hidden, y.hidden, atol=1e-5, rtol=1e-5)
+        # A cached image or caption was encoded on its own; a batch of four runs kernels that round differently
+        # (up to ~1e-3 here). Another image or orientation differs by far more.
+        torch.testing.assert_close(x.latents, y.latents, atol=2e-3, rtol=0)
+        assert (x.latents - y.latents.roll(1, dims=0)).abs().max() > 0.1
+        torch.testing.assert_close(x.hidden, y.hidden, atol=1e-4, rtol=0)
+    assert cached.latent_cache and all(isinstance(k[1], bool) for k in cached.latent_cache)
+    # A random crop caches the images already at the training size (their crop is the whole image), only them.
     random_crop = make_trainer(tiny_model, dataset, tmp_path / "c", centerCrop=False)
-    assert random_crop.latent_cache is None and random_crop.text_cache is not None
+    square = [w == h == 64 for w, h in random_crop.dataset.sizes]
+    assert random_crop.latent_cacheable == square and 0 < sum(square) < len(square)
+    plain = make_trainer(tiny_model, dataset, tmp_path / "d", centerCrop=False, cacheLatents=False)
+    for epoch in range(3):
+        for b in range(random_crop.batches_per_epoch):
+            x, y = random_crop.micro_batch(epoch, b, b), plain.micro_batch(epoch, b, b)
+            # The uncached images go through the VAE in a smaller call than the plain path's, whose kernels round
+            # differently (up to ~1e-3 here); another image or orientation differs by far more.
+            torch.testing.assert_close(x.latents, y.latents, atol=2e-3, rtol=0)
+            assert (x.latents - y.latents.roll(1, dims=0)).abs().max() > 0.1
+    assert {i for i, _ in random_crop.latent_cache} == {i for i, sq in enumerate(square) if sq}
 
 
-def test_latent_cache_encodes_at_most_a_megapixel_per_vae_call(tiny_model, dataset, tmp_path, monkeypatch):
-    # A GPU's peak memory during caching is the VAE encoder's full-resolution activations times the images per
-    # call: 16 per call at 512 px took 11 GiB on SD-1.5 (bench/RESULTS.md). At 512 px: 4 per call.
+def test_each_image_and_orientation_is_encoded_once_when_first_drawn(tiny_model, dataset, tmp_path,
+                                                                    monkeypatch):
     from diffusers import AutoencoderKL
 
     calls = []
     encode = AutoencoderKL.encode
 
     def counting_encode(self, x, *args, **kwargs):
-        calls.append(tuple(x.shape))
+        calls.append(x.shape[0])
         return encode(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
-    t = make_trainer(tiny_model, dataset, tmp_path / "a", resolution=512, randomFlip=True)
-    n = len(t.dataset)
-    assert len(t.latent_cache) == 2 * n
-    assert calls and all(shape[0] <= 4 and shape[2:] == (512, 512) for shape in calls), calls
-    assert sum(shape[0] for shape in calls) == 2 * n  # every image and orientation exactly once
-    before = len(calls)
-    make_trainer(tiny_model, dataset, tmp_path / "b", randomFlip=True)  # 64 px: up to 16 per call
-    sizes = [shape[0] for shape in calls[before:]]
-    assert max(sizes) == min(16, 2 * n) and sum(sizes) == 2 * n, sizes
-    # Chunked or not, a batch's latents are those of the uncached path.
-    uncached = make_trainer(tiny_model, dataset, tmp_path / "c", resolution=512, randomFlip=True, cacheLatents=False)
-    torch.testing.assert_close(t.micro_batch(0, 1, 5).latents, uncached.micro_batch(0, 1, 5).latents,
-                               atol=1e-5, rtol=1e-5)
+    t = make_trainer(tiny_model, dataset, tmp_path / "a", randomFlip=True)
+    assert calls == []  # nothing encoded before the first step
+    drawn = set()
+    for epoch in range(4):
+        for b in range(t.batches_per_epoch):
+            ids = t.dataset.batch_ids(epoch, b, t.spec.train_batch_size)
+            new = {(i, t.dataset.augment(epoch, i).flip) for i in ids} - drawn
+            before = len(calls)
+            t.micro_batch(epoch, b, b)
+            assert calls[before:] == [1] * len(new)  # only what was not drawn before, each on its own
+            drawn |= new
+    assert set(t.latent_cache) == drawn
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -383,16 +380,18 @@ def test_provenance_hashes_run_beside_setup_and_reach_the_lora_file(tiny_model, 
     from loraforge_engine.data import dataset_fingerprint
     from loraforge_engine.lora_files import read_metadata
 
-    release, seen = threading.Event(), []
+    release, seen, policies = threading.Event(), [], []
 
     def slow_fingerprint(path):
         seen.append(threading.current_thread().name)
+        policies.append(os.sched_getscheduler(threading.get_native_id()))  # idle priority: never slows a step
         assert release.wait(60), "never released"
         return "f" * 64
 
     monkeypatch.setattr(train, "model_fingerprint", slow_fingerprint)
     t = make_trainer(tiny_model, dataset, tmp_path / "a")  # returns although the hash is still running
     assert seen == ["loraforge-background"] and not release.is_set()
+    assert policies == [os.SCHED_IDLE]
     release.set()
     meta = read_metadata(t.save_lora(tmp_path / "lora", step=0))
     assert meta["loraforge.base_model_sha256"] == "f" * 64
