@@ -23,15 +23,46 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# Importing it sets what this script needs too: offline hub, quiet libraries, the engine and
-# bench/train_throughput on the import path.
+# Importing it sets what this script needs too: offline hub, quiet libraries, the engine and bench/ on the import
+# path.
 import train_sd15  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def engine_trainer(model: str, data: str, steps: int, batch: int, resolution: int, work: Path, extra: dict):
+    """The engine's Trainer in this process, for bench/train_throughput's recipe (rank 4, lr 1e-3 constant,
+    centre crop, random flip; the spec's defaults otherwise, no checkpoints), events to a string: a profiler
+    sees one step at a time here, which a separate `train` process would not allow."""
+    import io
+
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.train import Trainer
+
+    spec = parse_spec({"baseModel": model, "datasetDir": data, "resolution": resolution, "trainBatchSize": batch,
+                       "maxTrainSteps": steps, "learningRate": 1e-3, "lrScheduler": "constant", "rank": 4,
+                       "centerCrop": True, "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, **extra})
+    return Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(io.StringIO()))
+
+
+def timed_engine_step(trainer, i: int) -> float:
+    """Seconds for the trainer's optimizer step number i (Trainer.optimizer_step: the step its own loop runs,
+    without the loop's events and checkpoints)."""
+    t0 = time.perf_counter()
+    trainer.optimizer_step(i)
+    sync(trainer.device)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -57,7 +88,6 @@ def main() -> None:
         sys.exit("bench/gpu/profile_step.py needs a CUDA device (--device cpu --tiny for a dry run)")
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import run as throughput  # bench/train_throughput/run.py
     from torch.profiler import ProfilerActivity, profile
 
     work = Path(a.work)
@@ -70,7 +100,7 @@ def main() -> None:
     warmup_rounds = 2  # the first steps of each layout (and under --compile, its compilation)
     # The LR schedule's length: warm-up, timed and profiled steps.
     total = (warmup_rounds + a.steps) * len(layouts) + a.profile_steps
-    trainer = throughput.engine_trainer(str(model), str(data), total, a.batch, resolution, work,
+    trainer = engine_trainer(str(model), str(data), total, a.batch, resolution, work,
                                         {"mixedPrecision": a.precision, "torchCompile": a.compile})
     if a.compile_mode:
         trainer.c.unet.compile(mode=a.compile_mode)  # in place, as the engine's own option compiles it
@@ -87,15 +117,15 @@ def main() -> None:
     for _ in range(warmup_rounds):
         for key, fmt in layouts.items():
             unet.to(memory_format=fmt)
-            t = throughput.timed_engine_step(trainer, i)
+            t = timed_engine_step(trainer, i)
             if i < len(layouts):
                 print(f"{key:>13}: first step {t:.1f} s", flush=True)
             i += 1
     for _ in range(a.steps):
         for key, fmt in layouts.items():
             unet.to(memory_format=fmt)
-            throughput.sync(trainer.device)
-            times[key].append(throughput.timed_engine_step(trainer, i))
+            sync(trainer.device)
+            times[key].append(timed_engine_step(trainer, i))
             i += 1
     step_peak = torch.cuda.max_memory_allocated() if cuda else 0
     for key, ts in times.items():
@@ -111,7 +141,7 @@ def main() -> None:
     unet.to(memory_format=next(iter(layouts.values())))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        walls = [throughput.timed_engine_step(trainer, i + k) for k in range(a.profile_steps)]
+        walls = [timed_engine_step(trainer, i + k) for k in range(a.profile_steps)]
     events = prof.key_averages()
     wall = sum(walls)
     print(f"profiled {a.profile_steps} steps ({next(iter(layouts))}; the profiler slows the host): wall "

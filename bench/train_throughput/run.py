@@ -1,428 +1,500 @@
-"""Training throughput: the engine's default path against a reference-equivalent path, in one process and one
-run, on the same tiny model, data and batch.
+"""Training throughput: diffusers' own LoRA training script against the engine, each run as its own process the way
+its users run it, on the same model, data and settings.
 
-    PYTHONPATH=engine engine/.venv/bin/python bench/train_throughput/run.py [--steps 40] [--batch 4]
-        [--resolution 64] [--threads 0] [--rounds 3] [--compile] [--phases] [--work DIR]
+    PYTHONPATH=engine engine/.venv/bin/python bench/train_throughput/run.py [--model tiny|sd15] [--steps N]
+        [--warmup N] [--rounds 3] [--specs default,center_crop] [--conditions alone,shared] [--batch 4]
+        [--resolution 64] [--images 64] [--precision no|bf16] [--reference-script PATH] [--work DIR]
 
-reference: what diffusers' train_text_to_image_lora.py does per step — load and transform the batch's images
-  (resize, centre crop, random flip, normalise) and tokenize its captions, encode the images with the VAE and
-  the captions with the text encoder, UNet forward + backward through peft's LoRA, gradient clipping to norm 1,
-  torch's default AdamW (the for-loop implementation on CPU), LR scheduler step.
-engine: loraforge_engine.train.Trainer with the spec's defaults (latents and text embeddings cached once per
-  run, channels_last, fused AdamW, real gradient clipping, and on a CPU the small-layer kernels of
-  loraforge_engine.small_ops), driven through its own training loop.
+upstream  diffusers' examples/text_to_image/train_text_to_image_lora.py, unmodified (--reference-script; default
+          ../shared/reference/diffusers/train_text_to_image_lora.py beside the repository), run with a
+          benchmark-only Python environment that this bench makes on first use (ensure_refvenv): the engine
+          venv's own torch/diffusers/transformers/peft through a .pth file, plus the script's extra packages
+          (REF_EXTRAS). Offline, HF_HOME in the run's folder, --report_to tensorboard: its per-step times are
+          the wall-clock stamps of its `train_loss` scalars.
+engine    `python -m loraforge_engine train --spec spec.json --output-dir DIR`, as the server's worker starts it
+          (the caller's environment plus PYTHONPATH=<repo>/engine and PYTHONUNBUFFERED=1); its per-step times
+          are the moments this bench reads each metrics event from its stdout.
 
-Both train the same LoRA (rank 4, to_q/to_k/to_v/to_out.0) with the same hyper-parameters. Printed per path:
-images/s over the steps after the first `--warmup`, time to first step (from the start of model loading to the
-end of the first optimizer step, caches included), peak memory (CUDA: peak allocated, during the timed rounds;
-CPU: heap bytes in use (glibc mallinfo2) above the level before the path started, sampled every 2 ms in one
-extra untimed run of each path, since the sampling thread would slow the timed steps), and the ratio of the
-best rounds and of the median rounds. `--phases` also prints where each path's step goes: the reference's
-REFERENCE_PHASES, the engine's ENGINE_PHASES (median milliseconds per step). The last line is JSON.
+Both sides: rank 4, lr 1e-3 constant, random flip, random crop ("default", the spec's default) or centre crop
+("center_crop"), batch --batch at --resolution px, --steps optimizer steps, --precision, seed 0, no validation,
+no checkpoint (both default to one every 500 steps). Each run starts clean: a fresh output folder, a fresh HF_HOME
+(so the script's datasets cache is built as on a user's first run, as the engine builds its own caches).
+
+Per run: the median step time over the steps after --warmup (from consecutive step stamps), time to first step
+(from just before the process starts to the first step's stamp), whole-run wall time (start to exit) and the
+child's peak resident set size (os.wait4's ru_maxrss). Each condition x spec cell runs both sides --rounds times,
+alternating which goes first; the report gives the median over rounds and the ratios upstream/engine of step
+time, wall time and time to first step (above 1: the engine is faster). Conditions: "alone" starts nothing else
+(with a warning when the 1-minute load average shows other work); "shared" runs one busy-looping process per
+usable core beside each side for the whole of its run. The last line is JSON with every number.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import gc
-import io
+import fcntl
+import hashlib
 import json
 import os
+import shlex
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_DIR = ROOT / "engine"
+DEFAULT_ENGINE_PYTHON = ENGINE_DIR / ".venv" / "bin" / "python"
+DEFAULT_REFERENCE_SCRIPT = ROOT.parent / "shared" / "reference" / "diffusers" / "train_text_to_image_lora.py"
+MODELS_SCRIPT = ROOT / "bench" / "models.py"
 
-from loraforge_engine.openmp import set_wait_policy  # noqa: E402
+# What diffusers' script needs beyond the engine's environment (its requirements.txt, pinned), kept out of the
+# engine's runtime requirements. torchvision goes without dependencies: the engine's torch must stay as it is.
+REF_EXTRAS = ("datasets==5.2.0", "tensorboard==2.21.0", "ftfy==6.3.1", "Jinja2==3.1.6")
+REF_NO_DEPS = ("torchvision==0.29.2",)
+RANK, LEARNING_RATE, SEED = 4, 1e-3, 0
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SIDES = ("upstream", "engine")
+SPECS = ("default", "center_crop")
+CONDITIONS = ("alone", "shared")
+DEFAULT_STEPS = {"tiny": (200, 10), "sd15": (12, 2)}  # model: (steps, warm-up steps)
 
-set_wait_policy()  # as the engine runs, before torch loads OpenMP
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-RANK, LR = 4, 1e-4
+def say(text: str) -> None:
+    """Progress on stderr, so that stdout holds the report alone."""
+    print(text, file=sys.stderr, flush=True)
 
 
-class PeakMemory:
-    """Peak memory while a block runs: CUDA peak allocated, or CPU resident set size above the start level."""
+@dataclass
+class Settings:
+    """What both sides train: the same model, data and recipe."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
+    model: str
+    data: str
+    resolution: int
+    batch: int
+    steps: int
+    precision: str  # "no", "fp16" or "bf16", given alike to both sides
+    center_crop: bool
+    seed: int = SEED
 
-    @staticmethod
-    def _rss() -> int:
-        """Bytes the process holds from malloc now (glibc mallinfo2: arena + mmapped blocks in use); torch's
-        CPU tensors come straight from malloc. Falls back to the resident set size."""
-        try:
-            import ctypes
 
-            class MallInfo2(ctypes.Structure):
-                _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                           "usmblks", "fsmblks", "uordblks", "fordblks",
-                                                           "keepcost")]
+# ------------------------------------------------------------------------------------------ environments
 
-            libc = ctypes.CDLL(None)
-            libc.mallinfo2.restype = MallInfo2
-            info = libc.mallinfo2()
-            return int(info.uordblks + info.hblkhd)
-        except (OSError, AttributeError):
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def python_info(python: str | os.PathLike) -> dict:
+    """The interpreter's real prefix, site-packages folders and library versions (asked of it, so that the bench
+    may run under another Python than the engine's)."""
+    code = ("import json, os, site, sys\n"
+            "from importlib import metadata\n"
+            "def v(n):\n"
+            "    try: return metadata.version(n)\n"
+            "    except metadata.PackageNotFoundError: return None\n"
+            "print(json.dumps({'prefix': os.path.realpath(sys.prefix),"
+            " 'site': [os.path.realpath(p) for p in site.getsitepackages() if os.path.isdir(p)],"
+            " 'python': '%d.%d.%d' % sys.version_info[:3],"
+            " 'versions': {n: v(n) for n in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate')}}))\n")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def ensure_refvenv(engine_python: str | os.PathLike = DEFAULT_ENGINE_PYTHON, cache: str | os.PathLike | None = None,
+                   wheels: str | os.PathLike | None = None) -> Path:
+    """The upstream script's Python: a venv under ${LORAFORGE_CACHE:-~/.cache/loraforge}/refvenv-<hash of the
+    pinned extras and the engine environment's real path>, seeing the engine environment's site-packages through
+    a .pth file (the same torch and diffusers on both sides, no second torch download) plus REF_EXTRAS. Made once
+    and marked with .complete, as scripts/setup.sh does for the engine venv; a lock keeps two benches from making
+    it at once. `wheels`: install the same packages from that folder only, in the versions it holds (for a
+    machine without network, whose torch may want another torchvision). Returns its python."""
+    info = python_info(engine_python)
+    cache = Path(cache or os.environ.get("LORAFORGE_CACHE") or Path.home() / ".cache" / "loraforge")
+    extras, no_deps = list(REF_EXTRAS), list(REF_NO_DEPS)
+    if wheels:
+        extras, no_deps = [r.split("==")[0] for r in extras], [r.split("==")[0] for r in no_deps]
+    found = sorted(p.name for p in Path(wheels).glob("*.whl")) if wheels else []
+    key = "\n".join([*extras, *no_deps, *found, info["prefix"]])
+    venv = cache / f"refvenv-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    python = venv / "bin" / "python"
+    if (venv / ".complete").is_file():
+        return python
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / ".complete").is_file():  # another bench finished it while this one waited
+            return python
+        say(f"making the upstream script's environment in {venv} (once; pip: {' '.join(extras + no_deps)})")
+        shutil.rmtree(venv, ignore_errors=True)
+        # venv from the engine's interpreter: the same Python version, so its site-packages are importable.
+        pip_python = python
+        if subprocess.run([str(engine_python), "-m", "venv", str(venv)]).returncode != 0:
+            # A system Python without ensurepip (Debian's without python3-venv): a venv without pip, filled by
+            # the engine interpreter's pip pointed at it.
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([str(engine_python), "-m", "venv", "--without-pip", str(venv)], check=True)
+            pip_python = Path(engine_python)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        Path(purelib, "engine-venv.pth").write_text("".join(p + "\n" for p in info["site"]))
+        source = ["--no-index", "--find-links", str(wheels)] if wheels else []
+        target = [] if pip_python == python else ["--python", str(python)]
+        pip = [str(pip_python), "-m", "pip", *target, "install", "-q", "--disable-pip-version-check", *source]
+        for args in (extras, ["--no-deps", *no_deps]):
+            if subprocess.run([*pip, *args]).returncode != 0:
+                sys.exit(f"could not install {' '.join(args)} into {venv}" + ("" if wheels else
+                         " (no network? give a folder of their wheels: --ref-wheels where offered)"))
+        # The extras must not have brought their own torch, diffusers etc.: both sides use the engine's.
+        seen = python_info(python)["versions"]
+        if seen != info["versions"]:
+            sys.exit(f"{venv}: its libraries {seen} differ from the engine's {info['versions']}")
+        (venv / ".complete").touch()
+    return python
+
+
+def base_env(run_dir: Path) -> dict[str, str]:
+    """The environment both sides start from: the caller's, offline, HF_HOME inside the run's folder."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(run_dir / "hf-home"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _pythonpath_without_engine(env: dict[str, str]) -> list[str]:
+    """The caller's PYTHONPATH entries, absolute, without the engine's folder (the upstream script runs as by a
+    user without loraforge; other entries, e.g. carried wheels on a device machine, stay for both sides)."""
+    entries = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [p for p in entries if Path(p).resolve() != ENGINE_DIR.resolve()]
+
+
+def engine_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = base_env(run_dir)
+    env["PYTHONPATH"] = os.pathsep.join([str(ENGINE_DIR), *_pythonpath_without_engine(env)])
+    env.update(extra or {})
+    return env
+
+
+def upstream_env(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = base_env(run_dir)
+    rest = _pythonpath_without_engine(env)
+    if rest:
+        env["PYTHONPATH"] = os.pathsep.join(rest)
+    else:
+        env.pop("PYTHONPATH", None)
+    env.update(extra or {})
+    return env
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+class BusyLoad:
+    """A second load on the machine: `count` processes that spin in pure Python until stopped."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.procs: list[subprocess.Popen] = []
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        # Objects of the previous run that only the cycle collector frees would otherwise go while this one runs,
-        # lowering the level under its base.
-        gc.collect()
-        self.base = self._rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._rss() - self.base)
-                time.sleep(0.002)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self.procs = [subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"]) for _ in range(self.count)]
+        time.sleep(0.3)  # let them reach their loops before the measured process starts
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@dataclass
+class ChildRun:
+    start: float  # time.time() just before the process started
+    end: float  # time.time() once it had exited
+    returncode: int
+    peak_rss_mib: float
+    stamps: list[tuple[int, float]]  # (step, time.time() of its end), as far as the caller collected them
 
 
-# Where each path's step goes, printed with --phases. The reference's phases end at perf_counter marks in its
-# loop (CUDA: after a synchronize, so they add a few syncs per step there); the engine's are timed around the
-# Trainer's own calls, its backward being what the rest leaves.
-REFERENCE_PHASES = ("load + transform images, tokenize", "VAE encode", "noise + text encode",
-                    "UNet forward + loss", "backward", "clip + AdamW + schedule")
-ENGINE_PHASES = ("batch from the caches", "UNet forward + loss", "backward (and the rest)", "clip", "AdamW")
+def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, step_of_line=None, watch=None) -> ChildRun:
+    """Run `cmd` to its end. With `step_of_line`, stdout is read line by line as it comes and each line for
+    which it returns a step number is stamped with time.time() on arrival; stderr (and otherwise stdout too)
+    goes to `log`. `watch(pid)`: a context manager that runs while the child lives (e.g. a GPU memory sampler)."""
+    stamps: list[tuple[int, float]] = []
+    with open(log, "wb") as log_file:
+        start = time.time()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if step_of_line else log_file, stderr=log_file)
+        with watch(proc.pid) if watch else contextlib.nullcontext():
+            if step_of_line:
+                for raw in iter(proc.stdout.readline, b""):
+                    now = time.time()
+                    step = step_of_line(raw)
+                    if step is not None:
+                        stamps.append((step, now))
+                proc.stdout.close()
+            # wait4 rather than wait: it also gives the child's resource usage, its peak RSS among it.
+            _, status, usage = os.wait4(proc.pid, 0)
+            end = time.time()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return ChildRun(start, end, proc.returncode, usage.ru_maxrss / 1024, stamps)  # ru_maxrss is in KiB
 
 
-def end_of_phase(device: torch.device) -> float:
-    sync(device)
-    return time.perf_counter()
-
-
-def phase_medians(names: tuple[str, ...], marks: list[list[float]]) -> dict[str, float]:
-    """Median milliseconds of each phase, from per-step time marks (the step's start, then each phase's end)."""
-    spans = np.diff(np.array(marks), axis=1) * 1e3
-    return {name: float(np.median(spans[:, i])) for i, name in enumerate(names)}
-
-
-def reference_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int,
-                   device: torch.device, precision: str = "no", phases: bool = False) -> dict:
-    """The reference script's per-step work, written out (no caching, default AdamW). `precision` fp16/bf16
-    (CUDA): frozen weights in that dtype, LoRA fp32, autocast, and a GradScaler for fp16, as accelerate does.
-    `phases`: also time REFERENCE_PHASES (on CUDA that adds synchronizations)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from PIL import Image
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    t_start = time.perf_counter()
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    common = {"local_files_only": True, "use_safetensors": True}
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common).to(device, dt)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **common).to(device, dt)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **common).to(device, dt)
-    autocast = (lambda: torch.autocast(device.type, dtype=dt)) if dt != torch.float32 else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=True)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
-    torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    rows = [json.loads(x) for x in (Path(data) / "metadata.jsonl").read_text().splitlines() if x.strip()]
-    rng = np.random.default_rng(0)
-
-    def preprocess(row) -> tuple[torch.Tensor, torch.Tensor]:
-        # transforms.Resize(res, LANCZOS), CenterCrop(res), RandomHorizontalFlip(), ToTensor(), Normalize([.5], [.5])
-        img = Image.open(Path(data) / row["file_name"]).convert("RGB")
-        w, h = img.size
-        s = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.LANCZOS)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        px = torch.from_numpy(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-        ids = tokenizer(row["text"], max_length=tokenizer.model_max_length, padding="max_length",
-                        truncation=True, return_tensors="pt").input_ids[0]
-        return (px - 0.5) / 0.5, ids
-
-    unet.train()
-    times, first = [], None
-    marks: list[list[float]] = []  # per step: the end of each of REFERENCE_PHASES
-    phase_end = (lambda: end_of_phase(device)) if phases else time.perf_counter
-    order: list[int] = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        if len(order) < batch:
-            order += list(rng.permutation(len(rows)))
-        picked, order = order[:batch], order[batch:]
-        items = [preprocess(rows[i]) for i in picked]
-        pixel_values = torch.stack([x for x, _ in items]).to(device, dt)
-        input_ids = torch.stack([y for _, y in items]).to(device)
-        mark = [phase_end()]
-        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        mark.append(phase_end())
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-        mark.append(phase_end())
-        with autocast():
-            pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="mean")
-        mark.append(phase_end())
-        # The recipe's max_grad_norm 1, clipped for real as the engine does. (The reference script calls
-        # accelerator.clip_grad_norm_ on an iterator its optimizer already consumed, so there it clips nothing;
-        # this path does the work it intends, so that both paths train alike.)
-        if scaler:
-            scaler.scale(loss).backward()
-            mark.append(phase_end())
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            mark.append(phase_end())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        loss.item()
-        sync(device)
-        now = time.perf_counter()
-        if first is None:
-            first = now - t_start
-        times.append(now - t0)
-        marks.append([t0, *mark, now])
-    measured = times[warmup:]
-    result = {"images_per_s": batch * len(measured) / sum(measured), "first_step_s": first}
-    if phases:
-        result["phases_ms"] = phase_medians(REFERENCE_PHASES, marks[warmup:])
-    return result
-
-
-def engine_trainer(model: str, data: str, steps: int, batch: int, resolution: int, work: Path, extra: dict):
-    """The engine's Trainer for this bench's spec (the spec's defaults otherwise), events to a string."""
-    from loraforge_engine.config import parse_spec
-    from loraforge_engine.events import EventWriter
-    from loraforge_engine.train import Trainer
-
-    spec = parse_spec({"baseModel": model, "datasetDir": data, "resolution": resolution, "trainBatchSize": batch,
-                       "maxTrainSteps": steps, "learningRate": LR, "rank": RANK, "centerCrop": True,
-                       "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, "lrWarmupSteps": 0,
-                       **extra})
-    return Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(io.StringIO()))
-
-
-def timed_engine_step(trainer, i: int) -> float:
-    """Seconds for the trainer's optimizer step number i (Trainer.optimizer_step: the step its own loop runs,
-    without the loop's events, checkpoints and validation): what other benchmarks time while they change one
-    thing between steps."""
-    t0 = time.perf_counter()
-    trainer.optimizer_step(i)
-    sync(trainer.device)
-    return time.perf_counter() - t0
-
-
-def tiny_model(work: Path) -> Path:
-    """The tiny SD-1.x model under `work`, made on first use."""
-    from loraforge_engine.tiny import make_tiny_model
-
-    model = work / "tiny-sd"
-    if not (model / "model_index.json").is_file():
-        make_tiny_model(model, seed=0)
-    return model
-
-
-def tiny_model_and_data(work: Path, resolution: int = 64) -> tuple[Path, Path]:
-    """The tiny SD-1.x model and the 16-image synthetic set under `work`, made on first use."""
-    from loraforge_engine.tiny import make_dataset
-
-    data = work / "data"
-    if not (data / "metadata.jsonl").is_file():
-        make_dataset(data, count=16, size=resolution, seed=0)
-    return tiny_model(work), data
-
-
-def engine_path(model: str, data: str, steps: int, batch: int, resolution: int, warmup: int, work: Path,
-                extra: dict, phases: bool = False) -> dict:
-    """The engine's own training loop, timed at its step ends. `phases`: also time ENGINE_PHASES."""
-    t_start = time.perf_counter()
-    trainer = engine_trainer(model, data, steps, batch, resolution, work, extra)
-    times: list[float] = []
-    first = [None]
-    orig_metrics = trainer.events.metrics
-    batch_, forward, _, clip, adamw = ENGINE_PHASES  # the backward is what the others leave
-    spent = {batch_: 0.0, forward: 0.0, clip: 0.0, adamw: 0.0}  # the current step's timed phases
-    marks: list[list[float]] = []  # per step: its start, then the end of each of ENGINE_PHASES
-
-    def on_metrics(**m):  # one call per finished optimizer step
-        sync(trainer.device)
-        now = time.perf_counter()
-        if first[0] is None:
-            first[0] = now - t_start
-        elif phases:  # as phase ends, in ENGINE_PHASES order, with the backward taking what the rest leaves
-            start, rest = times[-1], now - times[-1] - sum(spent.values())
-            ends = np.cumsum([spent[batch_], spent[forward], rest, spent[clip], spent[adamw]]) + start
-            marks.append([start, *ends])
-        times.append(now)
-        spent.update(dict.fromkeys(spent, 0.0))
-        orig_metrics(**m)
-
-    def timed(name: str, fn):
-        @functools.wraps(fn)  # keeps the marks torch's LR scheduler leaves on optimizer.step
-        def call(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync(trainer.device)
-                spent[name] += time.perf_counter() - t0
-        return call
-
-    trainer.events.metrics = on_metrics
-    clip_grad_norm = torch.nn.utils.clip_grad_norm_
-    if phases:
-        trainer.micro_batch = timed(batch_, trainer.micro_batch)
-        trainer.loss = timed(forward, trainer.loss)
-        trainer.optimizer.step = timed(adamw, trainer.optimizer.step)
-        torch.nn.utils.clip_grad_norm_ = timed(clip, clip_grad_norm)  # train.py looks it up at every step
+def log_tail(log: Path, lines: int = 40) -> str:
     try:
-        trainer.train(threading.Event())
-    finally:
-        torch.nn.utils.clip_grad_norm_ = clip_grad_norm
-    # Step durations from consecutive step ends (the first step's start is unknown here: drop it).
-    durations = np.diff(times)[max(0, warmup - 1):]
-    result = {"images_per_s": batch * len(durations) / float(np.sum(durations)), "first_step_s": first[0]}
-    if phases:
-        result["phases_ms"] = phase_medians(ENGINE_PHASES, marks[max(0, warmup - 1):])
-    return result
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def fail(side: str, run_dir: Path, why: str) -> None:
+    sys.exit(f"{side} run in {run_dir} failed: {why}\n--- last lines of {run_dir / 'log.txt'}:\n"
+             f"{log_tail(run_dir / 'log.txt')}")
+
+
+def summarize(side: str, run_dir: Path, child: ChildRun, stamps: list[tuple[int, float]], steps: int,
+              warmup: int) -> dict:
+    """Check the run did every step and wrote its LoRA, then its timings: median step time over the steps after
+    `warmup` (each step's time: its stamp minus the previous one's), time to first step, wall time, peak RSS."""
+    if child.returncode != 0:
+        fail(side, run_dir, f"exit status {child.returncode}")
+    if [s for s, _ in stamps] != list(range(1, steps + 1)):
+        fail(side, run_dir, f"expected steps 1..{steps}, saw {[s for s, _ in stamps][:8]}... ({len(stamps)} stamps)")
+    if not (run_dir / "out" / LORA_FILE).is_file():
+        fail(side, run_dir, f"no {LORA_FILE} in its output folder")
+    times = [t for _, t in stamps]
+    durations = [b - a for a, b in zip(times, times[1:])][max(0, warmup - 1):]  # step k's lies between stamps k-1, k
+    if not durations:
+        sys.exit(f"no steps left to time after {warmup} warm-up steps of {steps}: give more --steps")
+    return {"step_s": statistics.median(durations), "first_step_s": times[0] - child.start,
+            "wall_s": child.end - child.start, "peak_rss_mib": child.peak_rss_mib, "timed_steps": len(durations)}
+
+
+def fresh_run_dir(run_dir: Path) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "out").mkdir(parents=True)
+    return run_dir
+
+
+def engine_spec(s: Settings) -> dict:
+    """The job's TrainingSpec in proto3 JSON, as the worker writes it (unset fields take the spec's defaults)."""
+    return {"baseModel": s.model, "datasetDir": s.data, "resolution": s.resolution, "trainBatchSize": s.batch,
+            "rank": RANK, "learningRate": LEARNING_RATE, "lrScheduler": "constant", "randomFlip": True,
+            "centerCrop": s.center_crop, "maxTrainSteps": s.steps, "mixedPrecision": s.precision, "seed": s.seed}
+
+
+def _metrics_step(raw: bytes) -> int | None:
+    """The step of a metrics event line of the engine's stdout; None for any other event."""
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None
+    metrics = event.get("metrics") if isinstance(event, dict) else None
+    return int(metrics["step"]) if metrics and "step" in metrics else None
+
+
+def run_engine(s: Settings, run_dir: Path, warmup: int, engine_python: str | os.PathLike = DEFAULT_ENGINE_PYTHON,
+               env_extra: dict[str, str] | None = None, watch=None) -> dict:
+    """One engine run from a clean start; its summary (see summarize)."""
+    fresh_run_dir(run_dir)
+    spec = run_dir / "out" / "spec.json"  # where the worker writes it: in the output folder
+    spec.write_text(json.dumps(engine_spec(s), indent=2))
+    cmd = [str(engine_python), "-m", "loraforge_engine", "train", "--spec", str(spec), "--output-dir",
+           str(run_dir / "out")]
+    child = run_child(cmd, engine_env(run_dir, env_extra), run_dir, run_dir / "log.txt", _metrics_step, watch)
+    return summarize("engine", run_dir, child, child.stamps, s.steps, warmup)
+
+
+# Reads the script's tensorboard log with the refvenv's tensorboard (the bench's own Python need not have it).
+READ_SCALARS = ("import json, sys\n"
+                "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
+                "acc = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n"
+                "acc.Reload()\n"
+                "print(json.dumps([[e.step, e.wall_time] for e in acc.Scalars('train_loss')]))\n")
+
+
+def upstream_command(ref_python: str | os.PathLike, script: str | os.PathLike, s: Settings, out: Path) -> list[str]:
+    cmd = [str(ref_python), str(script), "--pretrained_model_name_or_path", s.model, "--train_data_dir", s.data,
+           "--resolution", str(s.resolution), "--train_batch_size", str(s.batch), "--rank", str(RANK),
+           "--learning_rate", str(LEARNING_RATE), "--lr_scheduler", "constant", "--random_flip",
+           "--max_train_steps", str(s.steps), "--mixed_precision", s.precision, "--dataloader_num_workers", "0",
+           "--report_to", "tensorboard", "--output_dir", str(out), "--seed", str(s.seed)]
+    return cmd + (["--center_crop"] if s.center_crop else [])
+
+
+def run_upstream(s: Settings, run_dir: Path, warmup: int, ref_python: str | os.PathLike,
+                 script: str | os.PathLike = DEFAULT_REFERENCE_SCRIPT, env_extra: dict[str, str] | None = None,
+                 watch=None) -> dict:
+    """One run of diffusers' script from a clean start; its summary (see summarize). Its step stamps are the
+    wall_time of its train_loss scalars, which it logs once per optimizer step, after the step."""
+    fresh_run_dir(run_dir)
+    child = run_child(upstream_command(ref_python, script, s, run_dir / "out"), upstream_env(run_dir, env_extra),
+                      run_dir, run_dir / "log.txt", None, watch)
+    if child.returncode != 0:
+        fail("upstream", run_dir, f"exit status {child.returncode}")
+    files = sorted((run_dir / "out").rglob("events.out.tfevents.*"))
+    if not files:
+        fail("upstream", run_dir, "no tensorboard log")
+    read = subprocess.run([str(ref_python), "-c", READ_SCALARS, str(files[-1])], capture_output=True, text=True)
+    if read.returncode != 0:
+        fail("upstream", run_dir, f"reading {files[-1]}: {read.stderr[-2000:]}")
+    stamps = [(int(step), float(t)) for step, t in json.loads(read.stdout)]
+    return summarize("upstream", run_dir, child, stamps, s.steps, warmup)
+
+
+# ------------------------------------------------------------------------------------------ the bench
+
+
+def machine() -> dict:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"cores_usable": len(os.sched_getaffinity(0)), "cores": os.cpu_count(), "cpu": model}
+
+
+def busy_share(seconds: float = 1.0) -> float:
+    """Share of all cores busy over the next `seconds` (from /proc/stat), while this bench runs nothing."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def prepare(a, engine_python: str) -> tuple[Path, Path]:
+    """The model (made by bench/models.py in a process of its own: the bench keeps no torch in memory) and the
+    data set, under --work, made on first use."""
+    work = Path(a.work)
+    folder = work / ("tiny-sd" if a.model == "tiny" else "sd15-random")
+    if not (folder / "model_index.json").is_file():
+        say(f"making the {a.model} model in {folder}" + (" (about 40 s and 4 GB)" if a.model == "sd15" else ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ENGINE_DIR), *_pythonpath_without_engine(os.environ)]))
+    made = subprocess.run([engine_python, str(MODELS_SCRIPT), a.model, str(work)], env=env, capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        sys.exit(f"making the {a.model} model failed:\n{made.stderr[-3000:]}")
+    model = Path(made.stdout.strip().splitlines()[-1])
+    data = work / f"data-{a.images}-{a.resolution}"
+    if not (data / "metadata.jsonl").is_file():
+        sys.path.insert(0, str(ENGINE_DIR))
+        from loraforge_engine.tiny import make_dataset  # PIL and numpy only
+
+        tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=work))
+        make_dataset(tmp, count=a.images, size=a.resolution, seed=0)
+        shutil.rmtree(data, ignore_errors=True)
+        os.replace(tmp, data)
+    return model, data
+
+
+def med(rounds: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+def report(results: dict) -> None:
+    """The table: medians over rounds per condition x spec x side, and the ratios upstream/engine."""
+    print(f"{'condition':<9} {'spec':<11} {'side':<8} {'ms/step':>9} {'wall s':>8} {'1st step s':>10} "
+          f"{'peak RSS MiB':>12}")
+    for cond, per_spec in results.items():
+        for spec, cell in per_spec.items():
+            for side in SIDES:
+                r = cell[side]
+                print(f"{cond:<9} {spec:<11} {side:<8} {r['step_ms']:9.1f} {r['wall_s']:8.1f} "
+                      f"{r['first_step_s']:10.2f} {r['peak_rss_mib']:12.0f}")
+            print(f"{'':<9} {'':<11} engine/upstream: step rate {cell['step_rate_ratio']:.2f}x, wall time "
+                  f"{cell['wall_ratio']:.2f}x, time to first step {cell['first_step_ratio']:.2f}x "
+                  f"(above 1: the engine is faster)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (tiny: 200, sd15: 12)")
+    p.add_argument("--warmup", type=int, help="first steps left out of the step time (tiny: 10, sd15: 2)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each side per cell, alternating which goes first")
+    p.add_argument("--specs", default=",".join(SPECS), help="default (random crop) and/or center_crop")
+    p.add_argument("--conditions", default=",".join(CONDITIONS),
+                   help="alone (nothing else started) and/or shared (a busy loop per usable core beside each run)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="alternate the paths this many times; each path's best round is reported")
-    p.add_argument("--compile", action="store_true", help="also run the engine with torch_compile")
-    p.add_argument("--phases", action="store_true",
-                   help="also print where each path's step goes (median ms per phase)")
+    p.add_argument("--images", type=int, default=64, help="synthetic captioned images in the data set")
+    p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no", help="given alike to both sides")
+    p.add_argument("--reference-script", default=str(DEFAULT_REFERENCE_SCRIPT),
+                   help="diffusers' train_text_to_image_lora.py (an unmodified copy)")
+    p.add_argument("--engine-python", default=str(DEFAULT_ENGINE_PYTHON), help="the engine's interpreter")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "loraforge-bench-train"))
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    work = Path(a.work)
-    model, data = tiny_model_and_data(work, a.resolution)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Import everything both paths use first, so neither pays for (or has its memory inflated by) imports.
-    import diffusers.optimization  # noqa: F401
-    import peft  # noqa: F401
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    steps, warmup = DEFAULT_STEPS[a.model]
+    a.steps = a.steps or steps
+    a.warmup = warmup if a.warmup is None else a.warmup
+    specs, conditions = a.specs.split(","), a.conditions.split(",")
+    if set(specs) - set(SPECS) or set(conditions) - set(CONDITIONS) or a.steps <= max(1, a.warmup):
+        p.error(f"--specs from {SPECS}, --conditions from {CONDITIONS}, --steps above --warmup (and 1)")
+    if not Path(a.reference_script).is_file():
+        p.error(f"no reference script at {a.reference_script}")
 
-    import loraforge_engine.train  # noqa: F401
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}); tiny SD-1.x "
-          f"model, {a.resolution} px, batch {a.batch}, {a.steps} steps ({a.warmup} warm-up)", flush=True)
+    info = python_info(a.engine_python)
+    host = machine()
+    print("command: " + shlex.join([sys.executable, *sys.argv]))
+    print(f"machine: {host['cores_usable']} usable cores of {host['cores']}, {host['cpu']}; python {info['python']}, "
+          + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print(f"{a.model} model, {a.images} images, {a.resolution} px, batch {a.batch}, rank {RANK}, lr {LEARNING_RATE} "
+          f"constant, random flip, precision {a.precision}, {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds",
+          flush=True)
+    model, data = prepare(a, a.engine_python)
+    ref_python = ensure_refvenv(a.engine_python)
+    runs = Path(a.work) / "runs"
+    rounds: dict = {c: {s: {side: [] for side in SIDES} for s in specs} for c in conditions}
+    for round_ in range(a.rounds):
+        order = SIDES if round_ % 2 == 0 else SIDES[::-1]
+        for cond in conditions:
+            for spec in specs:
+                s = Settings(str(model), str(data), a.resolution, a.batch, a.steps, a.precision, spec == "center_crop")
+                load_before = {"loadavg1": os.getloadavg()[0], "busy_share": busy_share()} if cond == "alone" else {}
+                if load_before and load_before["loadavg1"] > 0.5:
+                    say(f"warning: 1-minute load average {load_before['loadavg1']:.2f} before an 'alone' round "
+                        f"({load_before['busy_share']:.0%} of the cores busy in the last second while this bench "
+                        f"ran nothing; the average also keeps this bench's own runs for about a minute)")
+                for position, side in enumerate(order):
+                    run_dir = runs / f"{cond}-{spec}-{side}"
+                    with BusyLoad(host["cores_usable"]) if cond == "shared" else contextlib.nullcontext():
+                        if side == "engine":
+                            r = run_engine(s, run_dir, a.warmup, a.engine_python)
+                        else:
+                            r = run_upstream(s, run_dir, a.warmup, ref_python, a.reference_script)
+                    r.update(round=round_ + 1, position=position + 1, **load_before)
+                    rounds[cond][spec][side].append(r)
+                    say(f"round {round_ + 1} {cond:<6} {spec:<11} {side:<8}: {r['step_s'] * 1e3:8.1f} ms/step, "
+                        f"first step {r['first_step_s']:6.2f} s, wall {r['wall_s']:6.1f} s, "
+                        f"peak RSS {r['peak_rss_mib']:6.0f} MiB")
 
-    results = {}
-    runs = [("reference", lambda: reference_path(str(model), str(data), a.steps, a.batch, a.resolution,
-                                                  a.warmup, device, phases=a.phases)),
-            ("engine", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution, a.warmup,
-                                           work, {}, phases=a.phases))]
-    if a.compile:
-        runs.append(("engine+compile", lambda: engine_path(str(model), str(data), a.steps, a.batch, a.resolution,
-                                                            a.warmup, work, {"torchCompile": True},
-                                                            phases=a.phases)))
-    # On a CPU the memory sampler (a Python thread waking every 2 ms) would slow the timed steps it watches,
-    # so timed rounds run without it and each path runs once more, untimed, for its peak memory.
-    separate_memory_pass = device.type != "cuda"
-    for round_ in range(a.rounds + separate_memory_pass):
-        memory_pass = separate_memory_pass and round_ == a.rounds
-        for name, fn in runs:
-            with (PeakMemory(device) if memory_pass or not separate_memory_pass else contextlib.nullcontext()) as mem:
-                r = fn()
-            best = results.get(name)
-            if memory_pass:
-                best["peak_memory_mb"] = mem.peak / 2**20
-                print(f"memory pass {name:>15}: peak memory {best['peak_memory_mb']:7.1f} MiB", flush=True)
-                continue
-            peak = "" if separate_memory_pass else f"   peak memory {mem.peak / 2**20:7.1f} MiB"
-            print(f"round {round_ + 1} {name:>15}: {r['images_per_s']:7.1f} images/s   first step "
-                  f"{r['first_step_s']:6.2f} s{peak}", flush=True)
-            results[name] = {
-                "images_per_s": max(r["images_per_s"], best["images_per_s"]) if best else r["images_per_s"],
-                "first_step_s": min(r["first_step_s"], best["first_step_s"]) if best else r["first_step_s"],
-                "peak_memory_mb": 0.0 if separate_memory_pass else max(mem.peak / 2**20,
-                                                                       best["peak_memory_mb"] if best else 0.0),
-                "rounds_images_per_s": (best["rounds_images_per_s"] if best else []) + [r["images_per_s"]],
-            }
-            if a.phases:
-                results[name]["rounds_phases_ms"] = (best["rounds_phases_ms"] if best else []) + [r["phases_ms"]]
-    print("best of rounds (images/s: highest; first step: lowest; peak memory: "
-          + ("the memory pass):" if separate_memory_pass else "highest):"))
-    for name, r in results.items():
-        print(f"{name:>15}: {r['images_per_s']:7.1f} images/s   first step {r['first_step_s']:6.2f} s   "
-              f"peak memory {r['peak_memory_mb']:7.1f} MiB")
-    ref = results["reference"]["images_per_s"]
-    for name in results:
-        if name != "reference":
-            results[name]["ratio"] = results[name]["images_per_s"] / ref
-            # Best rounds reward a lucky round; medians of rounds are steadier on a shared machine.
-            results[name]["median_ratio"] = (float(np.median(results[name]["rounds_images_per_s"]))
-                                             / float(np.median(results["reference"]["rounds_images_per_s"])))
-            print(f"{name} / reference: {results[name]['ratio']:.2f}x images/s (best rounds), "
-                  f"{results[name]['median_ratio']:.2f}x (median rounds)")
-    if a.phases:
-        print("where a step goes (ms; per phase, the median over rounds of its median step):")
-        for name, r in results.items():
-            rounds = r.pop("rounds_phases_ms")
-            r["phases_ms"] = {k: float(np.median([x[k] for x in rounds])) for k in rounds[0]}
-            print(f"{name:>15}: " + " | ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
-                  + f" | sum {sum(r['phases_ms'].values()):.2f}")
-    print(json.dumps({"device": str(device), "batch": a.batch, "resolution": a.resolution, "steps": a.steps,
-                      "threads": torch.get_num_threads(), **results}))
+    results: dict = {}
+    for cond in conditions:
+        for spec in specs:
+            cell = {}
+            for side in SIDES:
+                rs = rounds[cond][spec][side]
+                cell[side] = {"step_ms": med(rs, "step_s") * 1e3, "wall_s": med(rs, "wall_s"),
+                              "first_step_s": med(rs, "first_step_s"), "peak_rss_mib": med(rs, "peak_rss_mib"),
+                              "rounds": rs}
+            up, en = cell["upstream"], cell["engine"]
+            cell["step_rate_ratio"] = up["step_ms"] / en["step_ms"]
+            cell["wall_ratio"] = up["wall_s"] / en["wall_s"]
+            cell["first_step_ratio"] = up["first_step_s"] / en["first_step_s"]
+            results.setdefault(cond, {})[spec] = cell
+    print("medians over rounds:")
+    report(results)
+    print(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": host, "python": info["python"],
+                      "versions": info["versions"], "model": a.model, "images": a.images,
+                      "resolution": a.resolution, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+                      "rounds": a.rounds, "precision": a.precision, "reference_script": a.reference_script,
+                      "results": results}))
 
 
 if __name__ == "__main__":

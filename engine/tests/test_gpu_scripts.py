@@ -34,17 +34,22 @@ def test_check_mixed_precision_dry_run(tmp_path):
 
 
 def test_train_sd15_dry_run(tmp_path):
+    # diffusers' script and the engine as separate processes, both with --mixed_precision bf16 (on CPU: autocast).
     out = run_script("train_sd15.py", "--device", "cpu", "--tiny", "--precisions", "bf16", "--batches", "2",
                      "--steps", "3", "--warmup", "1", "--work", str(tmp_path))
     assert out["resolution"] == 64 and len(out["results"]) == 1
     row = out["results"][0]
     assert (row["precision"], row["batch"]) == ("bf16", 2)
-    for path in ("reference", "engine"):
-        assert row[path]["images_per_s"] > 0 and row[path]["tflops"] > 0
-    # The reference does more work per step (VAE and text encoder forward): more FLOPs per image.
-    assert row["reference"]["tflops"] / row["reference"]["images_per_s"] > \
+    for side in ("upstream", "engine"):
+        r = row[side]
+        assert r["images_per_s"] > 0 and r["tflops"] > 0 and r["first_step_s"] > 0 and r["peak_rss_mib"] > 0, r
+        assert r["peak_gpu_mib"] is None  # sampled on CUDA only
+    # The script does more work per step (VAE and text encoder forward): more FLOPs per image.
+    assert row["upstream"]["tflops"] / row["upstream"]["images_per_s"] > \
         row["engine"]["tflops"] / row["engine"]["images_per_s"]
-    assert row["ratio"] > 0
+    assert row["ratio"] == row["upstream"]["step_s"] / row["engine"]["step_s"]
+    # Both sides were given the precision: the engine says so in its log.
+    assert "mixed precision: bf16" in (tmp_path / "runs" / "bf16-2-engine" / "log.txt").read_text()
 
 
 def test_profile_step_dry_run(tmp_path):

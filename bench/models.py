@@ -1,0 +1,112 @@
+"""The models the benchmarks train, generated here (random weights, nothing downloaded), in the diffusers folder
+layout with safetensors weights, so that both the engine and diffusers' own scripts load them as they would a
+real checkpoint.
+
+    tiny  loraforge_engine.tiny.make_tiny_model: the SD-1.x architecture shrunk (UNet blocks 32/64), made in
+          seconds; a step costs milliseconds, so it measures per-operator overhead more than arithmetic.
+    sd15  the SD-1.5 architecture at its public widths (runwayml/stable-diffusion-v1-5's unet, vae, text_encoder
+          and scheduler configs, written out below): UNet 320/640/1280/1280 with cross-attention 768, CLIP text
+          encoder 768 wide with 12 layers, the SD VAE 128/256/512/512; random weights, the tiny test tokenizer
+          (its ids are valid for the 49408-token embedding; tokenization is not what is measured). About 40 s
+          and 4 GB on disk to make.
+
+    PYTHONPATH=engine engine/.venv/bin/python bench/models.py {tiny,sd15} WORK_DIR   # prints the model's folder
+
+Each is made once under the work folder (WORK/tiny-sd, WORK/sd15-random) and reused; it is written to a
+temporary folder first and renamed, so an interrupted run leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "engine") not in sys.path:
+    sys.path.insert(0, str(ROOT / "engine"))
+
+# The public SD-1.5 configs (only the architecture-defining keys; the rest are diffusers' defaults).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+                 freq_shift=0, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                 "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+                 mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+                 cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
+                scaling_factor=0.18215)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, prediction_type="epsilon", steps_offset=1)
+
+MODEL_FOLDERS = {"tiny": "tiny-sd", "sd15": "sd15-random"}
+
+
+def _write_once(folder: Path, write) -> Path:
+    """Call write(tmp) to fill a temporary sibling of `folder`, then rename it into place; reuse a finished
+    folder (one with model_index.json)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without model_index.json is a broken leftover
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_sd15(out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loraforge_engine.tiny import make_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = make_tokenizer(os.path.join(tmp, "tok"))
+        torch.manual_seed(0)
+        # The special tokens' ids are the tokenizer's, so that its padding and end-of-text ids mean the same.
+        text_cfg = CLIPTextConfig(**{**SD15_TEXT, "bos_token_id": tokenizer.bos_token_id,
+                                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+        pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(text_cfg),
+                                       tokenizer=tokenizer, unet=UNet2DConditionModel(**SD15_UNET),
+                                       scheduler=DDPMScheduler(**SD15_SCHEDULER), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(out, safe_serialization=True)
+
+
+def make_sd15(folder: Path) -> Path:
+    """The SD-1.5-shaped model (random weights) in `folder`, made on first use."""
+    return _write_once(Path(folder), _write_sd15)
+
+
+def tiny_model(work: Path) -> Path:
+    """The tiny SD-1.x model under `work`, made on first use."""
+    from loraforge_engine.tiny import make_tiny_model
+
+    return _write_once(Path(work) / MODEL_FOLDERS["tiny"], lambda out: make_tiny_model(out, seed=0))
+
+
+def make_model(kind: str, work: Path) -> Path:
+    """The benchmark model `kind` (tiny or sd15) under `work`, made on first use."""
+    if kind == "tiny":
+        return tiny_model(work)
+    if kind == "sd15":
+        return make_sd15(Path(work) / MODEL_FOLDERS["sd15"])
+    raise ValueError(f"unknown model {kind!r} (tiny or sd15)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in MODEL_FOLDERS:
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(MODEL_FOLDERS)}}} WORK_DIR")
+    print(make_model(sys.argv[1], Path(sys.argv[2])))
