@@ -9,6 +9,10 @@ names and state dicts untouched) and falls back to the module's own forward outs
   SD and SDXL UNet: an elementwise operator and its backward for nothing. For their plain configurations
   _plain_sdpa_attention and _plain_resnet_forward compute the same operators on the same values without it
   (outputs and gradients equal bit for bit).
+
+And one on a CPU: convolutions whose output has at most FEW_PIXELS pixels per image (the UNet's lowest levels
+when training at low resolution) run torch's im2col + GEMM kernel (thnn_conv2d) instead of oneDNN's, whose cost
+per call grows with the weight rather than the pixels (route_few_pixel_convs).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import torch.nn.functional as F
 # The two cuts; switched off in tests to compare against diffusers' own forwards.
 DIRECT_ATTENTION = True
 PLAIN_BLOCKS = True
+# Convolutions whose output has at most this many pixels per image run thnn_conv2d on a CPU (see
+# route_few_pixel_convs); 0 turns the routing off.
+FEW_PIXELS = 16
 
 
 def _reroute(model: torch.nn.Module, wanted, saved_as: str, forward) -> int:
@@ -111,3 +118,25 @@ def direct_attention_calls(model: torch.nn.Module) -> int:
     from diffusers.models.attention_processor import Attention
 
     return _reroute(model, lambda m: isinstance(m, Attention), "_diffusers_forward", _direct_attention_forward)
+
+
+def _few_pixel_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Conv2d forward through thnn_conv2d (im2col + GEMM) for float32 CPU inputs whose output has at most
+    FEW_PIXELS pixels per image; otherwise, and under autocast (thnn_conv2d is not on its list), the module's own."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.is_autocast_enabled("cpu"):
+        return self._torch_forward(x)
+    (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+    pixels = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+    if pixels > FEW_PIXELS:
+        return self._torch_forward(x)
+    return torch._C._nn.thnn_conv2d(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
+
+
+def route_few_pixel_convs(model: torch.nn.Module) -> int:
+    """Route every Conv2d of `model` that thnn_conv2d computes as Conv2d does (zero padding given as numbers, no
+    dilation, one group) through _few_pixel_conv_forward; returns how many. oneDNN's convolution pays a cost per
+    call that grows with the weight, not the pixels: at SD-1.5's widths on 2x2 and 1x1 feature maps it took 3-10x
+    thnn_conv2d's time (bench/RESULTS.md), and those layers carry the UNet's largest weights."""
+    return _reroute(model, lambda m: (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
+                                      and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1),
+                    "_torch_forward", _few_pixel_conv_forward)

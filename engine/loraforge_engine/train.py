@@ -18,8 +18,9 @@ differences:
     embeddings only while the text encoder is frozen);
   * fused AdamW where the device has it, channels_last UNet, optional torch.compile; attention modules call
     their processor without diffusers' per-call signature inspection, and plain SDPA attention and resnet
-    blocks skip diffusers' division by an output factor of 1 (small_ops); on a CPU the step uses as many
-    threads as there are cores that other work leaves free (cpu_threads);
+    blocks skip diffusers' division by an output factor of 1; on a CPU, convolutions whose output has a few
+    pixels (4x4 or fewer: low training resolutions) run thnn_conv2d instead of oneDNN (small_ops), and the step
+    uses as many threads as there are cores that other work leaves free (cpu_threads);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
@@ -49,7 +50,7 @@ from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, d
                    resized_size, select_samples)
 from .events import EventWriter
 from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
-from .small_ops import direct_attention_calls, plain_resnet_calls
+from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pixel_convs
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -302,6 +303,10 @@ class Trainer:
         # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
+        if device.type == "cpu" and not spec.torch_compile:
+            # Convolutions on feature maps of a few pixels (low training resolutions) skip oneDNN (small_ops).
+            route_few_pixel_convs(c.unet)
+            route_few_pixel_convs(c.vae)
         if not spec.torch_compile:
             # Every device (the host's time per step matters on GPUs too): attention modules call their processor
             # without diffusers' per-call inspection, and the plain SDPA attention and resnet blocks skip their

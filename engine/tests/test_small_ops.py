@@ -176,3 +176,31 @@ def test_other_attention_and_resnet_configurations_keep_diffusers_forward(monkey
     attn = Attention(query_dim=32, heads=4, dim_head=8)
     small_ops.direct_attention_calls(attn)
     assert torch.equal(attn(tokens, attention_mask=torch.zeros(8, 1, 10)), attn(tokens)) and len(calls) == 1
+
+
+@pytest.mark.parametrize("size,routed", [(1, True), (2, True), (4, True), (5, False), (8, False)])
+def test_few_pixel_convolutions_take_thnn_and_match_conv2d(size, routed, monkeypatch):
+    calls = []
+    real = torch._C._nn.thnn_conv2d
+    monkeypatch.setattr(torch._C._nn, "thnn_conv2d", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(64, 48, 3, padding=1).requires_grad_(False)
+    rerouted = copy.deepcopy(plain)
+    assert small_ops.route_few_pixel_convs(rerouted) == 1 and small_ops.route_few_pixel_convs(rerouted) == 0
+    x = torch.randn(3, 64, size, size).contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain(xa), rerouted(xb)
+    assert len(calls) == (1 if routed else 0)  # 4x4 = 16 pixels is the limit
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_convolutions_thnn_does_not_compute_alike_keep_their_forward():
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding="same"), torch.nn.Conv2d(8, 8, 3, groups=2),
+                                torch.nn.Conv2d(8, 8, 3, dilation=2), torch.nn.Conv2d(8, 8, 3, padding_mode="reflect"),
+                                torch.nn.Conv2d(8, 8, 1))
+    assert small_ops.route_few_pixel_convs(model) == 1
+    assert hasattr(model[4], "_torch_forward")
