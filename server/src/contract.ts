@@ -4,7 +4,7 @@
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { createFileRegistry, fromBinary, toBinary, toJson, type FileRegistry, type JsonValue } from "@bufbuild/protobuf";
+import { createFileRegistry, fromBinary, toBinary, toJson, type DescField, type DescMessage, type FileRegistry, type JsonValue } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { ReflectionService } from "@grpc/reflection";
 import type { Server } from "@grpc/grpc-js";
@@ -30,6 +30,19 @@ export function protoJson<T>(codec: Encoder<T>, typeName: string, message: T): J
   const desc = contract().getMessage(typeName);
   if (!desc) throw new Error(`${typeName} is not in ${DESCRIPTOR_SET}`);
   return toJson(desc, fromBinary(desc, codec.encode(message).finish()), { registry: contract() });
+}
+
+/** A top-level message's descriptor, and the comment above each of its fields in the .proto file. */
+export function contractMessage(typeName: string): { message: DescMessage; comment(field: DescField): string } {
+  const message = contract().getMessage(typeName);
+  if (!message) throw new Error(`${typeName} is not in ${DESCRIPTOR_SET}`);
+  const file = message.file.proto;
+  const index = file.messageType.indexOf(message.proto);
+  const comments = new Map<string, string>();
+  // SourceCodeInfo paths: 4 = FileDescriptorProto.message_type, 2 = DescriptorProto.field.
+  for (const loc of file.sourceCodeInfo?.location ?? [])
+    if (loc.path.length === 4 && loc.path[0] === 4 && loc.path[1] === index && loc.path[2] === 2) comments.set(String(loc.path[3]), loc.leadingComments.trim());
+  return { message, comment: (field) => comments.get(String(message.proto.field.indexOf(field.proto))) ?? "" };
 }
 
 /** Adds gRPC server reflection (v1 and v1alpha) describing every service and message of the contract. */
