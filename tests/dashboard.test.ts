@@ -100,6 +100,7 @@ describe("dashboard", () => {
       assert.equal(await visible(page, "#no-jobs"), false, "not 'No jobs yet' before an answer says so");
       assert.equal(await visible(page, "#empty"), false);
       assert.equal(await page.getAttribute("#job-list", "aria-busy"), "true");
+      await page.screenshot({ path: artifactPath("dashboard-loading.png") });
     } finally {
       held.release();
     }
@@ -205,6 +206,7 @@ describe("dashboard", () => {
   });
 
   it("with jobs, shows the loading state and then the real list, never 'No jobs yet'", async () => {
+    assert.ok((await stack.client.listJobs({ pageSize: 1 })).jobs.length > 0, "runs after the live test above made a job");
     const held = await holdJobList(page);
     try {
       await page.goto(stack.url);
