@@ -1,7 +1,8 @@
 // The live dashboard in a real headless Chromium, against real training jobs on the
-// tiny model: the job list and charts update live, a validation image appears, a
-// reload replays the history, checkpoints download, the cancel button cancels, and
-// without the token every request is refused.
+// tiny model: a loading state until the job list's first answer, the job list and
+// charts update live, a validation image appears, a reload replays the history,
+// checkpoints download, the cancel button cancels, and without the token every
+// request is refused.
 import assert from "node:assert/strict";
 import { request } from "node:http";
 import { after, before, describe, it } from "node:test";
