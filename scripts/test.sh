@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-echo "== contracts: buf lint, generated code up to date"
+echo "== contracts: buf lint, generated code and descriptor set up to date"
 npx buf lint
 before=$(mktemp -d)
 cp -r sdk/src/gen "$before/"
@@ -16,6 +16,14 @@ if ! diff -r "$before/gen" sdk/src/gen >/dev/null; then
   exit 1
 fi
 rm -rf "$before"
+# The descriptor set (reflection, the CLI's JSON, other languages) is built from the same proto/.
+desc=$(mktemp --suffix=.binpb)
+npx buf build --as-file-descriptor-set -o "$desc"
+if ! cmp -s "$desc" proto/loraforge.binpb; then
+  echo "proto/loraforge.binpb is out of date with proto/: run 'npm run generate' and commit it" >&2
+  exit 1
+fi
+rm -f "$desc"
 npx tsc -b sdk server tests examples
 
 echo "== engine: pytest"

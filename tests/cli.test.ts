@@ -2,10 +2,10 @@
 // progress bar), with --json (parsed here), exit codes, and --help everywhere.
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
-import { CLI, fixtures, quickSpec, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { CLI, fixtures, quickSpec, REPO, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 function cli(args: string[], env: Record<string, string> = {}) {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: { ...process.env, ...env }, timeout: 300_000 });
@@ -44,30 +44,46 @@ describe("loraforge CLI", () => {
     assert.match(r.out, /SUCCEEDED — LoRA \/\S+pytorch_lora_weights\.safetensors/);
   });
 
-  it("--json output parses: train, jobs, watch, cancel, download", () => {
+  it("--json output is proto3 JSON everywhere (enum names, 64-bit integers as strings): train, jobs, watch, download, datasets", () => {
     const t = cli(["train", "--json", "--base-model", f.model, "--dataset-dir", f.dataset, "--resolution", "64", "--max-train-steps", "2", "--train-batch-size", "2", "--seed", "3"], env);
     assert.equal(t.code, 0, t.err);
     const job = JSON.parse(t.out);
     assert.equal(job.state, "JOB_STATE_QUEUED");
-    assert.equal(job.spec.maxTrainSteps, 2);
+    assert.equal(job.spec.maxTrainSteps, 2, "int32 stays a number");
+    assert.equal(job.spec.seed, "3", "int64 is a string");
+    assert.equal(job.lastSequence, "1");
 
     const w = cli(["watch", job.id, "--json"], env);
     assert.equal(w.code, 0, w.err);
     const events = w.out.trim().split("\n").map((l) => JSON.parse(l));
-    assert.deepEqual(events.map((e) => Number(e.sequence)), events.map((_, i) => i + 1));
+    assert.deepEqual(events.map((e) => e.sequence), events.map((_, i) => String(i + 1)));
     assert.equal(events.at(-1).state.state, "JOB_STATE_SUCCEEDED");
+    const metrics = events.filter((e) => e.metrics).map((e) => e.metrics);
+    assert.deepEqual(metrics.map((m) => [m.step, m.totalSteps]), [["1", "2"], ["2", "2"]]);
 
     const l = cli(["jobs", "--json", "--state", "succeeded"], env);
     assert.equal(l.code, 0, l.err);
     const listed = l.out.trim().split("\n").map((x) => JSON.parse(x));
-    assert.ok(listed.some((j) => j.id === job.id) && listed.every((j) => j.state === "JOB_STATE_SUCCEEDED"));
+    const mine = listed.find((j) => j.id === job.id);
+    assert.ok(mine && listed.every((j) => j.state === "JOB_STATE_SUCCEEDED"));
+    assert.equal(mine.totalSteps, "2");
+    assert.equal(mine.lastSequence, events.at(-1).sequence);
 
     const out = path.join(tmpDir("dl"), "lora.safetensors");
     const d = cli(["download", job.id, "-o", out, "--json"], env);
     assert.equal(d.code, 0, d.err);
     const info = JSON.parse(d.out);
     assert.equal(info.file, out);
+    assert.equal(info.artifact.kind, "ARTIFACT_KIND_LORA");
+    assert.equal(info.artifact.sizeBytes, String(readFileSync(out).length));
     assert.equal(sha256File(out), info.artifact.sha256);
+
+    const ds = cli(["datasets", "upload", f.dataset, "--name", "shapes-json", "--json"], env);
+    assert.equal(ds.code, 0, ds.err);
+    const uploaded = JSON.parse(ds.out);
+    assert.match(uploaded.id, /^ds-/);
+    assert.equal(uploaded.imageCount, 8);
+    assert.match(uploaded.sizeBytes, /^\d+$/, "int64 is a string");
 
     const c = cli(["cancel", job.id], env);
     assert.equal(c.code, 1, "cancelling a finished job fails");
@@ -89,12 +105,63 @@ describe("loraforge CLI", () => {
     assert.equal(cli(["jobs"], { LORAFORGE_ADDRESS: "127.0.0.1:1" }).code, 69);
   });
 
-  it("--help works on every command", () => {
-    for (const cmd of ["serve", "worker", "train", "jobs", "watch", "cancel", "download", "infer", "datasets", "export-onnx"]) {
+  it("watch of a finished job exits with the job's code, also --after its last event (0 succeeded, 1 failed, 5 cancelled)", { timeout: 300_000 }, async () => {
+    // A data set whose only image is not an image: the engine fails on it.
+    const broken = tmpDir("broken");
+    writeFileSync(path.join(broken, "a.png"), "not a png");
+    writeFileSync(path.join(broken, "a.txt"), "a caption");
+    const failing = await srv.client.train(quickSpec(f, { datasetDir: broken, maxTrainSteps: 2 }));
+    const cancelled = await srv.client.train(quickSpec(f, { maxTrainSteps: 100000 }));
+    await cancelled.cancel();
+    const succeeded = await srv.client.train(quickSpec(f, { maxTrainSteps: 2 }));
+    for (const [job, code, state] of [[failing, 1, "FAILED"], [cancelled, 5, "CANCELLED"], [succeeded, 0, "SUCCEEDED"]] as const) {
+      const live = cli(["watch", job.id], env);
+      assert.equal(live.code, code, `${state}: ${live.out}${live.err}`);
+      assert.match(live.out, new RegExp(`^${state}`, "m"));
+      const last = (await srv.client.getJob(job.id)).lastSequence;
+      const past = cli(["watch", job.id, "--after", String(last)], env);
+      assert.equal(past.code, code, `${state} --after ${last}: ${past.err}`);
+      assert.match(past.out, new RegExp(`^${state}`), "the final state, from the job's record");
+      const pastJson = cli(["watch", job.id, "--after", String(last + 5), "--json"], env);
+      assert.equal(pastJson.code, code);
+      assert.equal(pastJson.out, "", "no events after the last one");
+    }
+  });
+
+  it("--help on every command lists its options; train --help lists every TrainingSpec field", () => {
+    const expected: Record<string, string[]> = {
+      serve: ["--address", "--state-dir", "--nats", "--data-root", "--no-worker", "--dashboard"],
+      worker: ["--nats", "--state-dir"],
+      train: ["--request-id", "--follow", "--json", "--address", "--token"],
+      jobs: ["--state", "--limit", "--json"],
+      watch: ["--after", "--json"],
+      cancel: ["--json", "--token"],
+      download: ["-o, --output", "--json"],
+      infer: ["--base-model", "--prompt", "--lora", "--lora-file", "--steps", "--scheduler", "--prompt-2", "--negative-crop", "--negative-target-size", "-o, --output"],
+      datasets: ["--name", "--json"],
+      "export-onnx": ["--out"],
+    };
+    for (const [cmd, flags] of Object.entries(expected)) {
       const r = cli([cmd, "--help"], env);
       assert.equal(r.code, 0, `${cmd} --help: ${r.err}`);
       assert.match(r.out, /usage: loraforge/);
+      assert.match(r.out, new RegExp(`loraforge ${cmd}\\b`));
+      for (const flag of flags) assert.ok(r.out.includes(flag), `${cmd} --help lists ${flag}`);
     }
+    // Read from the .proto here, independently of the CLI's own table.
+    const proto = readFileSync(path.join(REPO, "proto", "loraforge", "v1", "training_spec.proto"), "utf8");
+    const fields = [...proto.matchAll(/^\s+(?:optional |repeated )?\w+ (\w+) = \d+;/gm)].map((m) => m[1]);
+    assert.ok(fields.length >= 50, `${fields.length} fields`);
+    const help = cli(["train", "--help"], env).out;
+    for (const field of fields) assert.match(help, new RegExp(`^  --${field.replace(/_/g, "-")} `, "m"), `train --help lists --${field}`);
+    assert.match(help, /--max-train-steps INT\n\s+Total optimizer steps/, "with the field's documentation");
+    // An option of another command is refused, with a pointer to the command's help.
+    const wrong = cli(["watch", "job-x", "--limit", "3"], env);
+    assert.equal(wrong.code, 2);
+    assert.match(wrong.err, /unknown option --limit[\s\S]*loraforge watch --help/);
+    const notInt = cli(["train", "--rank", "eight"], env);
+    assert.equal(notInt.code, 2);
+    assert.match(notInt.err, /--rank takes an integer/);
     const top = cli(["--help"]);
     assert.equal(top.code, 0);
     assert.match(top.out, /Exit codes/);

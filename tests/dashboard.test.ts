@@ -1,11 +1,12 @@
 // The live dashboard in a real headless Chromium, against real training jobs on the
-// tiny model: the job list and charts update live, a validation image appears, a
-// reload replays the history, checkpoints download, the cancel button cancels, and
-// without the token every request is refused.
+// tiny model: a loading state until the job list's first answer, the job list and
+// charts update live, a validation image appears, a reload replays the history,
+// checkpoints download, the cancel button cancels, and without the token every
+// request is refused.
 import assert from "node:assert/strict";
 import { request } from "node:http";
 import { after, before, describe, it } from "node:test";
-import type { Browser, BrowserContext, Page } from "playwright-core";
+import type { Browser, BrowserContext, Page, Route } from "playwright-core";
 import { JobState, stateName } from "@loraforge/sdk";
 import { fixtures, quickSpec, until, type Fixtures } from "./lib/harness.js";
 import { artifactPath, launchBrowser, startDashboardStack, type DashboardStack } from "./lib/browser.js";
@@ -16,6 +17,23 @@ const WAIT = { timeout: 180_000, polling: 100 } as const;
 /** Held by the prompt to show that user text is drawn as text, never as markup. */
 const PROMPT = `a <b>red</b> circle <img src="x-injected" onerror="window.__pwned=1">`;
 const STEPS = 8;
+
+/**
+ * Holds the job list's event stream (its first answer) back until `release()`, so the
+ * test can look at the page before any answer has arrived.
+ */
+async function holdJobList(page: Page): Promise<{ release(): void; done(): Promise<void> }> {
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const handler = async (route: Route) => {
+    await gate;
+    await route.continue();
+  };
+  await page.route("**/api/jobs/events", handler);
+  return { release, done: () => page.unroute("**/api/jobs/events", handler) };
+}
+
+const visible = (page: Page, selector: string) => page.isVisible(selector);
 
 const points = (page: Page) => page.$eval("#loss-chart", (e) => Number((e as HTMLElement).dataset.points ?? "0"));
 const pageState = (page: Page) => page.$eval("#job-state", (e) => (e as HTMLElement).dataset.state ?? "");
@@ -72,6 +90,26 @@ describe("dashboard", () => {
         .end(),
     );
     assert.equal(rebound, 403);
+  });
+
+  it("says it is loading until the job list's first answer, and only then that there are no jobs", async () => {
+    const held = await holdJobList(page);
+    try {
+      await page.goto(`${stack.url}?token=${TOKEN}`);
+      assert.equal(await visible(page, "#jobs-loading"), true, "a loading state while the list is unknown");
+      assert.equal(await page.textContent("#jobs-loading"), "Loading jobs…");
+      assert.equal(await visible(page, "#no-jobs"), false, "not 'No jobs yet' before an answer says so");
+      assert.equal(await visible(page, "#empty"), false);
+      assert.equal(await page.getAttribute("#job-list", "aria-busy"), "true");
+      await page.screenshot({ path: artifactPath("dashboard-loading.png") });
+    } finally {
+      held.release();
+    }
+    await page.waitForSelector("#no-jobs", { state: "visible", timeout: WAIT.timeout });
+    assert.equal(await visible(page, "#jobs-loading"), false);
+    assert.equal(await page.getAttribute("#job-list", "aria-busy"), "false");
+    assert.equal(await page.$$eval("#job-list li", (li) => li.length), 0);
+    await held.done();
   });
 
   it("follows a job live: list, growing chart, validation image, checkpoints; a reload keeps the history", { timeout: 300_000 }, async () => {
@@ -166,6 +204,25 @@ describe("dashboard", () => {
     assert.deepEqual([...tail.matchAll(/^id: (\d+)$/gm)].map((m) => Number(m[1])), [last]);
     assert.match(tail, /event: end/);
     assert.equal((await fetch(`${stack.url}api/jobs/${job.id}/events?after=${last}`, { headers: auth })).status, 204);
+  });
+
+  it("with jobs, shows the loading state and then the real list, never 'No jobs yet'", async () => {
+    assert.ok((await stack.client.listJobs({ pageSize: 1 })).jobs.length > 0, "runs after the live test above made a job");
+    const held = await holdJobList(page);
+    try {
+      await page.goto(stack.url);
+      assert.equal(await visible(page, "#jobs-loading"), true);
+      assert.equal(await visible(page, "#no-jobs"), false);
+      assert.equal(await page.$$eval("#job-list li", (li) => li.length), 0);
+    } finally {
+      held.release();
+    }
+    await page.waitForSelector("#job-list a[data-job-id]", { timeout: WAIT.timeout });
+    assert.equal(await visible(page, "#jobs-loading"), false);
+    assert.equal(await visible(page, "#no-jobs"), false);
+    // With none chosen, the page follows the newest job.
+    await page.waitForFunction(() => /^job-/.test(document.getElementById("job-id")?.textContent ?? ""), undefined, WAIT);
+    await held.done();
   });
 
   it("shows an unknown job's error as text", async () => {

@@ -6,6 +6,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { parse as parseYaml } from "yaml";
 import {
+  Artifact,
   ArtifactKind,
   createClient,
   InvalidSpecError,
@@ -17,43 +18,204 @@ import {
   stateName,
   TrainingSpec,
   UnavailableError,
+  FINAL_STATES,
   type LoraforgeClient,
 } from "@loraforge/sdk";
 import { InferResponse, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { Dataset } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
+import { contractMessage, protoJson } from "./contract.js";
 import { configFromEnv } from "./server.js";
 
 /** Exit codes, documented in the README and `loraforge --help`. */
 export const EXIT = { OK: 0, FAILED: 1, USAGE: 2, INVALID: 3, NOT_FOUND: 4, CANCELLED: 5, UNAVAILABLE: 69 } as const;
 
-export const CLIENT_USAGE = `usage: loraforge <command> [options]     (every command takes --help)
+/** One option of a command: `arg` names its value; without one it is a switch. */
+interface Option {
+  name: string;
+  arg?: string;
+  help: string;
+  /** Another spelling, e.g. "o" for "output". */
+  alias?: string;
+}
 
-  train [SPEC.yaml|SPEC.json] [--<spec-field> VALUE]... [--request-id ID] [--follow]
-                         submit a training job; flags override the file (--max-train-steps 500)
-  jobs [--state STATE] [--limit N]       list jobs, newest first
-  watch JOB [--after SEQ]                follow a job's events until it ends
-  cancel JOB                             cancel a job
-  download JOB [OBJECT_NAME] [-o FILE]   download an artifact (default: the final LoRA)
-  infer --base-model DIR --prompt TEXT [--lora JOB[:SCALE]]... [--lora-file FILE[:SCALE]]...
-        [--steps N] [--guidance G] [--seed S] [--width W] [--height H] [--num-images N]
-        [--scheduler euler|ddim|dpmpp_2m] [--negative-prompt TEXT] [-o OUT.png]
-        SDXL: [--prompt-2 TEXT] [--negative-prompt-2 TEXT] [--original-size WxH] [--crop TOP,LEFT]
-        [--target-size WxH] [--negative-original-size WxH] [--negative-crop TOP,LEFT] [--negative-target-size WxH]
-  datasets upload FOLDER|ZIP [--name NAME]   upload a captioned image set; prints its id (train --dataset-id ID)
-  export-onnx MODEL_DIR [--out DIR]      export a base model to ONNX (runs the engine locally)
+interface Command {
+  args: string;
+  about: string;
+  options: Option[];
+  /** Takes every TrainingSpec field as an option too. */
+  spec?: boolean;
+}
 
-Common options:
-  --address HOST:PORT   the server (LORAFORGE_ADDRESS, default 127.0.0.1:50051)
-  --token TOKEN         bearer token (LORAFORGE_API_TOKEN)
-  --json                machine-readable output: one proto3-JSON object per line
+const COMMON: Option[] = [
+  { name: "address", arg: "HOST:PORT", help: "the server (LORAFORGE_ADDRESS, default 127.0.0.1:50051)" },
+  { name: "token", arg: "TOKEN", help: "bearer token (LORAFORGE_API_TOKEN)" },
+  { name: "json", help: "machine-readable output, one JSON object per line: messages in proto3 JSON (enum names, 64-bit integers as strings)" },
+  { name: "help", alias: "h", help: "this help" },
+];
 
-Exit codes: 0 ok · 1 the job failed (or another error) · 2 usage · 3 invalid spec or request
+const WxH = (what: string) => `${what} size conditioning (SDXL), WIDTHxHEIGHT`;
+
+/** Every client command and its options: the parser accepts exactly these, and --help prints them. */
+const COMMANDS: Record<string, Command> = {
+  train: {
+    args: "[SPEC.yaml|SPEC.json] [--<spec-field> VALUE]...",
+    about: "submit a training job; spec flags override the file (--max-train-steps 500)",
+    options: [
+      { name: "request-id", arg: "ID", help: "idempotency key: a retry with the same key returns the same job" },
+      { name: "follow", help: "follow the job until it ends; the exit code is then the job's (0, 1 or 5)" },
+    ],
+    spec: true,
+  },
+  jobs: {
+    args: "",
+    about: "list jobs, newest first",
+    options: [
+      { name: "state", arg: "STATE", help: "only jobs in this state: QUEUED, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED" },
+      { name: "limit", arg: "N", help: "at most N jobs (default 50)" },
+    ],
+  },
+  watch: {
+    args: "JOB",
+    about: "follow a job's events until it ends; exits with the job's code (0 succeeded, 1 failed, 5 cancelled)",
+    options: [{ name: "after", arg: "SEQ", help: "only events after this sequence number (default 0: the whole history)" }],
+  },
+  cancel: { args: "JOB", about: "cancel a job", options: [] },
+  download: {
+    args: "JOB [OBJECT_NAME]",
+    about: "download an artifact (default: the final LoRA; a checkpoint arrives as a .tar)",
+    options: [{ name: "output", alias: "o", arg: "FILE", help: "where to write it (default: the artifact's file name)" }],
+  },
+  infer: {
+    args: "--base-model DIR --prompt TEXT [options]",
+    about: "draw images with a base model and any LoRAs",
+    options: [
+      { name: "base-model", arg: "DIR", help: "the base model folder (diffusers layout, on the server host)" },
+      { name: "prompt", arg: "TEXT", help: "what to draw" },
+      { name: "negative-prompt", arg: "TEXT", help: "what to steer away from" },
+      { name: "lora", arg: "JOB[:SCALE]", help: "a job's final LoRA at a scale (default 1); repeatable" },
+      { name: "lora-file", arg: "FILE[:SCALE]", help: "a LoRA file on the server host at a scale; repeatable" },
+      { name: "steps", arg: "N", help: "denoising steps" },
+      { name: "guidance", arg: "G", help: "classifier-free guidance scale" },
+      { name: "seed", arg: "S", help: "random seed" },
+      { name: "width", arg: "W", help: "image width in pixels" },
+      { name: "height", arg: "H", help: "image height in pixels" },
+      { name: "num-images", arg: "N", help: "images per prompt" },
+      { name: "scheduler", arg: "NAME", help: "euler, ddim or dpmpp_2m" },
+      { name: "output", alias: "o", arg: "OUT.png", help: "where to write the image (default out.png; several get -0, -1, …)" },
+      { name: "prompt-2", arg: "TEXT", help: "SDXL: the second text encoder's prompt" },
+      { name: "negative-prompt-2", arg: "TEXT", help: "SDXL: the second text encoder's negative prompt" },
+      { name: "original-size", arg: "WxH", help: WxH("original") },
+      { name: "crop", arg: "TOP,LEFT", help: "crop-origin size conditioning (SDXL)" },
+      { name: "target-size", arg: "WxH", help: WxH("target") },
+      { name: "negative-original-size", arg: "WxH", help: WxH("negative original") },
+      { name: "negative-crop", arg: "TOP,LEFT", help: "negative crop-origin size conditioning (SDXL)" },
+      { name: "negative-target-size", arg: "WxH", help: WxH("negative target") },
+    ],
+  },
+  datasets: {
+    args: "upload FOLDER|ZIP",
+    about: "upload a captioned image set; prints its id (train --dataset-id ID)",
+    options: [{ name: "name", arg: "NAME", help: "the set's name (default: the folder's or zip's name)" }],
+  },
+  "export-onnx": {
+    args: "MODEL_DIR",
+    about: "export a base model to ONNX (runs the engine locally)",
+    options: [{ name: "out", arg: "DIR", help: "where to write it (default <state dir>/onnx)" }],
+  },
+};
+
+const EXIT_CODES = `Exit codes: 0 ok · 1 the job failed (or another error) · 2 usage · 3 invalid spec or request
             · 4 not found · 5 the job was cancelled · 69 server unavailable`;
+
+/** `left` then `text` wrapped in a column from `col` on (on the next line when `left` is too wide). */
+function twoColumns(left: string, text: string, col: number): string[] {
+  const lines = wrap(text, col);
+  if (left.length < col - 1) lines[0] = left.padEnd(col) + lines[0].slice(col);
+  else lines.unshift(left);
+  return lines;
+}
+
+const optionLines = (options: Option[]) =>
+  options.flatMap((o) => twoColumns(`  ${o.alias ? `-${o.alias}, ` : ""}--${o.name}${o.arg ? ` ${o.arg}` : ""}`, o.help, 30));
+
+export const CLIENT_USAGE = [
+  "usage: loraforge <command> [options]     (every command takes --help)",
+  "",
+  ...Object.entries(COMMANDS).flatMap(([name, c]) => twoColumns(`  ${name} ${c.args}`, c.about, 40)),
+  "",
+  "Common options:",
+  ...optionLines(COMMON),
+  "",
+  EXIT_CODES,
+].join("\n");
+
+/** A TrainingSpec field as a `train` option: `--max-train-steps 500` sets maxTrainSteps. */
+interface SpecOption {
+  flag: string;
+  /** The field's proto3 JSON name, e.g. "maxTrainSteps". */
+  field: string;
+  kind: "string" | "integer" | "number" | "boolean";
+  repeated: boolean;
+  /** The field's comment in training_spec.proto. */
+  doc: string;
+}
+
+let specOptionsCache: SpecOption[] | undefined;
+
+/** Every TrainingSpec field, read from the contract's descriptors: the parser and `train --help` both use it. */
+export function specOptions(): SpecOption[] {
+  if (specOptionsCache) return specOptionsCache;
+  const { message, comment } = contractMessage("loraforge.v1.TrainingSpec");
+  specOptionsCache = message.fields.map((f) => {
+    const scalar = f.fieldKind === "scalar" || f.fieldKind === "list" ? f.scalar : undefined;
+    // ScalarType: 1 double, 2 float, 9 string, 8 bool; the rest are integers.
+    const kind = scalar === 9 ? "string" : scalar === 8 ? "boolean" : scalar === 1 || scalar === 2 ? "number" : scalar !== undefined ? "integer" : "string";
+    return { flag: f.name.replace(/_/g, "-"), field: f.jsonName, kind, repeated: f.fieldKind === "list", doc: comment(f) };
+  });
+  return specOptionsCache;
+}
+
+function wrap(text: string, indent: number, width = 100): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of text.split(/\s+/).filter(Boolean)) {
+    if (line && indent + line.length + 1 + word.length > width) {
+      lines.push(" ".repeat(indent) + line);
+      line = word;
+    } else line = line ? `${line} ${word}` : word;
+  }
+  if (line) lines.push(" ".repeat(indent) + line);
+  return lines;
+}
+
+/** `loraforge COMMAND --help`: the command's arguments and every option it takes. */
+export function commandUsage(name: string): string {
+  const c = COMMANDS[name];
+  const out = [`usage: loraforge ${name} ${c.args}`.trimEnd(), "", ...wrap(c.about, 0), ""];
+  if (c.options.length) out.push("Options:", ...optionLines(c.options), "");
+  out.push("Common options:", ...optionLines(COMMON), "");
+  if (c.spec) {
+    out.push("Spec options: every TrainingSpec field (proto/loraforge/v1/training_spec.proto); repeatable ones add an item each time:");
+    for (const o of specOptions()) {
+      const arg = o.kind === "boolean" ? "true|false" : o.kind === "integer" ? "INT" : o.kind === "number" ? "NUMBER" : "TEXT";
+      out.push(`  --${o.flag} ${arg}${o.repeated ? " (repeatable)" : ""}`, ...wrap(o.doc, 6));
+    }
+    out.push("");
+  }
+  out.push(EXIT_CODES);
+  return out.join("\n");
+}
 
 type Args = { positional: string[]; flags: Map<string, string[]>; bool: Set<string> };
 
-const BOOLEAN_FLAGS = new Set(["json", "follow", "help", "h"]);
-
-function parseArgs(argv: string[]): Args {
+/** Parses argv against the command's options (and, for train, the spec's); anything else is a usage error. */
+function parseArgs(command: Command, argv: string[]): Args {
+  const byName = new Map<string, Option>();
+  for (const o of [...COMMON, ...command.options]) {
+    byName.set(o.name, o);
+    if (o.alias) byName.set(o.alias, o);
+  }
+  const spec = command.spec ? new Set(specOptions().map((o) => o.flag)) : new Set<string>();
   const a: Args = { positional: [], flags: new Map(), bool: new Set() };
   for (let i = 0; i < argv.length; i++) {
     const t = argv[i];
@@ -65,15 +227,23 @@ function parseArgs(argv: string[]): Args {
       a.positional.push(t);
       continue;
     }
-    const eq = t.indexOf("=");
-    const key = t.replace(/^--?/, "").slice(0, eq > 0 ? eq - (t.startsWith("--") ? 2 : 1) : undefined);
-    if (BOOLEAN_FLAGS.has(key) && eq < 0) {
-      a.bool.add(key);
+    const body = t.replace(/^--?/, "");
+    const eq = body.indexOf("=");
+    const key = eq >= 0 ? body.slice(0, eq) : body;
+    const option = byName.get(key);
+    if (!option && !spec.has(key)) {
+      const hint = command.spec ? " (spec fields too: see loraforge train --help)" : "";
+      throw new UsageError(`unknown option ${t.slice(0, t.length - (eq >= 0 ? body.length - eq : 0))}${hint}`);
+    }
+    const name = option?.name ?? key;
+    if (option && !option.arg) {
+      if (eq >= 0) throw new UsageError(`--${name} takes no value`);
+      a.bool.add(name);
       continue;
     }
-    const value = eq > 0 ? t.slice(eq + 1) : argv[++i];
+    const value = eq >= 0 ? body.slice(eq + 1) : argv[++i];
     if (value === undefined) throw new UsageError(`${t} needs a value`);
-    a.flags.set(key, [...(a.flags.get(key) ?? []), value]);
+    a.flags.set(name, [...(a.flags.get(name) ?? []), value]);
   }
   return a;
 }
@@ -81,7 +251,6 @@ function parseArgs(argv: string[]): Args {
 class UsageError extends Error {}
 
 const one = (a: Args, key: string): string | undefined => a.flags.get(key)?.at(-1);
-const kebabToCamel = (k: string) => k.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
 
 /** A spec from an optional YAML/JSON file plus `--field value` flags (flags win). */
 export function specFromArgs(a: Args, cwd = process.cwd()): TrainingSpec {
@@ -90,22 +259,23 @@ export function specFromArgs(a: Args, cwd = process.cwd()): TrainingSpec {
     const text = readFileSync(a.positional[0], "utf8");
     Object.assign(raw, a.positional[0].endsWith(".json") ? JSON.parse(text) : parseYaml(text));
   }
-  for (const [key, values] of a.flags) {
-    if (["address", "token", "request-id"].includes(key)) continue;
-    const field = kebabToCamel(key);
-    const v = values.at(-1)!;
-    let parsed: unknown = v;
-    try {
-      parsed = JSON.parse(v);
-    } catch {
-      // a plain string
-    }
-    const value = typeof parsed === "number" || typeof parsed === "boolean" ? parsed : v;
-    // A field the contract knows survives a round trip through the generated codec.
-    const probe = TrainingSpec.toJSON(TrainingSpec.fromJSON({ [field]: value })) as Record<string, unknown>;
-    if (!(field in probe))
-      throw new UsageError(`unknown option --${key}: not a TrainingSpec field (see proto/loraforge/v1/training_spec.proto; e.g. --max-train-steps 500)`);
-    raw[field] = value;
+  for (const o of specOptions()) {
+    const values = a.flags.get(o.flag);
+    if (!values) continue;
+    const parse = (v: string): unknown => {
+      if (o.kind === "string") return v;
+      if (o.kind === "boolean") {
+        if (v !== "true" && v !== "false") throw new UsageError(`--${o.flag} takes true or false, got ${JSON.stringify(v)}`);
+        return v === "true";
+      }
+      const n = Number(v);
+      if (v.trim() === "" || !Number.isFinite(n) || (o.kind === "integer" && !Number.isInteger(n)))
+        throw new UsageError(`--${o.flag} takes ${o.kind === "integer" ? "an integer" : "a number"}, got ${JSON.stringify(v)}`);
+      return n;
+    };
+    // A file's key may be snake_case; the flag's value replaces it.
+    delete raw[o.flag.replace(/-/g, "_")];
+    raw[o.field] = o.repeated ? values.map(parse) : parse(values.at(-1)!);
   }
   // snake_case keys from a file become camelCase, which fromJSON accepts too.
   const spec = TrainingSpec.fromJSON(raw);
@@ -135,7 +305,16 @@ export function progressLine(ev: JobEvent, width = 24): string | null {
   );
 }
 
-/** Follows a job, printing a live line on a terminal (or a line per event otherwise); returns its exit code. */
+/** One line of --json output. */
+const printJson = (value: unknown) => void process.stdout.write(JSON.stringify(value) + "\n");
+
+const stateLine = (state: JobState, error: string, lora?: Artifact) =>
+  `${stateName(state)}${error ? `: ${error}` : ""}${lora ? ` — LoRA ${lora.path}` : ""}`;
+
+const exitCodeOf = (state: JobState) =>
+  state === JobState.JOB_STATE_SUCCEEDED ? EXIT.OK : state === JobState.JOB_STATE_CANCELLED ? EXIT.CANCELLED : EXIT.FAILED;
+
+/** Follows a job, printing a live line on a terminal (or a line per event otherwise); returns the job's exit code. */
 async function follow(client: LoraforgeClient, jobId: string, after: number, json: boolean): Promise<number> {
   const tty = process.stdout.isTTY && !json;
   let lastPrinted = 0;
@@ -143,7 +322,7 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
   for await (const ev of client.progress(jobId, { afterSequence: after })) {
     const p = ev.payload;
     if (json) {
-      process.stdout.write(JSON.stringify(JobEvent.toJSON(ev)) + "\n");
+      printJson(protoJson(JobEvent, "loraforge.v1.JobEvent", ev));
     } else if (p?.$case === "metrics") {
       const line = progressLine(ev)!;
       if (tty) process.stdout.write(`\r${line}\x1b[K`);
@@ -154,7 +333,7 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
     } else {
       const text =
         p?.$case === "state"
-          ? `${stateName(p.state.state)}${p.state.error ? `: ${p.state.error}` : ""}${p.state.lora ? ` — LoRA ${p.state.lora.path}` : ""}`
+          ? stateLine(p.state.state, p.state.error, p.state.lora)
           : p?.$case === "checkpoint"
             ? `checkpoint at step ${p.checkpoint.step}`
             : p?.$case === "validation"
@@ -166,11 +345,18 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
     }
     if (p?.$case === "state") final = p.state.state;
   }
-  return final === JobState.JOB_STATE_SUCCEEDED ? EXIT.OK : final === JobState.JOB_STATE_CANCELLED ? EXIT.CANCELLED : EXIT.FAILED;
+  if (!FINAL_STATES.includes(final)) {
+    // The stream ends only after the final event; started past it (--after N), it
+    // delivered none, so the record says how the job ended.
+    const job = await client.getJob(jobId);
+    final = job.state;
+    if (!json) process.stdout.write(`${tty ? "\r\x1b[K" : ""}${stateLine(job.state, job.error, job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.objectName))}\n`);
+  }
+  return exitCodeOf(final);
 }
 
 function printJob(job: Job, json: boolean) {
-  if (json) return void process.stdout.write(JSON.stringify(Job.toJSON(job)) + "\n");
+  if (json) return printJson(protoJson(Job, "loraforge.v1.Job", job));
   const steps = job.totalSteps ? `${job.currentStep}/${job.totalSteps}` : "-";
   process.stdout.write(`${job.id}  ${stateName(job.state).padEnd(10)} ${steps.padEnd(11)} ${job.createTime?.toISOString() ?? ""}${job.error ? "  " + job.error : ""}\n`);
 }
@@ -183,15 +369,17 @@ function parseLoraRef(v: string, kind: "jobId" | "path") {
 }
 
 export async function runClient(command: string, argv: string[]): Promise<number> {
+  const spec = COMMANDS[command];
+  if (!spec) return report(command, new UsageError(`unknown command ${JSON.stringify(command)}`));
   let a: Args;
   try {
-    a = parseArgs(argv);
+    a = parseArgs(spec, argv);
   } catch (err) {
-    process.stderr.write(`loraforge ${command}: ${(err as Error).message}\n`);
+    process.stderr.write(`loraforge ${command}: ${(err as Error).message}\n(see loraforge ${command} --help)\n`);
     return EXIT.USAGE;
   }
-  if (a.bool.has("help") || a.bool.has("h")) {
-    process.stdout.write(CLIENT_USAGE + "\n");
+  if (a.bool.has("help")) {
+    process.stdout.write(commandUsage(command) + "\n");
     return EXIT.OK;
   }
   const json = a.bool.has("json");
@@ -240,9 +428,9 @@ export async function runClient(command: string, argv: string[]): Promise<number
         const job = await client.getJob(id);
         const name = a.positional[1] ?? job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.objectName)?.objectName;
         if (!name) throw new UsageError(`job ${id} has no final LoRA yet (state ${stateName(job.state)}); name an artifact: ${job.artifacts.map((x) => x.objectName).join(" ")}`);
-        const out = one(a, "o") ?? one(a, "output") ?? (name.endsWith("/") ? `${path.basename(name.slice(0, -1))}.tar` : path.basename(name));
+        const out = one(a, "output") ?? (name.endsWith("/") ? `${path.basename(name.slice(0, -1))}.tar` : path.basename(name));
         const info = await client.artifacts.download(id, name, { file: out });
-        if (json) process.stdout.write(JSON.stringify({ file: path.resolve(out), artifact: info }) + "\n");
+        if (json) printJson({ file: path.resolve(out), artifact: protoJson(Artifact, "loraforge.v1.Artifact", info) });
         else process.stdout.write(`${path.resolve(out)}\n`);
         return EXIT.OK;
       }
@@ -267,25 +455,25 @@ export async function runClient(command: string, argv: string[]): Promise<number
           sizeConditioning: sizeConditioning(a, ""),
           negativeSizeConditioning: sizeConditioning(a, "negative-"),
         });
-        const out = one(a, "o") ?? one(a, "output") ?? "out.png";
+        const out = one(a, "output") ?? "out.png";
         const files = res.images.map((img, i) => {
           const f = res.images.length === 1 ? out : out.replace(/(\.png)?$/i, `-${i}.png`);
           writeFileSync(f, img.png);
           return path.resolve(f);
         });
-        if (json) process.stdout.write(JSON.stringify({ files, ...InferResponse.toJSON({ ...res, images: [] }) as object }) + "\n");
+        if (json) printJson({ files, ...(protoJson(InferResponse, "loraforge.v1.InferResponse", { ...res, images: [] }) as object) });
         else process.stdout.write(files.join("\n") + "\n");
         return EXIT.OK;
       }
       case "datasets": {
         if (a.positional[0] !== "upload" || !a.positional[1]) throw new UsageError("usage: loraforge datasets upload FOLDER|ZIP [--name NAME]");
         const ds = await client.datasets.upload(path.resolve(a.positional[1]), { name: one(a, "name") });
-        if (json) process.stdout.write(JSON.stringify(ds) + "\n");
+        if (json) printJson(protoJson(Dataset, "loraforge.v1.Dataset", ds));
         else process.stdout.write(`${ds.id}  ${ds.imageCount} images  ${ds.path}\n`);
         return EXIT.OK;
       }
       default:
-        throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+        throw new UsageError(`no such command ${JSON.stringify(command)}`);
     }
   } catch (err) {
     return report(command, err);
@@ -320,7 +508,7 @@ function sizeConditioning(a: Args, prefix: string): DeepPartial<SizeConditioning
 
 function report(command: string, err: unknown): number {
   if (err instanceof UsageError) {
-    process.stderr.write(`loraforge ${command}: ${err.message}\n(see loraforge --help)\n`);
+    process.stderr.write(`loraforge ${command}: ${err.message}\n(see loraforge ${COMMANDS[command] ? `${command} ` : ""}--help)\n`);
     return EXIT.USAGE;
   }
   if (err instanceof InvalidSpecError || (err instanceof LoraforgeError && err.code === 3)) {

@@ -63,7 +63,7 @@ export async function runDaemon(command: "serve" | "worker", rest: string[]): Pr
   // One line on stdout that scripts (and the tests) wait for.
   if (command === "serve") console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
   if (command === "serve" && server.dashboardUrl) console.log(`loraforge: dashboard on ${server.dashboardUrl}`);
-  else console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
+  else if (command === "worker") console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
   await new Promise<void>((resolve) => {
     const onSignal = (sig: string) => {
       log("info", `received ${sig}`);

@@ -1,7 +1,7 @@
 // Assembles one loraforge process: NATS (configured or managed), the job and
-// artifact stores, and — for `serve` — the gRPC API with health checking plus an
-// in-process worker, or — for `worker` — a worker alone. Takes it apart in the
-// right order on shutdown.
+// artifact stores, and — for `serve` — the gRPC API with health checking and
+// server reflection plus an in-process worker, or — for `worker` — a worker
+// alone. Takes it apart in the right order on shutdown.
 import { stateName } from "@loraforge/sdk";
 import { existsSync } from "node:fs";
 import path from "node:path";
@@ -12,6 +12,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./artifacts.js";
 import { tokenInterceptor } from "./auth.js";
+import { addReflection } from "./contract.js";
 import { addInferenceService } from "./infer/index.js";
 import { startDashboard } from "./dashboard/index.js";
 import { log } from "./log.js";
@@ -138,6 +139,8 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
       "loraforge.v1.DatasetService": "SERVING",
     });
     health.addToServer(grpcServer);
+    // Lets grpcurl and `buf curl` list and call every service without local .proto files.
+    addReflection(grpcServer);
     const port = await new Promise<number>((resolve, reject) =>
       grpcServer.bindAsync(cfg.address, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
     );

@@ -56,6 +56,8 @@ const artifactUrl = (jobId, objectName) =>
 
 let listJobs = [];
 let selectedId = null;
+// Until the server's first answer the list is unknown, not empty: the page says it is loading.
+let listLoaded = false;
 
 function renderJobList() {
   const ul = $("job-list");
@@ -82,7 +84,10 @@ function renderJobList() {
       return el("li", {}, a);
     }),
   );
-  $("no-jobs").hidden = listJobs.length > 0;
+  $("jobs-loading").hidden = listLoaded;
+  $("job-list").setAttribute("aria-busy", String(!listLoaded));
+  $("no-jobs").hidden = !listLoaded || listJobs.length > 0;
+  $("empty").hidden = !listLoaded || !!selectedId;
 }
 
 function connectJobList() {
@@ -92,6 +97,7 @@ function connectJobList() {
   es.addEventListener("error", () => { conn.textContent = "reconnecting…"; conn.dataset.ok = "false"; });
   es.addEventListener("jobs", (e) => {
     listJobs = JSON.parse(e.data);
+    listLoaded = true;
     renderJobList();
     // With nothing chosen, follow the newest job.
     if (!selectedId && listJobs.length > 0) {
@@ -380,7 +386,6 @@ function selectJob(jobId) {
   if (view && view.es) view.es.close();
   selectedId = jobId;
   renderJobList();
-  $("empty").hidden = !!jobId;
   $("job").hidden = !jobId;
   if (!jobId) { view = null; return; }
 

@@ -1,0 +1,121 @@
+// @loraforge/sdk as another team installs it: `npm pack` of sdk/, the tarball installed
+// into an empty project outside the repo (its dependencies from npm), a strict TypeScript
+// client compiled against the installed typings and run against a real server, and
+// CommonJS `require()` of the ESM-only package.
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from "node:fs";
+import path from "node:path";
+import { after, before, describe, it } from "node:test";
+import { fixtures, REPO, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+
+/** Runs a command; throws with its output when it fails. */
+function run(cmd: string, args: string[], cwd: string): string {
+  const r = spawnSync(cmd, args, { cwd, encoding: "utf8", timeout: 180_000, env: { ...process.env, npm_config_update_notifier: "false" } });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} (in ${cwd}) failed (${r.status}):\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+const versionOf = (pkg: string) => (JSON.parse(readFileSync(path.join(REPO, "node_modules", pkg, "package.json"), "utf8")) as { version: string }).version;
+
+// Strict, and the SDK's own .d.ts files are checked too (skipLibCheck off).
+const TSCONFIG = {
+  compilerOptions: {
+    strict: true,
+    noUncheckedIndexedAccess: true,
+    skipLibCheck: false,
+    module: "NodeNext",
+    moduleResolution: "NodeNext",
+    target: "ES2022",
+    types: ["node"],
+    outDir: "dist",
+  },
+  files: ["client.ts"],
+};
+
+const CLIENT = `import { createClient, InvalidSpecError, JobState, stateName, type JobEvent } from "@loraforge/sdk";
+
+const [address, baseModel, datasetDir] = process.argv.slice(2);
+if (!address || !baseModel || !datasetDir) throw new Error("usage: client ADDRESS MODEL DATASET");
+const client = createClient({ address });
+try {
+  const before: string[] = [];
+  for await (const job of client.jobs.list({ pageSize: 10 })) before.push(job.id);
+
+  let violations: string[] = [];
+  try {
+    await client.train({ baseModel, datasetDir, rank: 0 });
+  } catch (err) {
+    if (!(err instanceof InvalidSpecError)) throw err;
+    violations = err.violations.map((v) => v.field);
+  }
+
+  const job = await client.train({ baseModel, datasetDir, resolution: 64, trainBatchSize: 2, maxTrainSteps: 2, seed: 11 });
+  const events: JobEvent[] = [];
+  for await (const ev of job.progress()) events.push(ev);
+  const done = await job.result();
+  console.log(JSON.stringify({
+    before,
+    violations,
+    id: job.id,
+    sequences: events.map((e) => e.sequence),
+    kinds: events.map((e) => e.payload?.$case ?? ""),
+    state: stateName(done.state),
+    succeeded: done.state === JobState.JOB_STATE_SUCCEEDED,
+    lora: job.lora?.objectName ?? null,
+  }));
+} finally {
+  client.close();
+}
+`;
+
+describe("@loraforge/sdk as an npm package", () => {
+  let f: Fixtures;
+  let srv: ServerProcess;
+  before(async () => {
+    f = fixtures();
+    srv = await startServer({ env: { LORAFORGE_DASHBOARD_ADDRESS: "off" } });
+  });
+  after(async () => {
+    await srv?.stop();
+  });
+
+  it("packs, installs into an empty project, compiles a strict TypeScript client and runs it against a server", { timeout: 240_000 }, () => {
+    const work = tmpDir("sdk-pack");
+    const packed = JSON.parse(run("npm", ["pack", "--json", "--pack-destination", work], path.join(REPO, "sdk"))) as { filename: string; files: { path: string }[] }[];
+    const files = packed[0]!.files.map((x) => x.path);
+    for (const needed of ["package.json", "README.md", "dist/index.js", "dist/index.d.ts", "dist/gen/loraforge/v1/job.js"]) assert.ok(files.includes(needed), `the tarball has ${needed}`);
+    assert.ok(!files.some((x) => x.endsWith(".tsbuildinfo")), "no build state in the tarball");
+
+    // An empty project outside the repo: nothing resolves from the repo's node_modules.
+    const project = path.join(work, "consumer");
+    mkdirSync(project);
+    writeFileSync(path.join(project, "package.json"), JSON.stringify({ name: "sdk-consumer", private: true, type: "module" }));
+    run(
+      "npm",
+      ["install", "--prefer-offline", "--no-audit", "--no-fund", path.join(work, packed[0]!.filename), `typescript@${versionOf("typescript")}`, `@types/node@${versionOf("@types/node")}`],
+      project,
+    );
+    const installed = realpathSync(path.join(project, "node_modules", "@loraforge", "sdk"));
+    assert.ok(installed.startsWith(realpathSync(project)), `installed as files, not linked to the repo: ${installed}`);
+    assert.ok(existsSync(path.join(project, "node_modules", "@grpc", "grpc-js")), "its dependencies came from npm");
+
+    writeFileSync(path.join(project, "tsconfig.json"), JSON.stringify(TSCONFIG));
+    writeFileSync(path.join(project, "client.ts"), CLIENT);
+    run(process.execPath, [path.join(project, "node_modules", "typescript", "bin", "tsc"), "-p", project], project);
+
+    const out = JSON.parse(run(process.execPath, [path.join(project, "dist", "client.js"), srv.address, f.model, f.dataset], project).trim());
+    assert.ok(Array.isArray(out.before));
+    assert.ok(out.violations.includes("spec.rank"), `InvalidSpecError names the field: ${out.violations}`);
+    assert.match(out.id, /^job-/);
+    assert.deepEqual(out.sequences, out.sequences.map((_: number, i: number) => i + 1), "every event, in order");
+    assert.deepEqual(out.kinds.filter((k: string) => k === "metrics").length, 2);
+    assert.equal(out.state, "SUCCEEDED");
+    assert.equal(out.succeeded, true);
+    assert.match(out.lora, /pytorch_lora_weights\.safetensors$/);
+
+    // ESM-only, and a CommonJS file can still require() it (Node's require(esm), Node >= 20.19).
+    writeFileSync(path.join(project, "check.cjs"), 'const sdk = require("@loraforge/sdk"); console.log(typeof sdk.createClient, typeof sdk.subscribe);\n');
+    assert.equal(run(process.execPath, [path.join(project, "check.cjs")], project).trim(), "function function");
+  });
+});
