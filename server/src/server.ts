@@ -11,6 +11,7 @@ import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./artifacts.js";
+import { limitsFromEnv, type DatasetLimits } from "./datasets.js";
 import { tokenInterceptor } from "./auth.js";
 import { addInferenceService } from "./infer/index.js";
 import { startDashboard } from "./dashboard/index.js";
@@ -53,6 +54,8 @@ export interface ServerConfig {
   dashboardAddress?: string;
   /** When set, every dashboard request needs this token (default: the API token). */
   dashboardToken?: string;
+  /** Limits of one data set upload (LORAFORGE_UPLOAD_*). */
+  uploadLimits?: DatasetLimits;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
@@ -73,6 +76,7 @@ export function configFromEnv(env = process.env): ServerConfig {
     natsReplicas: num(env.LORAFORGE_NATS_REPLICAS, 1),
     dashboardAddress: (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080") === "off" ? undefined : (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080"),
     dashboardToken: env.LORAFORGE_DASHBOARD_TOKEN || env.LORAFORGE_API_TOKEN || undefined,
+    uploadLimits: limitsFromEnv(env),
   };
 }
 
@@ -129,7 +133,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));
-    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot));
+    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot, cfg.uploadLimits));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
       "": "SERVING",
