@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync } from "node:fs";
 import { createServer } from "node:net";
 import path from "node:path";
+import { childEnv } from "./child-env.js";
 import { log } from "./log.js";
 
 export function findNatsServer(): string {
@@ -41,6 +42,7 @@ export class ManagedNats {
     const bin = findNatsServer();
     const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(p), "-js", "-sd", dataDir, ...extraArgs], {
       stdio: ["ignore", "ignore", "pipe"],
+      env: childEnv(),
     });
     const output: string[] = [];
     await new Promise<void>((resolve, reject) => {
