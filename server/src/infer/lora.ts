@@ -15,7 +15,7 @@
 // 1x1 convolution layers (SD-1.x's proj_in/proj_out) carry [r, in, 1, 1] / [out, r, 1, 1] weights: read as 2-D.
 // alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
 // rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
-import { stat } from "node:fs/promises";
+import { realpath, stat } from "node:fs/promises";
 import ort from "onnxruntime-node";
 import { floatTensor } from "./half.js";
 import { readSafetensors, shownName, type SafetensorsFile, type Tensor } from "./safetensors.js";
@@ -247,8 +247,9 @@ export class LoraCache {
     return this.entries.size;
   }
 
-  /** The file at real path `real`: cached if unchanged, else parsed (and cached once it maps). */
-  async file(real: string): Promise<LoraFile> {
+  /** The file at `file` (links followed: the key is its real path): cached if unchanged, else parsed (and cached once it maps). */
+  async file(file: string): Promise<LoraFile> {
+    const real = await realpath(file);
     const st = await stat(real);
     const signature = `${st.size}:${st.mtimeMs}`;
     const hit = this.entries.get(real);
