@@ -280,6 +280,11 @@ export class LoraCache {
     return m;
   }
 
+  /** file() then map(): the file at `file` mapped onto a model. */
+  async load(file: string, modelKey: string, index: SlotIndex): Promise<MappedLora> {
+    return this.map(await this.file(file), modelKey, index);
+  }
+
   private drop(real: string) {
     const e = this.entries.get(real);
     if (!e) return;
