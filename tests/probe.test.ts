@@ -225,6 +225,30 @@ describe("hostile input and faults", () => {
   });
 });
 
+describe("one managed nats-server per storage directory", () => {
+  it("stops the nats-server a kill -9'd serve left behind before starting its own", async () => {
+    const stateDir = tmpDir("probe-orphan");
+    const natsArgs = `-sd ${path.join(stateDir, "nats")}`;
+    const first = await startServer({ stateDir, env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
+    const [orphan] = processesMatching(natsArgs);
+    assert.ok(orphan, "the first serve's nats-server runs");
+    first.client.close();
+    first.proc.kill("SIGKILL");
+    await new Promise((r) => first.proc.once("exit", r));
+    assert.deepEqual(processesMatching(natsArgs), [orphan], "kill -9 of serve leaves its nats-server running");
+
+    const second = await startServer({ stateDir, env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
+    try {
+      const running = processesMatching(natsArgs);
+      assert.equal(running.length, 1, `one nats-server on ${stateDir}/nats, found ${running.length}`);
+      assert.notEqual(running[0], orphan, "the orphan was stopped");
+      assert.deepEqual((await second.client.listJobs({})).jobs, []);
+    } finally {
+      await second.stop();
+    }
+  });
+});
+
 describe("the Infer LoRA cache", () => {
   // One slot of a model, enough to map small LoRA files onto.
   const slot: SlotInfo = {

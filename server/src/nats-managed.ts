@@ -1,7 +1,9 @@
 // A local nats-server (JetStream on, data under the state directory) started and
-// stopped by `loraforge serve` when no NATS URL is configured.
+// stopped by `loraforge serve` when no NATS URL is configured. One per storage directory:
+// pid files there name the process that owns it and its nats-server, so a start after
+// `kill -9` of the owner stops the orphaned nats-server first, and a second owner is refused.
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import path from "node:path";
 import { childEnv } from "./child-env.js";
@@ -29,18 +31,67 @@ export function freePort(): Promise<number> {
   });
 }
 
+/** The pid in `file`, when that process is alive and its command line contains `needle`; else null. */
+function livePid(file: string, needle: string): number | null {
+  let pid: number;
+  try {
+    pid = Number(readFileSync(file, "utf8").trim());
+  } catch {
+    return null;
+  }
+  if (!Number.isSafeInteger(pid) || pid <= 1 || pid === process.pid) return null;
+  try {
+    // Pids are reused: only a process that is what the file says counts.
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").join(" ").includes(needle) ? pid : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether `pid` runs (a zombie waiting for its new parent to reap it does not). */
+const alive = (pid: number) => {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return false;
+  }
+};
+
+/**
+ * Claims the storage directory for this process: refuses when a live process already owns it,
+ * and stops a nats-server left there by an owner that died (SIGTERM, SIGKILL after 10 s).
+ */
+async function claim(dataDir: string): Promise<void> {
+  const owner = livePid(path.join(dataDir, "owner.pid"), "node");
+  if (owner !== null) throw new Error(`the NATS storage ${dataDir} is in use by process ${owner}; stop it or use another --state-dir`);
+  const orphan = livePid(path.join(dataDir, "nats-server.pid"), `-sd ${dataDir}`);
+  if (orphan !== null) {
+    log("warn", "stopping the nats-server a previous loraforge left running", { pid: orphan, data: dataDir });
+    process.kill(orphan, "SIGTERM");
+    for (let waited = 0; alive(orphan); waited += 100) {
+      if (waited === 10_000) process.kill(orphan, "SIGKILL");
+      if (waited === 20_000) throw new Error(`the nats-server ${orphan} left on ${dataDir} does not stop`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  writeFileSync(path.join(dataDir, "owner.pid"), String(process.pid));
+}
+
 export class ManagedNats {
   private constructor(
     private readonly child: ChildProcess,
     readonly url: string,
+    private readonly dataDir: string,
   ) {}
 
   static async start(stateDir: string, port?: number, extraArgs: string[] = []): Promise<ManagedNats> {
     const dataDir = path.join(stateDir, "nats");
     mkdirSync(dataDir, { recursive: true });
+    await claim(dataDir);
+    const pidFile = path.join(dataDir, "nats-server.pid");
     const p = port ?? (await freePort());
     const bin = findNatsServer();
-    const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(p), "-js", "-sd", dataDir, ...extraArgs], {
+    const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(p), "-js", "-sd", dataDir, "-P", pidFile, ...extraArgs], {
       stdio: ["ignore", "ignore", "pipe"],
       env: childEnv(),
     });
@@ -63,7 +114,7 @@ export class ManagedNats {
     child.stderr!.removeAllListeners("data");
     child.stderr!.resume();
     log("info", "managed nats-server started", { url: `nats://127.0.0.1:${p}`, pid: child.pid, data: dataDir });
-    return new ManagedNats(child, `nats://127.0.0.1:${p}`);
+    return new ManagedNats(child, `nats://127.0.0.1:${p}`, dataDir);
   }
 
   get pid(): number | undefined {
@@ -71,11 +122,13 @@ export class ManagedNats {
   }
 
   async stop(): Promise<void> {
-    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
-    const exited = new Promise((r) => this.child.once("exit", r));
-    this.child.kill("SIGTERM");
-    const timer = setTimeout(() => this.child.kill("SIGKILL"), 10_000);
-    await exited;
-    clearTimeout(timer);
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      const exited = new Promise((r) => this.child.once("exit", r));
+      this.child.kill("SIGTERM");
+      const timer = setTimeout(() => this.child.kill("SIGKILL"), 10_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    rmSync(path.join(this.dataDir, "owner.pid"), { force: true });
   }
 }
