@@ -3,14 +3,15 @@
 // a client can act on, never INTERNAL, and no stack trace or file bytes in the answer or the log.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { cpSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
+import { connect } from "@nats-io/transport-node";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, natsCredentials, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const TOKEN = "probe-" + randomBytes(12).toString("hex");
 const UPLOAD_MAX_MB = 8;
@@ -222,6 +223,25 @@ describe("hostile input and faults", () => {
     assert.equal(ids.length, tok.maxLength);
     assert.equal(ids[0], tok.bosId);
     assert.ok(ids.slice(1).includes(tok.eosId));
+  });
+});
+
+describe("the managed nats-server's credentials", () => {
+  it("refuses a client without the state directory's credentials, which only the server's user can read", async () => {
+    const srv = await startServer({ env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
+    try {
+      await assert.rejects(connect({ servers: srv.natsUrl, reconnect: false }), /Authorization|auth/i);
+      await assert.rejects(connect({ servers: srv.natsUrl, reconnect: false, user: "loraforge", pass: "guess" }), /Authorization|auth/i);
+      for (const name of ["credentials.json", "auth.conf"])
+        assert.equal((statSync(path.join(srv.stateDir, "nats", name)).mode & 0o777).toString(8), "600", name);
+      const nc = await connect({ servers: srv.natsUrl, ...natsCredentials(srv.stateDir) });
+      await nc.close();
+      // Nor does the password appear on the nats-server's command line, which every local user can read.
+      const [nats] = processesMatching(`-sd ${path.join(srv.stateDir, "nats")}`);
+      assert.ok(!readFileSync(`/proc/${nats}/cmdline`, "utf8").includes(natsCredentials(srv.stateDir).pass));
+    } finally {
+      await srv.stop();
+    }
   });
 });
 

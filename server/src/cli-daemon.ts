@@ -13,6 +13,8 @@ Options (each also settable by environment variable):
   --address HOST:PORT   gRPC listen address; port 0 picks one   LORAFORGE_ADDRESS   (127.0.0.1:50051)
   --state-dir DIR       job outputs and managed NATS data        LORAFORGE_STATE_DIR (./.state)
   --nats URL            use this NATS server                     LORAFORGE_NATS_URL  (managed)
+                        with LORAFORGE_NATS_USER / LORAFORGE_NATS_PASSWORD if it needs them; a
+                        managed one's are in <state dir>/nats/credentials.json
   --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
   --dashboard HOST:PORT|off  live web dashboard                  LORAFORGE_DASHBOARD_ADDRESS (127.0.0.1:8080)

@@ -3,7 +3,8 @@
 // pid files there name the process that owns it and its nats-server, so a start after
 // `kill -9` of the owner stops the orphaned nats-server first, and a second owner is refused.
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import path from "node:path";
 import { childEnv } from "./child-env.js";
@@ -77,17 +78,53 @@ async function claim(dataDir: string): Promise<void> {
   writeFileSync(path.join(dataDir, "owner.pid"), String(process.pid));
 }
 
+/** User name and password of a managed nats-server, as nats.js's connect() takes them. */
+export interface NatsCredentials {
+  user: string;
+  pass: string;
+}
+
+/**
+ * The storage directory's credentials: generated on first use into `credentials.json` (mode 0600),
+ * and the nats-server config that requires them (`auth.conf`, mode 0600: never on a command line,
+ * which every local user can read).
+ */
+function credentials(dataDir: string): { creds: NatsCredentials; conf: string } {
+  const file = path.join(dataDir, "credentials.json");
+  let creds: NatsCredentials;
+  try {
+    creds = JSON.parse(readFileSync(file, "utf8")) as NatsCredentials;
+    if (typeof creds.user !== "string" || !/^[0-9a-f]{64}$/.test(creds.pass)) throw new Error("malformed");
+  } catch {
+    creds = { user: "loraforge", pass: randomBytes(32).toString("hex") };
+    writeFileSync(file, JSON.stringify(creds) + "\n", { mode: 0o600 });
+  }
+  chmodSync(file, 0o600);
+  const conf = path.join(dataDir, "auth.conf");
+  writeFileSync(conf, `authorization {\n  user: "${creds.user}"\n  password: "${creds.pass}"\n}\n`, { mode: 0o600 });
+  chmodSync(conf, 0o600);
+  return { creds, conf };
+}
+
 export class ManagedNats {
   private constructor(
     private readonly child: ChildProcess,
     readonly url: string,
     private readonly dataDir: string,
+    /** What clients must present; undefined when started without auth. */
+    readonly credentials?: NatsCredentials,
   ) {}
 
-  static async start(stateDir: string, port?: number, extraArgs: string[] = []): Promise<ManagedNats> {
+  /**
+   * Starts nats-server on a free loopback port (or `port`) with its store in `<stateDir>/nats`. With
+   * `auth`, it accepts only clients with the directory's credentials (see `credentials`).
+   */
+  static async start(stateDir: string, port?: number, extraArgs: string[] = [], opts: { auth?: boolean } = {}): Promise<ManagedNats> {
     const dataDir = path.join(stateDir, "nats");
     mkdirSync(dataDir, { recursive: true });
     await claim(dataDir);
+    const auth = opts.auth ? credentials(dataDir) : null;
+    if (auth) extraArgs = ["-c", auth.conf, ...extraArgs];
     const pidFile = path.join(dataDir, "nats-server.pid");
     const p = port ?? (await freePort());
     const bin = findNatsServer();
@@ -114,7 +151,7 @@ export class ManagedNats {
     child.stderr!.removeAllListeners("data");
     child.stderr!.resume();
     log("info", "managed nats-server started", { url: `nats://127.0.0.1:${p}`, pid: child.pid, data: dataDir });
-    return new ManagedNats(child, `nats://127.0.0.1:${p}`, dataDir);
+    return new ManagedNats(child, `nats://127.0.0.1:${p}`, dataDir, auth?.creds);
   }
 
   get pid(): number | undefined {

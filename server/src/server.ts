@@ -32,8 +32,11 @@ export interface ServerConfig {
   address: string;
   /** Job outputs and the managed nats-server's data live here. */
   stateDir: string;
-  /** An existing NATS server; unset starts a managed local nats-server. */
+  /** An existing NATS server; unset starts a managed local nats-server (with generated credentials). */
   natsUrl?: string;
+  /** User and password for `natsUrl` (LORAFORGE_NATS_USER, LORAFORGE_NATS_PASSWORD). */
+  natsUser?: string;
+  natsPassword?: string;
   /** Python interpreter with the engine's dependencies. */
   python: string;
   /** Folder holding the loraforge_engine package. */
@@ -66,6 +69,8 @@ export function configFromEnv(env = process.env): ServerConfig {
     address: env.LORAFORGE_ADDRESS ?? "127.0.0.1:50051",
     stateDir: path.resolve(env.LORAFORGE_STATE_DIR ?? ".state"),
     natsUrl: env.LORAFORGE_NATS_URL || undefined,
+    natsUser: env.LORAFORGE_NATS_USER || undefined,
+    natsPassword: env.LORAFORGE_NATS_PASSWORD || undefined,
     python: env.LORAFORGE_PYTHON ?? (existsSync(venvPython) ? venvPython : "python3"),
     engineDir: env.LORAFORGE_ENGINE_DIR ?? path.join(REPO_ROOT, "engine"),
     dataRoots: (env.LORAFORGE_DATA_ROOTS ?? "").split(":").filter(Boolean).map((p) => path.resolve(p)),
@@ -92,11 +97,12 @@ export interface Running {
 
 /** NATS (managed when no URL is configured), the stores, and how to close them. */
 async function openStores(cfg: ServerConfig) {
-  const managed = cfg.natsUrl ? null : await ManagedNats.start(cfg.stateDir);
+  const managed = cfg.natsUrl ? null : await ManagedNats.start(cfg.stateDir, undefined, [], { auth: true });
   const natsUrl = cfg.natsUrl ?? managed!.url;
+  const creds = managed ? managed.credentials : cfg.natsUser ? { user: cfg.natsUser, pass: cfg.natsPassword ?? "" } : {};
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1 });
+    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1, ...creds });
     const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
     const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
     const close = async () => {
