@@ -94,7 +94,8 @@ function credentials(dataDir: string): { creds: NatsCredentials; conf: string } 
   let creds: NatsCredentials;
   try {
     creds = JSON.parse(readFileSync(file, "utf8")) as NatsCredentials;
-    if (typeof creds.user !== "string" || !/^[0-9a-f]{64}$/.test(creds.pass)) throw new Error("malformed");
+    // Both go into auth.conf: only the shapes written here are accepted.
+    if (creds.user !== "loraforge" || !/^[0-9a-f]{64}$/.test(creds.pass)) throw new Error("malformed");
   } catch {
     creds = { user: "loraforge", pass: randomBytes(32).toString("hex") };
     writeFileSync(file, JSON.stringify(creds) + "\n", { mode: 0o600 });
