@@ -12,7 +12,7 @@ import protobuf from "protobufjs";
 import { connect as connectV2 } from "nats";
 import { freePort, ManagedNats } from "@loraforge/server/nats-managed";
 import { createClient, JobNotFoundError, LoraforgeError, stateName, subscribe, type JobEvent } from "@loraforge/sdk";
-import { collect, fixtures, quickSpec, REPO, sha256File, startServer, startWorker, tmpDir, type Fixtures, type ServerProcess, type WorkerProcess } from "./lib/harness.js";
+import { collect, fixtures, natsCredentials, quickSpec, REPO, sha256File, startServer, startWorker, tmpDir, type Fixtures, type ServerProcess, type WorkerProcess } from "./lib/harness.js";
 
 /** A PNG whose header claims the given size (the body is garbage): a decompression-bomb probe. */
 function pngHeader(width: number, height: number): Buffer {
@@ -79,7 +79,8 @@ describe("SDK", () => {
     const viaGrpc = await collect(job.progress());
     const ac = new AbortController();
     const viaNats: JobEvent[] = [];
-    for await (const ev of subscribe({ nats: srv.natsUrl, jobId: job.id, from: "all", signal: ac.signal })) {
+    const connection = natsCredentials(srv.stateDir);
+    for await (const ev of subscribe({ nats: srv.natsUrl, connection, jobId: job.id, from: "all", signal: ac.signal })) {
       viaNats.push(ev);
       if (viaNats.length === viaGrpc.length) ac.abort();
     }
@@ -87,7 +88,7 @@ describe("SDK", () => {
     assert.deepEqual(viaNats.map((e) => e.payload?.$case), viaGrpc.map((e) => e.payload?.$case));
     const onlyMetrics: JobEvent[] = [];
     const ac2 = new AbortController();
-    for await (const ev of subscribe({ nats: srv.natsUrl, jobId: job.id, kinds: ["metrics"], from: "all", signal: ac2.signal })) {
+    for await (const ev of subscribe({ nats: srv.natsUrl, connection, jobId: job.id, kinds: ["metrics"], from: "all", signal: ac2.signal })) {
       onlyMetrics.push(ev);
       if (onlyMetrics.length === 2) ac2.abort();
     }
@@ -100,7 +101,7 @@ describe("SDK", () => {
     root.resolvePath = (_origin, target) => (target.startsWith("google/protobuf/") ? target : path.join(REPO, "proto", target));
     await root.load("loraforge/v1/job.proto");
     const JobEventType = root.lookupType("loraforge.v1.JobEvent");
-    const nc = await connectV2({ servers: srv.natsUrl });
+    const nc = await connectV2({ servers: srv.natsUrl, ...natsCredentials(srv.stateDir) });
     const decoded: Record<string, unknown>[] = [];
     const sub = nc.subscribe("loraforge.v1.jobs.*.*");
     const job = await srv.client.train(quickSpec(f, { maxTrainSteps: 2 }));

@@ -50,15 +50,27 @@ class Example:
 
 
 def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
-             caption_column: str = "text") -> list[Example]:
+             caption_column: str = "text", skipped: list[str] | None = None) -> list[Example]:
     """Captioned images from metadata.jsonl (preferred when present; the file-name and caption keys are
-    `image_column` (default "file_name") and `caption_column`) or same-named .txt sidecars."""
+    `image_column` (default "file_name") and `caption_column`) or same-named .txt sidecars.
+
+    Nothing is read from outside the set's folder: a metadata.jsonl or an image it names whose real path
+    leaves the folder is an error; an image or .txt caption that is a symlink leading out is skipped and its
+    name appended to `skipped`."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise DataError(f"dataset_dir {str(root)!r} is not a folder")
+    real_root = root.resolve()
+
+    def inside(p: Path) -> bool:
+        real = p.resolve()
+        return real == real_root or real_root in real.parents
+
     image_key = image_column or "file_name"
     examples: list[Example] = []
     metadata = root / "metadata.jsonl"
+    if metadata.is_file() and not inside(metadata):
+        raise DataError(f"{metadata} is a symbolic link leading outside the data set")
     if metadata.is_file():
         with open(metadata, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -75,7 +87,7 @@ def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
                 except (ValueError, TypeError) as e:
                     raise DataError(f"{metadata}:{lineno}: bad metadata line ({e})") from None
                 path = (root / name).resolve()
-                if root.resolve() not in path.parents:
+                if real_root not in path.parents:
                     raise DataError(f"{metadata}:{lineno}: {image_key} {name!r} points outside the data set")
                 if not path.is_file():
                     raise DataError(f"{metadata}:{lineno}: image {str(path)!r} does not exist")
@@ -87,6 +99,11 @@ def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
             sidecar = path.with_suffix(".txt")
             if not sidecar.is_file():
                 raise DataError(f"image {str(path)!r} has no caption file {sidecar.name!r}")
+            outside = [p.name for p in (path, sidecar) if not inside(p)]
+            if outside:
+                if skipped is not None:
+                    skipped.extend(outside)
+                continue
             examples.append(Example(path, sidecar.read_text(encoding="utf-8").strip()))
     if not examples:
         raise DataError(f"dataset_dir {str(root)!r} holds no captioned images "

@@ -226,7 +226,11 @@ class Trainer:
         if spec.dataset_name:
             examples = load_hub_dataset(spec.dataset_name, spec.image_column, spec.caption_column)
         else:
-            examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column)
+            skipped: list[str] = []
+            examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column, skipped)
+            if skipped:
+                events.log("warning", f"skipped {len(skipped)} files that are symbolic links leading outside the "
+                                      f"data set: {', '.join(skipped[:20])}{' …' if len(skipped) > 20 else ''}")
         examples = select_samples(examples, spec.max_train_samples, seed)
         sizes = check_all(examples)
         # The provenance hashes read every byte of the base model (gigabytes: ~1.3 s per GiB on the CI host)

@@ -45,8 +45,9 @@ export interface CallOpts {
 /** Options of {@link LoraforgeClient.train}. */
 export interface TrainOptions extends CallOpts {
   /**
-   * Idempotency key (≤ 128 characters): retrying with the same key returns the same job. With one
-   * set, `train` itself retries on UNAVAILABLE. Default: none (no retry).
+   * Idempotency key (≤ 128 characters): retrying with the same key returns the same job; the same key
+   * with a different spec is refused (ALREADY_EXISTS, reason REQUEST_ID_REUSED). With one set, `train`
+   * itself retries on UNAVAILABLE. Default: none (no retry).
    */
   requestId?: string;
 }

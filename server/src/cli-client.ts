@@ -23,6 +23,7 @@ import {
 } from "@loraforge/sdk";
 import { InferResponse, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { Dataset } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
+import { childEnv } from "./child-env.js";
 import { contractMessage, protoJson } from "./contract.js";
 import { configFromEnv } from "./server.js";
 
@@ -539,7 +540,7 @@ function exportOnnx(a: Args): Promise<number> {
   const out = one(a, "out") ?? path.join(cfg.stateDir, "onnx");
   return new Promise((resolve) => {
     const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", path.resolve(model), "--out", path.resolve(out)], {
-      env: { ...process.env, PYTHONPATH: cfg.engineDir },
+      env: childEnv({ PYTHONPATH: cfg.engineDir }),
       stdio: "inherit",
     });
     child.on("error", (err) => {

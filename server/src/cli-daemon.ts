@@ -13,6 +13,8 @@ Options (each also settable by environment variable):
   --address HOST:PORT   gRPC listen address; port 0 picks one   LORAFORGE_ADDRESS   (127.0.0.1:50051)
   --state-dir DIR       job outputs and managed NATS data        LORAFORGE_STATE_DIR (./.state)
   --nats URL            use this NATS server                     LORAFORGE_NATS_URL  (managed)
+                        with LORAFORGE_NATS_USER / LORAFORGE_NATS_PASSWORD if it needs them; a
+                        managed one's are in <state dir>/nats/credentials.json
   --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
   --dashboard HOST:PORT|off  live web dashboard                  LORAFORGE_DASHBOARD_ADDRESS (127.0.0.1:8080)
@@ -25,6 +27,9 @@ Telemetry: the standard OTEL_* variables, e.g. OTEL_TRACES_EXPORTER=otlp
       (scrape :9464/metrics). Unset: no telemetry is exported.
 Jobs: LORAFORGE_ACK_WAIT_MS (60000) — a silent worker's job is redelivered after this;
       LORAFORGE_MAX_ATTEMPTS (3) — starts of a job before a retryable failure is final.
+Limits (docs/security.md): LORAFORGE_UPLOAD_MAX_MB (2048), LORAFORGE_UPLOAD_MAX_FILE_MB (32),
+      LORAFORGE_UPLOAD_MAX_FILES (50000), LORAFORGE_UPLOAD_MAX_IMAGE_SIDE (8192),
+      LORAFORGE_INFER_MAX_PROMPT_CHARS (4096), LORAFORGE_INFER_LORA_CACHE_MB (2048).
 
 On SIGTERM or SIGINT, serve stops accepting work, stops the running job (it ends
 CANCELLED after a checkpoint), flushes NATS and exits 0; worker checkpoints its job and

@@ -5,6 +5,7 @@
 import { randomBytes } from "node:crypto";
 import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, type WriteStream } from "node:fs";
 import path from "node:path";
+import { pipeline, Transform } from "node:stream";
 import { status } from "@grpc/grpc-js";
 import sharp from "sharp";
 import yauzl from "yauzl";
@@ -14,9 +15,12 @@ import { IMAGE_EXTENSIONS } from "./validate.js";
 
 /** Limits of one upload. */
 export interface DatasetLimits {
-  /** Bytes of one file. Default 32 MiB. */
+  /** Bytes of one file (a zip entry: its uncompressed bytes, counted as they are inflated). Default 32 MiB. */
   maxFileBytes: number;
-  /** Bytes of the whole set (or the zip). Default 2 GiB. */
+  /**
+   * Bytes of the whole set: the files sent, or a zip's compressed bytes and, separately, the
+   * uncompressed bytes of its entries, counted as they are inflated. Default 2 GiB.
+   */
   maxTotalBytes: number;
   /** Files in the set. Default 50 000. */
   maxFiles: number;
@@ -30,6 +34,24 @@ export const DEFAULT_LIMITS: DatasetLimits = {
   maxFiles: 50_000,
   maxImageSide: 8192,
 };
+
+/** Limits from LORAFORGE_UPLOAD_* environment variables, DEFAULT_LIMITS for unset ones. */
+export function limitsFromEnv(env: NodeJS.ProcessEnv = process.env): DatasetLimits {
+  const int = (name: string, d: number) => {
+    const v = env[name];
+    if (v === undefined || v === "") return d;
+    const n = Number(v);
+    if (!Number.isSafeInteger(n) || n <= 0) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
+    return n;
+  };
+  const MiB = 1024 * 1024;
+  return {
+    maxFileBytes: int("LORAFORGE_UPLOAD_MAX_FILE_MB", DEFAULT_LIMITS.maxFileBytes / MiB) * MiB,
+    maxTotalBytes: int("LORAFORGE_UPLOAD_MAX_MB", DEFAULT_LIMITS.maxTotalBytes / MiB) * MiB,
+    maxFiles: int("LORAFORGE_UPLOAD_MAX_FILES", DEFAULT_LIMITS.maxFiles),
+    maxImageSide: int("LORAFORGE_UPLOAD_MAX_IMAGE_SIDE", DEFAULT_LIMITS.maxImageSide),
+  };
+}
 
 /** What DatasetUpload ids look like ("ds-" + base-36 time + 12 hex digits). */
 export const DATASET_ID_PATTERN = /^ds-[0-9a-z]+$/;
@@ -160,6 +182,8 @@ export class DatasetUpload {
   readonly id = "ds-" + Date.now().toString(36) + randomBytes(6).toString("hex");
   private readonly tmp: string;
   private total = 0;
+  /** Uncompressed bytes written from the zip's entries so far. */
+  private extracted = 0;
   private files = new Map<string, number>();
   private current: { name: string; out: WriteStream } | null = null;
   private zip: { file: string; out: WriteStream } | null = null;
@@ -240,18 +264,27 @@ export class DatasetUpload {
     if (existsSync(this.tmp)) rmSync(this.tmp, { recursive: true, force: true });
   }
 
-  /** Unpacks a zip into the temporary folder, applying the same name and size rules to every entry. */
+  /**
+   * Unpacks a zip into the temporary folder, applying the same name and size rules to every entry.
+   * Sizes are counted on the inflated bytes before they are written (headers can lie), so no more
+   * than the limits ever reaches the disk.
+   */
   private extract(zipFile: string): Promise<void> {
     return new Promise((resolve, reject) => {
       // yauzl validates entry names itself too (absolute paths, "..", backslashes).
       yauzl.open(zipFile, { lazyEntries: true, decodeStrings: true, validateEntrySizes: true }, (err, zip) => {
         if (err || !zip) return reject(invalid([{ field: "zip", description: `is not a readable zip archive (${err?.message})` }]));
+        let failed = false;
         const fail = (e: unknown) => {
+          if (failed) return;
+          failed = true;
           zip.close();
           reject(e);
         };
         zip.on("error", (e: Error) => fail(invalid([{ field: "zip", description: e.message }])));
-        zip.on("end", () => resolve());
+        zip.on("end", () => {
+          if (!failed) resolve();
+        });
         zip.on("entry", (entry: yauzl.Entry) => {
           if (entry.fileName.endsWith("/")) return zip.readEntry(); // folders carry nothing
           const why = badName(entry.fileName);
@@ -263,9 +296,24 @@ export class DatasetUpload {
           this.files.set(entry.fileName, entry.uncompressedSize);
           zip.openReadStream(entry, (e, rs) => {
             if (e || !rs) return fail(invalid([{ field: entry.fileName, description: `cannot be read (${e?.message})` }]));
+            let entryBytes = 0;
+            const limit = new Transform({
+              transform: (chunk: Buffer, _enc, next) => {
+                entryBytes += chunk.length;
+                this.extracted += chunk.length;
+                if (entryBytes > this.limits.maxFileBytes)
+                  return next(tooLarge(`${entry.fileName} inflates to more than ${this.limits.maxFileBytes} bytes`));
+                if (this.extracted > this.limits.maxTotalBytes)
+                  return next(tooLarge(`the zip's files inflate to more than ${this.limits.maxTotalBytes} bytes`));
+                next(null, chunk);
+              },
+            });
             const out = createWriteStream(path.join(this.tmp, entry.fileName), { flags: "wx" });
-            rs.on("error", (re) => fail(invalid([{ field: entry.fileName, description: re.message }])));
-            rs.pipe(out).on("finish", () => zip.readEntry()).on("error", fail);
+            // pipeline destroys all three streams on the first error, so writing stops there.
+            pipeline(rs, limit, out, (pe) => {
+              if (!pe) return zip.readEntry();
+              fail(pe instanceof ApiError ? pe : invalid([{ field: entry.fileName, description: pe.message }]));
+            });
           });
         });
         zip.readEntry();

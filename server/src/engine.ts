@@ -8,6 +8,7 @@ import path from "node:path";
 import { createInterface } from "node:readline";
 import { JobEvent } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+import { childEnv } from "./child-env.js";
 
 /** How the engine ended. Exit codes are the engine's contract (engine/README.md). */
 export interface EngineExit {
@@ -44,7 +45,7 @@ export class EngineRun {
     const args = ["-m", "loraforge_engine", "train", "--spec", specFile, "--output-dir", outputDir];
     if (resume) args.push("--resume-from", "latest");
     this.child = spawn(opts.python, args, {
-      env: { ...process.env, ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1", LORAFORGE_SUPERVISOR_PID: String(process.pid) },
+      env: childEnv({ ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1", LORAFORGE_SUPERVISOR_PID: String(process.pid) }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     const tail: string[] = [];

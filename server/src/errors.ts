@@ -89,3 +89,29 @@ export const inferQueueFull = (maxQueued: number) =>
   new ApiError(status.RESOURCE_EXHAUSTED, "INFER_QUEUE_FULL", `${maxQueued} inference requests are already waiting; retry later`);
 
 export const inferCancelled = () => new ApiError(status.CANCELLED, "CANCELLED", "the request was cancelled");
+
+/** A LoRA file that is not well-formed safetensors, or not a usable LoRA. */
+export const invalidLora = (field: string, message: string) =>
+  new ApiError(status.INVALID_ARGUMENT, "INVALID_LORA", `${field}: ${message}`, [{ field, description: message }], { field });
+
+/** A LoRA file larger than the LoRA cache's whole byte budget. */
+export const loraTooLarge = (field: string, bytes: number, limit: number) =>
+  new ApiError(
+    status.RESOURCE_EXHAUSTED,
+    "LORA_TOO_LARGE",
+    `${field}: the LoRA needs ${bytes} bytes (as float32), more than this server's LoRA cache holds (${limit} bytes, LORAFORGE_INFER_LORA_CACHE_MB)`,
+    [],
+    { field, bytes: String(bytes), limit: String(limit) },
+  );
+
+// ---- TrainerService: request ids ---------------------------------------------------------------
+
+/** AIP-155: a request id already used by a Train with a different spec. */
+export const requestIdReused = (requestId: string, jobId: string) =>
+  new ApiError(
+    status.ALREADY_EXISTS,
+    "REQUEST_ID_REUSED",
+    `request_id ${JSON.stringify(requestId.slice(0, 128))} was already used for a different spec (job ${jobId}); use a new request_id for a new job`,
+    [],
+    { request_id: requestId.slice(0, 128), job_id: jobId },
+  );

@@ -4,12 +4,12 @@
 import { stateName } from "@loraforge/sdk";
 import { status } from "@grpc/grpc-js";
 import { Artifact, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
-import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import { ArtifactStore } from "./artifacts.js";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { DATASET_ID_PATTERN } from "./datasets.js";
-import { ApiError, invalidSpec, jobNotFound, type FieldViolation } from "./errors.js";
+import { ApiError, invalidSpec, jobNotFound, requestIdReused, type FieldViolation } from "./errors.js";
 import { JOB_ID_PATTERN, newJobId } from "./ids.js";
 import { log } from "./log.js";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
@@ -25,6 +25,12 @@ export interface ListOptions {
   /** 0 means DEFAULT_PAGE_SIZE. */
   pageSize: number;
   pageToken: string;
+}
+
+/** Two specs are the same request when their encodings are (fields in number order, no maps). */
+function sameSpec(a: TrainingSpec | undefined, b: TrainingSpec | undefined): boolean {
+  const enc = (s: TrainingSpec | undefined) => Buffer.from(TrainingSpec.encode(s ?? TrainingSpec.fromPartial({})).finish());
+  return enc(a).equals(enc(b));
 }
 
 export class Jobs {
@@ -58,7 +64,10 @@ export class Jobs {
     return cur.job;
   }
 
-  /** Validates and queues a job; with a request id seen before, returns that job instead. */
+  /**
+   * Validates and queues a job. With a request id seen before, returns that job when the spec is
+   * the same, and refuses the call (ALREADY_EXISTS, REQUEST_ID_REUSED) when it differs (AIP-155).
+   */
   async submit(spec: TrainingSpec | undefined, requestId: string): Promise<Job> {
     if (this.shuttingDown) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
     const resolved = this.resolveDataset(spec);
@@ -72,7 +81,11 @@ export class Jobs {
     const id = newJobId();
     if (requestId) {
       const owner = await this.store.reserveRequest(requestId, id);
-      if (owner !== id) return this.waitForRecord(owner);
+      if (owner !== id) {
+        const job = await this.waitForRecord(owner);
+        if (!sameSpec(job.spec, spec)) throw requestIdReused(requestId, owner);
+        return job;
+      }
     }
     const job = Job.fromPartial({
       id,

@@ -11,6 +11,7 @@ import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./artifacts.js";
+import { limitsFromEnv, type DatasetLimits } from "./datasets.js";
 import { tokenInterceptor } from "./auth.js";
 import { addReflection } from "./contract.js";
 import { addInferenceService } from "./infer/index.js";
@@ -32,8 +33,11 @@ export interface ServerConfig {
   address: string;
   /** Job outputs and the managed nats-server's data live here. */
   stateDir: string;
-  /** An existing NATS server; unset starts a managed local nats-server. */
+  /** An existing NATS server; unset starts a managed local nats-server (with generated credentials). */
   natsUrl?: string;
+  /** User and password for `natsUrl` (LORAFORGE_NATS_USER, LORAFORGE_NATS_PASSWORD). */
+  natsUser?: string;
+  natsPassword?: string;
   /** Python interpreter with the engine's dependencies. */
   python: string;
   /** Folder holding the loraforge_engine package. */
@@ -54,6 +58,8 @@ export interface ServerConfig {
   dashboardAddress?: string;
   /** When set, every dashboard request needs this token (default: the API token). */
   dashboardToken?: string;
+  /** Limits of one data set upload (LORAFORGE_UPLOAD_*). */
+  uploadLimits?: DatasetLimits;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
@@ -64,6 +70,8 @@ export function configFromEnv(env = process.env): ServerConfig {
     address: env.LORAFORGE_ADDRESS ?? "127.0.0.1:50051",
     stateDir: path.resolve(env.LORAFORGE_STATE_DIR ?? ".state"),
     natsUrl: env.LORAFORGE_NATS_URL || undefined,
+    natsUser: env.LORAFORGE_NATS_USER || undefined,
+    natsPassword: env.LORAFORGE_NATS_PASSWORD || undefined,
     python: env.LORAFORGE_PYTHON ?? (existsSync(venvPython) ? venvPython : "python3"),
     engineDir: env.LORAFORGE_ENGINE_DIR ?? path.join(REPO_ROOT, "engine"),
     dataRoots: (env.LORAFORGE_DATA_ROOTS ?? "").split(":").filter(Boolean).map((p) => path.resolve(p)),
@@ -74,6 +82,7 @@ export function configFromEnv(env = process.env): ServerConfig {
     natsReplicas: num(env.LORAFORGE_NATS_REPLICAS, 1),
     dashboardAddress: (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080") === "off" ? undefined : (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080"),
     dashboardToken: env.LORAFORGE_DASHBOARD_TOKEN || env.LORAFORGE_API_TOKEN || undefined,
+    uploadLimits: limitsFromEnv(env),
   };
 }
 
@@ -89,11 +98,12 @@ export interface Running {
 
 /** NATS (managed when no URL is configured), the stores, and how to close them. */
 async function openStores(cfg: ServerConfig) {
-  const managed = cfg.natsUrl ? null : await ManagedNats.start(cfg.stateDir);
+  const managed = cfg.natsUrl ? null : await ManagedNats.start(cfg.stateDir, undefined, [], { auth: true });
   const natsUrl = cfg.natsUrl ?? managed!.url;
+  const creds = managed ? managed.credentials : cfg.natsUser ? { user: cfg.natsUser, pass: cfg.natsPassword ?? "" } : {};
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1 });
+    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1, ...creds });
     const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
     const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
     const close = async () => {
@@ -130,7 +140,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));
-    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot));
+    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot, cfg.uploadLimits));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
       "": "SERVING",

@@ -1,6 +1,6 @@
 // Validation of a TrainingSpec at the API boundary. A bad spec is refused before any
 // job exists, with every bad field named (the engine validates again, as a second line).
-import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import path from "node:path";
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import type { FieldViolation } from "./errors.js";
@@ -23,6 +23,34 @@ const MODULE_NAME = /^[A-Za-z_][A-Za-z0-9_.]*$/;
 /** Where user-supplied paths may point. Empty: anywhere on the host. */
 export interface PathPolicy {
   roots: string[];
+}
+
+const realOr = (p: string) => {
+  try {
+    return realpathSync(p);
+  } catch {
+    return path.resolve(p);
+  }
+};
+
+/** Whether absolute path `p` lies inside one of `roots` (or equals one), as written. Empty roots: anywhere. */
+export function withinRoots(p: string, roots: string[]): boolean {
+  return roots.length === 0 || roots.some((r) => p === r || p.startsWith(r + path.sep));
+}
+
+/**
+ * Where `p` really is: its real path (every symlink followed) when it exists, with `inside` telling
+ * whether that lies inside one of the roots' own real paths; null when `p` does not exist. A path
+ * inside a root that is (or passes through) a link leading out of every root is not inside.
+ */
+export function realPathIn(p: string, roots: string[]): { real: string; inside: boolean } | null {
+  let real: string;
+  try {
+    real = realpathSync(p);
+  } catch {
+    return null;
+  }
+  return { real, inside: withinRoots(real, roots.map(realOr)) };
 }
 
 type Check = (spec: TrainingSpec, bad: (field: string, description: string) => void) => void;
@@ -160,12 +188,18 @@ function checkPath(field: string, p: string, policy: PathPolicy, bad: (f: string
     return false;
   }
   const resolved = path.resolve(p);
-  if (policy.roots.length > 0 && !policy.roots.some((r) => resolved === r || resolved.startsWith(r + path.sep))) {
+  if (!withinRoots(resolved, policy.roots)) {
     bad(field, `must lie inside one of the server's data roots (${policy.roots.join(", ")})`);
     return false;
   }
-  if (!existsSync(resolved) || !statSync(resolved).isDirectory()) {
+  const real = realPathIn(resolved, policy.roots);
+  if (!real || !statSync(real.real).isDirectory()) {
     bad(field, `folder ${JSON.stringify(p)} does not exist`);
+    return false;
+  }
+  // Checked on the real path too: a symlink inside a root must not lead out of them.
+  if (!real.inside) {
+    bad(field, `leads outside the server's data roots through a symbolic link (${policy.roots.join(", ")})`);
     return false;
   }
   return true;
@@ -177,17 +211,22 @@ function checkBaseModel(p: string, policy: PathPolicy, bad: (f: string, d: strin
     bad("baseModel", `folder ${JSON.stringify(p)} is not a diffusers model (no model_index.json)`);
 }
 
-/** Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars. */
+/**
+ * Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars.
+ * Like the engine, it counts no file whose real path leaves the set's folder (a symlink out).
+ */
 export function countCaptionedImages(dir: string, imageColumn = "file_name"): number {
+  const inSet = (p: string) => realPathIn(p, [dir])?.inside === true;
   const meta = path.join(dir, "metadata.jsonl");
   if (existsSync(meta)) {
+    if (!inSet(meta)) return 0;
     let n = 0;
     for (const line of readFileSync(meta, "utf8").split("\n")) {
       if (!line.trim()) continue;
       try {
         const row = JSON.parse(line) as Record<string, unknown>;
         const name = row[imageColumn];
-        if (typeof name === "string" && existsSync(path.join(dir, name))) n++;
+        if (typeof name === "string" && inSet(path.join(dir, name))) n++;
       } catch {
         // a malformed line is the engine's to report, with its line number
       }
@@ -197,7 +236,8 @@ export function countCaptionedImages(dir: string, imageColumn = "file_name"): nu
   const names = new Set(readdirSync(dir));
   return [...names].filter((f) => {
     const ext = path.extname(f).toLowerCase();
-    return IMAGE_EXTENSIONS.includes(ext) && names.has(f.slice(0, -ext.length) + ".txt");
+    const caption = f.slice(0, -ext.length) + ".txt";
+    return IMAGE_EXTENSIONS.includes(ext) && names.has(caption) && inSet(path.join(dir, f)) && inSet(path.join(dir, caption));
   }).length;
 }
 

@@ -160,6 +160,11 @@ export function processesMatching(needle: string): number[] {
     .filter((pid) => pid !== process.pid);
 }
 
+/** The credentials a `serve` generated for its managed nats-server (what a local admin would read). */
+export function natsCredentials(stateDir: string): { user: string; pass: string } {
+  return JSON.parse(readFileSync(path.join(stateDir, "nats", "credentials.json"), "utf8")) as { user: string; pass: string };
+}
+
 export const sha256File = (p: string) => createHash("sha256").update(readFileSync(p)).digest("hex");
 
 /** A short run on the tiny model: seconds, not minutes, on a 2-core CPU. */

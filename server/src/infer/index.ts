@@ -14,15 +14,28 @@ import {
   type ListModelsRequest,
   type ListModelsResponse,
 } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
-import { ApiError, inferCancelled, invalidInferRequest, loraMismatch, loraNotFound, modelNotFound, toServiceError, type FieldViolation } from "../errors.js";
+import {
+  ApiError,
+  inferCancelled,
+  invalidInferRequest,
+  invalidLora,
+  loraMismatch,
+  loraNotFound,
+  loraTooLarge,
+  modelNotFound,
+  toServiceError,
+  type FieldViolation,
+} from "../errors.js";
 import { ArtifactStore } from "../artifacts.js";
 import { JOB_ID_PATTERN } from "../ids.js";
 import { log } from "../log.js";
 import type { ServerConfig } from "../server.js";
 import type { JobStore } from "../store.js";
-import { LoraCache, LoraMismatch, type MappedLora } from "./lora.js";
+import { realPathIn, withinRoots } from "../validate.js";
+import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
 import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
 import { render, RenderCancelled } from "./pipeline.js";
+import { SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
 import { SCHEDULERS, type SchedulerName } from "./schedulers.js";
 import { Semaphore } from "./queue.js";
 
@@ -33,6 +46,8 @@ export const LIMITS = {
   numImages: { min: 1, max: 8, default: 1 },
   loras: 16,
   scale: 10,
+  /** Characters of each prompt (LORAFORGE_INFER_MAX_PROMPT_CHARS); CLIP reads only the first 77 tokens anyway. */
+  promptChars: 4096,
 };
 
 export interface InferenceOptions extends RuntimeOptions {
@@ -40,6 +55,10 @@ export interface InferenceOptions extends RuntimeOptions {
   concurrency?: number;
   /** Requests allowed to wait; more are refused with RESOURCE_EXHAUSTED (default 16). */
   maxQueued?: number;
+  /** Characters allowed in each prompt (default LIMITS.promptChars). */
+  maxPromptChars?: number;
+  /** Bytes of decoded LoRA tensors kept between requests; a bigger LoRA is refused (default 2 GiB). */
+  loraCacheBytes?: number;
 }
 
 /** SDXL's size-conditioning values: 1..16384 pixels (crop 0..16384). */
@@ -55,12 +74,18 @@ interface Validated {
   height?: number;
 }
 
-function within(p: string, roots: string[]): boolean {
-  return roots.length === 0 || roots.some((r) => p === r || p.startsWith(r + path.sep));
+/** Why a path inside the roots as written is not inside them really (a symlink out), or null. */
+function linkOut(p: string, roots: string[]): string | null {
+  const real = realPathIn(path.resolve(p), roots);
+  return real && !real.inside ? `leads outside the server's data roots through a symbolic link (${roots.join(", ")})` : null;
 }
 
 /** Every bad field of a request, each named (INVALID_ARGUMENT lists them all at once). */
-export function validateInfer(req: InferRequest, roots: string[]): { v: Validated; violations: FieldViolation[] } {
+export function validateInfer(
+  req: InferRequest,
+  roots: string[],
+  maxPromptChars = LIMITS.promptChars,
+): { v: Validated; violations: FieldViolation[] } {
   const bad: FieldViolation[] = [];
   const add = (field: string, description: string) => bad.push({ field, description });
   const int = (field: string, v: number | undefined, min: number, max: number, def: number) => {
@@ -82,7 +107,18 @@ export function validateInfer(req: InferRequest, roots: string[]): { v: Validate
   if (!SCHEDULERS.includes(scheduler)) add("scheduler", `must be one of ${SCHEDULERS.join(", ")}, got ${JSON.stringify(req.scheduler)}`);
   if (!req.baseModel) add("base_model", "is required");
   else if (!path.isAbsolute(req.baseModel)) add("base_model", `must be an absolute path, got ${JSON.stringify(req.baseModel)}`);
-  else if (!within(path.resolve(req.baseModel), roots)) add("base_model", `must lie inside one of the server's data roots (${roots.join(", ")})`);
+  else if (!withinRoots(path.resolve(req.baseModel), roots)) add("base_model", `must lie inside one of the server's data roots (${roots.join(", ")})`);
+  else if (roots.length > 0 && linkOut(req.baseModel, roots)) add("base_model", linkOut(req.baseModel, roots)!);
+  // Bounded before anything tokenizes them.
+  for (const [field, text] of [
+    ["prompt", req.prompt],
+    ["negative_prompt", req.negativePrompt],
+    ["prompt_2", req.prompt2],
+    ["negative_prompt_2", req.negativePrompt2],
+  ] as const) {
+    if (text !== undefined && text.length > maxPromptChars)
+      add(field, `must be at most ${maxPromptChars} characters, got ${text.length} (LORAFORGE_INFER_MAX_PROMPT_CHARS)`);
+  }
   if (req.loras.length > LIMITS.loras) add("loras", `at most ${LIMITS.loras} LoRAs, got ${req.loras.length}`);
   req.loras.forEach((l, i) => {
     const f = `loras[${i}]`;
@@ -90,7 +126,8 @@ export function validateInfer(req: InferRequest, roots: string[]): { v: Validate
     else if (l.source.$case === "path") {
       if (!path.isAbsolute(l.source.path)) add(`${f}.path`, `must be an absolute path, got ${JSON.stringify(l.source.path)}`);
       else if (!l.source.path.endsWith(".safetensors")) add(`${f}.path`, "must be a .safetensors file (pickle files are refused)");
-      else if (!within(path.resolve(l.source.path), roots)) add(`${f}.path`, `must lie inside one of the server's data roots (${roots.join(", ")})`);
+      else if (!withinRoots(path.resolve(l.source.path), roots)) add(`${f}.path`, `must lie inside one of the server's data roots (${roots.join(", ")})`);
+      else if (roots.length > 0 && linkOut(l.source.path, roots)) add(`${f}.path`, linkOut(l.source.path, roots)!);
     }
     if (l.scale !== undefined && !(Number.isFinite(l.scale) && Math.abs(l.scale) <= LIMITS.scale))
       add(`${f}.scale`, `must be a number in -${LIMITS.scale}..${LIMITS.scale}, got ${l.scale}`);
@@ -124,7 +161,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     { python: config.python, engineDir: config.engineDir, cacheRoot: path.join(config.stateDir, "onnx") },
     { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers },
   );
-  const loras = new LoraCache();
+  const loras = new LoraCache(opts.loraCacheBytes ?? mib(envInt("LORAFORGE_INFER_LORA_CACHE_MB")) ?? DEFAULT_LORA_CACHE_BYTES);
+  const maxPromptChars = opts.maxPromptChars ?? envInt("LORAFORGE_INFER_MAX_PROMPT_CHARS") ?? LIMITS.promptChars;
   const queue = new Semaphore(opts.concurrency ?? envInt("LORAFORGE_INFER_CONCURRENCY") ?? 1, opts.maxQueued ?? 16);
   let closed = false;
   let artifacts: Promise<ArtifactStore> | null = null;
@@ -132,8 +170,11 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   async function loraFile(ref: InferRequest["loras"][number], i: number): Promise<string> {
     const src = ref.source!;
     if (src.$case === "path") {
-      if (!existsSync(src.path) || !statSync(src.path).isFile()) throw loraNotFound(`loras[${i}].path`, `no LoRA file at ${src.path}`);
-      return src.path;
+      // The real path: checked against the roots again (the link may have changed) and the cache's key.
+      const real = realPathIn(path.resolve(src.path), config.dataRoots);
+      if (!real || !statSync(real.real).isFile()) throw loraNotFound(`loras[${i}].path`, `no LoRA file at ${src.path}`);
+      if (!real.inside) throw invalidInferRequest([{ field: `loras[${i}].path`, description: linkOut(src.path, config.dataRoots) ?? "leaves the data roots" }]);
+      return real.real;
     }
     const cur = JOB_ID_PATTERN.test(src.jobId) ? await store.get(src.jobId) : null;
     if (!cur) throw loraNotFound(`loras[${i}].job_id`, `job ${JSON.stringify(src.jobId)} does not exist`);
@@ -160,7 +201,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   async function infer(req: InferRequest, cancelled: () => boolean): Promise<InferResponse> {
     const tStart = performance.now();
     if (closed) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
-    const { v, violations } = validateInfer(req, config.dataRoots);
+    const { v, violations } = validateInfer(req, config.dataRoots, maxPromptChars);
     if (violations.length > 0) throw invalidInferRequest(violations);
     if (!existsSync(path.join(req.baseModel, "model_index.json")))
       throw modelNotFound(req.baseModel);
@@ -170,8 +211,22 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     try {
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
+      // LoRA files are read and checked before the model loads: a bad one costs no export.
       let t = performance.now();
-      const model: LoadedModel = await registry.get(path.resolve(req.baseModel));
+      const parsed: LoraFile[] = [];
+      for (const [i, f] of files.entries()) {
+        const field = req.loras[i].source!.$case === "path" ? `loras[${i}].path` : `loras[${i}].job_id`;
+        try {
+          parsed.push(await loras.file(f));
+        } catch (err) {
+          if (err instanceof SafetensorsError) throw invalidLora(field, err.message);
+          if (err instanceof SafetensorsTooLarge) throw loraTooLarge(field, err.bytes, err.limit);
+          throw err;
+        }
+      }
+      let loraMs = performance.now() - t;
+      t = performance.now();
+      const model: LoadedModel = await registry.get(realPathIn(path.resolve(req.baseModel), config.dataRoots)?.real ?? path.resolve(req.baseModel));
       const loadModelMs = performance.now() - t;
 
       const native = model.manifest.unet.sample_size * model.manifest.unet.vae_factor;
@@ -205,15 +260,16 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
 
       t = performance.now();
       const mapped: { lora: MappedLora; scale: number }[] = [];
-      for (const [i, f] of files.entries()) {
+      for (const [i, f] of parsed.entries()) {
         try {
-          mapped.push({ lora: await loras.load(f, model.manifest.model_hash, model.slots), scale: req.loras[i].scale ?? 1 });
+          mapped.push({ lora: loras.map(f, model.manifest.model_hash, model.slots), scale: req.loras[i].scale ?? 1 });
         } catch (err) {
           if (err instanceof LoraMismatch) throw loraMismatch(`loras[${i}]`, err.layer, err.message);
+          if (err instanceof LoraInvalid) throw invalidLora(`loras[${i}]`, err.message);
           throw err;
         }
       }
-      const loraMs = performance.now() - t;
+      loraMs += performance.now() - t;
 
       const { pngs, timings } = await render(model, {
         prompt: req.prompt,
@@ -304,6 +360,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     },
   };
 }
+
+const mib = (n: number | undefined) => (n === undefined ? undefined : n * 1024 * 1024);
 
 function envInt(name: string): number | undefined {
   const v = process.env[name];

@@ -15,10 +15,10 @@
 // 1x1 convolution layers (SD-1.x's proj_in/proj_out) carry [r, in, 1, 1] / [out, r, 1, 1] weights: read as 2-D.
 // alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
 // rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
-import { stat } from "node:fs/promises";
+import { realpath, stat } from "node:fs/promises";
 import ort from "onnxruntime-node";
 import { floatTensor } from "./half.js";
-import { readSafetensors, type Tensor } from "./safetensors.js";
+import { readSafetensors, shownName, type SafetensorsFile, type Tensor } from "./safetensors.js";
 
 /** One slot of an exported model, as manifest.json lists it. */
 export interface SlotInfo {
@@ -52,6 +52,9 @@ export class LoraMismatch extends Error {
     super(message);
   }
 }
+
+/** A LoRA file that is well-formed safetensors but not a usable LoRA (rank 0, a bad alpha). */
+export class LoraInvalid extends Error {}
 
 const stripTextModel = (s: string) => s.replace(/^text_model[._]/, "");
 const KOHYA_PREFIX: Record<SlotInfo["component"], string> = { unet: "lora_unet_", text_encoder: "lora_te_", text_encoder_2: "lora_te2_" };
@@ -150,7 +153,7 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
   const groups = new Map<string, Partial<Record<Part, Tensor>>>();
   for (const [name, t] of tensors) {
     const k = parseKey(name);
-    if (!k) throw new LoraMismatch(name, `${file}: tensor ${name} is not a LoRA weight this server understands`);
+    if (!k) throw new LoraMismatch(name.slice(0, 120), `${file}: tensor ${shownName(name)} is not a LoRA weight this server understands`);
     const g = groups.get(k.stem) ?? {};
     g[k.part] = t;
     groups.set(k.stem, g);
@@ -161,8 +164,8 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
     const slot = index.find(stem);
     if (slot < 0)
       throw new LoraMismatch(
-        stem,
-        `${file}: layer ${stem} has no LoRA slot in this base model. Slots cover every Linear and 1x1 convolution ` +
+        stem.slice(0, 120),
+        `${file}: layer ${shownName(stem)} has no LoRA slot in this base model. Slots cover every Linear and 1x1 convolution ` +
           `inside the UNet's transformers (attention, feed-forward, proj_in/proj_out) and the text encoders' attention ` +
           `and MLP layers; a LoRA on other layers (ResNet convolutions: LoCon/LyCORIS) is not served, and one made ` +
           `for another base model names layers this one does not have`,
@@ -178,6 +181,7 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
       );
     const [r, inF] = down;
     const [outF, r2] = up;
+    if (r === 0) throw new LoraInvalid(`${file}: layer ${stem} has rank 0`);
     if (r !== r2)
       throw new LoraMismatch(stem, `${file}: layer ${stem} has down ${JSON.stringify(g.down.shape)} and up ${JSON.stringify(g.up.shape)}, which do not pair`);
     if (inF !== info.in_features || outF !== info.out_features)
@@ -187,6 +191,7 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
       );
     let scale = 1;
     if (g.alpha) {
+      if (g.alpha.data.length !== 1) throw new LoraInvalid(`${file}: layer ${stem}'s alpha is not a single number`);
       scale = g.alpha.data[0] / r;
     } else if (meta) {
       const c = info.component;
@@ -195,6 +200,7 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
       const alpha = fromPattern(meta[`${c}.alpha_pattern`], info.module) ?? Number(meta[`${c}.lora_alpha`] ?? rr);
       scale = meta[`${c}.use_rslora`] === true ? alpha / Math.sqrt(rr) : alpha / rr;
     }
+    if (!Number.isFinite(scale)) throw new LoraInvalid(`${file}: layer ${stem}'s alpha / rank is not a finite number`);
     if (out.a.has(slot)) throw new LoraMismatch(stem, `${file}: layer ${stem} appears twice`);
     const b = scale === 1 ? g.up.data : g.up.data.map((v) => v * scale);
     out.rank.set(slot, r);
@@ -204,36 +210,98 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
   return out;
 }
 
-interface CacheEntry {
+/** A parsed LoRA file; `bytes` counts its decoded tensors and the mapped copies made from them. */
+export interface LoraFile {
+  real: string;
   signature: string;
-  tensors: Map<string, Tensor>;
-  metadata: Record<string, string>;
+  parsed: SafetensorsFile;
   mapped: Map<string, MappedLora>;
+  bytes: number;
 }
 
-/** Parsed LoRA files, kept while their size and mtime are unchanged (a few hundred, least recently used out). */
-export class LoraCache {
-  private readonly entries = new Map<string, CacheEntry>();
-  constructor(private readonly maxEntries = 256) {}
+/** Default byte budget of the LoRA cache (LORAFORGE_INFER_LORA_CACHE_MB): 2 GiB of decoded float32 tensors. */
+export const DEFAULT_LORA_CACHE_BYTES = 2 * 1024 * 1024 * 1024;
 
-  /** The file mapped onto the model whose slots `index` describes (model key: its hash). */
-  async load(file: string, modelKey: string, index: SlotIndex): Promise<MappedLora> {
-    const st = await stat(file);
+const tensorBytes = (t: Map<string, Tensor>) => [...t.values()].reduce((n, x) => n + x.data.byteLength, 0);
+
+/**
+ * Parsed LoRA files keyed by real path (one file behind many links is held once), kept while size
+ * and mtime are unchanged, least recently used out once they hold more than `maxBytes` of decoded
+ * tensors (or more than `maxEntries` files). Only files that mapped onto a model are kept: a file
+ * refused for any reason is never cached. A file larger than `maxBytes` is refused outright.
+ */
+export class LoraCache {
+  private readonly entries = new Map<string, LoraFile>();
+  private used = 0;
+  constructor(
+    readonly maxBytes = DEFAULT_LORA_CACHE_BYTES,
+    private readonly maxEntries = 256,
+  ) {}
+
+  /** Bytes the cached files take (decoded tensors and mapped copies). */
+  get bytes(): number {
+    return this.used;
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  /** The file at `file` (links followed: the key is its real path): cached if unchanged, else parsed (and cached once it maps). */
+  async file(file: string): Promise<LoraFile> {
+    const real = await realpath(file);
+    const st = await stat(real);
     const signature = `${st.size}:${st.mtimeMs}`;
-    let e = this.entries.get(file);
-    if (!e || e.signature !== signature) {
-      const parsed = await readSafetensors(file);
-      e = { signature, tensors: parsed.tensors, metadata: parsed.metadata, mapped: new Map() };
-    }
-    this.entries.delete(file);
-    this.entries.set(file, e);
-    while (this.entries.size > this.maxEntries) this.entries.delete(this.entries.keys().next().value!);
-    let m = e.mapped.get(modelKey);
+    const hit = this.entries.get(real);
+    if (hit && hit.signature === signature) return hit;
+    const parsed = await readSafetensors(real, this.maxBytes);
+    return { real, signature, parsed, mapped: new Map(), bytes: tensorBytes(parsed.tensors) };
+  }
+
+  /** `f` mapped onto the model whose slots `index` describes (model key: its hash). */
+  map(f: LoraFile, modelKey: string, index: SlotIndex): MappedLora {
+    let m = f.mapped.get(modelKey);
     if (!m) {
-      m = mapLora(file, e.tensors, e.metadata, index);
-      e.mapped.set(modelKey, m);
+      try {
+        m = mapLora(f.real, f.parsed.tensors, f.parsed.metadata, index);
+      } catch (err) {
+        this.drop(f.real);
+        throw err;
+      }
+      f.mapped.set(modelKey, m);
+      // B matrices are copies when alpha / r folded a scale in; A matrices are the file's own.
+      const own = new Set([...f.parsed.tensors.values()].map((t) => t.data));
+      const copies = [...m.b.values()].filter((b) => !own.has(b));
+      const extra = copies.reduce((n, b) => n + b.byteLength, 0);
+      f.bytes += extra;
+      if (this.entries.get(f.real) === f) this.used += extra;
     }
+    this.keep(f);
     return m;
+  }
+
+  /** file() then map(): the file at `file` mapped onto a model. */
+  async load(file: string, modelKey: string, index: SlotIndex): Promise<MappedLora> {
+    return this.map(await this.file(file), modelKey, index);
+  }
+
+  private drop(real: string) {
+    const e = this.entries.get(real);
+    if (!e) return;
+    this.entries.delete(real);
+    this.used -= e.bytes;
+  }
+
+  private keep(f: LoraFile) {
+    if (this.entries.get(f.real) !== f) {
+      this.drop(f.real);
+      this.used += f.bytes;
+    }
+    // Most recently used last.
+    this.entries.delete(f.real);
+    this.entries.set(f.real, f);
+    while (this.entries.size > 0 && (this.used > this.maxBytes || this.entries.size > this.maxEntries))
+      this.drop(this.entries.keys().next().value!);
   }
 }
 

@@ -12,6 +12,7 @@ import { log } from "../log.js";
 import type { SchedulerConfig } from "./schedulers.js";
 import { SlotIndex, type SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
+import { childEnv } from "../child-env.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
 /** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */
@@ -212,7 +213,7 @@ export const exportDirName = (hash: string, dtype: "fp32" | "fp16") => (dtype ==
 function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype], {
-      env: { ...process.env, PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") },
+      env: childEnv({ PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "";

@@ -82,45 +82,60 @@ export class ClipTokenizer {
     return new ClipTokenizer(vocab, ranks, special, maxLength);
   }
 
-  /** BPE of one word (already mapped to printable characters), as vocabulary ids. */
+  /**
+   * BPE of one word (already mapped to printable characters), as vocabulary ids. The reference merges
+   * the lowest-ranked pair everywhere (left to right), then looks again; here candidate pairs wait in a
+   * heap ordered by (rank, position) and each rank's pairs are merged left to right before the pairs they
+   * create are added, which gives the same result in O(n log n) rather than O(n²) for a long word.
+   */
   private bpe(word: string): number[] {
     const hit = this.cache.get(word);
     if (hit) return hit;
-    const symbols = Array.from(word);
-    symbols[symbols.length - 1] += "</w>";
-    while (symbols.length > 1) {
-      let best = -1;
-      let bestRank = Infinity;
-      for (let i = 0; i < symbols.length - 1; i++) {
-        const r = this.ranks.get(`${symbols[i]} ${symbols[i + 1]}`);
-        if (r !== undefined && r < bestRank) {
-          bestRank = r;
-          best = i;
-        }
+    const sym = Array.from(word);
+    sym[sym.length - 1] += "</w>";
+    const n = sym.length;
+    // A doubly linked list over the symbols; a merge keeps the left one and unlinks the right one.
+    const next = Int32Array.from({ length: n }, (_, i) => (i + 1 < n ? i + 1 : -1));
+    const prev = Int32Array.from({ length: n }, (_, i) => i - 1);
+    const heap = new PairHeap();
+    const push = (i: number) => {
+      const j = next[i];
+      if (j < 0) return;
+      const r = this.ranks.get(`${sym[i]} ${sym[j]}`);
+      if (r !== undefined) heap.push(r, i, sym[i], sym[j]);
+    };
+    for (let i = 0; i + 1 < n; i++) push(i);
+    while (heap.size > 0) {
+      const rank = heap.peekRank();
+      const merged: number[] = [];
+      while (heap.size > 0 && heap.peekRank() === rank) {
+        const { pos: i, left, right } = heap.pop();
+        const j = next[i];
+        // Stale when either side was merged since the pair was queued.
+        if (sym[i] !== left || j < 0 || sym[j] !== right) continue;
+        sym[i] = left + right;
+        sym[j] = "";
+        next[i] = next[j];
+        if (next[j] >= 0) prev[next[j]] = i;
+        merged.push(i);
       }
-      if (best < 0) break;
-      // Merge every occurrence of the best pair, left to right (as the reference BPE does).
-      const a = symbols[best];
-      const b = symbols[best + 1];
-      const merged: string[] = [];
-      for (let i = 0; i < symbols.length; i++) {
-        if (i < symbols.length - 1 && symbols[i] === a && symbols[i + 1] === b) {
-          merged.push(a + b);
-          i++;
-        } else merged.push(symbols[i]);
+      for (const i of merged) {
+        if (prev[i] >= 0) push(prev[i]);
+        push(i);
       }
-      symbols.splice(0, symbols.length, ...merged);
     }
-    const ids = symbols.map((s) => this.vocab.get(s) ?? this.unkId);
-    if (this.cache.size < 50_000) this.cache.set(word, ids);
+    const ids: number[] = [];
+    for (let i = 0; i >= 0; i = next[i]) ids.push(this.vocab.get(sym[i]) ?? this.unkId);
+    if (this.cache.size < 50_000 && word.length <= 256) this.cache.set(word, ids);
     return ids;
   }
 
-  /** Token ids of `text` without start/end tokens. */
-  encodeRaw(text: string): number[] {
+  /** Token ids of `text` without start/end tokens; with `limit`, stops once it has that many. */
+  encodeRaw(text: string, limit = Infinity): number[] {
     const clean = text.normalize("NFC").replace(/\s+/gu, " ").trim().toLowerCase();
     const ids: number[] = [];
     for (const m of clean.matchAll(WORD_PATTERN)) {
+      if (ids.length >= limit) break;
       const word = m[0];
       if (word === "<|startoftext|>" || word === "<|endoftext|>") {
         ids.push(this.vocab.get(word) ?? this.unkId);
@@ -128,16 +143,75 @@ export class ClipTokenizer {
       }
       let mapped = "";
       for (const b of Buffer.from(word, "utf8")) mapped += this.bytes[b];
-      ids.push(...this.bpe(mapped));
+      // One push per id: spreading a long word's ids as arguments would overflow the stack.
+      for (const id of this.bpe(mapped)) ids.push(id);
     }
     return ids;
   }
 
   /** Start token, at most maxLength − 2 tokens of `text`, end token, padding to maxLength. */
   encode(text: string): number[] {
-    const body = this.encodeRaw(text).slice(0, this.maxLength - 2);
+    const body = this.encodeRaw(text, this.maxLength - 2).slice(0, this.maxLength - 2);
     const ids = [this.bosId, ...body, this.eosId];
     while (ids.length < this.maxLength) ids.push(this.padId);
     return ids;
+  }
+}
+
+/** A binary min-heap of candidate merges, ordered by (rank, position). */
+class PairHeap {
+  private readonly rank: number[] = [];
+  private readonly pos: number[] = [];
+  private readonly left: string[] = [];
+  private readonly right: string[] = [];
+
+  get size(): number {
+    return this.rank.length;
+  }
+
+  peekRank(): number {
+    return this.rank[0];
+  }
+
+  private less(a: number, b: number): boolean {
+    return this.rank[a] < this.rank[b] || (this.rank[a] === this.rank[b] && this.pos[a] < this.pos[b]);
+  }
+
+  private swap(a: number, b: number) {
+    for (const arr of [this.rank, this.pos, this.left, this.right] as unknown[][]) [arr[a], arr[b]] = [arr[b], arr[a]];
+  }
+
+  push(rank: number, pos: number, left: string, right: string): void {
+    this.rank.push(rank);
+    this.pos.push(pos);
+    this.left.push(left);
+    this.right.push(right);
+    for (let i = this.rank.length - 1; i > 0; ) {
+      const parent = (i - 1) >> 1;
+      if (!this.less(i, parent)) break;
+      this.swap(i, parent);
+      i = parent;
+    }
+  }
+
+  pop(): { pos: number; left: string; right: string } {
+    const top = { pos: this.pos[0], left: this.left[0], right: this.right[0] };
+    const last = this.rank.length - 1;
+    this.swap(0, last);
+    this.rank.pop();
+    this.pos.pop();
+    this.left.pop();
+    this.right.pop();
+    for (let i = 0; ; ) {
+      const l = 2 * i + 1;
+      const r = l + 1;
+      let m = i;
+      if (l < this.rank.length && this.less(l, m)) m = l;
+      if (r < this.rank.length && this.less(r, m)) m = r;
+      if (m === i) break;
+      this.swap(i, m);
+      i = m;
+    }
+    return top;
   }
 }

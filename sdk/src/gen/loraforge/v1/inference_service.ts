@@ -54,7 +54,9 @@ export interface LoraRef {
 export interface InferRequest {
   /**
    * The text to draw; up to 75 tokens are used (the CLIP context is 77 with
-   * start and end tokens), the rest is cut. May be empty.
+   * start and end tokens), the rest is cut. May be empty. At most 4096
+   * characters (the server's LORAFORGE_INFER_MAX_PROMPT_CHARS), as is every
+   * prompt field.
    */
   prompt: string;
   /**

@@ -35,7 +35,8 @@ export interface TrainRequest {
     | undefined;
   /**
    * Idempotency key chosen by the client (≤ 128 characters): a retried Train
-   * with the same key returns the same job. Empty: every call creates a job.
+   * with the same key returns the same job; the same key with a different
+   * spec is an error (ALREADY_EXISTS). Empty: every call creates a job.
    */
   requestId: string;
 }
@@ -1109,7 +1110,8 @@ export const TrainerServiceService = {
    * Train validates a spec and queues a job for it; the job is returned at once
    * in state QUEUED. A bad spec is refused with INVALID_ARGUMENT (reason
    * INVALID_SPEC) and no job is created. A retry with the same request_id
-   * returns the job the first call created.
+   * returns the job the first call created; the same request_id with a
+   * different spec is refused with ALREADY_EXISTS (REQUEST_ID_REUSED).
    */
   train: {
     path: "/loraforge.v1.TrainerService/Train" as const,
@@ -1198,7 +1200,8 @@ export interface TrainerServiceServer extends UntypedServiceImplementation {
    * Train validates a spec and queues a job for it; the job is returned at once
    * in state QUEUED. A bad spec is refused with INVALID_ARGUMENT (reason
    * INVALID_SPEC) and no job is created. A retry with the same request_id
-   * returns the job the first call created.
+   * returns the job the first call created; the same request_id with a
+   * different spec is refused with ALREADY_EXISTS (REQUEST_ID_REUSED).
    */
   train: handleUnaryCall<TrainRequest, TrainResponse>;
   /**
@@ -1235,7 +1238,8 @@ export interface TrainerServiceClient extends Client {
    * Train validates a spec and queues a job for it; the job is returned at once
    * in state QUEUED. A bad spec is refused with INVALID_ARGUMENT (reason
    * INVALID_SPEC) and no job is created. A retry with the same request_id
-   * returns the job the first call created.
+   * returns the job the first call created; the same request_id with a
+   * different spec is refused with ALREADY_EXISTS (REQUEST_ID_REUSED).
    */
   train(
     request: TrainRequest,
