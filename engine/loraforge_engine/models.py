@@ -10,7 +10,6 @@ and left, target height and width).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError
+from .fingerprint import model_fingerprint  # noqa: F401 - re-exported for importers
 
 ARCH_BY_PIPELINE = {
     "StableDiffusionPipeline": "sd",
@@ -34,20 +34,6 @@ def detect_arch(base_model: str) -> str:
     if cls not in ARCH_BY_PIPELINE:
         raise DataError(f"base_model {base_model!r} is a {cls!r}; supported: {', '.join(ARCH_BY_PIPELINE)}")
     return ARCH_BY_PIPELINE[cls]
-
-
-def model_fingerprint(base_model: str) -> str:
-    """sha256 over the model folder's config and weight files (names and bytes, sorted): the base model's
-    identity for metadata, independent of where it lies."""
-    root = Path(base_model)
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"):
-            h.update(str(p.relative_to(root)).encode() + b"\0")
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -49,7 +49,8 @@ from .cpu_threads import core_share, fixed_threads
 from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset,
                    resized_size, select_samples)
 from .events import EventWriter
-from .models import Components, encode_text, load_components, model_fingerprint, time_ids, tokenize
+from .fingerprint import model_fingerprint_idle as model_fingerprint
+from .models import Components, encode_text, load_components, time_ids, tokenize
 from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pixel_convs
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -129,9 +130,7 @@ def make_optimizer(spec: TrainingSpec, params: list[torch.Tensor], lr: float, de
 
 
 class _InBackground:
-    """fn() on a daemon thread (a failed setup does not wait for it); result() waits and re-raises its error.
-    On Linux the thread runs at idle priority: it takes only CPU time that nothing else wants, so it never slows
-    training; a result() that must wait leaves it the core the waiting thread gave up."""
+    """fn() on a daemon thread (a failed setup does not wait for it); result() waits and re-raises its error."""
 
     def __init__(self, fn):
         self._done = threading.Event()
@@ -140,8 +139,6 @@ class _InBackground:
 
     def _run(self, fn) -> None:
         try:
-            if hasattr(os, "SCHED_IDLE"):
-                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
             self._value = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller of result()
             self._error = e
