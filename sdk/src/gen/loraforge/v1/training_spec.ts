@@ -344,8 +344,10 @@ export interface TrainingSpec {
     | undefined;
   /**
    * Encode images (VAE latent distributions) and captions (text embeddings)
-   * once per run instead of every step, where the augmentation allows it:
-   * latents need center_crop (both orientations are cached under random_flip);
+   * once per run instead of every step, where the augmentation allows it,
+   * each the first time a batch draws it: latents need a crop window that is
+   * the same every epoch (center_crop, or a random crop of an image already
+   * at the training size); both orientations are cached under random_flip;
    * text embeddings need a frozen text encoder. Same result, faster.
    * Default true.
    */
