@@ -49,6 +49,7 @@ from .cpu_threads import core_share, fixed_threads
 from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset,
                    resized_size, select_samples)
 from .events import EventWriter
+from .fingerprint import hurry as hurry_fingerprints
 from .fingerprint import model_fingerprint_idle as model_fingerprint
 from .models import Components, encode_text, load_components, time_ids, tokenize
 from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pixel_convs
@@ -530,6 +531,7 @@ class Trainer:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         folder.mkdir(parents=True, exist_ok=True)
+        hurry_fingerprints()  # needed now: the base model's hash leaves idle priority
         meta = lora_files.provenance(steps=step, **self.provenance_base, **self.fingerprints.result())
         parts = self._peft_parts()
         path = lora_files.save_diffusers(folder / ckpt.LORA_FILE,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -433,3 +434,28 @@ def test_the_base_model_hash_comes_from_a_child_process_alike(tiny_model):
     from loraforge_engine.fingerprint import model_fingerprint, model_fingerprint_idle
 
     assert model_fingerprint_idle(str(tiny_model)) == model_fingerprint(str(tiny_model))
+
+
+def test_the_idle_hash_runs_at_idle_priority_until_hurried(tmp_path):
+    import threading
+    import time
+
+    from loraforge_engine import fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    with open(model / "unet.safetensors", "wb") as f:
+        f.truncate(2 << 30)  # sparse: seconds of hashing, no disk
+    got = []
+    worker = threading.Thread(target=lambda: got.append(fingerprint.model_fingerprint_idle(str(model))))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not fingerprint._RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (proc,) = fingerprint._RUNNING
+    time.sleep(0.2)
+    assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE
+    fingerprint.hurry()
+    assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
+    worker.join(120)
+    assert got == [fingerprint.model_fingerprint(str(model))] and not fingerprint._RUNNING
