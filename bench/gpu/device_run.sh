@@ -8,7 +8,8 @@
 # and logging to $OUT/log (which comes back even when the run is cut short):
 #   1. check_mixed_precision.py --arch sd and --arch sdxl (fp16 and bf16 CUDA training: loss falls, skipped
 #      steps counted, LoRA loads and changes the image),
-#   2. train_sd15.py (SD-1.5 architecture at 512 px, fp16 and bf16, batch 1/4/16, reference vs engine).
+#   2. train_sd15.py (SD-1.5 architecture at 512 px, fp16 and bf16, batch 1/4/16, diffusers' script vs engine;
+#      the script's extra packages must be carried as wheels, see bench/README.md).
 # Record what it prints in bench/RESULTS.md with the date.
 set -uo pipefail
 OUT=${OUT:-/tmp/loraforge-device-out}
