@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ENGINE_DIR = Path(__file__).resolve().parents[1]
+# diffusers' own script, the benchmarks' baseline: in shared/ beside the repository, as CI lays it out.
+REFERENCE_SCRIPT = ENGINE_DIR.parents[1] / "shared" / "reference" / "diffusers" / "train_text_to_image_lora.py"
+needs_reference = pytest.mark.skipif(not REFERENCE_SCRIPT.is_file(), reason=f"no {REFERENCE_SCRIPT}")
 PROMPT = "a red circle on a blue background"
 
 

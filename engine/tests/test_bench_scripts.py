@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import engine_env
+from helpers import engine_env, needs_reference
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -20,6 +20,7 @@ def run_script(path: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@needs_reference
 def test_train_throughput_runs_both_paths(tmp_path):
     # diffusers' script and the engine, each as its own process, alone and beside a busy load. The first run on a
     # machine also makes the script's environment (pip, from PyPI) under the loraforge cache, then reuses it.

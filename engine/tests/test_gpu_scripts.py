@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import engine_env
+from helpers import engine_env, needs_reference
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -33,6 +33,7 @@ def test_check_mixed_precision_dry_run(tmp_path):
     assert any("mixed precision: bf16" in m for m in out["bf16"]["precision_log"]), out["bf16"]["precision_log"]
 
 
+@needs_reference
 def test_train_sd15_dry_run(tmp_path):
     # diffusers' script and the engine as separate processes, both with --mixed_precision bf16 (on CPU: autocast).
     out = run_script("train_sd15.py", "--device", "cpu", "--tiny", "--precisions", "bf16", "--batches", "2",
