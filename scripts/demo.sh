@@ -13,7 +13,7 @@ py() { PYTHONPATH=engine engine/.venv/bin/python -m loraforge_engine "$@"; }
 [ -f "$demo/shapes/metadata.jsonl" ] || py make-dataset "$demo/shapes" --count 16
 
 LORAFORGE_DASHBOARD_ADDRESS=${LORAFORGE_DASHBOARD_ADDRESS:-127.0.0.1:0} \
-  node server/dist/cli.js serve --address 127.0.0.1:0 --state-dir "$demo/state" >"$demo/server.out" 2>"$demo/server.log" &
+  node server/dist/cli/main.js serve --address 127.0.0.1:0 --state-dir "$demo/state" >"$demo/server.out" 2>"$demo/server.log" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 150); do

@@ -49,5 +49,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
 fi
 say "building TypeScript"
 npx tsc -b sdk server tests examples
-chmod +x server/dist/cli.js   # the `loraforge` bin (npx loraforge) is linked before it is built
+chmod +x server/dist/cli/main.js   # the `loraforge` bin (npx loraforge) is linked before it is built
 say "ready"

@@ -6,7 +6,7 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { parseAllDocuments } from "yaml";
-import { findNatsServer } from "@loraforge/server/nats-managed";
+import { findNatsServer } from "@loraforge/server/core/nats-managed";
 import { REPO } from "./lib/harness.js";
 
 const deploy = path.join(REPO, "deploy");

@@ -6,7 +6,7 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { connect } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { ManagedNats, freePort } from "@loraforge/server/nats-managed";
+import { ManagedNats, freePort } from "@loraforge/server/core/nats-managed";
 import { stateName, type JobEvent } from "@loraforge/sdk";
 import {
   collect,

@@ -10,7 +10,7 @@ import { after, before, describe, it } from "node:test";
 import { zipSync } from "fflate";
 import protobuf from "protobufjs";
 import { connect as connectV2 } from "nats";
-import { freePort, ManagedNats } from "@loraforge/server/nats-managed";
+import { freePort, ManagedNats } from "@loraforge/server/core/nats-managed";
 import { createClient, JobNotFoundError, LoraforgeError, stateName, subscribe, type JobEvent } from "@loraforge/sdk";
 import { collect, fixtures, natsCredentials, quickSpec, REPO, sha256File, startServer, startWorker, tmpDir, type Fixtures, type ServerProcess, type WorkerProcess } from "./lib/harness.js";
 

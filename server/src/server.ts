@@ -10,21 +10,21 @@ import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
-import { ArtifactStore } from "./artifacts.js";
-import { limitsFromEnv, type DatasetLimits } from "./datasets.js";
-import { tokenInterceptor } from "./auth.js";
-import { addReflection } from "./contract.js";
+import { ArtifactStore } from "./jobs/artifacts.js";
+import { limitsFromEnv, type DatasetLimits } from "./jobs/datasets.js";
+import { tokenInterceptor } from "./api/auth.js";
+import { addReflection } from "./api/contract.js";
 import { addInferenceService } from "./infer/index.js";
 import { startDashboard } from "./dashboard/index.js";
-import { log } from "./log.js";
-import { ManagedNats } from "./nats-managed.js";
-import { Jobs } from "./jobs.js";
-import { datasetService, trainerService } from "./service.js";
+import { log } from "./core/log.js";
+import { ManagedNats } from "./core/nats-managed.js";
+import { Jobs } from "./jobs/jobs.js";
+import { datasetService, trainerService } from "./api/trainer-service.js";
 import { DatasetServiceService } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
-import { telemetry } from "./telemetry.js";
+import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./jobs/store.js";
+import { telemetry } from "./core/telemetry.js";
 
-import { Worker } from "./worker.js";
+import { Worker } from "./jobs/worker.js";
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 

@@ -10,7 +10,7 @@ import { createClient, type JobEvent, type LoraforgeClient } from "@loraforge/sd
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const PYTHON = process.env.LORAFORGE_PYTHON ?? path.join(REPO, "engine", ".venv", "bin", "python");
-export const CLI = path.join(REPO, "server", "dist", "cli.js");
+export const CLI = path.join(REPO, "server", "dist", "cli", "main.js");
 
 /** Runs `python -m loraforge_engine ...` (or a script) and returns stdout; throws with stderr on failure. */
 export function python(args: string[]): string {
@@ -58,7 +58,7 @@ export interface ServerProcess {
 }
 
 /**
- * Spawns `node cli.js ARGS`, collects its stderr, and resolves with its stdout so far
+ * Spawns `node cli/main.js ARGS`, collects its stderr, and resolves with its stdout so far
  * once `ready(stdout)` holds; rejects if it exits first.
  */
 async function spawnCli(args: string[], env: Record<string, string>, ready: (out: string) => boolean) {

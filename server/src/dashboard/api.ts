@@ -14,10 +14,10 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { ArtifactKind, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
-import { ApiError } from "../errors.js";
-import type { Jobs } from "../jobs.js";
-import { log } from "../log.js";
-import { isFinal } from "../store.js";
+import { ApiError } from "../core/errors.js";
+import type { Jobs } from "../jobs/jobs.js";
+import { log } from "../core/log.js";
+import { isFinal } from "../jobs/store.js";
 
 /** How many jobs the list shows (newest first). */
 export const LIST_SIZE = 100;

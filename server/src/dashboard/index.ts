@@ -12,8 +12,8 @@ import { createRequire } from "node:module";
 import type { AddressInfo, Socket } from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Jobs } from "../jobs.js";
-import { log } from "../log.js";
+import type { Jobs } from "../jobs/jobs.js";
+import { log } from "../core/log.js";
 import { handleApi, JobListFeed, sendJson } from "./api.js";
 
 export interface DashboardOptions {

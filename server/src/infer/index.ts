@@ -25,13 +25,12 @@ import {
   modelNotFound,
   toServiceError,
   type FieldViolation,
-} from "../errors.js";
-import { ArtifactStore } from "../artifacts.js";
-import { JOB_ID_PATTERN } from "../ids.js";
-import { log } from "../log.js";
-import type { ServerConfig } from "../server.js";
-import type { JobStore } from "../store.js";
-import { realPathIn, withinRoots } from "../validate.js";
+} from "../core/errors.js";
+import { ArtifactStore } from "../jobs/artifacts.js";
+import { JOB_ID_PATTERN } from "../core/ids.js";
+import { log } from "../core/log.js";
+import type { JobStore } from "../jobs/store.js";
+import { realPathIn, withinRoots } from "../core/validate.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
 import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
 import { render, RenderCancelled } from "./pipeline.js";
@@ -154,7 +153,15 @@ export function validateInfer(
   return { v: { steps, guidance, seed, numImages, scheduler, width: req.width, height: req.height }, violations: bad };
 }
 
-export function addInferenceService(server: Server, deps: { store: JobStore; config: ServerConfig; options?: InferenceOptions }): { close(): Promise<void> } {
+/** What Infer needs from the server it runs in (a slice of ServerConfig, passed down by server.ts). */
+export interface InferHost {
+  python: string;
+  engineDir: string;
+  stateDir: string;
+  dataRoots: string[];
+}
+
+export function addInferenceService(server: Server, deps: { store: JobStore; config: InferHost; options?: InferenceOptions }): { close(): Promise<void> } {
   const { store, config } = deps;
   const opts = deps.options ?? {};
   const registry = new ModelRegistry(

@@ -8,11 +8,11 @@ import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
 import ort from "onnxruntime-node";
-import { log } from "../log.js";
+import { log } from "../core/log.js";
 import type { SchedulerConfig } from "./schedulers.js";
 import { SlotIndex, type SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
-import { childEnv } from "../child-env.js";
+import { childEnv } from "../core/child-env.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
 /** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */

@@ -1,6 +1,6 @@
 // A bounded queue in front of the renderer: `concurrency` requests run, at most `maxQueued` wait
 // (first come, first served), more are refused at once rather than held in memory.
-import { inferCancelled, inferQueueFull } from "../errors.js";
+import { inferCancelled, inferQueueFull } from "../core/errors.js";
 
 export class Semaphore {
   private running = 0;

@@ -10,8 +10,8 @@ import { status } from "@grpc/grpc-js";
 import sharp from "sharp";
 import yauzl from "yauzl";
 import type { Dataset, UploadDatasetRequest } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { ApiError, type FieldViolation } from "./errors.js";
-import { IMAGE_EXTENSIONS } from "./validate.js";
+import { ApiError, type FieldViolation } from "../core/errors.js";
+import { IMAGE_EXTENSIONS } from "../core/validate.js";
 
 /** Limits of one upload. */
 export interface DatasetLimits {

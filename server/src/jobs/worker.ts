@@ -16,9 +16,9 @@ import { type JsMsg, type Consumer } from "@nats-io/jetstream";
 import { Artifact, ArtifactKind, Job, JobEvent, JobState, LogLevel } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { ArtifactStore } from "./artifacts.js";
 import { ENGINE_EXIT, EngineRun, type EngineExit, type EngineOptions } from "./engine.js";
-import { log } from "./log.js";
+import { log } from "../core/log.js";
 import { isFinal, JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./store.js";
-import { telemetry } from "./telemetry.js";
+import { telemetry } from "../core/telemetry.js";
 
 export interface WorkerOptions {
   engine: EngineOptions;

@@ -8,7 +8,7 @@ import {
   type ServerWritableStream,
 } from "@grpc/grpc-js";
 import type { DatasetServiceServer, UploadDatasetRequest, UploadDatasetResponse } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { receiveUpload, type DatasetLimits } from "./datasets.js";
+import { receiveUpload, type DatasetLimits } from "../jobs/datasets.js";
 import { SpanKind } from "@opentelemetry/api";
 import type {
   DownloadArtifactRequest,
@@ -17,10 +17,10 @@ import type {
   StreamProgressResponse,
   TrainerServiceServer,
 } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
-import { ApiError, toServiceError } from "./errors.js";
-import type { Jobs } from "./jobs.js";
-import { log } from "./log.js";
-import { telemetry } from "./telemetry.js";
+import { ApiError, toServiceError } from "../core/errors.js";
+import type { Jobs } from "../jobs/jobs.js";
+import { log } from "../core/log.js";
+import { telemetry } from "../core/telemetry.js";
 
 /** Runs an RPC handler inside a server span continuing the caller's trace. */
 function traced<T>(method: string, metadata: Metadata, fn: () => Promise<T>, service = "loraforge.v1.TrainerService"): Promise<T> {

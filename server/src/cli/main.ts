@@ -5,11 +5,11 @@ const [command, ...rest] = process.argv.slice(2);
 
 async function main(): Promise<number> {
   if (command === "serve" || command === "worker") {
-    const { runDaemon } = await import("./cli-daemon.js");
+    const { runDaemon } = await import("./daemon.js");
     return runDaemon(command, rest);
   }
-  const { CLIENT_USAGE, runClient } = await import("./cli-client.js");
-  const { DAEMON_USAGE } = await import("./cli-daemon.js");
+  const { CLIENT_USAGE, runClient } = await import("./client.js");
+  const { DAEMON_USAGE } = await import("./daemon.js");
   if (!command || command === "--help" || command === "-h" || command === "help") {
     console.log(`${DAEMON_USAGE}\n\n${CLIENT_USAGE}`);
     return command ? 0 : 2;

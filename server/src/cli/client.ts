@@ -23,9 +23,9 @@ import {
 } from "@loraforge/sdk";
 import { InferResponse, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { Dataset } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { childEnv } from "./child-env.js";
-import { contractMessage, protoJson } from "./contract.js";
-import { configFromEnv } from "./server.js";
+import { childEnv } from "../core/child-env.js";
+import { contractMessage, protoJson } from "../api/contract.js";
+import { configFromEnv } from "../server.js";
 
 /** Exit codes, documented in the README and `loraforge --help`. */
 export const EXIT = { OK: 0, FAILED: 1, USAGE: 2, INVALID: 3, NOT_FOUND: 4, CANCELLED: 5, UNAVAILABLE: 69 } as const;

@@ -1,6 +1,6 @@
 // `loraforge serve` and `loraforge worker`: long-running processes. Telemetry starts
 // before the rest of the server is loaded.
-import { startTelemetry } from "./otel.js";
+import { startTelemetry } from "../core/otel.js";
 
 export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker] [--dashboard HOST:PORT|off]
        loraforge worker --nats URL [--state-dir DIR]
@@ -37,8 +37,8 @@ hands it back to the queue for another worker to resume.`;
 
 export async function runDaemon(command: "serve" | "worker", rest: string[]): Promise<number> {
   const stopTelemetry = await startTelemetry();
-  const { configFromEnv, startServer, startWorker } = await import("./server.js");
-  const { log } = await import("./log.js");
+  const { configFromEnv, startServer, startWorker } = await import("../server.js");
+  const { log } = await import("../core/log.js");
   const env: NodeJS.ProcessEnv = { ...process.env };
   const roots: string[] = [];
   for (let i = 0; i < rest.length; i++) {

@@ -2,7 +2,7 @@
 // LORAFORGE_API_TOKEN on the server and `token` in the SDK's createClient.
 import { timingSafeEqual } from "node:crypto";
 import { ServerInterceptingCall, status, type Metadata, type ServerInterceptor } from "@grpc/grpc-js";
-import { ApiError, toServiceError } from "./errors.js";
+import { ApiError, toServiceError } from "../core/errors.js";
 
 export function tokenInterceptor(token: string): ServerInterceptor {
   const expected = Buffer.from(`Bearer ${token}`);

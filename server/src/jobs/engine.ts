@@ -8,7 +8,7 @@ import path from "node:path";
 import { createInterface } from "node:readline";
 import { JobEvent } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
-import { childEnv } from "./child-env.js";
+import { childEnv } from "../core/child-env.js";
 
 /** How the engine ended. Exit codes are the engine's contract (engine/README.md). */
 export interface EngineExit {

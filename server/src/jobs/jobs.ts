@@ -9,12 +9,12 @@ import { ArtifactStore } from "./artifacts.js";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { DATASET_ID_PATTERN } from "./datasets.js";
-import { ApiError, invalidSpec, jobNotFound, requestIdReused, type FieldViolation } from "./errors.js";
-import { JOB_ID_PATTERN, newJobId } from "./ids.js";
-import { log } from "./log.js";
+import { ApiError, invalidSpec, jobNotFound, requestIdReused, type FieldViolation } from "../core/errors.js";
+import { JOB_ID_PATTERN, newJobId } from "../core/ids.js";
+import { log } from "../core/log.js";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
-import { telemetry } from "./telemetry.js";
-import { validateSpec, type PathPolicy } from "./validate.js";
+import { telemetry } from "../core/telemetry.js";
+import { validateSpec, type PathPolicy } from "../core/validate.js";
 
 export const MAX_PAGE_SIZE = 1000;
 export const DEFAULT_PAGE_SIZE = 50;

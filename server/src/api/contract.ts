@@ -10,7 +10,7 @@ import { ReflectionService } from "@grpc/reflection";
 import type { Server } from "@grpc/grpc-js";
 
 /** proto/loraforge.binpb: a google.protobuf.FileDescriptorSet of every .proto in proto/ and their imports. */
-export const DESCRIPTOR_SET = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../proto/loraforge.binpb");
+export const DESCRIPTOR_SET = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../../proto/loraforge.binpb");
 
 let registry: FileRegistry | undefined;
 const descriptorSet = () => fromBinary(FileDescriptorSetSchema, readFileSync(DESCRIPTOR_SET));
