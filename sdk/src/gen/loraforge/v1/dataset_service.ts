@@ -32,8 +32,6 @@ export interface Dataset {
   id: string;
   /** The client's name for it (from the header). */
   name: string;
-  /** Absolute folder on the server (what dataset_id resolves to). */
-  path: string;
   /** Captioned images in the set. */
   imageCount: number;
   /** Bytes stored. */
@@ -80,7 +78,7 @@ export interface UploadDatasetResponse {
 }
 
 function createBaseDataset(): Dataset {
-  return { id: "", name: "", path: "", imageCount: 0, sizeBytes: 0 };
+  return { id: "", name: "", imageCount: 0, sizeBytes: 0 };
 }
 
 export const Dataset: MessageFns<Dataset> = {
@@ -90,9 +88,6 @@ export const Dataset: MessageFns<Dataset> = {
     }
     if (message.name !== "") {
       writer.uint32(18).string(message.name);
-    }
-    if (message.path !== "") {
-      writer.uint32(26).string(message.path);
     }
     if (message.imageCount !== 0) {
       writer.uint32(32).int32(message.imageCount);
@@ -132,14 +127,6 @@ export const Dataset: MessageFns<Dataset> = {
             message.name = reader.string();
             continue;
           }
-          case 3: {
-            if (tag !== 26) {
-              break;
-            }
-
-            message.path = reader.string();
-            continue;
-          }
           case 4: {
             if (tag !== 32) {
               break;
@@ -172,7 +159,6 @@ export const Dataset: MessageFns<Dataset> = {
     return {
       id: isSet(object.id) ? globalThis.String(object.id) : "",
       name: isSet(object.name) ? globalThis.String(object.name) : "",
-      path: isSet(object.path) ? globalThis.String(object.path) : "",
       imageCount: isSet(object.imageCount)
         ? globalThis.Number(object.imageCount)
         : isSet(object.image_count)
@@ -194,9 +180,6 @@ export const Dataset: MessageFns<Dataset> = {
     if (message.name !== "") {
       obj.name = message.name;
     }
-    if (message.path !== "") {
-      obj.path = message.path;
-    }
     if (message.imageCount !== 0) {
       obj.imageCount = Math.round(message.imageCount);
     }
@@ -213,7 +196,6 @@ export const Dataset: MessageFns<Dataset> = {
     const message = createBaseDataset();
     message.id = object.id ?? "";
     message.name = object.name ?? "";
-    message.path = object.path ?? "";
     message.imageCount = object.imageCount ?? 0;
     message.sizeBytes = object.sizeBytes ?? 0;
     return message;
@@ -576,8 +558,8 @@ export const DatasetServiceService = {
   /**
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
-   * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; use the id as
+   * zip archive's bytes (zip_chunk). The set is stored in the object store
+   * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */
@@ -597,8 +579,8 @@ export interface DatasetServiceServer extends UntypedServiceImplementation {
   /**
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
-   * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; use the id as
+   * zip archive's bytes (zip_chunk). The set is stored in the object store
+   * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */
@@ -609,8 +591,8 @@ export interface DatasetServiceClient extends Client {
   /**
    * UploadDataset takes a client stream: first an UploadDatasetHeader, then
    * either the set's files (DatasetFileChunk, each file's chunks in order) or a
-   * zip archive's bytes (zip_chunk). The set is stored under the server's
-   * dataset root and its id and path are returned; use the id as
+   * zip archive's bytes (zip_chunk). The set is stored in the object store
+   * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
    */

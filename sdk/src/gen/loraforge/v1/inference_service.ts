@@ -23,6 +23,56 @@ export const protobufPackage = "loraforge.v1";
 
 export const protobufFileName = "loraforge/v1/inference_service.proto";
 
+/** Sampler is the denoising scheduler Infer runs. */
+export enum Sampler {
+  /** SAMPLER_UNSPECIFIED - Not given: EULER. */
+  SAMPLER_UNSPECIFIED = 0,
+  /** SAMPLER_EULER - diffusers' EulerDiscreteScheduler. */
+  SAMPLER_EULER = 1,
+  /** SAMPLER_DDIM - DDIMScheduler, eta 0. */
+  SAMPLER_DDIM = 2,
+  /** SAMPLER_DPMPP_2M - DPMSolverMultistepScheduler, DPM-Solver++ 2M. */
+  SAMPLER_DPMPP_2M = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function samplerFromJSON(object: any): Sampler {
+  switch (object) {
+    case 0:
+    case "SAMPLER_UNSPECIFIED":
+      return Sampler.SAMPLER_UNSPECIFIED;
+    case 1:
+    case "SAMPLER_EULER":
+      return Sampler.SAMPLER_EULER;
+    case 2:
+    case "SAMPLER_DDIM":
+      return Sampler.SAMPLER_DDIM;
+    case 3:
+    case "SAMPLER_DPMPP_2M":
+      return Sampler.SAMPLER_DPMPP_2M;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Sampler.UNRECOGNIZED;
+  }
+}
+
+export function samplerToJSON(object: Sampler): string {
+  switch (object) {
+    case Sampler.SAMPLER_UNSPECIFIED:
+      return "SAMPLER_UNSPECIFIED";
+    case Sampler.SAMPLER_EULER:
+      return "SAMPLER_EULER";
+    case Sampler.SAMPLER_DDIM:
+      return "SAMPLER_DDIM";
+    case Sampler.SAMPLER_DPMPP_2M:
+      return "SAMPLER_DPMPP_2M";
+    case Sampler.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** LoraRef names one LoRA to apply and how strongly. */
 export interface LoraRef {
   /** Where the LoRA comes from. Required. */
@@ -112,13 +162,8 @@ export interface InferRequest {
   numImages?:
     | number
     | undefined;
-  /**
-   * Sampler: "euler" (diffusers' EulerDiscreteScheduler), "ddim"
-   * (DDIMScheduler, eta 0) or "dpmpp_2m" (DPMSolverMultistepScheduler,
-   * DPM-Solver++ 2M), each configured from the model's scheduler config. Unset
-   * or empty means "euler".
-   */
-  scheduler: string;
+  /** Sampler, configured from the model's scheduler config. Unspecified: EULER. */
+  sampler: Sampler;
   /**
    * SDXL only: the prompt for the second text encoder, as
    * StableDiffusionXLPipeline's prompt_2. Unset: prompt. A base model with one
@@ -264,8 +309,8 @@ export interface BaseModel {
 export interface TrainedLora {
   /** The job that trained it; pass it as LoraRef.job_id. */
   jobId: string;
-  /** The `.safetensors` file (absolute path on the server host). */
-  path: string;
+  /** The LoRA artifact's name, for DownloadArtifact. */
+  artifactName: string;
   /** The base model it was trained on. */
   baseModel: string;
   /** LoRA rank, as trained (the spec's rank, default 4). */
@@ -403,7 +448,7 @@ function createBaseInferRequest(): InferRequest {
     width: undefined,
     height: undefined,
     numImages: undefined,
-    scheduler: "",
+    sampler: 0,
     prompt2: undefined,
     negativePrompt2: undefined,
     sizeConditioning: undefined,
@@ -443,8 +488,8 @@ export const InferRequest: MessageFns<InferRequest> = {
     if (message.numImages !== undefined) {
       writer.uint32(80).int32(message.numImages);
     }
-    if (message.scheduler !== "") {
-      writer.uint32(90).string(message.scheduler);
+    if (message.sampler !== 0) {
+      writer.uint32(128).int32(message.sampler);
     }
     if (message.prompt2 !== undefined) {
       writer.uint32(98).string(message.prompt2);
@@ -554,12 +599,12 @@ export const InferRequest: MessageFns<InferRequest> = {
             message.numImages = reader.int32();
             continue;
           }
-          case 11: {
-            if (tag !== 90) {
+          case 16: {
+            if (tag !== 128) {
               break;
             }
 
-            message.scheduler = reader.string();
+            message.sampler = reader.int32() as any;
             continue;
           }
           case 12: {
@@ -638,7 +683,7 @@ export const InferRequest: MessageFns<InferRequest> = {
         : isSet(object.num_images)
         ? globalThis.Number(object.num_images)
         : undefined,
-      scheduler: isSet(object.scheduler) ? globalThis.String(object.scheduler) : "",
+      sampler: isSet(object.sampler) ? samplerFromJSON(object.sampler) : 0,
       prompt2: isSet(object.prompt2)
         ? globalThis.String(object.prompt2)
         : isSet(object.prompt_2)
@@ -694,8 +739,8 @@ export const InferRequest: MessageFns<InferRequest> = {
     if (message.numImages !== undefined) {
       obj.numImages = Math.round(message.numImages);
     }
-    if (message.scheduler !== "") {
-      obj.scheduler = message.scheduler;
+    if (message.sampler !== 0) {
+      obj.sampler = samplerToJSON(message.sampler);
     }
     if (message.prompt2 !== undefined) {
       obj.prompt2 = message.prompt2;
@@ -727,7 +772,7 @@ export const InferRequest: MessageFns<InferRequest> = {
     message.width = object.width ?? undefined;
     message.height = object.height ?? undefined;
     message.numImages = object.numImages ?? undefined;
-    message.scheduler = object.scheduler ?? "";
+    message.sampler = object.sampler ?? 0;
     message.prompt2 = object.prompt2 ?? undefined;
     message.negativePrompt2 = object.negativePrompt2 ?? undefined;
     message.sizeConditioning = (object.sizeConditioning !== undefined && object.sizeConditioning !== null)
@@ -1629,7 +1674,7 @@ export const BaseModel: MessageFns<BaseModel> = {
 };
 
 function createBaseTrainedLora(): TrainedLora {
-  return { jobId: "", path: "", baseModel: "", rank: 0 };
+  return { jobId: "", artifactName: "", baseModel: "", rank: 0 };
 }
 
 export const TrainedLora: MessageFns<TrainedLora> = {
@@ -1637,8 +1682,8 @@ export const TrainedLora: MessageFns<TrainedLora> = {
     if (message.jobId !== "") {
       writer.uint32(10).string(message.jobId);
     }
-    if (message.path !== "") {
-      writer.uint32(18).string(message.path);
+    if (message.artifactName !== "") {
+      writer.uint32(42).string(message.artifactName);
     }
     if (message.baseModel !== "") {
       writer.uint32(26).string(message.baseModel);
@@ -1670,12 +1715,12 @@ export const TrainedLora: MessageFns<TrainedLora> = {
             message.jobId = reader.string();
             continue;
           }
-          case 2: {
-            if (tag !== 18) {
+          case 5: {
+            if (tag !== 42) {
               break;
             }
 
-            message.path = reader.string();
+            message.artifactName = reader.string();
             continue;
           }
           case 3: {
@@ -1713,7 +1758,11 @@ export const TrainedLora: MessageFns<TrainedLora> = {
         : isSet(object.job_id)
         ? globalThis.String(object.job_id)
         : "",
-      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      artifactName: isSet(object.artifactName)
+        ? globalThis.String(object.artifactName)
+        : isSet(object.artifact_name)
+        ? globalThis.String(object.artifact_name)
+        : "",
       baseModel: isSet(object.baseModel)
         ? globalThis.String(object.baseModel)
         : isSet(object.base_model)
@@ -1728,8 +1777,8 @@ export const TrainedLora: MessageFns<TrainedLora> = {
     if (message.jobId !== "") {
       obj.jobId = message.jobId;
     }
-    if (message.path !== "") {
-      obj.path = message.path;
+    if (message.artifactName !== "") {
+      obj.artifactName = message.artifactName;
     }
     if (message.baseModel !== "") {
       obj.baseModel = message.baseModel;
@@ -1746,7 +1795,7 @@ export const TrainedLora: MessageFns<TrainedLora> = {
   fromPartial<I extends Exact<DeepPartial<TrainedLora>, I>>(object: I): TrainedLora {
     const message = createBaseTrainedLora();
     message.jobId = object.jobId ?? "";
-    message.path = object.path ?? "";
+    message.artifactName = object.artifactName ?? "";
     message.baseModel = object.baseModel ?? "";
     message.rank = object.rank ?? 0;
     return message;

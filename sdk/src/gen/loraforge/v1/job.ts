@@ -7,6 +7,7 @@
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Timestamp } from "../../google/protobuf/timestamp.js";
+import { Status } from "../../google/rpc/status.js";
 import { TrainingSpec } from "./training_spec.js";
 
 export const protobufPackage = "loraforge.v1";
@@ -219,8 +220,13 @@ export interface Job {
   endTime:
     | Date
     | undefined;
-  /** Why the job FAILED (or what cancelled it), in readable words; empty otherwise. */
-  error: string;
+  /**
+   * Why the job FAILED (or what cancelled it): a code, a readable message and,
+   * where it helps, a google.rpc.ErrorInfo with a reason; unset otherwise.
+   */
+  error:
+    | Status
+    | undefined;
   /** Optimizer steps completed so far. */
   currentStep: number;
   /** Optimizer steps the run will take in total; 0 until the engine has computed it. */
@@ -229,25 +235,12 @@ export interface Job {
   artifacts: Artifact[];
   /** Sequence number of the newest event published for this job. */
   lastSequence: number;
-  /**
-   * How many times a worker has started this job (1 on the first run; a job
-   * whose worker died, or whose engine was killed by a signal, is retried).
-   */
-  attempts: number;
-  /**
-   * The worker running the job (hostname/pid/random), or that ran it last.
-   * Only that worker may change a RUNNING job's record: a worker that finds
-   * another id here has lost the job and stops.
-   */
-  worker: string;
 }
 
 /** Artifact is one file a job produced. */
 export interface Artifact {
   /** What the file is. */
   kind: ArtifactKind;
-  /** Absolute path on the worker host that produced it. */
-  path: string;
   /** File size in bytes (for a checkpoint folder: the sum of its files). */
   sizeBytes: number;
   /** Lower-case hex SHA-256 of the file (empty for a checkpoint folder). */
@@ -255,10 +248,14 @@ export interface Artifact {
   /** Optimizer step the artifact belongs to. */
   step: number;
   /**
-   * Name in the JetStream object store `loraforge_artifacts`, for
-   * DownloadArtifact; a checkpoint's name ends in "/" and covers its files.
+   * The artifact's name, for DownloadArtifact and resume_from_checkpoint:
+   * "jobs/<job id>/lora/<file>", "jobs/<job id>/validation/<file>" or
+   * "jobs/<job id>/checkpoint-<step>/" (a folder: the name ends in "/" and
+   * downloads as a tar of its files). The engine, which does not know the job,
+   * names each file by its path in the job's output folder; the worker puts
+   * this name in its place before anything leaves it.
    */
-  objectName: string;
+  name: string;
 }
 
 /**
@@ -299,8 +296,10 @@ export interface JobEvent {
 export interface StateChanged {
   /** The state the job is now in. */
   state: JobState;
-  /** For FAILED or CANCELLED: the readable reason; empty otherwise. */
-  error: string;
+  /** For FAILED or CANCELLED: why, as on Job.error; unset otherwise. */
+  error:
+    | Status
+    | undefined;
   /** For SUCCEEDED: the final LoRA file. */
   lora: Artifact | undefined;
 }
@@ -367,13 +366,11 @@ function createBaseJob(): Job {
     createTime: undefined,
     startTime: undefined,
     endTime: undefined,
-    error: "",
+    error: undefined,
     currentStep: 0,
     totalSteps: 0,
     artifacts: [],
     lastSequence: 0,
-    attempts: 0,
-    worker: "",
   };
 }
 
@@ -400,8 +397,8 @@ export const Job: MessageFns<Job> = {
     if (message.endTime !== undefined) {
       Timestamp.encode(toTimestamp(message.endTime), writer.uint32(58).fork()).join();
     }
-    if (message.error !== "") {
-      writer.uint32(66).string(message.error);
+    if (message.error !== undefined) {
+      Status.encode(message.error, writer.uint32(122).fork()).join();
     }
     if (message.currentStep !== 0) {
       writer.uint32(72).int64(message.currentStep);
@@ -414,12 +411,6 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       writer.uint32(96).int64(message.lastSequence);
-    }
-    if (message.attempts !== 0) {
-      writer.uint32(104).int32(message.attempts);
-    }
-    if (message.worker !== "") {
-      writer.uint32(114).string(message.worker);
     }
     return writer;
   },
@@ -493,12 +484,12 @@ export const Job: MessageFns<Job> = {
             message.endTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
-          case 8: {
-            if (tag !== 66) {
+          case 15: {
+            if (tag !== 122) {
               break;
             }
 
-            message.error = reader.string();
+            message.error = Status.decode(reader, reader.uint32());
             continue;
           }
           case 9: {
@@ -531,22 +522,6 @@ export const Job: MessageFns<Job> = {
             }
 
             message.lastSequence = longToNumber(reader.int64());
-            continue;
-          }
-          case 13: {
-            if (tag !== 104) {
-              break;
-            }
-
-            message.attempts = reader.int32();
-            continue;
-          }
-          case 14: {
-            if (tag !== 114) {
-              break;
-            }
-
-            message.worker = reader.string();
             continue;
           }
         }
@@ -586,7 +561,7 @@ export const Job: MessageFns<Job> = {
         : isSet(object.end_time)
         ? fromJsonTimestamp(object.end_time)
         : undefined,
-      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
       currentStep: isSet(object.currentStep)
         ? globalThis.Number(object.currentStep)
         : isSet(object.current_step)
@@ -605,8 +580,6 @@ export const Job: MessageFns<Job> = {
         : isSet(object.last_sequence)
         ? globalThis.Number(object.last_sequence)
         : 0,
-      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
-      worker: isSet(object.worker) ? globalThis.String(object.worker) : "",
     };
   },
 
@@ -633,8 +606,8 @@ export const Job: MessageFns<Job> = {
     if (message.endTime !== undefined) {
       obj.endTime = message.endTime.toISOString();
     }
-    if (message.error !== "") {
-      obj.error = message.error;
+    if (message.error !== undefined) {
+      obj.error = Status.toJSON(message.error);
     }
     if (message.currentStep !== 0) {
       obj.currentStep = Math.round(message.currentStep);
@@ -647,12 +620,6 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       obj.lastSequence = Math.round(message.lastSequence);
-    }
-    if (message.attempts !== 0) {
-      obj.attempts = Math.round(message.attempts);
-    }
-    if (message.worker !== "") {
-      obj.worker = message.worker;
     }
     return obj;
   },
@@ -671,28 +638,25 @@ export const Job: MessageFns<Job> = {
     message.createTime = object.createTime ?? undefined;
     message.startTime = object.startTime ?? undefined;
     message.endTime = object.endTime ?? undefined;
-    message.error = object.error ?? "";
+    message.error = (object.error !== undefined && object.error !== null)
+      ? Status.fromPartial(object.error)
+      : undefined;
     message.currentStep = object.currentStep ?? 0;
     message.totalSteps = object.totalSteps ?? 0;
     message.artifacts = object.artifacts?.map((e) => Artifact.fromPartial(e)) || [];
     message.lastSequence = object.lastSequence ?? 0;
-    message.attempts = object.attempts ?? 0;
-    message.worker = object.worker ?? "";
     return message;
   },
 };
 
 function createBaseArtifact(): Artifact {
-  return { kind: 0, path: "", sizeBytes: 0, sha256: "", step: 0, objectName: "" };
+  return { kind: 0, sizeBytes: 0, sha256: "", step: 0, name: "" };
 }
 
 export const Artifact: MessageFns<Artifact> = {
   encode(message: Artifact, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.kind !== 0) {
       writer.uint32(8).int32(message.kind);
-    }
-    if (message.path !== "") {
-      writer.uint32(18).string(message.path);
     }
     if (message.sizeBytes !== 0) {
       writer.uint32(24).int64(message.sizeBytes);
@@ -703,8 +667,8 @@ export const Artifact: MessageFns<Artifact> = {
     if (message.step !== 0) {
       writer.uint32(40).int64(message.step);
     }
-    if (message.objectName !== "") {
-      writer.uint32(50).string(message.objectName);
+    if (message.name !== "") {
+      writer.uint32(50).string(message.name);
     }
     return writer;
   },
@@ -728,14 +692,6 @@ export const Artifact: MessageFns<Artifact> = {
             }
 
             message.kind = reader.int32() as any;
-            continue;
-          }
-          case 2: {
-            if (tag !== 18) {
-              break;
-            }
-
-            message.path = reader.string();
             continue;
           }
           case 3: {
@@ -767,7 +723,7 @@ export const Artifact: MessageFns<Artifact> = {
               break;
             }
 
-            message.objectName = reader.string();
+            message.name = reader.string();
             continue;
           }
         }
@@ -785,7 +741,6 @@ export const Artifact: MessageFns<Artifact> = {
   fromJSON(object: any): Artifact {
     return {
       kind: isSet(object.kind) ? artifactKindFromJSON(object.kind) : 0,
-      path: isSet(object.path) ? globalThis.String(object.path) : "",
       sizeBytes: isSet(object.sizeBytes)
         ? globalThis.Number(object.sizeBytes)
         : isSet(object.size_bytes)
@@ -793,11 +748,7 @@ export const Artifact: MessageFns<Artifact> = {
         : 0,
       sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
       step: isSet(object.step) ? globalThis.Number(object.step) : 0,
-      objectName: isSet(object.objectName)
-        ? globalThis.String(object.objectName)
-        : isSet(object.object_name)
-        ? globalThis.String(object.object_name)
-        : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
     };
   },
 
@@ -805,9 +756,6 @@ export const Artifact: MessageFns<Artifact> = {
     const obj: any = {};
     if (message.kind !== 0) {
       obj.kind = artifactKindToJSON(message.kind);
-    }
-    if (message.path !== "") {
-      obj.path = message.path;
     }
     if (message.sizeBytes !== 0) {
       obj.sizeBytes = Math.round(message.sizeBytes);
@@ -818,8 +766,8 @@ export const Artifact: MessageFns<Artifact> = {
     if (message.step !== 0) {
       obj.step = Math.round(message.step);
     }
-    if (message.objectName !== "") {
-      obj.objectName = message.objectName;
+    if (message.name !== "") {
+      obj.name = message.name;
     }
     return obj;
   },
@@ -830,11 +778,10 @@ export const Artifact: MessageFns<Artifact> = {
   fromPartial<I extends Exact<DeepPartial<Artifact>, I>>(object: I): Artifact {
     const message = createBaseArtifact();
     message.kind = object.kind ?? 0;
-    message.path = object.path ?? "";
     message.sizeBytes = object.sizeBytes ?? 0;
     message.sha256 = object.sha256 ?? "";
     message.step = object.step ?? 0;
-    message.objectName = object.objectName ?? "";
+    message.name = object.name ?? "";
     return message;
   },
 };
@@ -1059,7 +1006,7 @@ export const JobEvent: MessageFns<JobEvent> = {
 };
 
 function createBaseStateChanged(): StateChanged {
-  return { state: 0, error: "", lora: undefined };
+  return { state: 0, error: undefined, lora: undefined };
 }
 
 export const StateChanged: MessageFns<StateChanged> = {
@@ -1067,8 +1014,8 @@ export const StateChanged: MessageFns<StateChanged> = {
     if (message.state !== 0) {
       writer.uint32(8).int32(message.state);
     }
-    if (message.error !== "") {
-      writer.uint32(18).string(message.error);
+    if (message.error !== undefined) {
+      Status.encode(message.error, writer.uint32(34).fork()).join();
     }
     if (message.lora !== undefined) {
       Artifact.encode(message.lora, writer.uint32(26).fork()).join();
@@ -1097,12 +1044,12 @@ export const StateChanged: MessageFns<StateChanged> = {
             message.state = reader.int32() as any;
             continue;
           }
-          case 2: {
-            if (tag !== 18) {
+          case 4: {
+            if (tag !== 34) {
               break;
             }
 
-            message.error = reader.string();
+            message.error = Status.decode(reader, reader.uint32());
             continue;
           }
           case 3: {
@@ -1128,7 +1075,7 @@ export const StateChanged: MessageFns<StateChanged> = {
   fromJSON(object: any): StateChanged {
     return {
       state: isSet(object.state) ? jobStateFromJSON(object.state) : 0,
-      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      error: isSet(object.error) ? Status.fromJSON(object.error) : undefined,
       lora: isSet(object.lora) ? Artifact.fromJSON(object.lora) : undefined,
     };
   },
@@ -1138,8 +1085,8 @@ export const StateChanged: MessageFns<StateChanged> = {
     if (message.state !== 0) {
       obj.state = jobStateToJSON(message.state);
     }
-    if (message.error !== "") {
-      obj.error = message.error;
+    if (message.error !== undefined) {
+      obj.error = Status.toJSON(message.error);
     }
     if (message.lora !== undefined) {
       obj.lora = Artifact.toJSON(message.lora);
@@ -1153,7 +1100,9 @@ export const StateChanged: MessageFns<StateChanged> = {
   fromPartial<I extends Exact<DeepPartial<StateChanged>, I>>(object: I): StateChanged {
     const message = createBaseStateChanged();
     message.state = object.state ?? 0;
-    message.error = object.error ?? "";
+    message.error = (object.error !== undefined && object.error !== null)
+      ? Status.fromPartial(object.error)
+      : undefined;
     message.lora = (object.lora !== undefined && object.lora !== null) ? Artifact.fromPartial(object.lora) : undefined;
     return message;
   },

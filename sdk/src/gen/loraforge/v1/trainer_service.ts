@@ -103,12 +103,10 @@ export interface CancelJobResponse {
   job: Job | undefined;
 }
 
-/** DownloadArtifactRequest names an artifact of a job. */
+/** DownloadArtifactRequest names an artifact. */
 export interface DownloadArtifactRequest {
-  /** The job's id. */
-  jobId: string;
-  /** The artifact's object_name, as listed in Job.artifacts. */
-  objectName: string;
+  /** The artifact's name, as listed in Job.artifacts ("jobs/<job id>/..."). */
+  name: string;
 }
 
 /** DownloadArtifactResponse is one piece of an artifact download. */
@@ -920,16 +918,13 @@ export const CancelJobResponse: MessageFns<CancelJobResponse> = {
 };
 
 function createBaseDownloadArtifactRequest(): DownloadArtifactRequest {
-  return { jobId: "", objectName: "" };
+  return { name: "" };
 }
 
 export const DownloadArtifactRequest: MessageFns<DownloadArtifactRequest> = {
   encode(message: DownloadArtifactRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.jobId !== "") {
-      writer.uint32(10).string(message.jobId);
-    }
-    if (message.objectName !== "") {
-      writer.uint32(18).string(message.objectName);
+    if (message.name !== "") {
+      writer.uint32(26).string(message.name);
     }
     return writer;
   },
@@ -947,20 +942,12 @@ export const DownloadArtifactRequest: MessageFns<DownloadArtifactRequest> = {
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
-          case 1: {
-            if (tag !== 10) {
+          case 3: {
+            if (tag !== 26) {
               break;
             }
 
-            message.jobId = reader.string();
-            continue;
-          }
-          case 2: {
-            if (tag !== 18) {
-              break;
-            }
-
-            message.objectName = reader.string();
+            message.name = reader.string();
             continue;
           }
         }
@@ -976,27 +963,13 @@ export const DownloadArtifactRequest: MessageFns<DownloadArtifactRequest> = {
   },
 
   fromJSON(object: any): DownloadArtifactRequest {
-    return {
-      jobId: isSet(object.jobId)
-        ? globalThis.String(object.jobId)
-        : isSet(object.job_id)
-        ? globalThis.String(object.job_id)
-        : "",
-      objectName: isSet(object.objectName)
-        ? globalThis.String(object.objectName)
-        : isSet(object.object_name)
-        ? globalThis.String(object.object_name)
-        : "",
-    };
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
   },
 
   toJSON(message: DownloadArtifactRequest): unknown {
     const obj: any = {};
-    if (message.jobId !== "") {
-      obj.jobId = message.jobId;
-    }
-    if (message.objectName !== "") {
-      obj.objectName = message.objectName;
+    if (message.name !== "") {
+      obj.name = message.name;
     }
     return obj;
   },
@@ -1006,8 +979,7 @@ export const DownloadArtifactRequest: MessageFns<DownloadArtifactRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<DownloadArtifactRequest>, I>>(object: I): DownloadArtifactRequest {
     const message = createBaseDownloadArtifactRequest();
-    message.jobId = object.jobId ?? "";
-    message.objectName = object.objectName ?? "";
+    message.name = object.name ?? "";
     return message;
   },
 };

@@ -11,12 +11,292 @@ export const protobufPackage = "loraforge.v1";
 
 export const protobufFileName = "loraforge/v1/training_spec.proto";
 
+/** LrScheduler is the learning-rate schedule (diffusers' get_scheduler names). */
+export enum LrScheduler {
+  /** LR_SCHEDULER_UNSPECIFIED - Not given: CONSTANT. */
+  LR_SCHEDULER_UNSPECIFIED = 0,
+  /** LR_SCHEDULER_LINEAR - Linear decay to 0 after warm-up. */
+  LR_SCHEDULER_LINEAR = 1,
+  /** LR_SCHEDULER_COSINE - Half a cosine to 0 after warm-up. */
+  LR_SCHEDULER_COSINE = 2,
+  /** LR_SCHEDULER_COSINE_WITH_RESTARTS - Cosine with lr_num_cycles hard restarts. */
+  LR_SCHEDULER_COSINE_WITH_RESTARTS = 3,
+  /** LR_SCHEDULER_POLYNOMIAL - Polynomial decay of power lr_power. */
+  LR_SCHEDULER_POLYNOMIAL = 4,
+  /** LR_SCHEDULER_CONSTANT - The same rate throughout (no warm-up). */
+  LR_SCHEDULER_CONSTANT = 5,
+  /** LR_SCHEDULER_CONSTANT_WITH_WARMUP - The same rate after a linear warm-up. */
+  LR_SCHEDULER_CONSTANT_WITH_WARMUP = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function lrSchedulerFromJSON(object: any): LrScheduler {
+  switch (object) {
+    case 0:
+    case "LR_SCHEDULER_UNSPECIFIED":
+      return LrScheduler.LR_SCHEDULER_UNSPECIFIED;
+    case 1:
+    case "LR_SCHEDULER_LINEAR":
+      return LrScheduler.LR_SCHEDULER_LINEAR;
+    case 2:
+    case "LR_SCHEDULER_COSINE":
+      return LrScheduler.LR_SCHEDULER_COSINE;
+    case 3:
+    case "LR_SCHEDULER_COSINE_WITH_RESTARTS":
+      return LrScheduler.LR_SCHEDULER_COSINE_WITH_RESTARTS;
+    case 4:
+    case "LR_SCHEDULER_POLYNOMIAL":
+      return LrScheduler.LR_SCHEDULER_POLYNOMIAL;
+    case 5:
+    case "LR_SCHEDULER_CONSTANT":
+      return LrScheduler.LR_SCHEDULER_CONSTANT;
+    case 6:
+    case "LR_SCHEDULER_CONSTANT_WITH_WARMUP":
+      return LrScheduler.LR_SCHEDULER_CONSTANT_WITH_WARMUP;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LrScheduler.UNRECOGNIZED;
+  }
+}
+
+export function lrSchedulerToJSON(object: LrScheduler): string {
+  switch (object) {
+    case LrScheduler.LR_SCHEDULER_UNSPECIFIED:
+      return "LR_SCHEDULER_UNSPECIFIED";
+    case LrScheduler.LR_SCHEDULER_LINEAR:
+      return "LR_SCHEDULER_LINEAR";
+    case LrScheduler.LR_SCHEDULER_COSINE:
+      return "LR_SCHEDULER_COSINE";
+    case LrScheduler.LR_SCHEDULER_COSINE_WITH_RESTARTS:
+      return "LR_SCHEDULER_COSINE_WITH_RESTARTS";
+    case LrScheduler.LR_SCHEDULER_POLYNOMIAL:
+      return "LR_SCHEDULER_POLYNOMIAL";
+    case LrScheduler.LR_SCHEDULER_CONSTANT:
+      return "LR_SCHEDULER_CONSTANT";
+    case LrScheduler.LR_SCHEDULER_CONSTANT_WITH_WARMUP:
+      return "LR_SCHEDULER_CONSTANT_WITH_WARMUP";
+    case LrScheduler.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** MixedPrecision is the numeric precision of the frozen model and activations. */
+export enum MixedPrecision {
+  /** MIXED_PRECISION_UNSPECIFIED - Not given: FP16 on a CUDA device, NO on CPU. */
+  MIXED_PRECISION_UNSPECIFIED = 0,
+  /** MIXED_PRECISION_NO - fp32 throughout. */
+  MIXED_PRECISION_NO = 1,
+  /** MIXED_PRECISION_FP16 - float16 autocast on CUDA (fp32 on CPU, with a log line). */
+  MIXED_PRECISION_FP16 = 2,
+  /** MIXED_PRECISION_BF16 - bfloat16 autocast. */
+  MIXED_PRECISION_BF16 = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function mixedPrecisionFromJSON(object: any): MixedPrecision {
+  switch (object) {
+    case 0:
+    case "MIXED_PRECISION_UNSPECIFIED":
+      return MixedPrecision.MIXED_PRECISION_UNSPECIFIED;
+    case 1:
+    case "MIXED_PRECISION_NO":
+      return MixedPrecision.MIXED_PRECISION_NO;
+    case 2:
+    case "MIXED_PRECISION_FP16":
+      return MixedPrecision.MIXED_PRECISION_FP16;
+    case 3:
+    case "MIXED_PRECISION_BF16":
+      return MixedPrecision.MIXED_PRECISION_BF16;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return MixedPrecision.UNRECOGNIZED;
+  }
+}
+
+export function mixedPrecisionToJSON(object: MixedPrecision): string {
+  switch (object) {
+    case MixedPrecision.MIXED_PRECISION_UNSPECIFIED:
+      return "MIXED_PRECISION_UNSPECIFIED";
+    case MixedPrecision.MIXED_PRECISION_NO:
+      return "MIXED_PRECISION_NO";
+    case MixedPrecision.MIXED_PRECISION_FP16:
+      return "MIXED_PRECISION_FP16";
+    case MixedPrecision.MIXED_PRECISION_BF16:
+      return "MIXED_PRECISION_BF16";
+    case MixedPrecision.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Interpolation is the resampling filter used to resize training images. */
+export enum Interpolation {
+  /** INTERPOLATION_UNSPECIFIED - Not given: LANCZOS. */
+  INTERPOLATION_UNSPECIFIED = 0,
+  /** INTERPOLATION_NEAREST - Nearest neighbour. */
+  INTERPOLATION_NEAREST = 1,
+  /** INTERPOLATION_BILINEAR - Bilinear. */
+  INTERPOLATION_BILINEAR = 2,
+  /** INTERPOLATION_BICUBIC - Bicubic. */
+  INTERPOLATION_BICUBIC = 3,
+  /** INTERPOLATION_BOX - Box. */
+  INTERPOLATION_BOX = 4,
+  /** INTERPOLATION_HAMMING - Hamming. */
+  INTERPOLATION_HAMMING = 5,
+  /** INTERPOLATION_LANCZOS - Lanczos. */
+  INTERPOLATION_LANCZOS = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function interpolationFromJSON(object: any): Interpolation {
+  switch (object) {
+    case 0:
+    case "INTERPOLATION_UNSPECIFIED":
+      return Interpolation.INTERPOLATION_UNSPECIFIED;
+    case 1:
+    case "INTERPOLATION_NEAREST":
+      return Interpolation.INTERPOLATION_NEAREST;
+    case 2:
+    case "INTERPOLATION_BILINEAR":
+      return Interpolation.INTERPOLATION_BILINEAR;
+    case 3:
+    case "INTERPOLATION_BICUBIC":
+      return Interpolation.INTERPOLATION_BICUBIC;
+    case 4:
+    case "INTERPOLATION_BOX":
+      return Interpolation.INTERPOLATION_BOX;
+    case 5:
+    case "INTERPOLATION_HAMMING":
+      return Interpolation.INTERPOLATION_HAMMING;
+    case 6:
+    case "INTERPOLATION_LANCZOS":
+      return Interpolation.INTERPOLATION_LANCZOS;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Interpolation.UNRECOGNIZED;
+  }
+}
+
+export function interpolationToJSON(object: Interpolation): string {
+  switch (object) {
+    case Interpolation.INTERPOLATION_UNSPECIFIED:
+      return "INTERPOLATION_UNSPECIFIED";
+    case Interpolation.INTERPOLATION_NEAREST:
+      return "INTERPOLATION_NEAREST";
+    case Interpolation.INTERPOLATION_BILINEAR:
+      return "INTERPOLATION_BILINEAR";
+    case Interpolation.INTERPOLATION_BICUBIC:
+      return "INTERPOLATION_BICUBIC";
+    case Interpolation.INTERPOLATION_BOX:
+      return "INTERPOLATION_BOX";
+    case Interpolation.INTERPOLATION_HAMMING:
+      return "INTERPOLATION_HAMMING";
+    case Interpolation.INTERPOLATION_LANCZOS:
+      return "INTERPOLATION_LANCZOS";
+    case Interpolation.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** PredictionType is what the UNet is trained to predict. */
+export enum PredictionType {
+  /** PREDICTION_TYPE_UNSPECIFIED - Not given: the base model scheduler's prediction_type. */
+  PREDICTION_TYPE_UNSPECIFIED = 0,
+  /** PREDICTION_TYPE_EPSILON - The added noise. */
+  PREDICTION_TYPE_EPSILON = 1,
+  /** PREDICTION_TYPE_V_PREDICTION - The velocity (v-prediction). */
+  PREDICTION_TYPE_V_PREDICTION = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function predictionTypeFromJSON(object: any): PredictionType {
+  switch (object) {
+    case 0:
+    case "PREDICTION_TYPE_UNSPECIFIED":
+      return PredictionType.PREDICTION_TYPE_UNSPECIFIED;
+    case 1:
+    case "PREDICTION_TYPE_EPSILON":
+      return PredictionType.PREDICTION_TYPE_EPSILON;
+    case 2:
+    case "PREDICTION_TYPE_V_PREDICTION":
+      return PredictionType.PREDICTION_TYPE_V_PREDICTION;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return PredictionType.UNRECOGNIZED;
+  }
+}
+
+export function predictionTypeToJSON(object: PredictionType): string {
+  switch (object) {
+    case PredictionType.PREDICTION_TYPE_UNSPECIFIED:
+      return "PREDICTION_TYPE_UNSPECIFIED";
+    case PredictionType.PREDICTION_TYPE_EPSILON:
+      return "PREDICTION_TYPE_EPSILON";
+    case PredictionType.PREDICTION_TYPE_V_PREDICTION:
+      return "PREDICTION_TYPE_V_PREDICTION";
+    case PredictionType.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** LoraFormat is the layout of the final LoRA file. */
+export enum LoraFormat {
+  /** LORA_FORMAT_UNSPECIFIED - Not given: DIFFUSERS. */
+  LORA_FORMAT_UNSPECIFIED = 0,
+  /** LORA_FORMAT_DIFFUSERS - diffusers/peft keys, pytorch_lora_weights.safetensors. */
+  LORA_FORMAT_DIFFUSERS = 1,
+  /** LORA_FORMAT_KOHYA - kohya's sd-scripts keys (A1111, ComfyUI), beside the diffusers file. */
+  LORA_FORMAT_KOHYA = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function loraFormatFromJSON(object: any): LoraFormat {
+  switch (object) {
+    case 0:
+    case "LORA_FORMAT_UNSPECIFIED":
+      return LoraFormat.LORA_FORMAT_UNSPECIFIED;
+    case 1:
+    case "LORA_FORMAT_DIFFUSERS":
+      return LoraFormat.LORA_FORMAT_DIFFUSERS;
+    case 2:
+    case "LORA_FORMAT_KOHYA":
+      return LoraFormat.LORA_FORMAT_KOHYA;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LoraFormat.UNRECOGNIZED;
+  }
+}
+
+export function loraFormatToJSON(object: LoraFormat): string {
+  switch (object) {
+    case LoraFormat.LORA_FORMAT_UNSPECIFIED:
+      return "LORA_FORMAT_UNSPECIFIED";
+    case LoraFormat.LORA_FORMAT_DIFFUSERS:
+      return "LORA_FORMAT_DIFFUSERS";
+    case LoraFormat.LORA_FORMAT_KOHYA:
+      return "LORA_FORMAT_KOHYA";
+    case LoraFormat.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /**
  * TrainingSpec is everything a LoRA training run needs: the base model, the data
  * set and every knob of the reference recipe (diffusers' text-to-image LoRA
  * example). Fields marked `optional` take the documented default when unset; an
  * explicitly set value is validated as given (so `rank: 0` is refused rather
  * than silently replaced). In proto3 JSON the field names are lowerCamelCase.
+ * Every range below is a buf.validate rule: the server refuses a request that
+ * breaks one (INVALID_ARGUMENT naming each field) and the engine checks again.
  */
 export interface TrainingSpec {
   /**
@@ -26,14 +306,34 @@ export interface TrainingSpec {
    * when the server confines paths.
    */
   baseModel: string;
-  /**
-   * Data set: an absolute path to a local folder of images with either a
-   * `metadata.jsonl` (one JSON object per line with `file_name` and `text`, the
-   * keys named by image_column and caption_column) or a same-named `.txt`
-   * caption next to every image. Required unless dataset_name or dataset_id is
-   * set (exactly one of the three); must hold at least one captioned image.
-   */
-  datasetDir: string;
+  /** The data set: exactly one source is required. */
+  dataset:
+    | //
+    /**
+     * An uploaded data set (DatasetService.UploadDataset), by the id it
+     * returned, e.g. "ds-mhq1k3c2a9f0e1d2c3b4". Jobs keep this id; where its
+     * files live is the server's business.
+     */
+    { $case: "datasetId"; datasetId: string }
+    | //
+    /**
+     * A folder on the server host, for operators who place data sets there:
+     * images with either a `metadata.jsonl` (one JSON object per line with
+     * `file_name` and `text`, the keys named by image_column and
+     * caption_column) or a same-named `.txt` caption next to every image. An
+     * absolute path inside the server's data roots, holding at least one
+     * captioned image.
+     */
+    { $case: "datasetDir"; datasetDir: string }
+    | //
+    /**
+     * A Hugging Face hub data set name (e.g. "lambdalabs/naruto-blip-captions"),
+     * its "train" split. Only where the engine host allows the hub (network,
+     * the `datasets` package, LORAFORGE_ALLOW_HUB=1); elsewhere the job fails
+     * with a clear error. At most 200 characters.
+     */
+    { $case: "datasetName"; datasetName: string }
+    | undefined;
   /**
    * Square training resolution in pixels. Images are resized so their shorter
    * side equals it, then cropped. Default 512; 8..4096 and a multiple of 8.
@@ -81,13 +381,8 @@ export interface TrainingSpec {
   learningRate?:
     | number
     | undefined;
-  /**
-   * Learning-rate schedule: one of "linear", "cosine", "cosine_with_restarts",
-   * "polynomial", "constant", "constant_with_warmup". Default "constant".
-   */
-  lrScheduler?:
-    | string
-    | undefined;
+  /** Learning-rate schedule. Unspecified: constant. */
+  lrScheduler: LrScheduler;
   /**
    * Optimizer steps of linear warm-up at the start of the schedule (ignored by
    * "constant"). Default 500; ≥ 0.
@@ -117,13 +412,11 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Numeric precision: "no" (fp32), "fp16" or "bf16". Default: "fp16" on a CUDA
-   * device, "no" on CPU. On CPU "fp16" falls back to fp32 (with a log line);
-   * "bf16" runs under CPU autocast. LoRA parameters always stay fp32.
+   * Numeric precision. Unspecified: fp16 on a CUDA device, fp32 (NO) on CPU.
+   * On CPU FP16 falls back to fp32 (with a log line); BF16 runs under CPU
+   * autocast. LoRA parameters always stay fp32.
    */
-  mixedPrecision?:
-    | string
-    | undefined;
+  mixedPrecision: MixedPrecision;
   /** Save a resumable checkpoint every N optimizer steps. Default 500; ≥ 1. */
   checkpointingSteps?:
     | number
@@ -158,15 +451,6 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * A Hugging Face hub data set name (e.g. "lambdalabs/naruto-blip-captions"),
-   * its "train" split, instead of dataset_dir. Only where the engine host allows
-   * the hub (network, the `datasets` package, LORAFORGE_ALLOW_HUB=1); elsewhere
-   * the job fails with a clear error. Unset by default; at most 200 characters.
-   */
-  datasetName?:
-    | string
-    | undefined;
-  /**
    * Column holding the image: in metadata.jsonl the image's file name (default
    * "file_name"), in a hub data set the image itself (default "image").
    * Non-empty when set; at most 200 characters.
@@ -197,13 +481,10 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Resampling filter used to resize images to resolution: "nearest",
-   * "bilinear", "bicubic", "box", "hamming" or "lanczos". Default "lanczos"
-   * (the reference recipe's).
+   * Resampling filter used to resize images to resolution. Unspecified:
+   * lanczos (the reference recipe's).
    */
-  interpolation?:
-    | string
-    | undefined;
+  interpolation: Interpolation;
   /**
    * Multiply learning_rate by train_batch_size × gradient_accumulation_steps
    * (× number of processes). Default false.
@@ -264,12 +545,10 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Training target: "epsilon" (predict the noise) or "v_prediction".
-   * Unset: the base model scheduler's prediction_type.
+   * Training target: the noise (EPSILON) or the velocity (V_PREDICTION).
+   * Unspecified: the base model scheduler's prediction_type.
    */
-  predictionType?:
-    | string
-    | undefined;
+  predictionType: PredictionType;
   /**
    * Recompute activations in the backward pass instead of storing them: less
    * memory, about 30% slower. Same result. Default false.
@@ -311,9 +590,10 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Resume from a checkpoint: an absolute path to a checkpoint-<step> folder,
-   * or "latest" (the newest in this job's output; none: start fresh). The
-   * engine's --resume-from flag overrides it. Unset: start fresh.
+   * Resume from a checkpoint: "latest" (the newest in this job's own output;
+   * none: start fresh), or a checkpoint artifact of an earlier job on this
+   * server by its name as Artifact.name gives it,
+   * "jobs/<job id>/checkpoint-<step>/". Unset: start fresh.
    */
   resumeFromCheckpoint?:
     | string
@@ -331,17 +611,15 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Format of the final LoRA file reported by the job: "diffusers"
-   * (pytorch_lora_weights.safetensors) or "kohya" (the A1111 / ComfyUI
+   * Format of the final LoRA file reported by the job: DIFFUSERS
+   * (pytorch_lora_weights.safetensors) or KOHYA (the A1111 / ComfyUI
    * layout, lora_unet_… / lora_te_… keys with .alpha tensors, written as
    * pytorch_lora_weights_kohya.safetensors; the diffusers file is written
-   * beside it). Default "diffusers". SDXL UNet keys take the original
+   * beside it). Unspecified: DIFFUSERS. SDXL UNet keys take the original
    * UNet's names (lora_unet_input_blocks_4_1_…), as kohya's sd-scripts
    * writes them; a target without such a name fails the job at its start.
    */
-  loraFormat?:
-    | string
-    | undefined;
+  loraFormat: LoraFormat;
   /**
    * Encode images (VAE latent distributions) and captions (text embeddings)
    * once per run instead of every step, where the augmentation allows it,
@@ -362,19 +640,12 @@ export interface TrainingSpec {
    * Default false.
    */
   torchCompile: boolean;
-  /**
-   * An uploaded data set (DatasetService.UploadDataset), by the id it returned,
-   * e.g. "ds-mhq1k3c2a9f0e1d2c3b4". The server resolves it to the stored folder
-   * and records that folder as dataset_dir on the job. Alternative to
-   * dataset_dir and dataset_name.
-   */
-  datasetId: string;
 }
 
 function createBaseTrainingSpec(): TrainingSpec {
   return {
     baseModel: "",
-    datasetDir: "",
+    dataset: undefined,
     resolution: undefined,
     centerCrop: undefined,
     randomFlip: undefined,
@@ -383,24 +654,23 @@ function createBaseTrainingSpec(): TrainingSpec {
     maxTrainSteps: undefined,
     numTrainEpochs: undefined,
     learningRate: undefined,
-    lrScheduler: undefined,
+    lrScheduler: 0,
     lrWarmupSteps: undefined,
     maxGradNorm: undefined,
     rank: undefined,
     loraAlpha: undefined,
-    mixedPrecision: undefined,
+    mixedPrecision: 0,
     checkpointingSteps: undefined,
     seed: undefined,
     validationPrompt: undefined,
     numValidationImages: undefined,
     validationSteps: undefined,
     validationInferenceSteps: undefined,
-    datasetName: undefined,
     imageColumn: undefined,
     captionColumn: undefined,
     maxTrainSamples: undefined,
     captionDropout: undefined,
-    interpolation: undefined,
+    interpolation: 0,
     scaleLr: undefined,
     lrNumCycles: undefined,
     lrPower: undefined,
@@ -411,7 +681,7 @@ function createBaseTrainingSpec(): TrainingSpec {
     use8bitAdam: false,
     snrGamma: undefined,
     noiseOffset: undefined,
-    predictionType: undefined,
+    predictionType: 0,
     gradientCheckpointing: false,
     allowTf32: false,
     loraDropout: undefined,
@@ -421,10 +691,9 @@ function createBaseTrainingSpec(): TrainingSpec {
     resumeFromCheckpoint: undefined,
     validationPrompts: [],
     validationEpochs: undefined,
-    loraFormat: undefined,
+    loraFormat: 0,
     cacheLatents: undefined,
     torchCompile: false,
-    datasetId: "",
   };
 }
 
@@ -433,8 +702,16 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.baseModel !== "") {
       writer.uint32(10).string(message.baseModel);
     }
-    if (message.datasetDir !== "") {
-      writer.uint32(18).string(message.datasetDir);
+    switch (message.dataset?.$case) {
+      case "datasetId":
+        writer.uint32(418).string(message.dataset.datasetId);
+        break;
+      case "datasetDir":
+        writer.uint32(18).string(message.dataset.datasetDir);
+        break;
+      case "datasetName":
+        writer.uint32(186).string(message.dataset.datasetName);
+        break;
     }
     if (message.resolution !== undefined) {
       writer.uint32(24).int32(message.resolution);
@@ -460,8 +737,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.learningRate !== undefined) {
       writer.uint32(81).double(message.learningRate);
     }
-    if (message.lrScheduler !== undefined) {
-      writer.uint32(90).string(message.lrScheduler);
+    if (message.lrScheduler !== 0) {
+      writer.uint32(424).int32(message.lrScheduler);
     }
     if (message.lrWarmupSteps !== undefined) {
       writer.uint32(96).int32(message.lrWarmupSteps);
@@ -475,8 +752,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.loraAlpha !== undefined) {
       writer.uint32(121).double(message.loraAlpha);
     }
-    if (message.mixedPrecision !== undefined) {
-      writer.uint32(130).string(message.mixedPrecision);
+    if (message.mixedPrecision !== 0) {
+      writer.uint32(432).int32(message.mixedPrecision);
     }
     if (message.checkpointingSteps !== undefined) {
       writer.uint32(136).int32(message.checkpointingSteps);
@@ -496,9 +773,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.validationInferenceSteps !== undefined) {
       writer.uint32(176).int32(message.validationInferenceSteps);
     }
-    if (message.datasetName !== undefined) {
-      writer.uint32(186).string(message.datasetName);
-    }
     if (message.imageColumn !== undefined) {
       writer.uint32(194).string(message.imageColumn);
     }
@@ -511,8 +785,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.captionDropout !== undefined) {
       writer.uint32(217).double(message.captionDropout);
     }
-    if (message.interpolation !== undefined) {
-      writer.uint32(226).string(message.interpolation);
+    if (message.interpolation !== 0) {
+      writer.uint32(440).int32(message.interpolation);
     }
     if (message.scaleLr !== undefined) {
       writer.uint32(232).bool(message.scaleLr);
@@ -544,8 +818,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.noiseOffset !== undefined) {
       writer.uint32(305).double(message.noiseOffset);
     }
-    if (message.predictionType !== undefined) {
-      writer.uint32(314).string(message.predictionType);
+    if (message.predictionType !== 0) {
+      writer.uint32(448).int32(message.predictionType);
     }
     if (message.gradientCheckpointing !== false) {
       writer.uint32(320).bool(message.gradientCheckpointing);
@@ -574,17 +848,14 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.validationEpochs !== undefined) {
       writer.uint32(384).int32(message.validationEpochs);
     }
-    if (message.loraFormat !== undefined) {
-      writer.uint32(394).string(message.loraFormat);
+    if (message.loraFormat !== 0) {
+      writer.uint32(456).int32(message.loraFormat);
     }
     if (message.cacheLatents !== undefined) {
       writer.uint32(400).bool(message.cacheLatents);
     }
     if (message.torchCompile !== false) {
       writer.uint32(408).bool(message.torchCompile);
-    }
-    if (message.datasetId !== "") {
-      writer.uint32(418).string(message.datasetId);
     }
     return writer;
   },
@@ -610,12 +881,28 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.baseModel = reader.string();
             continue;
           }
+          case 52: {
+            if (tag !== 418) {
+              break;
+            }
+
+            message.dataset = { $case: "datasetId", datasetId: reader.string() };
+            continue;
+          }
           case 2: {
             if (tag !== 18) {
               break;
             }
 
-            message.datasetDir = reader.string();
+            message.dataset = { $case: "datasetDir", datasetDir: reader.string() };
+            continue;
+          }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.dataset = { $case: "datasetName", datasetName: reader.string() };
             continue;
           }
           case 3: {
@@ -682,12 +969,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.learningRate = reader.double();
             continue;
           }
-          case 11: {
-            if (tag !== 90) {
+          case 53: {
+            if (tag !== 424) {
               break;
             }
 
-            message.lrScheduler = reader.string();
+            message.lrScheduler = reader.int32() as any;
             continue;
           }
           case 12: {
@@ -722,12 +1009,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.loraAlpha = reader.double();
             continue;
           }
-          case 16: {
-            if (tag !== 130) {
+          case 54: {
+            if (tag !== 432) {
               break;
             }
 
-            message.mixedPrecision = reader.string();
+            message.mixedPrecision = reader.int32() as any;
             continue;
           }
           case 17: {
@@ -778,14 +1065,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.validationInferenceSteps = reader.int32();
             continue;
           }
-          case 23: {
-            if (tag !== 186) {
-              break;
-            }
-
-            message.datasetName = reader.string();
-            continue;
-          }
           case 24: {
             if (tag !== 194) {
               break;
@@ -818,12 +1097,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.captionDropout = reader.double();
             continue;
           }
-          case 28: {
-            if (tag !== 226) {
+          case 55: {
+            if (tag !== 440) {
               break;
             }
 
-            message.interpolation = reader.string();
+            message.interpolation = reader.int32() as any;
             continue;
           }
           case 29: {
@@ -906,12 +1185,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.noiseOffset = reader.double();
             continue;
           }
-          case 39: {
-            if (tag !== 314) {
+          case 56: {
+            if (tag !== 448) {
               break;
             }
 
-            message.predictionType = reader.string();
+            message.predictionType = reader.int32() as any;
             continue;
           }
           case 40: {
@@ -986,12 +1265,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.validationEpochs = reader.int32();
             continue;
           }
-          case 49: {
-            if (tag !== 394) {
+          case 57: {
+            if (tag !== 456) {
               break;
             }
 
-            message.loraFormat = reader.string();
+            message.loraFormat = reader.int32() as any;
             continue;
           }
           case 50: {
@@ -1008,14 +1287,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             }
 
             message.torchCompile = reader.bool();
-            continue;
-          }
-          case 52: {
-            if (tag !== 418) {
-              break;
-            }
-
-            message.datasetId = reader.string();
             continue;
           }
         }
@@ -1037,11 +1308,19 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.base_model)
         ? globalThis.String(object.base_model)
         : "",
-      datasetDir: isSet(object.datasetDir)
-        ? globalThis.String(object.datasetDir)
+      dataset: isSet(object.datasetId)
+        ? { $case: "datasetId", datasetId: globalThis.String(object.datasetId) }
+        : isSet(object.dataset_id)
+        ? { $case: "datasetId", datasetId: globalThis.String(object.dataset_id) }
+        : isSet(object.datasetDir)
+        ? { $case: "datasetDir", datasetDir: globalThis.String(object.datasetDir) }
         : isSet(object.dataset_dir)
-        ? globalThis.String(object.dataset_dir)
-        : "",
+        ? { $case: "datasetDir", datasetDir: globalThis.String(object.dataset_dir) }
+        : isSet(object.datasetName)
+        ? { $case: "datasetName", datasetName: globalThis.String(object.datasetName) }
+        : isSet(object.dataset_name)
+        ? { $case: "datasetName", datasetName: globalThis.String(object.dataset_name) }
+        : undefined,
       resolution: isSet(object.resolution) ? globalThis.Number(object.resolution) : undefined,
       centerCrop: isSet(object.centerCrop)
         ? globalThis.Boolean(object.centerCrop)
@@ -1079,10 +1358,10 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         ? globalThis.Number(object.learning_rate)
         : undefined,
       lrScheduler: isSet(object.lrScheduler)
-        ? globalThis.String(object.lrScheduler)
+        ? lrSchedulerFromJSON(object.lrScheduler)
         : isSet(object.lr_scheduler)
-        ? globalThis.String(object.lr_scheduler)
-        : undefined,
+        ? lrSchedulerFromJSON(object.lr_scheduler)
+        : 0,
       lrWarmupSteps: isSet(object.lrWarmupSteps)
         ? globalThis.Number(object.lrWarmupSteps)
         : isSet(object.lr_warmup_steps)
@@ -1100,10 +1379,10 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         ? globalThis.Number(object.lora_alpha)
         : undefined,
       mixedPrecision: isSet(object.mixedPrecision)
-        ? globalThis.String(object.mixedPrecision)
+        ? mixedPrecisionFromJSON(object.mixedPrecision)
         : isSet(object.mixed_precision)
-        ? globalThis.String(object.mixed_precision)
-        : undefined,
+        ? mixedPrecisionFromJSON(object.mixed_precision)
+        : 0,
       checkpointingSteps: isSet(object.checkpointingSteps)
         ? globalThis.Number(object.checkpointingSteps)
         : isSet(object.checkpointing_steps)
@@ -1130,11 +1409,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.validation_inference_steps)
         ? globalThis.Number(object.validation_inference_steps)
         : undefined,
-      datasetName: isSet(object.datasetName)
-        ? globalThis.String(object.datasetName)
-        : isSet(object.dataset_name)
-        ? globalThis.String(object.dataset_name)
-        : undefined,
       imageColumn: isSet(object.imageColumn)
         ? globalThis.String(object.imageColumn)
         : isSet(object.image_column)
@@ -1155,7 +1429,7 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.caption_dropout)
         ? globalThis.Number(object.caption_dropout)
         : undefined,
-      interpolation: isSet(object.interpolation) ? globalThis.String(object.interpolation) : undefined,
+      interpolation: isSet(object.interpolation) ? interpolationFromJSON(object.interpolation) : 0,
       scaleLr: isSet(object.scaleLr)
         ? globalThis.Boolean(object.scaleLr)
         : isSet(object.scale_lr)
@@ -1207,10 +1481,10 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         ? globalThis.Number(object.noise_offset)
         : undefined,
       predictionType: isSet(object.predictionType)
-        ? globalThis.String(object.predictionType)
+        ? predictionTypeFromJSON(object.predictionType)
         : isSet(object.prediction_type)
-        ? globalThis.String(object.prediction_type)
-        : undefined,
+        ? predictionTypeFromJSON(object.prediction_type)
+        : 0,
       gradientCheckpointing: isSet(object.gradientCheckpointing)
         ? globalThis.Boolean(object.gradientCheckpointing)
         : isSet(object.gradient_checkpointing)
@@ -1257,10 +1531,10 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         ? globalThis.Number(object.validation_epochs)
         : undefined,
       loraFormat: isSet(object.loraFormat)
-        ? globalThis.String(object.loraFormat)
+        ? loraFormatFromJSON(object.loraFormat)
         : isSet(object.lora_format)
-        ? globalThis.String(object.lora_format)
-        : undefined,
+        ? loraFormatFromJSON(object.lora_format)
+        : 0,
       cacheLatents: isSet(object.cacheLatents)
         ? globalThis.Boolean(object.cacheLatents)
         : isSet(object.cache_latents)
@@ -1271,11 +1545,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.torch_compile)
         ? globalThis.Boolean(object.torch_compile)
         : false,
-      datasetId: isSet(object.datasetId)
-        ? globalThis.String(object.datasetId)
-        : isSet(object.dataset_id)
-        ? globalThis.String(object.dataset_id)
-        : "",
     };
   },
 
@@ -1284,8 +1553,12 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.baseModel !== "") {
       obj.baseModel = message.baseModel;
     }
-    if (message.datasetDir !== "") {
-      obj.datasetDir = message.datasetDir;
+    if (message.dataset?.$case === "datasetId") {
+      obj.datasetId = message.dataset.datasetId;
+    } else if (message.dataset?.$case === "datasetDir") {
+      obj.datasetDir = message.dataset.datasetDir;
+    } else if (message.dataset?.$case === "datasetName") {
+      obj.datasetName = message.dataset.datasetName;
     }
     if (message.resolution !== undefined) {
       obj.resolution = Math.round(message.resolution);
@@ -1311,8 +1584,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.learningRate !== undefined) {
       obj.learningRate = floatToJson(message.learningRate);
     }
-    if (message.lrScheduler !== undefined) {
-      obj.lrScheduler = message.lrScheduler;
+    if (message.lrScheduler !== 0) {
+      obj.lrScheduler = lrSchedulerToJSON(message.lrScheduler);
     }
     if (message.lrWarmupSteps !== undefined) {
       obj.lrWarmupSteps = Math.round(message.lrWarmupSteps);
@@ -1326,8 +1599,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.loraAlpha !== undefined) {
       obj.loraAlpha = floatToJson(message.loraAlpha);
     }
-    if (message.mixedPrecision !== undefined) {
-      obj.mixedPrecision = message.mixedPrecision;
+    if (message.mixedPrecision !== 0) {
+      obj.mixedPrecision = mixedPrecisionToJSON(message.mixedPrecision);
     }
     if (message.checkpointingSteps !== undefined) {
       obj.checkpointingSteps = Math.round(message.checkpointingSteps);
@@ -1347,9 +1620,6 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.validationInferenceSteps !== undefined) {
       obj.validationInferenceSteps = Math.round(message.validationInferenceSteps);
     }
-    if (message.datasetName !== undefined) {
-      obj.datasetName = message.datasetName;
-    }
     if (message.imageColumn !== undefined) {
       obj.imageColumn = message.imageColumn;
     }
@@ -1362,8 +1632,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.captionDropout !== undefined) {
       obj.captionDropout = floatToJson(message.captionDropout);
     }
-    if (message.interpolation !== undefined) {
-      obj.interpolation = message.interpolation;
+    if (message.interpolation !== 0) {
+      obj.interpolation = interpolationToJSON(message.interpolation);
     }
     if (message.scaleLr !== undefined) {
       obj.scaleLr = message.scaleLr;
@@ -1395,8 +1665,8 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.noiseOffset !== undefined) {
       obj.noiseOffset = floatToJson(message.noiseOffset);
     }
-    if (message.predictionType !== undefined) {
-      obj.predictionType = message.predictionType;
+    if (message.predictionType !== 0) {
+      obj.predictionType = predictionTypeToJSON(message.predictionType);
     }
     if (message.gradientCheckpointing !== false) {
       obj.gradientCheckpointing = message.gradientCheckpointing;
@@ -1425,17 +1695,14 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.validationEpochs !== undefined) {
       obj.validationEpochs = Math.round(message.validationEpochs);
     }
-    if (message.loraFormat !== undefined) {
-      obj.loraFormat = message.loraFormat;
+    if (message.loraFormat !== 0) {
+      obj.loraFormat = loraFormatToJSON(message.loraFormat);
     }
     if (message.cacheLatents !== undefined) {
       obj.cacheLatents = message.cacheLatents;
     }
     if (message.torchCompile !== false) {
       obj.torchCompile = message.torchCompile;
-    }
-    if (message.datasetId !== "") {
-      obj.datasetId = message.datasetId;
     }
     return obj;
   },
@@ -1446,7 +1713,26 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
   fromPartial<I extends Exact<DeepPartial<TrainingSpec>, I>>(object: I): TrainingSpec {
     const message = createBaseTrainingSpec();
     message.baseModel = object.baseModel ?? "";
-    message.datasetDir = object.datasetDir ?? "";
+    switch (object.dataset?.$case) {
+      case "datasetId": {
+        if (object.dataset?.datasetId !== undefined && object.dataset?.datasetId !== null) {
+          message.dataset = { $case: "datasetId", datasetId: object.dataset.datasetId };
+        }
+        break;
+      }
+      case "datasetDir": {
+        if (object.dataset?.datasetDir !== undefined && object.dataset?.datasetDir !== null) {
+          message.dataset = { $case: "datasetDir", datasetDir: object.dataset.datasetDir };
+        }
+        break;
+      }
+      case "datasetName": {
+        if (object.dataset?.datasetName !== undefined && object.dataset?.datasetName !== null) {
+          message.dataset = { $case: "datasetName", datasetName: object.dataset.datasetName };
+        }
+        break;
+      }
+    }
     message.resolution = object.resolution ?? undefined;
     message.centerCrop = object.centerCrop ?? undefined;
     message.randomFlip = object.randomFlip ?? undefined;
@@ -1455,24 +1741,23 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.maxTrainSteps = object.maxTrainSteps ?? undefined;
     message.numTrainEpochs = object.numTrainEpochs ?? undefined;
     message.learningRate = object.learningRate ?? undefined;
-    message.lrScheduler = object.lrScheduler ?? undefined;
+    message.lrScheduler = object.lrScheduler ?? 0;
     message.lrWarmupSteps = object.lrWarmupSteps ?? undefined;
     message.maxGradNorm = object.maxGradNorm ?? undefined;
     message.rank = object.rank ?? undefined;
     message.loraAlpha = object.loraAlpha ?? undefined;
-    message.mixedPrecision = object.mixedPrecision ?? undefined;
+    message.mixedPrecision = object.mixedPrecision ?? 0;
     message.checkpointingSteps = object.checkpointingSteps ?? undefined;
     message.seed = object.seed ?? undefined;
     message.validationPrompt = object.validationPrompt ?? undefined;
     message.numValidationImages = object.numValidationImages ?? undefined;
     message.validationSteps = object.validationSteps ?? undefined;
     message.validationInferenceSteps = object.validationInferenceSteps ?? undefined;
-    message.datasetName = object.datasetName ?? undefined;
     message.imageColumn = object.imageColumn ?? undefined;
     message.captionColumn = object.captionColumn ?? undefined;
     message.maxTrainSamples = object.maxTrainSamples ?? undefined;
     message.captionDropout = object.captionDropout ?? undefined;
-    message.interpolation = object.interpolation ?? undefined;
+    message.interpolation = object.interpolation ?? 0;
     message.scaleLr = object.scaleLr ?? undefined;
     message.lrNumCycles = object.lrNumCycles ?? undefined;
     message.lrPower = object.lrPower ?? undefined;
@@ -1483,7 +1768,7 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.use8bitAdam = object.use8bitAdam ?? false;
     message.snrGamma = object.snrGamma ?? undefined;
     message.noiseOffset = object.noiseOffset ?? undefined;
-    message.predictionType = object.predictionType ?? undefined;
+    message.predictionType = object.predictionType ?? 0;
     message.gradientCheckpointing = object.gradientCheckpointing ?? false;
     message.allowTf32 = object.allowTf32 ?? false;
     message.loraDropout = object.loraDropout ?? undefined;
@@ -1493,10 +1778,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.resumeFromCheckpoint = object.resumeFromCheckpoint ?? undefined;
     message.validationPrompts = object.validationPrompts?.map((e) => e) || [];
     message.validationEpochs = object.validationEpochs ?? undefined;
-    message.loraFormat = object.loraFormat ?? undefined;
+    message.loraFormat = object.loraFormat ?? 0;
     message.cacheLatents = object.cacheLatents ?? undefined;
     message.torchCompile = object.torchCompile ?? false;
-    message.datasetId = object.datasetId ?? "";
     return message;
   },
 };
