@@ -5,18 +5,37 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-echo "== contracts: buf lint, generated code and descriptor set up to date"
+echo "== contracts: buf lint, no breaking change, generated code and descriptor set up to date"
+bash scripts/proto-deps.sh
 npx buf lint
-before=$(mktemp -d)
-cp -r sdk/src/gen "$before/"
-npx buf generate
-if ! diff -r "$before/gen" sdk/src/gen >/dev/null; then
-  echo "sdk/src/gen was out of date with proto/: 'npx buf generate' changed it (commit the result):" >&2
-  diff -r "$before/gen" sdk/src/gen | head -20 >&2
-  exit 1
+# loraforge.v1 only grows compatibly: compare with the previous commit once it is at or after the
+# commit named in proto/BREAKING_SINCE (where the v1 contract was settled).
+since=$(cat proto/BREAKING_SINCE)
+prev=$(git rev-parse --verify -q HEAD~1 || true)
+if [ -n "$prev" ] && git merge-base --is-ancestor "$since" "$prev" 2>/dev/null; then
+  against=$(mktemp -d)
+  git archive "$prev" proto buf.yaml | tar -x -C "$against"
+  cp -r .proto-deps "$against/"
+  npx buf breaking --against "$against"
+  rm -rf "$against"
+else
+  echo "(buf breaking: the previous commit predates proto/BREAKING_SINCE; nothing to compare)"
 fi
+# Generated code must match proto/: regenerate into the tree and look for any difference.
+before=$(mktemp -d)
+cp -r sdk/src/gen "$before/ts"
+cp -r engine/gen "$before/py"
+npx buf generate
+npx buf generate --template buf.gen.python.yaml
+for pair in "ts:sdk/src/gen" "py:engine/gen"; do
+  if ! diff -r -x __pycache__ "$before/${pair%%:*}" "${pair#*:}" >/dev/null; then
+    echo "${pair#*:} was out of date with proto/: 'npm run generate' changed it (commit the result):" >&2
+    diff -r -x __pycache__ "$before/${pair%%:*}" "${pair#*:}" | head -20 >&2
+    exit 1
+  fi
+done
 rm -rf "$before"
-# The descriptor set (reflection, the CLI's JSON, other languages) is built from the same proto/.
+# The descriptor set (reflection, validation, the CLI's JSON, other languages) is built from the same proto/.
 desc=$(mktemp --suffix=.binpb)
 npx buf build --as-file-descriptor-set -o "$desc"
 if ! cmp -s "$desc" proto/loraforge.binpb; then
