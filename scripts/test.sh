@@ -45,6 +45,9 @@ fi
 rm -f "$desc"
 npx tsc -b sdk server tests examples
 
+echo "== unit: node --test"
+node --test tests/dist/unit/
+
 echo "== engine: pytest"
 PYTHONPATH=engine engine/.venv/bin/python -m pytest -q engine/tests
 

@@ -100,6 +100,8 @@ function parseKey(name: string): { stem: string; part: Part } | null {
     [/^(.*)\.lora\.up\.weight$/, "up"],
     [/^(.*)\.lora_linear_layer\.down\.weight$/, "down"],
     [/^(.*)\.lora_linear_layer\.up\.weight$/, "up"],
+    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.down\.weight$/, "down"],
+    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.up\.weight$/, "up"],
     [/^(.*)\.lora_A(?:\.[^.]+)?\.weight$/, "down"],
     [/^(.*)\.lora_B(?:\.[^.]+)?\.weight$/, "up"],
     [/^(.*)\.lora_down\.weight$/, "down"],

@@ -2,7 +2,9 @@
 //   euler    — EulerDiscreteScheduler (s_churn 0, linear sigma interpolation, final sigma 0)
 //   ddim     — DDIMScheduler with eta 0
 //   dpmpp_2m — DPMSolverMultistepScheduler (DPM-Solver++, order 2, midpoint, lower order final)
-// Timestep spacing "leading", "linspace" and "trailing"; epsilon and v prediction.
+// Timestep spacing "leading", "linspace" and "trailing" (a config without it gets the diffusers class's
+// default, as from_config gives it: linspace for Euler and DPM-Solver, leading for DDIM; rounding as numpy's,
+// halves to even); epsilon and v prediction.
 // Karras sigmas, thresholding and zero-SNR rescaling are not implemented (refused).
 
 export const SCHEDULERS = ["euler", "ddim", "dpmpp_2m"] as const;
@@ -40,7 +42,7 @@ export interface Scheduler {
 const f32 = Math.fround;
 
 /** alphas_cumprod as diffusers computes it (float32 torch tensors). */
-function alphasCumprod(cfg: SchedulerConfig): Float64Array {
+export function alphasCumprod(cfg: SchedulerConfig): Float64Array {
   const n = cfg.num_train_timesteps ?? 1000;
   const start = cfg.beta_start ?? 0.0001;
   const end = cfg.beta_end ?? 0.02;
@@ -75,22 +77,41 @@ function interp(x: number, ys: ArrayLike<number>): number {
   return ys[i] + (ys[i + 1] - ys[i]) * t;
 }
 
-function spacedTimesteps(cfg: SchedulerConfig, steps: number, kind: "float" | "int"): number[] {
+/** numpy's round(): halves to even (Math.round takes them up). */
+function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** numpy.linspace(start, stop, num): start + i·step, the last value stop exactly. */
+function linspace(start: number, stop: number, num: number): number[] {
+  if (num === 1) return [start];
+  const step = (stop - start) / (num - 1);
+  const out = Array.from({ length: num }, (_, i) => i * step + start);
+  out[num - 1] = stop;
+  return out;
+}
+
+/** numpy.arange(start, 0, −step) for start > 0 as numpy fills it: start + i·((start − step) − start). */
+function arangeDown(start: number, step: number): number[] {
+  const len = Math.max(0, Math.ceil((0 - start) / -step));
+  const d = start - step - start;
+  return Array.from({ length: len }, (_, i) => (i === 0 ? start : i === 1 ? start - step : start + i * d));
+}
+
+/** Timesteps as diffusers' Euler ("float") and DDIM ("int") compute them; `fallback`: the class's default spacing. */
+function spacedTimesteps(cfg: SchedulerConfig, steps: number, kind: "float" | "int", fallback: string): number[] {
   const n = cfg.num_train_timesteps ?? 1000;
-  const spacing = cfg.timestep_spacing ?? "leading";
+  const spacing = cfg.timestep_spacing ?? fallback;
   const offset = cfg.steps_offset ?? 0;
   const ts: number[] = [];
   if (spacing === "leading") {
     const ratio = Math.floor(n / steps);
     for (let i = steps - 1; i >= 0; i--) ts.push(Math.round(i * ratio) + offset);
   } else if (spacing === "linspace") {
-    for (let i = steps - 1; i >= 0; i--) {
-      const v = steps === 1 ? 0 : ((n - 1) * i) / (steps - 1);
-      ts.push(kind === "int" ? Math.round(v) : f32(v));
-    }
+    for (const v of linspace(0, n - 1, steps).reverse()) ts.push(kind === "int" ? roundHalfEven(v) : f32(v));
   } else if (spacing === "trailing") {
-    const ratio = n / steps;
-    for (let v = n; v > 0; v -= ratio) ts.push(Math.round(v) - 1);
+    for (const v of arangeDown(n, n / steps)) ts.push(roundHalfEven(v) - 1);
   } else {
     throw new Error(`scheduler config: timestep_spacing ${JSON.stringify(spacing)} is not supported`);
   }
@@ -112,10 +133,10 @@ class Euler implements Scheduler {
   constructor(private readonly cfg: SchedulerConfig, steps: number) {
     const ac = alphasCumprod(cfg);
     const base = Array.from(ac, (a) => f32(Math.sqrt(f32(f32(1 - a) / a))));
-    this.timesteps = spacedTimesteps(cfg, steps, "float");
+    this.timesteps = spacedTimesteps(cfg, steps, "float", "linspace");
     this.sigmas = [...this.timesteps.map((t) => f32(interp(t, base))), 0];
     const max = Math.max(...this.sigmas);
-    const spacing = cfg.timestep_spacing ?? "leading";
+    const spacing = cfg.timestep_spacing ?? "linspace";
     this.initNoiseSigma = spacing === "linspace" || spacing === "trailing" ? max : f32(Math.sqrt(max * max + 1));
   }
   scaleModelInput(sample: Float32Array, i: number): Float32Array {
@@ -151,7 +172,7 @@ class Ddim implements Scheduler {
   constructor(private readonly cfg: SchedulerConfig, steps: number) {
     this.ac = alphasCumprod(cfg);
     this.finalAlpha = (cfg.set_alpha_to_one ?? true) ? 1 : this.ac[0];
-    this.timesteps = spacedTimesteps(cfg, steps, "int");
+    this.timesteps = spacedTimesteps(cfg, steps, "int", "leading");
     this.stride = Math.floor((cfg.num_train_timesteps ?? 1000) / steps);
   }
   scaleModelInput(sample: Float32Array): Float32Array {
@@ -195,12 +216,9 @@ class DpmSolverPP2M implements Scheduler {
       ts = [];
       for (let i = steps; i >= 1; i--) ts.push(Math.round(i * ratio) + offset);
     } else if (spacing === "linspace") {
-      ts = [];
-      for (let i = steps; i >= 1; i--) ts.push(Math.round(((n - 1) * i) / steps));
+      ts = linspace(0, n - 1, steps + 1).reverse().slice(0, steps).map(roundHalfEven);
     } else if (spacing === "trailing") {
-      ts = [];
-      const ratio = n / steps;
-      for (let v = n; v > 0; v -= ratio) ts.push(Math.round(v) - 1);
+      ts = arangeDown(n, n / steps).map((v) => roundHalfEven(v) - 1);
     } else throw new Error(`scheduler config: timestep_spacing ${JSON.stringify(spacing)} is not supported`);
     this.timesteps = ts;
     const base = Array.from(ac, (a) => Math.sqrt((1 - a) / a));

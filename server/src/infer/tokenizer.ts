@@ -1,12 +1,20 @@
 // CLIP's byte-level BPE tokenizer, read from a model's tokenizer/ folder (vocab.json,
 // merges.txt, tokenizer_config.json), giving the ids transformers' CLIPTokenizer gives:
-// normalize (NFC, whitespace runs → one space, trim, lower case), split into words with
+// take the special tokens' text out as written (case-sensitive), normalize the rest (NFC,
+// whitespace runs → one space, lower case one character at a time), split into words with
 // CLIP's pattern, map each word's UTF-8 bytes to printable characters, mark the word's
 // last symbol with "</w>", apply the merges lowest rank first, look the pieces up.
+// "Whitespace" is Unicode's White_Space, as the tokenizers library's regex engine reads \s
+// (JavaScript's \s also takes U+FEFF and leaves out U+0085).
 import { readFileSync, existsSync } from "node:fs";
 import path from "node:path";
 
-const WORD_PATTERN = /<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+/giu;
+const WS = "\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
+const WHITESPACE_RUN = new RegExp(`[${WS}]+`, "gu");
+const SPECIAL_TOKEN = /<\|startoftext\|>|<\|endoftext\|>/gu;
+// CLIP's word pattern less its special-token alternatives: the special tokens' text in another case (lower
+// cased here) is split again by the byte-level step, into "<|", the letters and "|>", which this gives.
+const WORD_PATTERN = new RegExp(`'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^${WS}\\p{L}\\p{N}]+`, "giu");
 
 /** GPT-2/CLIP's reversible byte → printable character table. */
 function byteToUnicode(): string[] {
@@ -132,19 +140,22 @@ export class ClipTokenizer {
 
   /** Token ids of `text` without start/end tokens; with `limit`, stops once it has that many. */
   encodeRaw(text: string, limit = Infinity): number[] {
-    const clean = text.normalize("NFC").replace(/\s+/gu, " ").trim().toLowerCase();
     const ids: number[] = [];
-    for (const m of clean.matchAll(WORD_PATTERN)) {
-      if (ids.length >= limit) break;
-      const word = m[0];
-      if (word === "<|startoftext|>" || word === "<|endoftext|>") {
-        ids.push(this.vocab.get(word) ?? this.unkId);
-        continue;
+    let from = 0;
+    for (const special of [...text.matchAll(SPECIAL_TOKEN), null]) {
+      const end = special ? special.index : text.length;
+      // Final sigma: a whole-string toLowerCase() lowers Σ to ς at a word's end; CLIP lowers per character.
+      const clean = text.slice(from, end).normalize("NFC").replace(WHITESPACE_RUN, " ").replace(/Σ/gu, "σ").toLowerCase();
+      for (const m of clean.matchAll(WORD_PATTERN)) {
+        if (ids.length >= limit) return ids;
+        let mapped = "";
+        for (const b of Buffer.from(m[0], "utf8")) mapped += this.bytes[b];
+        // One push per id: spreading a long word's ids as arguments would overflow the stack.
+        for (const id of this.bpe(mapped)) ids.push(id);
       }
-      let mapped = "";
-      for (const b of Buffer.from(word, "utf8")) mapped += this.bytes[b];
-      // One push per id: spreading a long word's ids as arguments would overflow the stack.
-      for (const id of this.bpe(mapped)) ids.push(id);
+      if (!special || ids.length >= limit) break;
+      ids.push(this.vocab.get(special[0]) ?? this.unkId);
+      from = end + special[0].length;
     }
     return ids;
   }
