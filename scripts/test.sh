@@ -48,6 +48,9 @@ npx tsc -b sdk server tests examples
 echo "== unit: node --test"
 node --test tests/dist/unit/
 
+echo "== deploy: manifests against the Kubernetes schemas, Dockerfiles linted"
+bash scripts/check-deploy.sh
+
 echo "== engine: pytest"
 PYTHONPATH=engine engine/.venv/bin/python -m pytest -q engine/tests
 
