@@ -1,35 +1,52 @@
-// Trains a LoRA through the SDK, follows it live, and (with --image) draws an image
-// with it through the Infer RPC.
-//   node examples/dist/train.js --address 127.0.0.1:50051 --model DIR --data DIR [--steps 60] [--image out.png]
+// Trains a LoRA through the SDK, follows it live, downloads the LoRA file (with --lora) and
+// draws an image with it through the Infer RPC (with --image).
+//   node examples/dist/train.js --address 127.0.0.1:50051 --model DIR (--upload DIR | --data DIR | --dataset-id ID)
+//        [--steps 60] [--lora lora.safetensors] [--image out.png]
+// --upload sends a local folder to the server first (DatasetService) and trains on the stored set;
+// --data names a folder on the server host; --dataset-id a set uploaded before. The base model is a
+// folder on the server host.
 import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import { ArtifactKind, createClient, InvalidSpecError, stateName } from "@loraforge/sdk";
+import { createClient, errorMessage, InvalidSpecError, JobState, LrScheduler, Sampler, stateName, type DatasetSource } from "@loraforge/sdk";
 
 const { values } = parseArgs({
   options: {
     address: { type: "string", default: "127.0.0.1:50051" },
     model: { type: "string" },
+    upload: { type: "string" },
     data: { type: "string" },
+    "dataset-id": { type: "string" },
     steps: { type: "string", default: "60" },
+    lora: { type: "string" },
     image: { type: "string" },
   },
 });
-if (!values.model || !values.data) {
-  console.error("usage: train.js --address HOST:PORT --model MODEL_DIR --data DATASET_DIR [--steps N]");
+const sources = [values.upload, values.data, values["dataset-id"]].filter((v) => v !== undefined);
+if (!values.model || sources.length !== 1) {
+  console.error("usage: train.js --address HOST:PORT --model MODEL_DIR (--upload DIR | --data DIR | --dataset-id ID) [--steps N] [--lora FILE] [--image FILE]");
   process.exit(2);
 }
 
 const client = createClient({ address: values.address!, token: process.env.LORAFORGE_API_TOKEN });
 try {
+  // Exactly one data set source: an uploaded set's id, or a folder on the server host.
+  let dataset: DatasetSource;
+  if (values.upload) {
+    const uploaded = await client.datasets.upload(path.resolve(values.upload));
+    console.log(`uploaded data set ${uploaded.id}: ${uploaded.imageCount} images, ${uploaded.sizeBytes} bytes`);
+    dataset = { datasetId: uploaded.id };
+  } else if (values.data) dataset = { datasetDir: path.resolve(values.data) };
+  else dataset = { datasetId: values["dataset-id"]! };
+
   const job = await client.train({
     baseModel: path.resolve(values.model),
-    datasetDir: path.resolve(values.data),
+    ...dataset,
     resolution: 64,
     trainBatchSize: 4,
     maxTrainSteps: Number(values.steps),
     learningRate: 1e-3,
-    lrScheduler: "cosine",
+    lrScheduler: LrScheduler.LR_SCHEDULER_COSINE,
     lrWarmupSteps: 5,
     checkpointingSteps: 20,
     randomFlip: true,
@@ -54,21 +71,25 @@ try {
       );
       midLine = true;
     } else if (p?.$case === "state") {
-      say(`${stateName(p.state.state)}${p.state.error ? `: ${p.state.error}` : ""}`);
+      say(`${stateName(p.state.state)}${p.state.error ? `: ${errorMessage(p.state)}` : ""}`);
     } else if (p?.$case === "checkpoint") {
-      say(`checkpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.path}`);
+      // Artifacts are named resources of the server ("jobs/<id>/checkpoint-<step>/"), fetched with artifacts.download.
+      say(`checkpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.name}`);
     } else if (p?.$case === "validation") {
-      say(`validation images (${p.validation.prompt}): ${p.validation.images.map((i) => i.path).join(", ")}`);
+      say(`validation images (${p.validation.prompt}): ${p.validation.images.map((i) => i.name).join(", ")}`);
     }
   }
   const done = await job.result();
-  const lora = done.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
-  if (stateName(done.state) !== "SUCCEEDED" || !lora) {
-    console.error(`training ended ${stateName(done.state)}: ${done.error}`);
+  const lora = job.lora;
+  if (done.state !== JobState.JOB_STATE_SUCCEEDED || !lora) {
+    console.error(`training ended ${stateName(done.state)}: ${errorMessage(done)}`);
     process.exitCode = 1;
   } else {
-    console.log(`LoRA: ${lora.path}`);
-    console.log(`sha256 ${lora.sha256}, ${lora.sizeBytes} bytes; load it with pipeline.load_lora_weights(...)`);
+    console.log(`LoRA: ${lora.name} (sha256 ${lora.sha256}, ${lora.sizeBytes} bytes)`);
+    if (values.lora) {
+      await client.artifacts.download(lora, { file: values.lora });
+      console.log(`saved to ${path.resolve(values.lora)}; load it with pipeline.load_lora_weights(...)`);
+    }
     if (values.image) {
       // The first Infer on a base model exports it to ONNX (about a minute for the tiny one).
       const prompt = "a red circle on a blue background";
@@ -76,6 +97,7 @@ try {
         prompt,
         baseModel: path.resolve(values.model),
         loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 1 }],
+        sampler: Sampler.SAMPLER_EULER,
         numInferenceSteps: 20,
         width: 64,
         height: 64,

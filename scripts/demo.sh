@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: sets everything up, makes a tiny Stable Diffusion model and a synthetic
-# captioned data set, starts `loraforge serve`, trains a LoRA through the SDK with a
-# live progress line, prints the LoRA file, and draws an image with it through Infer.
+# captioned data set, starts `loraforge serve`, uploads the data set and trains a LoRA on
+# it through the SDK with a live progress line, downloads the LoRA file by its artifact
+# name, and draws an image with it through Infer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,4 +27,5 @@ dashboard=$(sed -n 's/.*dashboard on \([^ ]*\).*/\1/p' "$demo/server.out")
 echo "loraforge server on $address (log: $demo/server.log)"
 [ -n "$dashboard" ] && echo "live dashboard: $dashboard"
 
-node examples/dist/train.js --address "$address" --model "$demo/tiny-sd" --data "$demo/shapes" --image "$demo/lora-image.png"
+node examples/dist/train.js --address "$address" --model "$demo/tiny-sd" --upload "$demo/shapes" \
+  --lora "$demo/pytorch_lora_weights.safetensors" --image "$demo/lora-image.png"

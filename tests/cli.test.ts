@@ -5,7 +5,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
-import { CLI, fixtures, quickSpec, REPO, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { assertNoHostPaths, CLI, fixtures, quickSpec, REPO, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 function cli(args: string[], env: Record<string, string> = {}) {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: { ...process.env, ...env }, timeout: 300_000 });
@@ -41,17 +41,28 @@ describe("loraforge CLI", () => {
     assert.match(r.out, /job job-\w+ queued/);
     assert.match(r.out, /\r\[#+\.*\] 1\/3 loss \d\.\d{4}/, "a bar redrawn in place with \\r");
     assert.match(r.out, /\] 3\/3 loss/);
-    assert.match(r.out, /SUCCEEDED — LoRA \/\S+pytorch_lora_weights\.safetensors/);
+    assert.match(r.out, /SUCCEEDED — LoRA jobs\/job-\w+\/lora\/pytorch_lora_weights\.safetensors/);
   });
 
   it("--json output is proto3 JSON everywhere (enum names, 64-bit integers as strings): train, jobs, watch, download, datasets", () => {
-    const t = cli(["train", "--json", "--base-model", f.model, "--dataset-dir", f.dataset, "--resolution", "64", "--max-train-steps", "2", "--train-batch-size", "2", "--seed", "3"], env);
+    const t = cli(
+      // Enum flags take the short name or the full one.
+      ["train", "--json", "--base-model", f.model, "--dataset-dir", f.dataset, "--resolution", "64", "--max-train-steps", "2", "--train-batch-size", "2", "--seed", "3",
+        "--lr-scheduler", "cosine", "--mixed-precision", "MIXED_PRECISION_NO", "--interpolation", "Lanczos", "--lora-format", "kohya", "--checkpointing-steps", "1"],
+      env,
+    );
     assert.equal(t.code, 0, t.err);
     const job = JSON.parse(t.out);
     assert.equal(job.state, "JOB_STATE_QUEUED");
     assert.equal(job.spec.maxTrainSteps, 2, "int32 stays a number");
     assert.equal(job.spec.seed, "3", "int64 is a string");
     assert.equal(job.lastSequence, "1");
+    assert.equal(job.spec.datasetDir, f.dataset, "the data set oneof, as the folder given");
+    assert.deepEqual(
+      [job.spec.lrScheduler, job.spec.mixedPrecision, job.spec.interpolation, job.spec.loraFormat],
+      ["LR_SCHEDULER_COSINE", "MIXED_PRECISION_NO", "INTERPOLATION_LANCZOS", "LORA_FORMAT_KOHYA"],
+      "enums by value name",
+    );
 
     const w = cli(["watch", job.id, "--json"], env);
     assert.equal(w.code, 0, w.err);
@@ -69,14 +80,29 @@ describe("loraforge CLI", () => {
     assert.equal(mine.totalSteps, "2");
     assert.equal(mine.lastSequence, events.at(-1).sequence);
 
-    const out = path.join(tmpDir("dl"), "lora.safetensors");
+    // No response names a place on the server host (beyond the folders the spec itself gave).
+    assertNoHostPaths([job, events, listed], [f.model, f.dataset], "the CLI's JSON");
+
+    // A job id downloads its final LoRA (kohya format asked for: that file is the job's LoRA) ...
+    const dl = tmpDir("dl");
+    const out = path.join(dl, "lora.safetensors");
     const d = cli(["download", job.id, "-o", out, "--json"], env);
     assert.equal(d.code, 0, d.err);
     const info = JSON.parse(d.out);
     assert.equal(info.file, out);
     assert.equal(info.artifact.kind, "ARTIFACT_KIND_LORA");
+    assert.equal(info.artifact.name, `jobs/${job.id}/lora/pytorch_lora_weights_kohya.safetensors`);
     assert.equal(info.artifact.sizeBytes, String(readFileSync(out).length));
     assert.equal(sha256File(out), info.artifact.sha256);
+    // ... and an artifact name downloads that artifact: a checkpoint as a tar, by default named after it.
+    const ckpt = `jobs/${job.id}/checkpoint-2/`;
+    assert.ok(mine.artifacts.some((a: { name: string }) => a.name === ckpt), JSON.stringify(mine.artifacts));
+    const c2 = spawnSync(process.execPath, [CLI, "download", ckpt], { encoding: "utf8", cwd: dl, env: { ...process.env, ...env } });
+    assert.equal(c2.status, 0, c2.stderr);
+    assert.equal(c2.stdout.trim(), path.join(dl, "checkpoint-2.tar"));
+    assert.equal(readFileSync(path.join(dl, "checkpoint-2.tar")).subarray(257, 262).toString(), "ustar");
+    const missing = cli(["download", `jobs/${job.id}/lora/nope.safetensors`], env);
+    assert.equal(missing.code, 4, missing.err);
 
     const ds = cli(["datasets", "upload", f.dataset, "--name", "shapes-json", "--json"], env);
     assert.equal(ds.code, 0, ds.err);
@@ -84,6 +110,15 @@ describe("loraforge CLI", () => {
     assert.match(uploaded.id, /^ds-/);
     assert.equal(uploaded.imageCount, 8);
     assert.match(uploaded.sizeBytes, /^\d+$/, "int64 is a string");
+    assertNoHostPaths(uploaded, [], "the uploaded Dataset");
+    // --dataset-id trains on it; the job keeps the id.
+    const byId = cli(["train", "--json", "--base-model", f.model, "--dataset-id", uploaded.id, "--resolution", "64", "--max-train-steps", "1", "--train-batch-size", "2"], env);
+    assert.equal(byId.code, 0, byId.err);
+    const idJob = JSON.parse(byId.out);
+    assert.equal(idJob.spec.datasetId, uploaded.id);
+    assert.equal(idJob.spec.datasetDir, undefined);
+    const idWatch = cli(["watch", idJob.id], env);
+    assert.equal(idWatch.code, 0, idWatch.out + idWatch.err);
 
     const c = cli(["cancel", job.id], env);
     assert.equal(c.code, 1, "cancelling a finished job fails");
@@ -94,6 +129,34 @@ describe("loraforge CLI", () => {
     const bad = cli(["train", "--base-model", f.model, "--dataset-dir", f.dataset, "--rank", "0"], env);
     assert.equal(bad.code, 3);
     assert.match(bad.err, /spec\.rank/);
+    // No data set: the contract's oneof is required, and the server names it.
+    const none = cli(["train", "--base-model", f.model], env);
+    assert.equal(none.code, 3, none.err);
+    assert.match(none.err, /spec\.dataset/);
+    // A spec file is decoded by the contract: an unknown key or a wrong type is an invalid spec, named.
+    const specDir = tmpDir("bad-spec");
+    writeFileSync(path.join(specDir, "typo.yaml"), `base_model: ${f.model}\ndataset_dir: ${f.dataset}\nrnak: 4\n`);
+    const typo = cli(["train", path.join(specDir, "typo.yaml")], env);
+    assert.equal(typo.code, 3, typo.err);
+    assert.match(typo.err, /"rnak" is not a TrainingSpec field/);
+    writeFileSync(path.join(specDir, "two.json"), JSON.stringify({ baseModel: f.model, datasetDir: f.dataset, datasetName: "someone/pets" }));
+    const two = cli(["train", path.join(specDir, "two.json")], env);
+    assert.equal(two.code, 3, two.err);
+    assert.match(two.err, /dataset/);
+    // ... and a data set flag replaces the file's data set.
+    const replaced = cli(["train", path.join(specDir, "two.json"), "--dataset-dir", f.dataset, "--rank", "0"], env);
+    assert.equal(replaced.code, 3);
+    assert.match(replaced.err, /spec\.rank/, "the file's two data sets gave way to the flag; only the rank is wrong");
+    // Enum values are checked here, before anything is sent, listing the allowed ones.
+    const wobbly = cli(["train", "--base-model", f.model, "--dataset-dir", f.dataset, "--lr-scheduler", "cosine_with_wobbles"], env);
+    assert.equal(wobbly.code, 2);
+    assert.match(wobbly.err, /--lr-scheduler takes one of linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup/);
+    const sampler = cli(["infer", "--base-model", f.model, "--prompt", "a red circle", "--sampler", "heun"], env);
+    assert.equal(sampler.code, 2);
+    assert.match(sampler.err, /--sampler takes one of euler, ddim, dpmpp_2m/);
+    const twoSets = cli(["train", "--base-model", f.model, "--dataset-dir", f.dataset, "--dataset-id", "ds-abc"], env);
+    assert.equal(twoSets.code, 2);
+    assert.match(twoSets.err, /give one data set/);
     assert.equal(cli(["watch", "job-0000000000000000zz"], env).code, 4);
     const unknown = cli(["train", "--no-such-knob", "1"], env);
     assert.equal(unknown.code, 2);
@@ -137,7 +200,7 @@ describe("loraforge CLI", () => {
       watch: ["--after", "--json"],
       cancel: ["--json", "--token"],
       download: ["-o, --output", "--json"],
-      infer: ["--base-model", "--prompt", "--lora", "--lora-file", "--steps", "--scheduler", "--prompt-2", "--negative-crop", "--negative-target-size", "-o, --output"],
+      infer: ["--base-model", "--prompt", "--lora", "--lora-file", "--steps", "--sampler", "euler, ddim, dpmpp_2m", "--prompt-2", "--negative-crop", "--negative-target-size", "-o, --output"],
       datasets: ["--name", "--json"],
       "export-onnx": ["--out"],
     };
@@ -148,13 +211,21 @@ describe("loraforge CLI", () => {
       assert.match(r.out, new RegExp(`loraforge ${cmd}\\b`));
       for (const flag of flags) assert.ok(r.out.includes(flag), `${cmd} --help lists ${flag}`);
     }
-    // Read from the .proto here, independently of the CLI's own table.
+    // Read from the .proto here, independently of the CLI's own table (field lines: type, name, number, then ";" or "[").
     const proto = readFileSync(path.join(REPO, "proto", "loraforge", "v1", "training_spec.proto"), "utf8");
-    const fields = [...proto.matchAll(/^\s+(?:optional |repeated )?\w+ (\w+) = \d+;/gm)].map((m) => m[1]);
+    const message = proto.slice(proto.indexOf("message TrainingSpec {"), proto.indexOf("\n}\n", proto.indexOf("message TrainingSpec {")));
+    const fields = [...message.matchAll(/^\s+(?:optional |repeated )?[\w.]+ (\w+) = \d+\s*[;[]/gm)].map((m) => m[1]);
     assert.ok(fields.length >= 50, `${fields.length} fields`);
     const help = cli(["train", "--help"], env).out;
     for (const field of fields) assert.match(help, new RegExp(`^  --${field.replace(/_/g, "-")} `, "m"), `train --help lists --${field}`);
     assert.match(help, /--max-train-steps INT\n\s+Total optimizer steps/, "with the field's documentation");
+    // Enum fields list their values; the data set oneof says its members are alternatives.
+    assert.match(help, /^  --lr-scheduler linear\|cosine\|cosine_with_restarts\|polynomial\|constant\|constant_with_warmup\n/m);
+    assert.match(help, /^  --mixed-precision no\|fp16\|bf16\n/m);
+    assert.match(help, /^  --interpolation nearest\|bilinear\|bicubic\|box\|hamming\|lanczos\n/m);
+    assert.match(help, /^  --prediction-type epsilon\|v_prediction\n/m);
+    assert.match(help, /^  --lora-format diffusers\|kohya\n/m);
+    for (const flag of ["dataset-id", "dataset-dir", "dataset-name"]) assert.match(help, new RegExp(`^  --${flag} TEXT \\(one of the dataset options\\)`, "m"));
     // An option of another command is refused, with a pointer to the command's help.
     const wrong = cli(["watch", "job-x", "--limit", "3"], env);
     assert.equal(wrong.code, 2);

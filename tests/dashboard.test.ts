@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import { request } from "node:http";
 import { after, before, describe, it } from "node:test";
 import type { Browser, BrowserContext, Page, Route } from "playwright-core";
-import { JobState, stateName } from "@loraforge/sdk";
-import { fixtures, quickSpec, until, type Fixtures } from "./lib/harness.js";
+import { errorMessage, JobState, MixedPrecision, stateName } from "@loraforge/sdk";
+import { assertNoHostPaths, fixtures, quickSpec, until, type Fixtures } from "./lib/harness.js";
 import { artifactPath, launchBrowser, startDashboardStack, type DashboardStack } from "./lib/browser.js";
 
 const TOKEN = "t0ken-for-the-dashboard-test";
@@ -124,6 +124,7 @@ describe("dashboard", () => {
         numValidationImages: 1,
         validationInferenceSteps: 3,
         validationSteps: 4,
+        mixedPrecision: MixedPrecision.MIXED_PRECISION_NO,
       }) as never,
     );
     // The job list is live: the new job shows up without a reload.
@@ -177,6 +178,18 @@ describe("dashboard", () => {
     const body = await tar.body();
     assert.equal(body.subarray(257, 262).toString(), "ustar", "a POSIX tar archive");
     assert.match(tar.headers()["content-disposition"] ?? "", /checkpoint-4\.tar/);
+    // Files are named resources fetched through the API, by their artifact names.
+    const names = await page.$$eval("#files li", (lis) => lis.map((li) => (li as HTMLElement).dataset.name ?? ""));
+    assert.deepEqual(
+      [...names].sort(),
+      [`jobs/${job.id}/checkpoint-4/`, `jobs/${job.id}/checkpoint-8/`, `jobs/${job.id}/lora/pytorch_lora_weights.safetensors`],
+    );
+    assert.ok(ckpts.every((href) => new URL(href).pathname === "/api/artifacts"), ckpts.join(" "));
+    // The spec shows enum values as people say them.
+    const specRow = await page.$$eval("#spec tr", (rows) =>
+      rows.map((r) => [...r.querySelectorAll("td")].map((td) => td.textContent)).find(([k]) => k === "mixedPrecision"),
+    );
+    assert.deepEqual(specRow, ["mixedPrecision", "no"]);
 
     // The list follows too.
     await page.waitForFunction(
@@ -199,6 +212,10 @@ describe("dashboard", () => {
 
     // The event stream itself: resuming after a sequence sends only what follows; after the last, 204.
     const auth = { authorization: `Bearer ${TOKEN}` };
+    // The job as the API gives it names no place on the server host (beyond the folders its spec gave).
+    const asJson = await (await fetch(`${stack.url}api/jobs/${job.id}`, { headers: auth })).json();
+    assert.equal((asJson as { spec: { mixedPrecision: string } }).spec.mixedPrecision, "MIXED_PRECISION_NO", "proto3 JSON: enum value names");
+    assertNoHostPaths(asJson, [f.model, f.dataset], "GET /api/jobs/:id");
     const last = (await stack.jobs.get(job.id)).lastSequence;
     const tail = await (await fetch(`${stack.url}api/jobs/${job.id}/events`, { headers: { ...auth, "last-event-id": String(last - 1) } })).text();
     assert.deepEqual([...tail.matchAll(/^id: (\d+)$/gm)].map((m) => Number(m[1])), [last]);
@@ -245,6 +262,8 @@ describe("dashboard", () => {
     assert.equal(await page.isEnabled("#cancel"), false);
     const done = await stack.jobs.get(job.id);
     assert.equal(stateName(done.state), stateName(JobState.JOB_STATE_CANCELLED));
-    assert.match(done.error, /dashboard/);
+    assert.match(errorMessage(done), /dashboard/);
+    // The page shows why, from the job's google.rpc.Status, in words.
+    await page.waitForFunction(() => /cancelled from the dashboard/.test(document.getElementById("job-error")?.textContent ?? ""), undefined, WAIT);
   });
 });

@@ -8,7 +8,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import type { InferInput } from "@loraforge/sdk";
-import type { InferRequest, InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { Sampler, type InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { python, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
 import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, safetensorsKeys, TOLERANCE } from "./lib/parity.js";
 
@@ -86,11 +86,11 @@ describe("InferenceService on SDXL", () => {
     }
     const cases: Case[] = [
       // Empty negative prompt: zero negative embeddings and pooled embeddings (force_zeros_for_empty_prompt).
-      { name: "base-euler", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [] },
+      { name: "base-euler", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [] },
       // A negative prompt through both text encoders; two images; another sampler.
-      { name: "base-negative", req: { seed: 32, numInferenceSteps: 8, guidanceScale: 5, scheduler: "dpmpp_2m", numImages: 2, negativePrompt: "a green square" }, loras: [] },
-      { name: "one-lora", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: lora, scale: 1 }] },
-      { name: "one-lora-scaled", req: { seed: 33, numInferenceSteps: 8, guidanceScale: 6, scheduler: "ddim", negativePrompt: "a green square" }, loras: [{ path: lora, scale: 0.6 }] },
+      { name: "base-negative", req: { seed: 32, numInferenceSteps: 8, guidanceScale: 5, sampler: Sampler.SAMPLER_DPMPP_2M, numImages: 2, negativePrompt: "a green square" }, loras: [] },
+      { name: "one-lora", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [{ path: lora, scale: 1 }] },
+      { name: "one-lora-scaled", req: { seed: 33, numInferenceSteps: 8, guidanceScale: 6, sampler: Sampler.SAMPLER_DDIM, negativePrompt: "a green square" }, loras: [{ path: lora, scale: 0.6 }] },
       // The second encoder's own prompts, and size conditioning other than the pipeline's default.
       {
         name: "prompt-2-size",
@@ -98,7 +98,7 @@ describe("InferenceService on SDXL", () => {
           seed: 31,
           numInferenceSteps: 8,
           guidanceScale: 7.5,
-          scheduler: "euler",
+          sampler: Sampler.SAMPLER_EULER,
           prompt2: "a yellow cross",
           negativePrompt2: "a green square",
           sizeConditioning: { originalWidth: 128, originalHeight: 96, cropTop: 8, cropLeft: 16, targetWidth: 64, targetHeight: 64 },
@@ -109,7 +109,7 @@ describe("InferenceService on SDXL", () => {
         // negative branch the positive size conditioning by ~1.2/255. It measures 0.000 when right.
         tolerance: 0.5,
       },
-      { name: "kohya-sgm", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: kohya, scale: 1 }] },
+      { name: "kohya-sgm", req: { seed: 31, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [{ path: kohya, scale: 1 }] },
     ];
     const ours = new Map<string, InferResponse>();
     const jobs: string[][] = [];

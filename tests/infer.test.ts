@@ -7,10 +7,10 @@ import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { credentials, status } from "@grpc/grpc-js";
-import { ArtifactKind, JobState, LoraforgeError, type InferInput, type Job, type LoraforgeClient } from "@loraforge/sdk";
-import { InferenceServiceClient, InferRequest, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { ArtifactKind, errorMessage, JobState, LoraforgeError, type InferInput, type Job, type LoraforgeClient } from "@loraforge/sdk";
+import { InferenceServiceClient, InferRequest, Sampler, type InferResponse } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, quickSpec, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { assertNoHostPaths, download, fixtures, quickSpec, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
 import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, safetensorsHeader, TOLERANCE } from "./lib/parity.js";
 
 
@@ -98,14 +98,14 @@ describe("InferenceService", () => {
 
   it("renders what diffusers renders: no LoRA, one LoRA, two LoRAs with scales", async () => {
     const cases: Case[] = [
-      { name: "base-euler", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [] },
-      { name: "base-dpmpp", req: { seed: 12, numInferenceSteps: 8, guidanceScale: 6, scheduler: "dpmpp_2m" }, loras: [] },
-      { name: "one-lora", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraA, scale: 1 }] },
-      { name: "kohya-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraB, scale: 1 }] },
-      { name: "peft-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, scheduler: "euler" }, loras: [{ path: loraC, scale: 1 }] },
+      { name: "base-euler", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [] },
+      { name: "base-dpmpp", req: { seed: 12, numInferenceSteps: 8, guidanceScale: 6, sampler: Sampler.SAMPLER_DPMPP_2M }, loras: [] },
+      { name: "one-lora", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [{ path: loraA, scale: 1 }] },
+      { name: "kohya-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [{ path: loraB, scale: 1 }] },
+      { name: "peft-wide", req: { seed: 11, numInferenceSteps: 8, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER }, loras: [{ path: loraC, scale: 1 }] },
       {
         name: "two-loras",
-        req: { seed: 13, numInferenceSteps: 8, guidanceScale: 5, scheduler: "ddim", numImages: 2, negativePrompt: "a green square" },
+        req: { seed: 13, numInferenceSteps: 8, guidanceScale: 5, sampler: Sampler.SAMPLER_DDIM, numImages: 2, negativePrompt: "a green square" },
         loras: [
           { path: loraA, scale: 0.7 },
           { path: loraB, scale: 1.5 },
@@ -167,7 +167,8 @@ describe("InferenceService", () => {
       [{ height: 4096 }, "height"],
       [{ guidanceScale: 31 }, "guidance_scale"],
       [{ numImages: 9 }, "num_images"],
-      [{ scheduler: "heun" }, "scheduler"],
+      // A sampler the contract does not define.
+      [{ sampler: 99 as Sampler }, "sampler"],
     ] as const) {
       const e = await fail({ ...base, ...req });
       assert.equal(e.code, status.INVALID_ARGUMENT);
@@ -237,16 +238,20 @@ describe("InferenceService", () => {
 
   it("serves a LoRA trained by the service, by job id, as diffusers does", async () => {
     const job = await trained;
-    assert.equal(job.state, JobState.JOB_STATE_SUCCEEDED, job.error);
+    assert.equal(job.state, JobState.JOB_STATE_SUCCEEDED, errorMessage(job));
     const lora = job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA)!;
-    const req = { seed: 21, numInferenceSteps: 6, guidanceScale: 7.5, scheduler: "euler" };
+    // diffusers reads the LoRA as a client would fetch it: by its artifact name, through the API.
+    const loraFile = await download(srv.client, lora);
+    const req = { seed: 21, numInferenceSteps: 6, guidanceScale: 7.5, sampler: Sampler.SAMPLER_EULER };
     const res = await infer(srv.client, { ...req, baseModel: f.model, prompt: PROMPT, loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
     const caseDir = path.join(dir, "trained");
-    await reference(f.model, [referenceJob(caseDir, req, [{ path: lora.path, scale: 0.8 }], 1)], dir);
+    await reference(f.model, [referenceJob(caseDir, req, [{ path: loraFile, scale: 0.8 }], 1)], dir);
     const diff = meanAbsDiff(await rgb(Buffer.from(res.images[0].png)), await rgb(path.join(caseDir, "ref_0.png")));
     assert.ok(diff <= TOLERANCE, `mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
     const listed = await srv.client.listModels();
-    assert.deepEqual(listed.loras.map((l) => [l.jobId, l.path, l.rank]), [[job.id, lora.path, 2]]);
+    assert.deepEqual(listed.loras.map((l) => [l.jobId, l.artifactName, l.rank]), [[job.id, lora.name, 2]]);
+    // Base models stay server folders (the client named them); LoRAs are named resources, not host paths.
+    assertNoHostPaths(listed.loras, [f.model], "ListModels' LoRAs");
   });
 
   it("lists the exported base model", async () => {

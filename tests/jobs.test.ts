@@ -2,6 +2,7 @@
 // a worker, and separate `loraforge worker` processes, each with its own state folder
 // (so a resumed job really comes back through the artifact store).
 import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { connect } from "@nats-io/transport-node";
@@ -10,6 +11,7 @@ import { ManagedNats, freePort } from "@loraforge/server/core/nats-managed";
 import { stateName, type JobEvent } from "@loraforge/sdk";
 import {
   collect,
+  download,
   fixtures,
   processesMatching,
   python,
@@ -58,8 +60,9 @@ describe("jobs across workers", () => {
     assertGapless(events);
     assert.deepEqual(states(events), ["QUEUED", "RUNNING", "SUCCEEDED"]);
     assert.deepEqual(metricSteps(events), [1, 2, 3]);
-    const rec = await job.refresh();
-    assert.equal(rec.attempts, 1, "started exactly once");
+    // Started exactly once: one RUNNING (above), and only one worker ever made the job's output folder.
+    const ran = workers.filter((w) => existsSync(path.join(w.stateDir, "jobs", job.id)));
+    assert.equal(ran.length, 1, `the job ran on ${ran.length} workers`);
   });
 
   it("kill -9 of the worker mid-job: another worker resumes from the checkpoint and finishes", async () => {
@@ -69,9 +72,10 @@ describe("jobs across workers", () => {
       if (ev.payload?.$case === "checkpoint") ckptStep = ev.payload.checkpoint.step;
       if (ev.payload?.$case === "metrics" && ckptStep > 0 && ev.payload.metrics.step >= ckptStep + 2) break;
     }
-    const owner = (await job.refresh()).worker;
-    const victim = workers.find((w) => owner.includes(`/${w.proc.pid}/`));
-    assert.ok(victim, `the owner ${owner} is one of our workers`);
+    // The worker running it is the one whose state folder the engine writes to (who runs a job is
+    // the server's business, not part of the Job).
+    const victim = workers.find((w) => processesMatching(path.join(w.stateDir, "jobs", job.id)).length > 0);
+    assert.ok(victim, "the job's engine runs under one of our workers");
     await victim.stop("SIGKILL");
     workers.splice(workers.indexOf(victim), 1);
     workers.push(await startWorker(nats.url, { env: ACK_WAIT }));
@@ -93,9 +97,13 @@ describe("jobs across workers", () => {
     assert.equal((firstAfter - 1) % 4, 0, `resumed right after a checkpoint, not at step ${firstAfter}`);
     assert.equal(steps.at(-1), 14);
     const rec = await job.refresh();
-    assert.equal(rec.attempts, 2);
-    const lora = rec.artifacts.find((a) => a.path.endsWith("pytorch_lora_weights.safetensors"))!;
-    const effect = JSON.parse(python([path.join(import.meta.dirname, "..", "py", "lora_effect.py"), f.model, lora.path]));
+    // Started twice: the killed worker's run and the one that finished it, on another worker.
+    const finisher = workers.filter((w) => existsSync(path.join(w.stateDir, "jobs", job.id)));
+    assert.equal(finisher.length, 1, "one live worker finished it");
+    assert.notEqual(finisher[0], victim);
+    const lora = rec.artifacts.find((a) => a.name === `jobs/${job.id}/lora/pytorch_lora_weights.safetensors`)!;
+    assert.ok(lora, JSON.stringify(rec.artifacts.map((a) => a.name)));
+    const effect = JSON.parse(python([path.join(import.meta.dirname, "..", "py", "lora_effect.py"), f.model, await download(api.client, lora)]));
     assert.ok(effect.max_diff > 1e-4);
   });
 

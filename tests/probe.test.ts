@@ -3,11 +3,12 @@
 // a client can act on, never INTERNAL, and no stack trace or file bytes in the answer or the log.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { cpSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { connect } from "@nats-io/transport-node";
+import { Objm } from "@nats-io/obj";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
@@ -36,6 +37,22 @@ function safetensors(file: string, header: unknown, data = Buffer.alloc(0), head
   const len = Buffer.alloc(8);
   len.writeBigUInt64LE(headerLen ?? BigInt(json.length));
   writeFileSync(file, Buffer.concat([len, json, data]));
+}
+
+/** Every object the server keeps in its NATS object stores ("<bucket>/<name>"), read as a local admin would. */
+async function storedObjects(srv: ServerProcess): Promise<string[]> {
+  const nc = await connect({ servers: srv.natsUrl, ...natsCredentials(srv.stateDir) });
+  try {
+    const objm = new Objm(nc);
+    const names: string[] = [];
+    for await (const st of objm.list()) {
+      const store = await objm.open(st.bucket);
+      for (const info of await store.list()) names.push(`${st.bucket}/${info.name}`);
+    }
+    return names;
+  } finally {
+    await nc.close();
+  }
 }
 
 /** Bytes the process has passed to write(2) and friends (files, pipes, sockets): /proc/<pid>/io's wchar. */
@@ -93,8 +110,10 @@ describe("hostile input and faults", () => {
     // The limit, plus the archive itself (kept while it is unpacked) and a little logging and NATS traffic.
     const limit = UPLOAD_MAX_MB * 1024 * 1024;
     assert.ok(written < limit + 2 * 1024 * 1024, `the server wrote ${written} bytes for an upload limited to ${limit}`);
-    // Nothing of the partial upload is left.
-    assert.deepEqual(readdirSync(path.join(srv.stateDir, "datasets")), []);
+    // Nothing of the partial upload is left: not in a scratch folder (if the server uses one), not in the object store.
+    const scratch = path.join(srv.stateDir, "datasets");
+    assert.deepEqual(existsSync(scratch) ? readdirSync(scratch) : [], []);
+    assert.deepEqual(await storedObjects(srv), [], "no object of the refused set is kept");
   });
 
   it("refuses dataset and base model paths whose symlinks lead out of the data roots", async () => {

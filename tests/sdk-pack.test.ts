@@ -33,10 +33,12 @@ const TSCONFIG = {
   files: ["client.ts"],
 };
 
-const CLIENT = `import { createClient, InvalidSpecError, JobState, stateName, type JobEvent } from "@loraforge/sdk";
+const CLIENT = `import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { createClient, errorMessage, InvalidSpecError, JobState, LrScheduler, stateName, type DatasetSource, type JobEvent } from "@loraforge/sdk";
 
-const [address, baseModel, datasetDir] = process.argv.slice(2);
-if (!address || !baseModel || !datasetDir) throw new Error("usage: client ADDRESS MODEL DATASET");
+const [address, baseModel, datasetDir, loraFile] = process.argv.slice(2);
+if (!address || !baseModel || !datasetDir || !loraFile) throw new Error("usage: client ADDRESS MODEL DATASET LORA_FILE");
 const client = createClient({ address });
 try {
   const before: string[] = [];
@@ -50,10 +52,16 @@ try {
     violations = err.violations.map((v) => v.field);
   }
 
-  const job = await client.train({ baseModel, datasetDir, resolution: 64, trainBatchSize: 2, maxTrainSteps: 2, seed: 11 });
+  const source: DatasetSource = { datasetDir };
+  const job = await client.train({ baseModel, ...source, resolution: 64, trainBatchSize: 2, maxTrainSteps: 2, seed: 11, lrScheduler: LrScheduler.LR_SCHEDULER_LINEAR });
   const events: JobEvent[] = [];
   for await (const ev of job.progress()) events.push(ev);
   const done = await job.result();
+  let sha256 = "";
+  if (job.lora) {
+    await client.artifacts.download(job.lora, { file: loraFile });
+    sha256 = createHash("sha256").update(readFileSync(loraFile)).digest("hex");
+  }
   console.log(JSON.stringify({
     before,
     violations,
@@ -62,7 +70,10 @@ try {
     kinds: events.map((e) => e.payload?.$case ?? ""),
     state: stateName(done.state),
     succeeded: done.state === JobState.JOB_STATE_SUCCEEDED,
-    lora: job.lora?.objectName ?? null,
+    error: errorMessage(done),
+    lora: job.lora?.name ?? null,
+    loraSha256: job.lora?.sha256 ?? null,
+    downloadedSha256: sha256,
   }));
 } finally {
   client.close();
@@ -104,7 +115,7 @@ describe("@loraforge/sdk as an npm package", () => {
     writeFileSync(path.join(project, "client.ts"), CLIENT);
     run(process.execPath, [path.join(project, "node_modules", "typescript", "bin", "tsc"), "-p", project], project);
 
-    const out = JSON.parse(run(process.execPath, [path.join(project, "dist", "client.js"), srv.address, f.model, f.dataset], project).trim());
+    const out = JSON.parse(run(process.execPath, [path.join(project, "dist", "client.js"), srv.address, f.model, f.dataset, path.join(work, "lora.safetensors")], project).trim());
     assert.ok(Array.isArray(out.before));
     assert.ok(out.violations.includes("spec.rank"), `InvalidSpecError names the field: ${out.violations}`);
     assert.match(out.id, /^job-/);
@@ -112,7 +123,9 @@ describe("@loraforge/sdk as an npm package", () => {
     assert.deepEqual(out.kinds.filter((k: string) => k === "metrics").length, 2);
     assert.equal(out.state, "SUCCEEDED");
     assert.equal(out.succeeded, true);
-    assert.match(out.lora, /pytorch_lora_weights\.safetensors$/);
+    assert.equal(out.error, "");
+    assert.equal(out.lora, `jobs/${out.id}/lora/pytorch_lora_weights.safetensors`);
+    assert.equal(out.downloadedSha256, out.loraSha256, "the LoRA downloads by its artifact name");
 
     // ESM-only, and a CommonJS file can still require() it (Node's require(esm), Node >= 20.19).
     writeFileSync(path.join(project, "check.cjs"), 'const sdk = require("@loraforge/sdk"); console.log(typeof sdk.createClient, typeof sdk.subscribe);\n');

@@ -9,10 +9,25 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { zipSync } from "fflate";
 import protobuf from "protobufjs";
+import descriptor from "protobufjs/ext/descriptor/index.js";
 import { connect as connectV2 } from "nats";
 import { freePort, ManagedNats } from "@loraforge/server/core/nats-managed";
-import { createClient, JobNotFoundError, LoraforgeError, stateName, subscribe, type JobEvent } from "@loraforge/sdk";
-import { collect, fixtures, natsCredentials, quickSpec, REPO, sha256File, startServer, startWorker, tmpDir, type Fixtures, type ServerProcess, type WorkerProcess } from "./lib/harness.js";
+import { ArtifactKind, createClient, Job, JobNotFoundError, LoraforgeError, stateName, subscribe, trainingSpec, type JobEvent } from "@loraforge/sdk";
+import {
+  assertNoHostPaths,
+  collect,
+  fixtures,
+  natsCredentials,
+  quickSpec,
+  REPO,
+  sha256File,
+  startServer,
+  startWorker,
+  tmpDir,
+  type Fixtures,
+  type ServerProcess,
+  type WorkerProcess,
+} from "./lib/harness.js";
 
 /** A PNG whose header claims the given size (the body is garbage): a decompression-bomb probe. */
 function pngHeader(width: number, height: number): Buffer {
@@ -62,16 +77,30 @@ describe("SDK", () => {
     assert.deepEqual(ids.slice(0, 2), [second.id, job.id]);
 
     const dir = tmpDir("download");
-    const lora = done.artifacts.find((a) => a.path.endsWith("pytorch_lora_weights.safetensors"))!;
-    const info = await srv.client.artifacts.download(job.id, lora, { file: path.join(dir, "lora.safetensors") });
+    const lora = done.artifacts.find((a) => a.name.endsWith("/pytorch_lora_weights.safetensors"))!;
+    assert.equal(lora.kind, ArtifactKind.ARTIFACT_KIND_LORA);
+    const info = await srv.client.artifacts.download(lora, { file: path.join(dir, "lora.safetensors") });
     assert.equal(sha256File(path.join(dir, "lora.safetensors")), lora.sha256);
-    assert.equal(info.objectName, lora.objectName);
-    const ckpt = done.artifacts.find((a) => a.objectName.endsWith("checkpoint-2/"))!;
-    await srv.client.artifacts.download(job.id, ckpt.objectName, { file: path.join(dir, "ckpt.tar") });
+    assert.equal(info.name, lora.name);
+    const ckpt = done.artifacts.find((a) => a.name === `jobs/${job.id}/checkpoint-2/`)!;
+    assert.equal(ckpt.kind, ArtifactKind.ARTIFACT_KIND_CHECKPOINT);
+    await srv.client.artifacts.download(ckpt.name, { file: path.join(dir, "ckpt.tar") });
     const tar = spawnSync("tar", ["-tf", path.join(dir, "ckpt.tar")], { encoding: "utf8" });
     assert.equal(tar.status, 0, tar.stderr);
     assert.ok(tar.stdout.split("\n").some((n) => n.endsWith(".safetensors")), tar.stdout);
-    await assert.rejects(srv.client.artifacts.download(job.id, "jobs/nope", { file: path.join(dir, "x") }), (e: unknown) => e instanceof LoraforgeError && e.reason === "ARTIFACT_NOT_FOUND");
+    await assert.rejects(
+      srv.client.artifacts.download(`jobs/${job.id}/lora/nope.safetensors`, { file: path.join(dir, "x") }),
+      (e: unknown) => e instanceof LoraforgeError && e.reason === "ARTIFACT_NOT_FOUND",
+    );
+    await assert.rejects(srv.client.artifacts.download("jobs/job-0000000000000000zz/lora/pytorch_lora_weights.safetensors", { file: path.join(dir, "y") }), (e: unknown) => {
+      assert.ok(e instanceof LoraforgeError && e.code === 5, String(e));
+      return true;
+    });
+    // A host path is no artifact name: refused by the contract's own rule, naming the field.
+    await assert.rejects(srv.client.artifacts.download(path.join(srv.stateDir, "jobs", job.id), { file: path.join(dir, "z") }), (e: unknown) => {
+      assert.ok(e instanceof LoraforgeError && e.code === 3 && e.violations.some((v) => v.field === "name"), String(e));
+      return true;
+    });
   });
 
   it("subscribe() yields the job's typed events from NATS, the same as progress()", async () => {
@@ -95,11 +124,12 @@ describe("SDK", () => {
     assert.ok(onlyMetrics.every((e) => e.payload?.$case === "metrics"));
   });
 
-  it("an outside NATS client decodes every event with the .proto files alone", async () => {
-    // Imports resolve against proto/ (google/protobuf/* are protobufjs's built-ins).
-    const root = new protobuf.Root();
-    root.resolvePath = (_origin, target) => (target.startsWith("google/protobuf/") ? target : path.join(REPO, "proto", target));
-    await root.load("loraforge/v1/job.proto");
+  it("an outside NATS client decodes every event with the contract's descriptor set alone", async () => {
+    // proto/loraforge.binpb holds every .proto of the contract and its imports (google/rpc, google/api,
+    // buf/validate): another protobuf library reads it without our generated code or the buf deps.
+    // (protobufjs/ext/descriptor adds Root.fromDescriptor at run time; its typings do not declare it.)
+    const fromDescriptor = (protobuf.Root as unknown as { fromDescriptor(set: unknown): protobuf.Root }).fromDescriptor;
+    const root = fromDescriptor(descriptor.FileDescriptorSet.decode(readFileSync(path.join(REPO, "proto", "loraforge.binpb"))));
     const JobEventType = root.lookupType("loraforge.v1.JobEvent");
     const nc = await connectV2({ servers: srv.natsUrl, ...natsCredentials(srv.stateDir) });
     const decoded: Record<string, unknown>[] = [];
@@ -108,7 +138,8 @@ describe("SDK", () => {
     const reading = (async () => {
       for await (const m of sub) {
         const ev = JobEventType.toObject(JobEventType.decode(m.data), { longs: Number, enums: String, defaults: false }) as Record<string, unknown>;
-        if (ev.jobId !== job.id) continue;
+        // Names as in the .proto (snake_case): the descriptor set carries them.
+        if (ev.job_id !== job.id) continue;
         assert.equal(m.subject.split(".").at(-1), Object.keys(ev).find((k) => ["state", "metrics", "checkpoint", "validation", "log"].includes(k)));
         decoded.push(ev);
         const st = ev.state as { state?: string } | undefined;
@@ -127,15 +158,22 @@ describe("SDK", () => {
   it("uploads a data set (folder and zip) that trains; refuses bad files and writes nothing outside the data root", async () => {
     const ds = await srv.client.datasets.upload(f.dataset, { name: "shapes" });
     assert.equal(ds.imageCount, readdirSync(f.dataset).filter((n) => n.endsWith(".png")).length);
-    assert.ok(ds.path.startsWith(path.join(srv.stateDir, "datasets")));
-    const job = await srv.client.train({ ...quickSpec(f, { maxTrainSteps: 1 }), datasetDir: "", datasetId: ds.id });
+    assert.match(ds.id, /^ds-[a-z0-9]+$/);
+    assert.equal(ds.name, "shapes");
+    assert.ok(ds.sizeBytes > 0);
+    // Where the server keeps the set is its own business: the answer names no place on its host.
+    assertNoHostPaths(ds, [], "the uploaded Dataset");
+    const job = await srv.client.train(quickSpec(f, { maxTrainSteps: 1, datasetId: ds.id }));
     const trained = await job.result();
     assert.equal(stateName(trained.state), "SUCCEEDED");
-    assert.equal(trained.spec?.datasetDir, ds.path, "the job records the folder the id resolved to");
-    await assert.rejects(srv.client.train({ ...quickSpec(f), datasetDir: "", datasetId: "ds-nosuchset" }), (e: unknown) => {
+    assert.deepEqual(trained.spec?.dataset, { $case: "datasetId", datasetId: ds.id }, "the job keeps the data set's id");
+    assertNoHostPaths(Job.toJSON(trained), [f.model], "a job trained on an uploaded set");
+    await assert.rejects(srv.client.train(quickSpec(f, { datasetId: "ds-nosuchset" })), (e: unknown) => {
       assert.ok(e instanceof LoraforgeError && e.violations.some((v) => v.field === "spec.dataset_id"), String(e));
       return true;
     });
+    // One data set per spec: the SDK says so before sending anything.
+    assert.throws(() => trainingSpec({ baseModel: f.model, datasetDir: f.dataset, datasetId: ds.id } as never), /one data set source, got datasetId and datasetDir/);
 
     const files: Record<string, Uint8Array> = {};
     for (const n of readdirSync(f.dataset)) files[n] = readFileSync(path.join(f.dataset, n));
@@ -176,7 +214,10 @@ describe("SDK", () => {
     await bad(zipWith({ "a\\b.png": good }), /b\.png|zip/);
     for (const p of [path.join(srv.stateDir, "x.png"), path.join(srv.stateDir, "..", "x.png"), path.join(srv.stateDir, "datasets", "..", "x.png")])
       assert.equal(existsSync(p), false, `${p} must not exist`);
-    assert.deepEqual(readdirSync(path.join(srv.stateDir, "datasets")).filter((n) => n.startsWith(".upload-")), [], "no half-written uploads remain");
+    // Uploads are unpacked into a scratch folder (if the server uses one) before they go to the object store.
+    const scratch = path.join(srv.stateDir, "datasets");
+    const leftovers = existsSync(scratch) ? readdirSync(scratch).filter((n) => n.startsWith(".upload-")) : [];
+    assert.deepEqual(leftovers, [], "no half-written uploads remain");
   });
 
   it("honours AbortSignal on unary calls and progress iterators", async () => {
@@ -195,14 +236,26 @@ describe("SDK", () => {
     assert.equal(stateName((await job.result()).state), "CANCELLED");
   });
 
-  it("the example trains through the SDK against a local server", () => {
-    const r = spawnSync(process.execPath, [path.join(REPO, "examples", "dist", "train.js"), "--address", srv.address, "--model", f.model, "--data", f.dataset, "--steps", "3"], {
+  it("the example trains through the SDK against a local server, on an uploaded set and on a server folder", () => {
+    const example = path.join(REPO, "examples", "dist", "train.js");
+    const lora = path.join(tmpDir("example"), "lora.safetensors");
+    // As the demo runs it: upload the set, train on its id, download the LoRA by its artifact name.
+    const r = spawnSync(process.execPath, [example, "--address", srv.address, "--model", f.model, "--upload", f.dataset, "--steps", "3", "--lora", lora], {
       encoding: "utf8",
       env: { ...process.env, LORAFORGE_API_TOKEN: "s3cret" },
     });
     assert.equal(r.status, 0, r.stderr + r.stdout);
+    assert.match(r.stdout, /uploaded data set ds-\w+: 8 images/);
     assert.match(r.stdout, /SUCCEEDED/);
-    assert.match(r.stdout, /LoRA: \/.*pytorch_lora_weights\.safetensors/);
+    const m = r.stdout.match(/LoRA: (jobs\/job-\w+\/lora\/pytorch_lora_weights\.safetensors) \(sha256 ([0-9a-f]{64}),/);
+    assert.ok(m, r.stdout);
+    assert.equal(sha256File(lora), m[2], "the downloaded LoRA is the artifact");
+    const dir = spawnSync(process.execPath, [example, "--address", srv.address, "--model", f.model, "--data", f.dataset, "--steps", "2"], {
+      encoding: "utf8",
+      env: { ...process.env, LORAFORGE_API_TOKEN: "s3cret" },
+    });
+    assert.equal(dir.status, 0, dir.stderr + dir.stdout);
+    assert.match(dir.stdout, /LoRA: jobs\/job-\w+\/lora\/pytorch_lora_weights\.safetensors/);
   });
 });
 

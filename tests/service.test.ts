@@ -1,7 +1,8 @@
 // The walking skeleton end to end: a real `loraforge serve` (managed nats-server,
 // JetStream KV and streams), the real engine on the tiny model, the real SDK.
 import assert from "node:assert/strict";
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -9,14 +10,30 @@ import { credentials, makeGenericClientConstructor } from "@grpc/grpc-js";
 import { service as healthService } from "grpc-health-check";
 import {
   ArtifactKind,
+  errorMessage,
   InvalidSpecError,
+  Job,
   JobAlreadyFinalError,
+  JobEvent,
   JobNotFoundError,
   JobState,
+  LrScheduler,
   stateName,
-  type JobEvent,
 } from "@loraforge/sdk";
-import { collect, fixtures, processesMatching, python, quickSpec, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import {
+  assertNoHostPaths,
+  collect,
+  download,
+  fixtures,
+  processesMatching,
+  python,
+  quickSpec,
+  sha256File,
+  startServer,
+  tmpDir,
+  type Fixtures,
+  type ServerProcess,
+} from "./lib/harness.js";
 
 const states = (evs: JobEvent[]) => evs.flatMap((e) => (e.payload?.$case === "state" ? [stateName(e.payload.state.state)] : []));
 
@@ -60,10 +77,15 @@ describe("TrainerService", () => {
       [{ rank: 0 }, "spec.rank"],
       [{ resolution: 100 }, "spec.resolution"],
       [{ learningRate: -1e-4 }, "spec.learning_rate"],
-      [{ lrScheduler: "cosine_with_wobbles" }, "spec.lr_scheduler"],
+      // An enum value the contract does not define (a newer client's, or a typo'd number).
+      [{ lrScheduler: 99 }, "spec.lr_scheduler"],
       [{ baseModel: "relative/model" }, "spec.base_model"],
+      // A host path is no checkpoint: resume takes "latest" or an artifact name.
       [{ resumeFromCheckpoint: f.dataset }, "spec.resume_from_checkpoint"],
-      [{ lrScheduler: "cosine", snrGamma: -1 }, "spec.snr_gamma"],
+      [{ lrScheduler: LrScheduler.LR_SCHEDULER_COSINE, snrGamma: -1 }, "spec.snr_gamma"],
+      // No data set at all: the oneof is required.
+      [{ dataset: undefined }, "spec.dataset"],
+      [{ datasetId: "ds-nosuchset" }, "spec.dataset_id"],
     ];
     const before = (await srv.client.listJobs({ pageSize: 1000 })).jobs.length;
     for (const [patch, field] of cases) {
@@ -90,8 +112,12 @@ describe("TrainerService", () => {
     const job = await srv.client.train(quickSpec(f, { datasetDir: bad }));
     const done = await job.result();
     assert.equal(stateName(done.state), "FAILED");
-    assert.match(done.error, new RegExp(victim.replace(".", "\\.")), `error should name the file: ${done.error}`);
-    assert.doesNotMatch(done.error, /Traceback/);
+    const message = errorMessage(done);
+    assert.match(message, new RegExp(victim.replace(".", "\\.")), `error should name the file: ${message}`);
+    assert.doesNotMatch(message, /Traceback/);
+    // Job.error is a google.rpc.Status; bad data is FAILED_PRECONDITION (google.rpc.Code 9).
+    assert.equal(done.error?.code, 9, JSON.stringify(done.error));
+    assertNoHostPaths(Job.toJSON(done), [f.model, bad], "the failed job");
   });
 
   it("trains a LoRA: QUEUED, RUNNING, every step in order without gaps, checkpoints, SUCCEEDED", async () => {
@@ -105,26 +131,39 @@ describe("TrainerService", () => {
     const steps = events.flatMap((e) => (e.payload?.$case === "metrics" ? [e.payload.metrics] : []));
     assert.deepEqual(steps.map((m) => m.step), [1, 2, 3, 4, 5, 6]);
     assert.ok(steps.every((m) => m.totalSteps === 6 && Number.isFinite(m.loss) && m.loss > 0 && m.imagesPerSecond > 0));
+    // Artifacts are named resources of the server, fetched through the API.
     const ckpts = events.flatMap((e) => (e.payload?.$case === "checkpoint" ? [e.payload.checkpoint] : []));
     assert.deepEqual(ckpts.map((c) => c.step), [3, 6]);
-    assert.ok(ckpts.every((c) => c.artifact && existsSync(c.artifact.path)));
+    assert.deepEqual(ckpts.map((c) => c.artifact?.name), [`jobs/${job.id}/checkpoint-3/`, `jobs/${job.id}/checkpoint-6/`]);
+    const ckptTar = await download(srv.client, ckpts[1].artifact!);
+    const tar = spawnSync("tar", ["-tf", ckptTar], { encoding: "utf8" });
+    assert.equal(tar.status, 0, tar.stderr);
+    assert.ok(tar.stdout.split("\n").some((n) => n.endsWith(".safetensors")), `the checkpoint holds its files: ${tar.stdout}`);
     const validation = events.flatMap((e) => (e.payload?.$case === "validation" ? [e.payload.validation] : []));
     assert.equal(validation.length, 1);
-    assert.ok(existsSync(validation[0].images[0].path));
+    const image = validation[0].images[0];
+    assert.match(image.name, new RegExp(`^jobs/${job.id}/validation/[^/]+\\.png$`));
+    const png = readFileSync(await download(srv.client, image));
+    assert.equal(png.subarray(1, 4).toString("latin1"), "PNG", "the validation image is a PNG");
+    assert.equal(png.length, image.sizeBytes);
 
     const final = events.at(-1)!;
     assert.equal(final.payload?.$case, "state");
     const lora = final.payload?.$case === "state" ? final.payload.state.lora : undefined;
     assert.ok(lora && lora.kind === ArtifactKind.ARTIFACT_KIND_LORA);
-    assert.equal(path.basename(lora.path), "pytorch_lora_weights.safetensors");
-    assert.equal(sha256File(lora.path), lora.sha256);
+    assert.equal(lora.name, `jobs/${job.id}/lora/pytorch_lora_weights.safetensors`);
+    const loraFile = await download(srv.client, lora);
+    assert.equal(sha256File(loraFile), lora.sha256);
 
     const rec = await srv.client.getJob(job.id);
     assert.equal(stateName(rec.state), "SUCCEEDED");
     assert.equal(rec.currentStep, 6);
     assert.equal(rec.lastSequence, events.length);
     assert.ok(rec.startTime && rec.endTime && rec.createTime);
-    assert.ok(rec.artifacts.some((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA && a.path === lora.path));
+    assert.ok(rec.artifacts.some((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA && a.name === lora.name));
+    // Neither the record nor any event names a place on the server host (beyond the folders the spec gave).
+    assertNoHostPaths(Job.toJSON(rec), [f.model, f.dataset], "the job record");
+    assertNoHostPaths(events.map((e) => JobEvent.toJSON(e)), [f.model, f.dataset], "the job's events");
     assert.ok((await srv.client.listJobs()).jobs.some((j) => j.id === job.id));
     const succeeded = await srv.client.listJobs({ state: JobState.JOB_STATE_SUCCEEDED });
     assert.ok(succeeded.jobs.every((j) => j.state === JobState.JOB_STATE_SUCCEEDED) && succeeded.jobs.some((j) => j.id === job.id));
@@ -135,7 +174,7 @@ describe("TrainerService", () => {
     assert.deepEqual(rest.map((e) => e.sequence), events.slice(k).map((e) => e.sequence));
 
     // Stock diffusers loads the file, and the LoRA changes the image.
-    const effect = JSON.parse(python([path.join(import.meta.dirname, "..", "py", "lora_effect.py"), f.model, lora.path]));
+    const effect = JSON.parse(python([path.join(import.meta.dirname, "..", "py", "lora_effect.py"), f.model, loraFile]));
     assert.ok(effect.max_diff > 1e-4, `LoRA changed nothing: ${JSON.stringify(effect)}`);
     assert.ok(effect.scale0_diff < 1e-5, `scale 0 should give the base image: ${JSON.stringify(effect)}`);
   });
@@ -183,7 +222,7 @@ describe("TrainerService", () => {
     assert.ok(events.some((e) => e.payload?.$case === "checkpoint"), "a checkpoint is saved on cancel");
     const done = await running.refresh();
     assert.equal(stateName(done.state), "CANCELLED");
-    assert.match(done.error, /cancelled/);
+    assert.match(errorMessage(done), /cancelled/);
     assert.deepEqual(processesMatching(running.id), [], "engine process is gone");
     assert.deepEqual(states(await collect(queued.progress())), ["QUEUED", "CANCELLED"]);
   });

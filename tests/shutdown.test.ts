@@ -2,7 +2,7 @@
 // flushes NATS, stops its managed nats-server and exits 0; the record survives.
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { stateName } from "@loraforge/sdk";
+import { ArtifactKind, errorMessage, stateName } from "@loraforge/sdk";
 import { fixtures, processesMatching, quickSpec, startServer } from "./lib/harness.js";
 
 describe("loraforge serve on SIGTERM", () => {
@@ -23,8 +23,11 @@ describe("loraforge serve on SIGTERM", () => {
     try {
       const rec = await again.client.getJob(job.id);
       assert.equal(stateName(rec.state), "CANCELLED");
-      assert.match(rec.error, /shut down/);
-      assert.ok(rec.artifacts.some((a) => a.path.includes("checkpoint")), "a checkpoint was saved before stopping");
+      assert.match(errorMessage(rec), /shut down/);
+      assert.ok(
+        rec.artifacts.some((a) => a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.name.startsWith(`jobs/${job.id}/checkpoint-`)),
+        "a checkpoint was saved before stopping",
+      );
     } finally {
       assert.equal(await again.stop(), 0);
     }

@@ -76,11 +76,60 @@ export interface ListJobsOptions extends CallOpts {
 /** Where {@link Artifacts.download} writes. */
 export type DownloadTarget = { file: string } | { stream: Writable };
 
-/** A TrainingSpec as the SDK accepts it: the base model and one data source (datasetDir, datasetId or datasetName); every knob optional. */
-export type SpecInput = Partial<TrainingSpec> & Pick<TrainingSpec, "baseModel">;
+/**
+ * Where a job's training data comes from — exactly one of (TrainingSpec's `dataset` oneof):
+ * `datasetId`, a set uploaded with {@link Datasets.upload} (its `id`, "ds-…"); `datasetDir`, a folder
+ * on the server host (absolute, inside its data roots); `datasetName`, a Hugging Face hub data set,
+ * where the server allows the hub; or the oneof itself, `dataset: { $case: "datasetId", datasetId }`.
+ */
+export type DatasetSource =
+  | { datasetId: string; datasetDir?: never; datasetName?: never; dataset?: never }
+  | { datasetDir: string; datasetId?: never; datasetName?: never; dataset?: never }
+  | { datasetName: string; datasetId?: never; datasetDir?: never; dataset?: never }
+  | { dataset: TrainingSpec["dataset"]; datasetId?: never; datasetDir?: never; datasetName?: never };
+
+/**
+ * A TrainingSpec as the SDK accepts it: `baseModel`, one {@link DatasetSource}, and any other field
+ * (unset: the server's documented default). Enum fields take the generated enums, e.g.
+ * `lrScheduler: LrScheduler.LR_SCHEDULER_COSINE`. A whole `TrainingSpec` message fits too.
+ */
+export type SpecInput = Omit<Partial<TrainingSpec>, "baseModel" | "dataset"> & { baseModel: string } & DatasetSource;
 
 /** An Infer request as the SDK accepts it: only the prompt and base model are required. */
 export type InferInput = DeepPartial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
+
+const DATASET_KEYS = ["datasetId", "datasetDir", "datasetName"] as const;
+
+/**
+ * The TrainingSpec message for a {@link SpecInput}: the flat data source becomes the `dataset` oneof.
+ * Throws a TypeError when more than one source is given; with none, the server refuses the spec
+ * (`spec.dataset`).
+ */
+export function trainingSpec(input: SpecInput): TrainingSpec {
+  const { datasetId, datasetDir, datasetName, dataset, ...rest } = input as Partial<Record<(typeof DATASET_KEYS)[number], string>> &
+    Omit<SpecInput, (typeof DATASET_KEYS)[number] | "dataset"> & { dataset?: TrainingSpec["dataset"] };
+  const flat = { datasetId, datasetDir, datasetName };
+  const given = DATASET_KEYS.filter((k) => flat[k] !== undefined);
+  if (given.length + (dataset ? 1 : 0) > 1)
+    throw new TypeError(`a spec takes one data set source, got ${[...given, ...(dataset ? ["dataset"] : [])].join(" and ")}`);
+  const k = given[0];
+  const source = dataset ?? (k === "datasetId" ? { $case: k, datasetId: flat[k]! } : k === "datasetDir" ? { $case: k, datasetDir: flat[k]! } : k === "datasetName" ? { $case: k, datasetName: flat[k]! } : undefined);
+  return TrainingSpec.fromPartial({ ...rest, dataset: source });
+}
+
+/** The job id in an artifact name ("jobs/<job id>/…"); "" when the name has none. */
+export const artifactJobId = (name: string): string => /^jobs\/([^/]+)\//.exec(name)?.[1] ?? "";
+
+/**
+ * A local file name for an artifact: the file's own name ("pytorch_lora_weights.safetensors",
+ * "<prompt>-0.png"), or "checkpoint-<step>.tar" for a checkpoint folder (it downloads as a tar).
+ */
+export function artifactFileName(artifact: string | Artifact): string {
+  const name = typeof artifact === "string" ? artifact : artifact.name;
+  const trimmed = name.replace(/\/+$/, "");
+  const base = trimmed.slice(trimmed.lastIndexOf("/") + 1);
+  return name.endsWith("/") ? `${base}.tar` : base;
+}
 
 /** The final states: once a job is in one, it never changes again. */
 export const FINAL_STATES: readonly JobState[] = [JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED];
@@ -158,11 +207,12 @@ export class LoraforgeClient {
    *
    * @example
    * const job = await client.train({ baseModel: "/models/sd15", datasetDir: "/data/pets", maxTrainSteps: 500 });
+   * // or an uploaded set: { baseModel, datasetId: (await client.datasets.upload("./pets")).id }
    * for await (const ev of job.progress()) console.log(ev);
    * const done = await job.result();
    */
   async train(spec: SpecInput, opts: TrainOptions = {}): Promise<JobHandle> {
-    const req = { spec: TrainingSpec.fromPartial(spec), requestId: opts.requestId ?? "" };
+    const req = { spec: trainingSpec(spec), requestId: opts.requestId ?? "" };
     const res = await this.unary<{ job?: Job }>((md, o, cb) => this.raw.trainer.train(req, md, o, cb), opts, !!opts.requestId);
     return new JobHandle(this, res.job!);
   }
@@ -233,7 +283,8 @@ export class LoraforgeClient {
    * Renders images with a base model and any LoRAs. Returns PNG buffers and timings.
    *
    * @example
-   * const res = await client.infer({ prompt: "a red circle", baseModel: "/models/sd15", loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
+   * const res = await client.infer({ prompt: "a red circle", baseModel: "/models/sd15", sampler: Sampler.SAMPLER_DPMPP_2M,
+   *   loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 0.8 }] });
    * await fs.writeFile("out.png", res.images[0].png);
    */
   infer(req: InferInput, opts: CallOpts = {}): Promise<InferResponse> {
@@ -284,13 +335,18 @@ export class Artifacts {
   constructor(private readonly client: LoraforgeClient) {}
 
   /**
-   * Streams an artifact of a job (by its `objectName` from `job.artifacts`, or the
-   * Artifact itself) to a file or a writable stream. A checkpoint arrives as a tar archive.
-   * Resolves with the artifact's description; verifies the SHA-256 when the artifact has one.
+   * Streams an artifact — by its name from `job.artifacts` ("jobs/<job id>/lora/…",
+   * "jobs/<job id>/checkpoint-<step>/", …), or the Artifact itself — to a file or a writable
+   * stream. A checkpoint arrives as a tar archive of its files. Resolves with the artifact's
+   * description; verifies the SHA-256 when the artifact has one. Unknown names throw a
+   * LoraforgeError with reason ARTIFACT_NOT_FOUND (or JOB_NOT_FOUND).
+   *
+   * @example
+   * await client.artifacts.download(job.lora!, { file: "lora.safetensors" });
    */
-  async download(jobId: string, artifact: string | Artifact, to: DownloadTarget, opts: CallOpts = {}): Promise<Artifact> {
-    const objectName = typeof artifact === "string" ? artifact : artifact.objectName;
-    const stream: ClientReadableStream<DownloadArtifactResponse> = this.client.raw.trainer.downloadArtifact({ jobId, objectName }, this.client.metadata());
+  async download(artifact: string | Artifact, to: DownloadTarget, opts: CallOpts = {}): Promise<Artifact> {
+    const name = typeof artifact === "string" ? artifact : artifact.name;
+    const stream: ClientReadableStream<DownloadArtifactResponse> = this.client.raw.trainer.downloadArtifact({ name }, this.client.metadata());
     const onAbort = () => stream.cancel();
     opts.signal?.addEventListener("abort", onAbort, { once: true });
     let info: Artifact | undefined;
@@ -315,8 +371,8 @@ export class Artifacts {
       opts.signal?.removeEventListener("abort", onAbort);
     }
     if (!info) throw new LoraforgeError("download ended without the artifact's description", { code: status.INTERNAL, reason: "", metadata: {}, violations: [] });
-    if (info.sha256 && !objectName.endsWith("/") && hash.digest("hex") !== info.sha256)
-      throw new LoraforgeError(`download of ${objectName} is corrupt: SHA-256 mismatch`, { code: status.DATA_LOSS, reason: "CHECKSUM_MISMATCH", metadata: {}, violations: [] });
+    if (info.sha256 && !name.endsWith("/") && hash.digest("hex") !== info.sha256)
+      throw new LoraforgeError(`download of ${name} is corrupt: SHA-256 mismatch`, { code: status.DATA_LOSS, reason: "CHECKSUM_MISMATCH", metadata: {}, violations: [] });
     return info;
   }
 }
@@ -328,7 +384,8 @@ export class Datasets {
   /**
    * Uploads a captioned image set — a folder (images with .txt captions or a
    * metadata.jsonl; sub-folders are not allowed) or a .zip of one — and returns the
-   * stored set. Train on it with `{ datasetId: dataset.id }` in the spec. Throws a
+   * stored set (its id, name, image count and size; where the server keeps it is its own
+   * business). Train on it with `{ datasetId: dataset.id }` in the spec. Throws a
    * {@link LoraforgeError} with reason INVALID_DATASET (and `violations` naming each
    * bad file) or DATASET_TOO_LARGE.
    */
@@ -392,7 +449,8 @@ export class JobHandle {
 
   /**
    * Waits until the job is final and returns its record (SUCCEEDED, FAILED or
-   * CANCELLED — check `state`; a failed job is not an exception).
+   * CANCELLED — check `state`; a failed job is not an exception: its `error` says why,
+   * {@link errorMessage} in words).
    */
   async result(opts: { signal?: AbortSignal } = {}): Promise<Job> {
     for await (const ev of this.progress({ afterSequence: Math.max(0, this.job.lastSequence - 1), signal: opts.signal })) void ev;
@@ -414,7 +472,7 @@ export class JobHandle {
 
   /** The final LoRA artifact, once the job SUCCEEDED; undefined before. */
   get lora(): Artifact | undefined {
-    return this.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA && a.objectName);
+    return this.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA && a.name);
   }
 }
 

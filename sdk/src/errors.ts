@@ -1,5 +1,6 @@
 // Typed errors: every failed call becomes a LoraforgeError (or a subclass named after
-// the server's machine-readable reason), with the original gRPC error as `cause`.
+// the server's machine-readable reason), with the original gRPC error as `cause`. A
+// job's own `error` is the same google.rpc.Status, so it converts the same way.
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { BadRequest, ErrorInfo } from "./gen/google/rpc/error_details.js";
 import { Status } from "./gen/google/rpc/status.js";
@@ -48,29 +49,63 @@ const BY_REASON: Record<string, typeof LoraforgeError> = {
   JOB_ALREADY_FINAL: JobAlreadyFinalError,
 };
 
+/** The reason, metadata and field violations carried in a Status's details. */
+function decodeDetails(s: Status): { reason: string; metadata: Record<string, string>; violations: FieldViolation[] } {
+  let reason = "";
+  let metadata: Record<string, string> = {};
+  const violations: FieldViolation[] = [];
+  for (const any of s.details) {
+    try {
+      if (any.typeUrl.endsWith("/google.rpc.ErrorInfo")) {
+        const info = ErrorInfo.decode(any.value);
+        reason = info.reason;
+        metadata = info.metadata;
+      } else if (any.typeUrl.endsWith("/google.rpc.BadRequest")) {
+        violations.push(...BadRequest.decode(any.value).fieldViolations.map((v) => ({ field: v.field, description: v.description })));
+      }
+    } catch {
+      // an undecodable detail: skip it, keep the rest
+    }
+  }
+  return { reason, metadata, violations };
+}
+
+/**
+ * A google.rpc.Status — a job's `error`, a StateChanged's `error` — as a LoraforgeError (the
+ * subclass its reason names), with the reason, metadata and violations from its details.
+ */
+export function errorFromStatus(s: Status, cause?: unknown): LoraforgeError {
+  const d = decodeDetails(s);
+  const Cls = BY_REASON[d.reason] ?? (s.code === status.UNAVAILABLE ? UnavailableError : LoraforgeError);
+  return new Cls(s.message || status[s.code] || `error ${s.code}`, { code: s.code, ...d, cause });
+}
+
+/**
+ * Why a job failed or was cancelled, in readable words: the message of its `error` (a
+ * google.rpc.Status), or of a Status itself; "" when there is none.
+ *
+ * @example
+ * const done = await job.result();
+ * if (done.state === JobState.JOB_STATE_FAILED) console.error(errorMessage(done));
+ */
+export function errorMessage(from: { error?: Status | undefined } | Status | undefined | null): string {
+  const s = from && "code" in from && "details" in from ? from : (from as { error?: Status } | undefined | null)?.error;
+  if (!s) return "";
+  return s.message || (s.code ? status[s.code] ?? `error ${s.code}` : "");
+}
+
 /** Converts a grpc-js error into the matching LoraforgeError; other values pass through. */
 export function fromGrpcError(err: unknown): unknown {
   if (!err || typeof err !== "object" || !("code" in err) || err instanceof LoraforgeError) return err;
   const e = err as ServiceError;
-  let reason = "";
-  let metadata: Record<string, string> = {};
-  const violations: FieldViolation[] = [];
+  let details: Status = { code: e.code, message: e.details || e.message, details: [] };
   const raw = e.metadata instanceof Metadata ? e.metadata.get("grpc-status-details-bin")[0] : undefined;
   if (raw instanceof Buffer) {
     try {
-      for (const any of Status.decode(raw).details) {
-        if (any.typeUrl.endsWith("/google.rpc.ErrorInfo")) {
-          const info = ErrorInfo.decode(any.value);
-          reason = info.reason;
-          metadata = info.metadata;
-        } else if (any.typeUrl.endsWith("/google.rpc.BadRequest")) {
-          violations.push(...BadRequest.decode(any.value).fieldViolations);
-        }
-      }
+      details = { ...details, details: Status.decode(raw).details };
     } catch {
       // undecodable details: keep code and message
     }
   }
-  const Cls = BY_REASON[reason] ?? (e.code === status.UNAVAILABLE ? UnavailableError : LoraforgeError);
-  return new Cls(e.details || e.message, { code: e.code, reason, metadata, violations, cause: err });
+  return errorFromStatus(details, err);
 }

@@ -10,6 +10,7 @@ import { createClient, type LoraforgeClient } from "@loraforge/sdk";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { ArtifactStore } from "@loraforge/server/jobs/artifacts";
+import { DatasetStore } from "@loraforge/server/jobs/datasets";
 import { startDashboard } from "@loraforge/server/dashboard/index";
 import { Jobs } from "@loraforge/server/jobs/jobs";
 import { ManagedNats } from "@loraforge/server/core/nats-managed";
@@ -43,7 +44,7 @@ export interface DashboardStack {
   close(): Promise<void>;
 }
 
-/** nats-server + stores + Jobs + the gRPC API + a worker (the real engine) + the dashboard, in this process. */
+/** nats-server + stores (jobs, artifacts, data sets) + Jobs + the gRPC API + a worker (the real engine) + the dashboard, in this process. */
 export async function startDashboardStack(opts: { token?: string } = {}): Promise<DashboardStack> {
   const stateDir = tmpDir("dashboard");
   const nats = await ManagedNats.start(stateDir);
@@ -52,8 +53,9 @@ export async function startDashboardStack(opts: { token?: string } = {}): Promis
     nc = await connect({ servers: nats.url, name: "loraforge-dashboard-test" });
     const store = await JobStore.open(nc, 60_000);
     const artifacts = await ArtifactStore.open(nc);
-    const jobs = new Jobs(store, artifacts, { roots: [] });
-    const worker = new Worker(store, artifacts, { engine: { python: PYTHON, engineDir: path.join(REPO, "engine") }, stateDir });
+    const datasets = new DatasetStore(artifacts, path.join(stateDir, "datasets"));
+    const jobs = new Jobs(store, artifacts, datasets, []);
+    const worker = new Worker(store, artifacts, datasets, { engine: { python: PYTHON, engineDir: path.join(REPO, "engine") }, stateDir });
     worker.start();
     const grpc = new Server();
     grpc.addService(TrainerServiceService, trainerService(jobs));

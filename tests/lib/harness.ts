@@ -6,7 +6,8 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { createClient, type JobEvent, type LoraforgeClient } from "@loraforge/sdk";
+import assert from "node:assert/strict";
+import { artifactFileName, createClient, type Artifact, type JobEvent, type LoraforgeClient, type SpecInput } from "@loraforge/sdk";
 
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const PYTHON = process.env.LORAFORGE_PYTHON ?? path.join(REPO, "engine", ".venv", "bin", "python");
@@ -167,11 +168,15 @@ export function natsCredentials(stateDir: string): { user: string; pass: string 
 
 export const sha256File = (p: string) => createHash("sha256").update(readFileSync(p)).digest("hex");
 
-/** A short run on the tiny model: seconds, not minutes, on a 2-core CPU. */
-export function quickSpec(f: Fixtures, extra: Record<string, unknown> = {}) {
+/**
+ * A short run on the tiny model: seconds, not minutes, on a 2-core CPU. It trains on the fixture
+ * folder (datasetDir) unless `extra` names another source (datasetId, datasetName, dataset).
+ */
+export function quickSpec(f: Fixtures, extra: Record<string, unknown> = {}): SpecInput {
+  const ownSource = ["datasetId", "datasetName", "dataset"].some((k) => k in extra);
   return {
     baseModel: f.model,
-    datasetDir: f.dataset,
+    ...(ownSource ? {} : { datasetDir: f.dataset }),
     resolution: 64,
     trainBatchSize: 2,
     maxTrainSteps: 6,
@@ -180,5 +185,44 @@ export function quickSpec(f: Fixtures, extra: Record<string, unknown> = {}) {
     lrWarmupSteps: 0,
     seed: 7,
     ...extra,
+  } as SpecInput;
+}
+
+/** Downloads an artifact through the API into a fresh temporary folder; returns the local file. */
+export async function download(client: LoraforgeClient, artifact: Artifact | string): Promise<string> {
+  const file = path.join(tmpDir("artifact"), artifactFileName(artifact));
+  await client.artifacts.download(artifact, { file });
+  return file;
+}
+
+/**
+ * Every string in a response (a message's JSON, or several) that names a place on a host: an
+ * absolute path, a `file:` URL, or anything under the system's temporary folder. `allowed` are the
+ * paths the client itself sent (a spec's base model and data set folder are echoed back as given,
+ * and an error may name them). An Any's bytes (`value`, base64) are not text, and a LogLine's
+ * message is the engine's free-form log (not a field a client reads a location from): both are skipped.
+ */
+export function hostPaths(value: unknown, allowed: string[] = []): string[] {
+  const found: string[] = [];
+  const tmp = os.tmpdir();
+  const walk = (v: unknown, at: string) => {
+    if (typeof v === "string") {
+      if (allowed.includes(v)) return;
+      const rest = allowed.reduce((text, a) => text.split(a).join(""), v);
+      if (v.startsWith("/") || /^file:/i.test(v) || rest.includes(tmp + "/") || /^[A-Za-z]:\\/.test(v)) found.push(`${at}: ${v}`);
+    } else if (Array.isArray(v)) v.forEach((x, i) => walk(x, `${at}[${i}]`));
+    else if (v && typeof v === "object")
+      for (const [k, x] of Object.entries(v)) {
+        const where = at ? `${at}.${k}` : k;
+        if ((k === "value" && "typeUrl" in v) || /(^|\.)log\.message$/.test(where)) continue;
+        walk(x, where);
+      }
   };
+  walk(value, "");
+  return found;
+}
+
+/** Asserts that no response carries a host path (other than the `allowed` ones the client sent). */
+export function assertNoHostPaths(value: unknown, allowed: string[] = [], what = "the response"): void {
+  assert.deepEqual(hostPaths(value, allowed), [], `${what} names places on the server host`);
 }

@@ -5,7 +5,7 @@ import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import sharp from "sharp";
-import type { InferRequest } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { Sampler, type InferRequest } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { initialLatents } from "@loraforge/server/infer/rng";
 import { PYTHON, REPO } from "./harness.js";
 
@@ -13,6 +13,21 @@ export const REFERENCE = path.join(REPO, "tests", "py", "infer_reference.py");
 export const PROMPT = "a red circle on a blue background";
 /** Mean |ONNX − diffusers| per channel value, 0–255, that parity allows. */
 export const TOLERANCE = 2;
+
+/** The reference script's name for a sampler (diffusers' scheduler it stands for); unspecified means euler. */
+export function samplerName(s: Sampler | undefined): string {
+  switch (s ?? Sampler.SAMPLER_UNSPECIFIED) {
+    case Sampler.SAMPLER_UNSPECIFIED:
+    case Sampler.SAMPLER_EULER:
+      return "euler";
+    case Sampler.SAMPLER_DDIM:
+      return "ddim";
+    case Sampler.SAMPLER_DPMPP_2M:
+      return "dpmpp_2m";
+    default:
+      throw new Error(`no reference for sampler ${s}`);
+  }
+}
 
 /** Runs the reference script on a batch of jobs without blocking the event loop; resolves with stdout. */
 export function reference(model: string, jobs: string[][], dir: string): Promise<string> {
@@ -64,7 +79,7 @@ export function referenceJob(caseDir: string, req: Partial<InferRequest>, loras:
     width: 64,
     height: 64,
     num_images: n,
-    scheduler: req.scheduler,
+    scheduler: samplerName(req.sampler),
     loras,
     latents: path.join(caseDir, "latents.f32"),
     out_dir: caseDir,

@@ -5,10 +5,13 @@ import { spawn } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { parse as parseYaml } from "yaml";
+import { fromJson, toBinary, type DescEnum, type DescField, type JsonValue } from "@bufbuild/protobuf";
 import {
   Artifact,
+  artifactFileName,
   ArtifactKind,
   createClient,
+  errorMessage,
   InvalidSpecError,
   Job,
   JobEvent,
@@ -20,8 +23,9 @@ import {
   UnavailableError,
   FINAL_STATES,
   type LoraforgeClient,
+  type Status,
 } from "@loraforge/sdk";
-import { InferResponse, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { InferResponse, Sampler, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { Dataset } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { childEnv } from "../core/child-env.js";
 import { contractMessage, protoJson } from "../api/contract.js";
@@ -82,9 +86,11 @@ const COMMANDS: Record<string, Command> = {
   },
   cancel: { args: "JOB", about: "cancel a job", options: [] },
   download: {
-    args: "JOB [OBJECT_NAME]",
-    about: "download an artifact (default: the final LoRA; a checkpoint arrives as a .tar)",
-    options: [{ name: "output", alias: "o", arg: "FILE", help: "where to write it (default: the artifact's file name)" }],
+    args: "ARTIFACT_NAME|JOB",
+    about:
+      "download an artifact by its name, as a job lists it (jobs/<job id>/lora/<file>, jobs/<job id>/validation/<file>, " +
+      "jobs/<job id>/checkpoint-<step>/ — a checkpoint arrives as a .tar), or a job's final LoRA by the job's id",
+    options: [{ name: "output", alias: "o", arg: "FILE", help: "where to write it (default: the artifact's file name, checkpoint-<step>.tar for a checkpoint)" }],
   },
   infer: {
     args: "--base-model DIR --prompt TEXT [options]",
@@ -101,7 +107,7 @@ const COMMANDS: Record<string, Command> = {
       { name: "width", arg: "W", help: "image width in pixels" },
       { name: "height", arg: "H", help: "image height in pixels" },
       { name: "num-images", arg: "N", help: "images per prompt" },
-      { name: "scheduler", arg: "NAME", help: "euler, ddim or dpmpp_2m" },
+      { name: "sampler", arg: "NAME", help: "" /* filled in from the contract's Sampler enum below */ },
       { name: "output", alias: "o", arg: "OUT.png", help: "where to write the image (default out.png; several get -0, -1, …)" },
       { name: "prompt-2", arg: "TEXT", help: "SDXL: the second text encoder's prompt" },
       { name: "negative-prompt-2", arg: "TEXT", help: "SDXL: the second text encoder's negative prompt" },
@@ -115,7 +121,7 @@ const COMMANDS: Record<string, Command> = {
   },
   datasets: {
     args: "upload FOLDER|ZIP",
-    about: "upload a captioned image set; prints its id (train --dataset-id ID)",
+    about: "upload a captioned image set; prints its id (train --dataset-id ID), image count and bytes",
     options: [{ name: "name", arg: "NAME", help: "the set's name (default: the folder's or zip's name)" }],
   },
   "export-onnx": {
@@ -155,10 +161,43 @@ interface SpecOption {
   flag: string;
   /** The field's proto3 JSON name, e.g. "maxTrainSteps". */
   field: string;
-  kind: "string" | "integer" | "number" | "boolean";
+  /** The field's name in the .proto, e.g. "max_train_steps" (spec files may use either). */
+  protoName: string;
+  kind: "string" | "integer" | "number" | "boolean" | "enum";
   repeated: boolean;
   /** The field's comment in training_spec.proto. */
   doc: string;
+  /** The oneof the field is a member of ("dataset"), if any. */
+  oneof?: string;
+  /** For an enum field: its values. */
+  values?: EnumChoice[];
+}
+
+/** One value of an enum as the CLI takes it: the short name ("cosine") or the full one ("LR_SCHEDULER_COSINE"). */
+interface EnumChoice {
+  short: string;
+  full: string;
+}
+
+/**
+ * The values of an enum, with their short names: the value name without the enum's shared prefix,
+ * in lower case (LR_SCHEDULER_COSINE → "cosine", SAMPLER_DPMPP_2M → "dpmpp_2m"). The zero value
+ * (…_UNSPECIFIED, "the documented default") is what leaving the option out means, so it is not offered.
+ */
+export function enumChoices(e: DescEnum): EnumChoice[] {
+  const zero = e.values.find((v) => v.number === 0)?.name ?? "";
+  const prefix = zero.endsWith("UNSPECIFIED") ? zero.slice(0, -"UNSPECIFIED".length) : "";
+  return e.values.filter((v) => v.number !== 0).map((v) => ({ short: v.name.startsWith(prefix) ? v.name.slice(prefix.length).toLowerCase() : v.name, full: v.name }));
+}
+
+const choiceList = (values: EnumChoice[]) => values.map((v) => v.short).join("|");
+
+/** An enum value from its short or full name (any case); throws a UsageError listing the allowed values. */
+function enumValue(values: EnumChoice[], given: string, what: string): string {
+  const g = given.trim();
+  const hit = values.find((v) => v.short === g.toLowerCase() || v.full === g.toUpperCase());
+  if (!hit) throw new UsageError(`${what} takes one of ${values.map((v) => v.short).join(", ")} (or the full name, e.g. ${values[0].full}), got ${JSON.stringify(given)}`);
+  return hit.full;
 }
 
 let specOptionsCache: SpecOption[] | undefined;
@@ -167,14 +206,34 @@ let specOptionsCache: SpecOption[] | undefined;
 export function specOptions(): SpecOption[] {
   if (specOptionsCache) return specOptionsCache;
   const { message, comment } = contractMessage("loraforge.v1.TrainingSpec");
-  specOptionsCache = message.fields.map((f) => {
-    const scalar = f.fieldKind === "scalar" || f.fieldKind === "list" ? f.scalar : undefined;
+  specOptionsCache = message.fields.map((f: DescField) => {
+    const scalar = f.fieldKind === "scalar" || (f.fieldKind === "list" && f.listKind === "scalar") ? f.scalar : undefined;
+    const en = f.fieldKind === "enum" ? f.enum : f.fieldKind === "list" && f.listKind === "enum" ? f.enum : undefined;
     // ScalarType: 1 double, 2 float, 9 string, 8 bool; the rest are integers.
-    const kind = scalar === 9 ? "string" : scalar === 8 ? "boolean" : scalar === 1 || scalar === 2 ? "number" : scalar !== undefined ? "integer" : "string";
-    return { flag: f.name.replace(/_/g, "-"), field: f.jsonName, kind, repeated: f.fieldKind === "list", doc: comment(f) };
+    const kind = en ? "enum" : scalar === 9 ? "string" : scalar === 8 ? "boolean" : scalar === 1 || scalar === 2 ? "number" : scalar !== undefined ? "integer" : "string";
+    return {
+      flag: f.name.replace(/_/g, "-"),
+      field: f.jsonName,
+      protoName: f.name,
+      kind,
+      repeated: f.fieldKind === "list",
+      doc: comment(f),
+      oneof: f.oneof?.name,
+      values: en ? enumChoices(en) : undefined,
+    };
   });
   return specOptionsCache;
 }
+
+/** The choices of an enum field of a top-level contract message, e.g. InferRequest.sampler. */
+function fieldChoices(typeName: string, field: string): EnumChoice[] {
+  const f = contractMessage(typeName).message.fields.find((x) => x.name === field);
+  if (f?.fieldKind !== "enum") throw new Error(`${typeName}.${field} is not an enum field of the contract`);
+  return enumChoices(f.enum);
+}
+
+let samplerChoicesCache: EnumChoice[] | undefined;
+const samplerChoices = () => (samplerChoicesCache ??= fieldChoices("loraforge.v1.InferRequest", "sampler"));
 
 function wrap(text: string, indent: number, width = 100): string[] {
   const lines: string[] = [];
@@ -191,20 +250,35 @@ function wrap(text: string, indent: number, width = 100): string[] {
 
 /** `loraforge COMMAND --help`: the command's arguments and every option it takes. */
 export function commandUsage(name: string): string {
-  const c = COMMANDS[name];
+  const c = name === "infer" ? inferCommand() : COMMANDS[name];
   const out = [`usage: loraforge ${name} ${c.args}`.trimEnd(), "", ...wrap(c.about, 0), ""];
   if (c.options.length) out.push("Options:", ...optionLines(c.options), "");
   out.push("Common options:", ...optionLines(COMMON), "");
   if (c.spec) {
-    out.push("Spec options: every TrainingSpec field (proto/loraforge/v1/training_spec.proto); repeatable ones add an item each time:");
+    out.push(
+      ...wrap(
+        "Spec options: every TrainingSpec field (proto/loraforge/v1/training_spec.proto); repeatable ones add an item each time. " +
+          "An enum field takes one of the short names listed or the full value name (--lr-scheduler cosine or LR_SCHEDULER_COSINE); " +
+          "left out, it takes its documented default. The data set is exactly one of --dataset-id, --dataset-dir and --dataset-name:",
+        0,
+      ),
+    );
     for (const o of specOptions()) {
-      const arg = o.kind === "boolean" ? "true|false" : o.kind === "integer" ? "INT" : o.kind === "number" ? "NUMBER" : "TEXT";
-      out.push(`  --${o.flag} ${arg}${o.repeated ? " (repeatable)" : ""}`, ...wrap(o.doc, 6));
+      const arg = o.kind === "boolean" ? "true|false" : o.kind === "integer" ? "INT" : o.kind === "number" ? "NUMBER" : o.kind === "enum" ? choiceList(o.values!) : "TEXT";
+      const note = o.repeated ? " (repeatable)" : o.oneof ? ` (one of the ${o.oneof} options)` : "";
+      out.push(`  --${o.flag} ${arg}${note}`, ...wrap(o.doc, 6));
     }
     out.push("");
   }
   out.push(EXIT_CODES);
   return out.join("\n");
+}
+
+/** The infer command with its --sampler values read from the contract. */
+function inferCommand(): Command {
+  const c = COMMANDS.infer;
+  const help = `the sampler: ${samplerChoices().map((v) => v.short).join(", ")} (or the full name, ${samplerChoices()[0].full}); default euler`;
+  return { ...c, options: c.options.map((o) => (o.name === "sampler" ? { ...o, help } : o)) };
 }
 
 type Args = { positional: string[]; flags: Map<string, string[]>; bool: Set<string> };
@@ -253,18 +327,44 @@ class UsageError extends Error {}
 
 const one = (a: Args, key: string): string | undefined => a.flags.get(key)?.at(-1);
 
-/** A spec from an optional YAML/JSON file plus `--field value` flags (flags win). */
+/** A spec file that does not decode into a TrainingSpec: an invalid spec (exit 3), not a usage error. */
+class SpecFileError extends Error {}
+
+/**
+ * A spec from an optional YAML/JSON file plus `--field value` flags (flags win; a data set flag
+ * replaces the file's data set). The result is decoded by the contract's own descriptor, so an
+ * unknown key, a value of the wrong type or two data sets in one file are named before anything
+ * is sent. Enum values may be short ("cosine") or full ("LR_SCHEDULER_COSINE").
+ */
 export function specFromArgs(a: Args, cwd = process.cwd()): TrainingSpec {
-  const raw: Record<string, unknown> = {};
-  if (a.positional[0]) {
-    const text = readFileSync(a.positional[0], "utf8");
-    Object.assign(raw, a.positional[0].endsWith(".json") ? JSON.parse(text) : parseYaml(text));
+  const options = specOptions();
+  const byKey = new Map<string, SpecOption>();
+  for (const o of options) byKey.set(o.field, o).set(o.protoName, o);
+  const json: Record<string, JsonValue> = {};
+
+  const file = a.positional[0];
+  if (file) {
+    const text = readFileSync(file, "utf8");
+    const raw: unknown = file.endsWith(".json") ? JSON.parse(text) : parseYaml(text);
+    if (raw !== null && raw !== undefined && (typeof raw !== "object" || Array.isArray(raw))) throw new SpecFileError(`${file}: a spec file holds one mapping of TrainingSpec fields`);
+    for (const [key, value] of Object.entries((raw ?? {}) as Record<string, JsonValue>)) {
+      const o = byKey.get(key);
+      if (!o) throw new SpecFileError(`${file}: ${JSON.stringify(key)} is not a TrainingSpec field (see loraforge train --help)`);
+      const toEnum = (v: JsonValue) => (typeof v === "string" ? enumValue(o.values!, v, `${file}: ${key}`) : v);
+      json[o.field] = o.kind === "enum" ? (Array.isArray(value) ? value.map(toEnum) : toEnum(value)) : value;
+    }
   }
-  for (const o of specOptions()) {
+
+  const datasetFlags = options.filter((o) => o.oneof === "dataset" && a.flags.has(o.flag));
+  if (datasetFlags.length > 1) throw new UsageError(`give one data set: ${datasetFlags.map((o) => `--${o.flag}`).join(" or ")}, not both`);
+  if (datasetFlags.length === 1) for (const o of options) if (o.oneof === "dataset") delete json[o.field];
+
+  for (const o of options) {
     const values = a.flags.get(o.flag);
     if (!values) continue;
-    const parse = (v: string): unknown => {
+    const parse = (v: string): JsonValue => {
       if (o.kind === "string") return v;
+      if (o.kind === "enum") return enumValue(o.values!, v, `--${o.flag}`);
       if (o.kind === "boolean") {
         if (v !== "true" && v !== "false") throw new UsageError(`--${o.flag} takes true or false, got ${JSON.stringify(v)}`);
         return v === "true";
@@ -274,15 +374,20 @@ export function specFromArgs(a: Args, cwd = process.cwd()): TrainingSpec {
         throw new UsageError(`--${o.flag} takes ${o.kind === "integer" ? "an integer" : "a number"}, got ${JSON.stringify(v)}`);
       return n;
     };
-    // A file's key may be snake_case; the flag's value replaces it.
-    delete raw[o.flag.replace(/-/g, "_")];
-    raw[o.field] = o.repeated ? values.map(parse) : parse(values.at(-1)!);
+    json[o.field] = o.repeated ? values.map(parse) : parse(values.at(-1)!);
   }
-  // snake_case keys from a file become camelCase, which fromJSON accepts too.
-  const spec = TrainingSpec.fromJSON(raw);
-  // Paths typed on a command line are relative to where it was typed.
+
+  const { message } = contractMessage("loraforge.v1.TrainingSpec");
+  let spec: TrainingSpec;
+  try {
+    spec = TrainingSpec.decode(toBinary(message, fromJson(message, json)));
+  } catch (err) {
+    // e.g. `cannot decode field loraforge.v1.TrainingSpec.rank from JSON: expected number (int32), got "x"`
+    throw new SpecFileError(`${file ? `${file}: ` : ""}${(err as Error).message}`);
+  }
+  // Paths typed on a command line (or in a file there) are relative to where it was typed.
   if (spec.baseModel) spec.baseModel = path.resolve(cwd, spec.baseModel);
-  if (spec.datasetDir) spec.datasetDir = path.resolve(cwd, spec.datasetDir);
+  if (spec.dataset?.$case === "datasetDir" && spec.dataset.datasetDir) spec.dataset.datasetDir = path.resolve(cwd, spec.dataset.datasetDir);
   return spec;
 }
 
@@ -309,8 +414,10 @@ export function progressLine(ev: JobEvent, width = 24): string | null {
 /** One line of --json output. */
 const printJson = (value: unknown) => void process.stdout.write(JSON.stringify(value) + "\n");
 
-const stateLine = (state: JobState, error: string, lora?: Artifact) =>
-  `${stateName(state)}${error ? `: ${error}` : ""}${lora ? ` — LoRA ${lora.path}` : ""}`;
+const stateLine = (state: JobState, error: Status | undefined, lora?: Artifact) =>
+  `${stateName(state)}${error ? `: ${errorMessage(error)}` : ""}${lora ? ` — LoRA ${lora.name}` : ""}`;
+
+const finalLora = (job: Job) => job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.name);
 
 const exitCodeOf = (state: JobState) =>
   state === JobState.JOB_STATE_SUCCEEDED ? EXIT.OK : state === JobState.JOB_STATE_CANCELLED ? EXIT.CANCELLED : EXIT.FAILED;
@@ -336,9 +443,9 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
         p?.$case === "state"
           ? stateLine(p.state.state, p.state.error, p.state.lora)
           : p?.$case === "checkpoint"
-            ? `checkpoint at step ${p.checkpoint.step}`
+            ? `checkpoint at step ${p.checkpoint.step}: ${p.checkpoint.artifact?.name ?? ""}`
             : p?.$case === "validation"
-              ? `validation images at step ${p.validation.step}: ${p.validation.images.map((i) => i.path).join(", ")}`
+              ? `validation images at step ${p.validation.step}: ${p.validation.images.map((i) => i.name).join(", ")}`
               : p?.$case === "log"
                 ? p.log.message
                 : "";
@@ -351,7 +458,7 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
     // delivered none, so the record says how the job ended.
     const job = await client.getJob(jobId);
     final = job.state;
-    if (!json) process.stdout.write(`${tty ? "\r\x1b[K" : ""}${stateLine(job.state, job.error, job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.objectName))}\n`);
+    if (!json) process.stdout.write(`${tty ? "\r\x1b[K" : ""}${stateLine(job.state, job.error, finalLora(job))}\n`);
   }
   return exitCodeOf(final);
 }
@@ -359,7 +466,7 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
 function printJob(job: Job, json: boolean) {
   if (json) return printJson(protoJson(Job, "loraforge.v1.Job", job));
   const steps = job.totalSteps ? `${job.currentStep}/${job.totalSteps}` : "-";
-  process.stdout.write(`${job.id}  ${stateName(job.state).padEnd(10)} ${steps.padEnd(11)} ${job.createTime?.toISOString() ?? ""}${job.error ? "  " + job.error : ""}\n`);
+  process.stdout.write(`${job.id}  ${stateName(job.state).padEnd(10)} ${steps.padEnd(11)} ${job.createTime?.toISOString() ?? ""}${job.error ? "  " + errorMessage(job) : ""}\n`);
 }
 
 function parseLoraRef(v: string, kind: "jobId" | "path") {
@@ -424,13 +531,21 @@ export async function runClient(command: string, argv: string[]): Promise<number
         return EXIT.OK;
       }
       case "download": {
-        const id = a.positional[0];
-        if (!id) throw new UsageError("download needs a JOB id");
-        const job = await client.getJob(id);
-        const name = a.positional[1] ?? job.artifacts.find((x) => x.kind === ArtifactKind.ARTIFACT_KIND_LORA && x.objectName)?.objectName;
-        if (!name) throw new UsageError(`job ${id} has no final LoRA yet (state ${stateName(job.state)}); name an artifact: ${job.artifacts.map((x) => x.objectName).join(" ")}`);
-        const out = one(a, "output") ?? (name.endsWith("/") ? `${path.basename(name.slice(0, -1))}.tar` : path.basename(name));
-        const info = await client.artifacts.download(id, name, { file: out });
+        const target = a.positional[0];
+        if (!target) throw new UsageError("download needs an ARTIFACT_NAME (jobs/<job id>/…, as the job lists it) or a JOB id");
+        let name = target;
+        if (!target.startsWith("jobs/")) {
+          // A job id: its final LoRA.
+          const job = await client.getJob(target);
+          const lora = finalLora(job);
+          if (!lora)
+            throw new UsageError(
+              `job ${target} has no final LoRA (state ${stateName(job.state)}); name an artifact instead: ${job.artifacts.map((x) => x.name).join(" ") || "(none yet)"}`,
+            );
+          name = lora.name;
+        }
+        const out = one(a, "output") ?? artifactFileName(name);
+        const info = await client.artifacts.download(name, { file: out });
         if (json) printJson({ file: path.resolve(out), artifact: protoJson(Artifact, "loraforge.v1.Artifact", info) });
         else process.stdout.write(`${path.resolve(out)}\n`);
         return EXIT.OK;
@@ -450,7 +565,7 @@ export async function runClient(command: string, argv: string[]): Promise<number
           width: num("width"),
           height: num("height"),
           numImages: num("num-images"),
-          scheduler: one(a, "scheduler") ?? "",
+          sampler: one(a, "sampler") !== undefined ? samplerFromName(one(a, "sampler")!) : Sampler.SAMPLER_UNSPECIFIED,
           prompt2: one(a, "prompt-2"),
           negativePrompt2: one(a, "negative-prompt-2"),
           sizeConditioning: sizeConditioning(a, ""),
@@ -470,7 +585,7 @@ export async function runClient(command: string, argv: string[]): Promise<number
         if (a.positional[0] !== "upload" || !a.positional[1]) throw new UsageError("usage: loraforge datasets upload FOLDER|ZIP [--name NAME]");
         const ds = await client.datasets.upload(path.resolve(a.positional[1]), { name: one(a, "name") });
         if (json) printJson(protoJson(Dataset, "loraforge.v1.Dataset", ds));
-        else process.stdout.write(`${ds.id}  ${ds.imageCount} images  ${ds.path}\n`);
+        else process.stdout.write(`${ds.id}  ${ds.imageCount} images  ${ds.sizeBytes} bytes\n`);
         return EXIT.OK;
       }
       default:
@@ -481,6 +596,12 @@ export async function runClient(command: string, argv: string[]): Promise<number
   } finally {
     client.close();
   }
+}
+
+/** --sampler's value (short or full name) as the Sampler enum. */
+function samplerFromName(v: string): Sampler {
+  const full = enumValue(samplerChoices(), v, "--sampler");
+  return Sampler[full as keyof typeof Sampler];
 }
 
 /** --[prefix]original-size WxH, --[prefix]crop TOP,LEFT, --[prefix]target-size WxH → SDXL's size conditioning
@@ -511,6 +632,10 @@ function report(command: string, err: unknown): number {
   if (err instanceof UsageError) {
     process.stderr.write(`loraforge ${command}: ${err.message}\n(see loraforge ${COMMANDS[command] ? `${command} ` : ""}--help)\n`);
     return EXIT.USAGE;
+  }
+  if (err instanceof SpecFileError) {
+    process.stderr.write(`loraforge ${command}: invalid spec: ${err.message}\n`);
+    return EXIT.INVALID;
   }
   if (err instanceof InvalidSpecError || (err instanceof LoraforgeError && err.code === 3)) {
     process.stderr.write(`loraforge ${command}: ${err.message}\n`);

@@ -6,14 +6,16 @@
 //                                          `data: <proto3 JSON of JobEvent>`; history, then live; ends
 //                                          with `event: end` after the final state. Last-Event-ID wins
 //                                          over ?after= (that is how EventSource resumes).
-//   GET  /api/jobs/:id/artifact?name=OBJ   an artifact's bytes (a checkpoint as a .tar)
+//   GET  /api/artifacts?name=NAME          an artifact's bytes by its name, as Job.artifacts lists it
+//                                          ("jobs/<id>/lora/<file>", …; a checkpoint as a .tar)
 //   POST /api/jobs/:id/cancel              cancels the job (needs the header X-Loraforge-Dashboard: 1)
-import { stateName } from "@loraforge/sdk";
+import { artifactFileName, artifactJobId, errorMessage, stateName } from "@loraforge/sdk";
 import { status } from "@grpc/grpc-js";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { ArtifactKind, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { protoJson } from "../api/contract.js";
 import { ApiError } from "../core/errors.js";
 import type { Jobs } from "../jobs/jobs.js";
 import { log } from "../core/log.js";
@@ -35,6 +37,7 @@ export interface JobSummary {
   totalSteps: number;
   createTime: string | null;
   endTime: string | null;
+  /** Why it failed or was cancelled (Job.error's message); "" otherwise. */
   error: string;
   validationPrompt: string;
 }
@@ -47,7 +50,7 @@ export function summarize(job: Job): JobSummary {
     totalSteps: job.totalSteps,
     createTime: job.createTime?.toISOString() ?? null,
     endTime: job.endTime?.toISOString() ?? null,
-    error: job.error,
+    error: errorMessage(job),
     validationPrompt: job.spec?.validationPrompt ?? "",
   };
 }
@@ -175,7 +178,7 @@ async function jobEventStream(jobs: Jobs, jobId: string, req: IncomingMessage, r
   const stopBeat = heartbeat(res);
   try {
     for await (const ev of jobs.follow(jobId, after, signal)) {
-      res.write(`id: ${ev.sequence}\ndata: ${JSON.stringify(JobEvent.toJSON(ev))}\n\n`);
+      res.write(`id: ${ev.sequence}\ndata: ${JSON.stringify(protoJson(JobEvent, "loraforge.v1.JobEvent", ev))}\n\n`);
     }
     if (!signal.aborted) res.write("event: end\ndata: {}\n\n");
   } catch (err) {
@@ -190,26 +193,28 @@ async function jobEventStream(jobs: Jobs, jobId: string, req: IncomingMessage, r
 /** A file name safe for Content-Disposition. */
 const safeName = (s: string) => s.replace(/[^A-Za-z0-9._-]+/g, "_");
 
-async function artifactDownload(jobs: Jobs, jobId: string, res: ServerResponse, url: URL): Promise<void> {
+async function artifactDownload(jobs: Jobs, res: ServerResponse, url: URL): Promise<void> {
   const name = url.searchParams.get("name") ?? "";
-  const { artifact, bytes } = await jobs.artifact(jobId, name);
+  const { artifact, bytes } = await jobs.artifact(name);
+  // Saved as "<job id>-<file>": a LoRA or checkpoint from two jobs do not collide in one folder.
+  const fileName = safeName(`${artifactJobId(name)}-${artifactFileName(name)}`);
   const headers: Record<string, string | number> = { "cache-control": "private, max-age=86400, immutable" };
   if (artifact.kind === ArtifactKind.ARTIFACT_KIND_VALIDATION_IMAGE) {
     headers["content-type"] = "image/png";
     headers["content-length"] = artifact.sizeBytes;
   } else if (artifact.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT) {
     headers["content-type"] = "application/x-tar";
-    headers["content-disposition"] = `attachment; filename="${safeName(`${jobId}-checkpoint-${artifact.step}`)}.tar"`;
+    headers["content-disposition"] = `attachment; filename="${fileName}"`;
   } else {
     headers["content-type"] = "application/octet-stream";
     headers["content-length"] = artifact.sizeBytes;
-    headers["content-disposition"] = `attachment; filename="${safeName(`${jobId}-${name.slice(name.lastIndexOf("/") + 1)}`)}"`;
+    headers["content-disposition"] = `attachment; filename="${fileName}"`;
   }
   res.writeHead(200, headers);
   try {
     await pipeline(Readable.from(bytes), res);
   } catch (err) {
-    log("warn", "dashboard: artifact download broke off", { job: jobId, object: name, error: err instanceof Error ? err.message : String(err) });
+    log("warn", "dashboard: artifact download broke off", { artifact: name, error: err instanceof Error ? err.message : String(err) });
     res.destroy();
   }
 }
@@ -226,7 +231,8 @@ export async function handleApi(jobs: Jobs, feed: JobListFeed, req: IncomingMess
   const [root, jobId = "", sub, ...rest] = parts;
   const method = req.method ?? "GET";
   let path = "?";
-  if (root === "jobs" && rest.length === 0) {
+  if (root === "artifacts" && parts.length === 1) path = "artifacts";
+  else if (root === "jobs" && rest.length === 0) {
     if (parts.length === 1) path = "jobs";
     else if (jobId === "events" && sub === undefined) path = "jobs/events";
     else path = sub === undefined ? "jobs/:id" : `jobs/:id/${sub}`;
@@ -241,11 +247,11 @@ export async function handleApi(jobs: Jobs, feed: JobListFeed, req: IncomingMess
       case "GET jobs/events":
         return await jobListStream(feed, res, closing);
       case "GET jobs/:id":
-        return sendJson(res, 200, Job.toJSON(await jobs.get(jobId)));
+        return sendJson(res, 200, protoJson(Job, "loraforge.v1.Job", await jobs.get(jobId)));
       case "GET jobs/:id/events":
         return await jobEventStream(jobs, jobId, req, res, url, closing);
-      case "GET jobs/:id/artifact":
-        return await artifactDownload(jobs, jobId, res, url);
+      case "GET artifacts":
+        return await artifactDownload(jobs, res, url);
       case "POST jobs/:id/cancel": {
         // A custom header cannot be sent cross-site without a CORS preflight, which
         // this server never grants: another web page cannot cancel jobs.

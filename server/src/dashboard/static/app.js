@@ -1,8 +1,10 @@
 // The loraforge dashboard page: a live job list, and for the selected job its
 // charts, numbers, validation images, files, spec and log. Everything it shows of
 // a job comes from the job's replayable event stream (server-sent events), so a
-// reload replays the history and then goes on live. User-supplied text (prompts,
-// errors, log lines, spec values) only ever goes into the page as text nodes.
+// reload replays the history and then goes on live. Jobs and events arrive in proto3
+// JSON (64-bit integers as strings, enums by value name, zero values left out).
+// User-supplied text (prompts, errors, log lines, spec values) only ever goes into
+// the page as text nodes.
 "use strict";
 
 const FINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
@@ -22,6 +24,20 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const stateOf = (s) => String(s || "").replace("JOB_STATE_", "") || "UNKNOWN";
+/** A proto3 JSON integer (int64 comes as a string, a zero value not at all) as a number. */
+const int = (x) => Number(x || 0);
+/** Why a job failed or was cancelled: the message of its google.rpc.Status. */
+const errorText = (status) => (status && (status.message || (status.code ? `error code ${status.code}` : ""))) || "";
+
+/**
+ * An enum value as people say it: a spec field's value name without the enum's prefix, which is
+ * the field's own name in capitals ("lrScheduler": "LR_SCHEDULER_COSINE" → "cosine").
+ */
+function readableValue(field, value) {
+  if (typeof value !== "string") return typeof value === "object" ? JSON.stringify(value) : String(value);
+  const prefix = field.replace(/[A-Z]/g, (c) => "_" + c).toUpperCase() + "_";
+  return value.startsWith(prefix) && /^[A-Z0-9_]+$/.test(value) ? value.slice(prefix.length).toLowerCase() : value;
+}
 const shortId = (id) => (id.length > 14 ? id.slice(0, 8) + "…" + id.slice(-6) : id);
 
 function fmtNum(x, digits = 4) {
@@ -49,8 +65,14 @@ function fmtBytes(n) {
   return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
 }
 
-const artifactUrl = (jobId, objectName) =>
-  `/api/jobs/${encodeURIComponent(jobId)}/artifact?name=${encodeURIComponent(objectName)}`;
+/** Where an artifact downloads, by its name ("jobs/<job id>/…") through the dashboard's API. */
+const artifactUrl = (name) => `/api/artifacts?name=${encodeURIComponent(name)}`;
+/** The file an artifact name ends in; a checkpoint folder ("…/checkpoint-4/") downloads as a .tar. */
+const artifactFile = (name) => {
+  const n = String(name);
+  const base = n.replace(/\/+$/, "").split("/").pop();
+  return n.endsWith("/") ? `${base}.tar` : base;
+};
 
 // ---------------------------------------------------------------- job list
 
@@ -125,8 +147,8 @@ function newView(jobId) {
     last: null,          // the newest StepMetrics
     lastTime: 0,         // when it happened (ms)
     totalSteps: 0,
-    files: new Map(),    // objectName → {kind, step, sizeBytes, objectName}
-    validations: new Map(), // step → {step, prompt, images: Map(objectName → artifact)}
+    files: new Map(),    // artifact name → {kind, step, sizeBytes, name}
+    validations: new Map(), // step → {step, prompt, images: Map(artifact name → artifact)}
     log: [],
     lastSequence: 0,
     dirty: { charts: true, gallery: true, files: true, log: true },
@@ -152,15 +174,16 @@ function recomputeEma(v) {
 }
 
 function applyEvent(v, ev) {
-  v.lastSequence = ev.sequence || v.lastSequence;
+  v.lastSequence = int(ev.sequence) || v.lastSequence;
   if (ev.state) {
     v.state = stateOf(ev.state.state);
-    if (ev.state.error) v.error = ev.state.error;
-    if (ev.state.lora && ev.state.lora.objectName) v.files.set(ev.state.lora.objectName, ev.state.lora);
+    if (ev.state.error) v.error = errorText(ev.state.error);
+    if (ev.state.lora && ev.state.lora.name) v.files.set(ev.state.lora.name, ev.state.lora);
     v.dirty.files = true;
   } else if (ev.metrics) {
-    const m = ev.metrics;
-    const step = m.step || 0;
+    // int64 fields as numbers, so that charts and comparisons work on them.
+    const m = { ...ev.metrics, step: int(ev.metrics.step), totalSteps: int(ev.metrics.totalSteps) };
+    const step = m.step;
     // A resumed run repeats steps after its last checkpoint: the newer values win.
     while (v.steps.length && v.steps[v.steps.length - 1] >= step) {
       v.steps.pop(); v.loss.pop(); v.lr.pop(); v.ips.pop();
@@ -177,14 +200,14 @@ function applyEvent(v, ev) {
     v.dirty.charts = true;
   } else if (ev.checkpoint) {
     const a = ev.checkpoint.artifact;
-    if (a && a.objectName) v.files.set(a.objectName, a);
+    if (a && a.name) v.files.set(a.name, a);
     v.dirty.files = true;
   } else if (ev.validation) {
     const val = ev.validation;
-    const step = val.step || 0;
+    const step = int(val.step);
     let group = v.validations.get(step);
     if (!group) v.validations.set(step, (group = { step, prompt: val.prompt || "", images: new Map() }));
-    for (const img of val.images || []) if (img.objectName) group.images.set(img.objectName, img);
+    for (const img of val.images || []) if (img.name) group.images.set(img.name, img);
     v.dirty.gallery = true;
   } else if (ev.log) {
     const t = ev.time ? new Date(ev.time).toLocaleTimeString() : "";
@@ -252,7 +275,7 @@ function scheduleRender() {
 
 function renderStats(v) {
   const m = v.last || {};
-  const total = v.totalSteps || (v.job && v.job.totalSteps) || 0;
+  const total = v.totalSteps || (v.job ? int(v.job.totalSteps) : 0);
   const step = m.step || 0;
   $("st-step").textContent = total ? `${step} / ${total}` : step ? String(step) : "–";
   $("st-loss").textContent = v.last ? fmtNum(m.loss || 0) : "–";
@@ -303,8 +326,8 @@ function renderGallery(v) {
           ...[...g.images.values()].map((img, i) =>
             el(
               "a",
-              { href: artifactUrl(v.jobId, img.objectName), target: "_blank", rel: "noopener" },
-              el("img", { src: artifactUrl(v.jobId, img.objectName), alt: `validation image ${i + 1} at step ${g.step}`, loading: "lazy" }),
+              { href: artifactUrl(img.name), target: "_blank", rel: "noopener" },
+              el("img", { src: artifactUrl(img.name), alt: `validation image ${i + 1} at step ${g.step}`, loading: "lazy" }),
             ),
           ),
         ),
@@ -314,18 +337,17 @@ function renderGallery(v) {
 }
 
 function renderFiles(v) {
-  const files = [...v.files.values()].sort((a, b) => (a.step || 0) - (b.step || 0) || String(a.kind).localeCompare(String(b.kind)));
+  const files = [...v.files.values()].sort((a, b) => int(a.step) - int(b.step) || String(a.kind).localeCompare(String(b.kind)));
   $("no-files").hidden = files.length > 0;
   $("files").replaceChildren(
     ...files.map((a) => {
       const isCkpt = a.kind === "ARTIFACT_KIND_CHECKPOINT";
-      const label = isCkpt ? `checkpoint-${a.step || 0}.tar` : String(a.objectName).split("/").pop();
       return el(
         "li",
-        { "data-kind": a.kind },
-        el("span", { class: "kind" }, isCkpt ? `step ${a.step || 0}` : "final LoRA"),
-        el("a", { href: artifactUrl(v.jobId, a.objectName), download: "" }, label),
-        el("span", { class: "size" }, fmtBytes(a.sizeBytes)),
+        { "data-kind": a.kind, "data-name": a.name },
+        el("span", { class: "kind" }, isCkpt ? `step ${int(a.step)}` : "final LoRA"),
+        el("a", { href: artifactUrl(a.name), download: "", title: a.name }, artifactFile(a.name)),
+        el("span", { class: "size" }, fmtBytes(int(a.sizeBytes))),
       );
     }),
   );
@@ -335,7 +357,7 @@ function renderSpec(job) {
   const spec = (job && job.spec) || {};
   $("spec").replaceChildren(
     ...Object.entries(spec).map(([k, val]) =>
-      el("tr", {}, el("td", {}, k), el("td", {}, typeof val === "object" ? JSON.stringify(val) : String(val))),
+      el("tr", {}, el("td", {}, k), el("td", { title: typeof val === "string" ? val : undefined }, readableValue(k, val))),
     ),
   );
 }
@@ -403,10 +425,10 @@ function selectJob(jobId) {
       if (view !== v) return;
       v.job = job;
       if (!v.state) v.state = stateOf(job.state);
-      if (!v.error) v.error = job.error || "";
-      v.totalSteps = v.totalSteps || job.totalSteps || 0;
+      if (!v.error) v.error = errorText(job.error);
+      v.totalSteps = v.totalSteps || int(job.totalSteps);
       for (const a of job.artifacts || [])
-        if (a.objectName && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE" && !v.files.has(a.objectName)) v.files.set(a.objectName, a);
+        if (a.name && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE" && !v.files.has(a.name)) v.files.set(a.name, a);
       v.dirty.files = true;
       renderSpec(job);
       scheduleRender();
@@ -424,7 +446,7 @@ function selectJob(jobId) {
   es.onmessage = (e) => {
     if (view !== v) return;
     const ev = JSON.parse(e.data);
-    if ((ev.sequence || 0) <= v.lastSequence) return;
+    if (int(ev.sequence) <= v.lastSequence) return;
     applyEvent(v, ev);
     scheduleRender();
   };
@@ -436,7 +458,7 @@ function selectJob(jobId) {
       if (view !== v) return;
       v.job = job;
       for (const a of job.artifacts || [])
-        if (a.objectName && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE") v.files.set(a.objectName, a);
+        if (a.name && a.kind !== "ARTIFACT_KIND_VALIDATION_IMAGE") v.files.set(a.name, a);
       v.dirty.files = true;
       scheduleRender();
     }, () => {});
