@@ -66,7 +66,7 @@ def main() -> None:
         spec = {"baseModel": str(model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 4,
                 "maxTrainSteps": a.steps, "learningRate": 3e-3, "lrWarmupSteps": 0, "rank": 8, "loraAlpha": 16,
                 "centerCrop": True, "randomFlip": True, "seed": 7, "checkpointingSteps": a.steps,
-                "mixedPrecision": precision}
+                "mixedPrecision": f"MIXED_PRECISION_{precision.upper()}"}
         spec_file = work / f"spec-{precision}.json"
         spec_file.write_text(json.dumps(spec))
         proc = subprocess.run(py + ["train", "--spec", str(spec_file), "--output-dir", str(out)], env=env,
@@ -82,8 +82,10 @@ def main() -> None:
         first = sum(m["loss"] for m in metrics[:k]) / k
         last = sum(m["loss"] for m in metrics[-k:]) / k
         diff = float(np.abs(render(out) - base).max())
-        row = {"loss_first": first, "loss_last": last, "skipped_steps": metrics[-1]["skippedSteps"],
-               "peak_memory_bytes": metrics[-1]["peakMemoryBytes"], "images_per_s": metrics[-1]["imagesPerSecond"],
+        # proto3 JSON: int64 fields are strings, and zero values are left out.
+        row = {"loss_first": first, "loss_last": last, "skipped_steps": int(metrics[-1].get("skippedSteps", 0)),
+               "peak_memory_bytes": int(metrics[-1].get("peakMemoryBytes", 0)),
+               "images_per_s": metrics[-1]["imagesPerSecond"],
                "image_diff_vs_base": diff, "precision_log": [m for m in logs if "mixed precision" in m]}
         summary[precision] = row
         passed = last < first and diff > 1e-3

@@ -51,7 +51,7 @@ def engine_trainer(model: str, data: str, steps: int, batch: int, resolution: in
     from loraforge_engine.train import Trainer
 
     spec = parse_spec({"baseModel": model, "datasetDir": data, "resolution": resolution, "trainBatchSize": batch,
-                       "maxTrainSteps": steps, "learningRate": 1e-3, "lrScheduler": "constant", "rank": 4,
+                       "maxTrainSteps": steps, "learningRate": 1e-3, "lrScheduler": "LR_SCHEDULER_CONSTANT", "rank": 4,
                        "centerCrop": True, "randomFlip": True, "checkpointingSteps": 10_000_000, "seed": 0, **extra})
     return Trainer(spec, str(work / f"engine-out-{os.getpid()}"), EventWriter(io.StringIO()))
 
@@ -101,7 +101,8 @@ def main() -> None:
     # The LR schedule's length: warm-up, timed and profiled steps.
     total = (warmup_rounds + a.steps) * len(layouts) + a.profile_steps
     trainer = engine_trainer(str(model), str(data), total, a.batch, resolution, work,
-                                        {"mixedPrecision": a.precision, "torchCompile": a.compile})
+                                        {"mixedPrecision": f"MIXED_PRECISION_{a.precision.upper()}",
+                                         "torchCompile": a.compile})
     if a.compile_mode:
         trainer.c.unet.compile(mode=a.compile_mode)  # in place, as the engine's own option compiles it
     setup_peak = torch.cuda.max_memory_allocated() if cuda else 0

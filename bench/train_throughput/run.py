@@ -282,8 +282,9 @@ def fresh_run_dir(run_dir: Path) -> Path:
 def engine_spec(s: Settings) -> dict:
     """The job's TrainingSpec in proto3 JSON, as the worker writes it (unset fields take the spec's defaults)."""
     return {"baseModel": s.model, "datasetDir": s.data, "resolution": s.resolution, "trainBatchSize": s.batch,
-            "rank": RANK, "learningRate": LEARNING_RATE, "lrScheduler": "constant", "randomFlip": True,
-            "centerCrop": s.center_crop, "maxTrainSteps": s.steps, "mixedPrecision": s.precision, "seed": s.seed}
+            "rank": RANK, "learningRate": LEARNING_RATE, "lrScheduler": "LR_SCHEDULER_CONSTANT", "randomFlip": True,
+            "centerCrop": s.center_crop, "maxTrainSteps": s.steps,
+            "mixedPrecision": f"MIXED_PRECISION_{s.precision.upper()}", "seed": s.seed}
 
 
 def _metrics_step(raw: bytes) -> int | None:

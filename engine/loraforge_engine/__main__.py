@@ -1,8 +1,11 @@
-"""Command line: python -m loraforge_engine {train, make-tiny-model, make-dataset}.
+"""Command line: python -m loraforge_engine {train, model-hash, export-onnx, make-tiny-model, make-dataset}.
 
 `train` speaks to its supervisor through stdout (JobEvents, one JSON per line) and the exit code:
-0 success, 2 invalid spec, 3 bad data, 4 stopped by SIGTERM/SIGINT, 1 anything else. Before any non-zero
-exit it emits a LOG_LEVEL_ERROR event with a one-line reason; tracebacks go to stderr.
+0 success, 2 invalid spec, 3 bad data, 4 stopped by SIGTERM/SIGINT, 1 anything else. Before exiting 1, 2 or 3
+it emits a LOG_LEVEL_ERROR event with a one-line reason and a FAILED state whose error is a google.rpc.Status
+(INTERNAL, INVALID_ARGUMENT, FAILED_PRECONDITION); tracebacks go to stderr.
+`model-hash` prints a base model's identity (fingerprint.py). Imports stay inside the commands: `model-hash`
+must not pay for torch.
 """
 
 from __future__ import annotations
@@ -101,8 +104,14 @@ class StopOnSignal:
                 self._exit_now(EXIT_STOPPED)
 
 
+def _fail(events, code: int, message: str) -> None:
+    """Report a failure: an ERROR log line for people, a FAILED state with a google.rpc.Status for the worker."""
+    events.log("error", message)
+    events.failed(code, message)
+
+
 def _train(args, events) -> int:
-    from .events import note
+    from .events import FAILED_PRECONDITION, INTERNAL, INVALID_ARGUMENT, note
 
     stop = StopOnSignal(events)
     signal.signal(signal.SIGTERM, stop.handle)
@@ -119,10 +128,10 @@ def _train(args, events) -> int:
                 text = f.read()
         spec = load_spec(text)
     except SpecError as e:
-        events.log("error", f"invalid spec: {e}")
+        _fail(events, INVALID_ARGUMENT, f"invalid spec: {e}")
         return EXIT_SPEC
     except OSError as e:
-        events.log("error", f"cannot read spec {args.spec!r}: {e.strerror or e}")
+        _fail(events, INVALID_ARGUMENT, f"cannot read spec {args.spec!r}: {e.strerror or e}")
         return EXIT_SPEC
 
     try:
@@ -131,7 +140,7 @@ def _train(args, events) -> int:
         from .train import Stopped, run
     except Exception as e:
         note(traceback.format_exc().rstrip())
-        events.log("error", f"engine failed to start: {type(e).__name__}: {e}")
+        _fail(events, INTERNAL, f"engine failed to start: {type(e).__name__}: {e}")
         return EXIT_ERROR
 
     try:
@@ -139,19 +148,31 @@ def _train(args, events) -> int:
     except Stopped:
         return EXIT_STOPPED
     except SpecError as e:  # a spec this model or device cannot honour (e.g. 8-bit AdamW without CUDA)
-        events.log("error", f"invalid spec: {e}")
+        _fail(events, INVALID_ARGUMENT, f"invalid spec: {e}")
         return EXIT_SPEC
     except DataError as e:
         note(traceback.format_exc().rstrip())
-        events.log("error", str(e))
+        _fail(events, FAILED_PRECONDITION, str(e))
         return EXIT_DATA
     except BaseException as e:  # noqa: BLE001 - the supervisor needs a reason for anything
         note(traceback.format_exc().rstrip())
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        events.log("error", f"training failed: {type(e).__name__}{': ' + first if first else ''}")
+        _fail(events, INTERNAL, f"training failed: {type(e).__name__}{': ' + first if first else ''}")
         return EXIT_ERROR
 
-    events.succeeded(lora, final_step)
+    events.succeeded(lora, final_step, root=args.output_dir)
+    return EXIT_OK
+
+
+def cmd_model_hash(args) -> int:
+    from .fingerprint import model_hash
+
+    try:
+        digest = model_hash(args.model_dir)
+    except OSError as e:
+        print(f"model-hash: {e}", file=sys.stderr, flush=True)
+        return EXIT_SPEC
+    print(digest, flush=True)
     return EXIT_OK
 
 
@@ -183,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume-from", default=None,
                    help="checkpoint folder to resume from, or 'latest' (newest under OUTPUT_DIR/checkpoints)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("model-hash", help="print a base model's identity: the content hash that LoRA files record "
+                                          "and the ONNX export cache uses (fast: no torch)")
+    p.add_argument("model_dir", help="diffusers-layout model folder")
+    p.set_defaults(func=cmd_model_hash)
 
     p = sub.add_parser("make-tiny-model", help="write a deterministic tiny SD-1.x or SDXL model (diffusers layout)")
     p.add_argument("dir")

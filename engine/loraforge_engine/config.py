@@ -1,28 +1,40 @@
-"""TrainingSpec: the proto contract (proto/loraforge/v1/training_spec.proto) as a validated dataclass.
+"""TrainingSpec: a loraforge.v1.TrainingSpec read from proto3 JSON, checked against the contract's rules, and
+read the way the trainer uses it.
 
-The spec arrives as proto3 JSON (lowerCamelCase keys; snake_case is accepted too). Unset optional fields
-take the proto's documented defaults; an explicitly set value is validated as given, so `rank: 0` is refused
-rather than replaced. Every error names the field (in the proto's snake_case) and the bad value.
+The fields, their JSON forms and their rules (ranges, required fields, enum membership, patterns) live once, in
+proto/loraforge/v1/training_spec.proto: the generated message and google.protobuf.json_format read the JSON
+(lowerCamelCase or snake_case keys), protovalidate checks the buf.validate rules. A bad spec raises SpecError
+naming every bad field, in the proto's snake_case. What the engine adds lives here and nowhere else: the
+documented default of each field left unset (DEFAULTS), the strings diffusers, torch and PIL take for the enum
+values, and the checks no rule can make (the engine trains from a folder, not from an upload id).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import re
-from dataclasses import dataclass
 from typing import Any
 
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-LORA_FORMATS = ("diffusers", "kohya")
+from .contract import json_format, training_spec_pb2, validator
+
 DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+# "Unset means X", as the .proto documents it: the value an optional field takes when the spec leaves it
+# unset, and an enum's (as the library string) when it is UNSPECIFIED. Fields not named here read as None
+# when unset: they have no fixed default (max_train_steps, lora_alpha = rank, mixed_precision by device, seed
+# drawn at start, image_column by data source, prediction_type the model's, ...), and the trainer decides.
+DEFAULTS: dict[str, Any] = {
+    "resolution": 512, "center_crop": False, "random_flip": False, "train_batch_size": 1,
+    "gradient_accumulation_steps": 1, "num_train_epochs": 100, "learning_rate": 1e-4, "lr_scheduler": "constant",
+    "lr_warmup_steps": 500, "max_grad_norm": 1.0, "rank": 4, "checkpointing_steps": 500,
+    "num_validation_images": 4, "validation_steps": 0, "validation_inference_steps": 30, "caption_column": "text",
+    "caption_dropout": 0.0, "interpolation": "lanczos", "scale_lr": False, "lr_num_cycles": 1, "lr_power": 1.0,
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "noise_offset": 0.0,
+    "lora_dropout": 0.0, "validation_epochs": 0, "lora_format": "diffusers", "cache_latents": True,
+}
+
+_DESCRIPTOR = training_spec_pb2.TrainingSpec.DESCRIPTOR
 
 
 class SpecError(ValueError):
@@ -33,70 +45,57 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{f}: {m}" for f, m in errors))
 
 
-@dataclass(frozen=True)
+def enum_string(enum_type, number: int) -> str:
+    """The library string of an enum value: its name without the enum's prefix, lower case
+    (LR_SCHEDULER_COSINE_WITH_RESTARTS -> "cosine_with_restarts", MIXED_PRECISION_BF16 -> "bf16"): the names
+    diffusers' get_scheduler, the precision switch, PIL's Resampling and the scheduler configs use."""
+    prefix = enum_type.values_by_number[0].name.removesuffix("UNSPECIFIED")
+    return enum_type.values_by_number[number].name.removeprefix(prefix).lower()
+
+
+def _read_field(message, field) -> Any:
+    """The engine's reading of one field: a tuple for a repeated field, the library string for an enum,
+    DEFAULTS (or None) for an unset optional field or an UNSPECIFIED enum, else the value."""
+    if field.is_repeated:
+        return tuple(getattr(message, field.name))
+    if field.enum_type is not None:
+        number = getattr(message, field.name)
+        return DEFAULTS.get(field.name) if number == 0 else enum_string(field.enum_type, number)
+    if field.has_presence and not message.HasField(field.name):
+        return DEFAULTS.get(field.name)
+    return getattr(message, field.name)
+
+
 class TrainingSpec:
-    base_model: str
-    dataset_dir: str = ""
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = False
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int | None = None
-    num_train_epochs: int = 100
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    max_grad_norm: float = 1.0
-    rank: int = 4
-    lora_alpha: float | None = None  # None: equal to rank
-    mixed_precision: str | None = None  # None: "fp16" on CUDA, "no" on CPU (resolved at start)
-    checkpointing_steps: int = 500
-    seed: int | None = None  # None: drawn at start and reported
-    validation_prompt: str | None = None
-    num_validation_images: int = 4
-    validation_steps: int = 0
-    validation_inference_steps: int = 30
-    # Data
-    dataset_name: str | None = None  # a Hugging Face dataset (needs network and LORAFORGE_ALLOW_HUB=1)
-    dataset_id: str | None = None  # an uploaded set; the server resolves it into dataset_dir (kept for the record)
-    image_column: str | None = None  # None: "file_name" (metadata.jsonl) / "image" (hub data set)
-    caption_column: str = "text"
-    max_train_samples: int | None = None
-    caption_dropout: float = 0.0
-    # Images
-    interpolation: str = "lanczos"
-    # Schedule
-    scale_lr: bool = False
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    # Optimiser
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
-    # Loss
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    prediction_type: str | None = None  # None: the base model scheduler's
-    # Precision and memory
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = False
-    # LoRA
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()  # empty: DEFAULT_UNET_TARGETS
-    train_text_encoder: bool = False
-    # Operations
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompts: tuple[str, ...] = ()
-    validation_epochs: int = 0
-    # Files
-    lora_format: str = "diffusers"
-    # Speed
-    cache_latents: bool = True
-    torch_compile: bool = False
+    """A checked spec as the trainer reads it. `message` is the loraforge.v1.TrainingSpec (base_model and
+    dataset_dir made absolute); every field of it is an attribute of the same name holding the engine's
+    reading (see _read_field): `spec.rank` is 4 when unset, `spec.lr_scheduler` is "cosine" for
+    LR_SCHEDULER_COSINE, `spec.target_modules` a tuple."""
+
+    def __init__(self, message: training_spec_pb2.TrainingSpec):
+        m = training_spec_pb2.TrainingSpec()
+        m.CopyFrom(message)
+        # Host folders are read relative to where the engine was started; record them absolute.
+        if m.base_model:
+            m.base_model = os.path.abspath(m.base_model)
+        if m.WhichOneof("dataset") == "dataset_dir":
+            m.dataset_dir = os.path.abspath(m.dataset_dir)
+        self.message = m
+        self._values = {f.name: _read_field(m, f) for f in _DESCRIPTOR.fields}
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"TrainingSpec has no field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrainingSpec) and self.message == other.message
+
+    __hash__ = None  # mutable message inside
+
+    def __repr__(self) -> str:
+        return f"TrainingSpec({self.to_json_dict()})"
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -111,206 +110,114 @@ class TrainingSpec:
         return ([self.validation_prompt] if self.validation_prompt else []) + list(self.validation_prompts)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """proto3 JSON (lowerCamelCase) of the set fields, for storing with a checkpoint."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is not None and value != ():
-                out[_camel(f.name)] = str(value) if f.name == "seed" else list(value) if isinstance(value, tuple) \
-                    else value
-        return out
+        """proto3 JSON of the set fields (json_format), for the checkpoint and the LoRA file's metadata."""
+        return json_format.MessageToDict(self.message)
 
 
-# field name -> (kind, min, max). Kinds: str, bool, int32, int64, double. Ranges inclusive unless noted.
-_FIELDS: dict[str, tuple[str, Any, Any]] = {
-    "base_model": ("str", None, None),
-    "dataset_dir": ("str", None, None),
-    "resolution": ("int32", 8, 4096),
-    "center_crop": ("bool", None, None),
-    "random_flip": ("bool", None, None),
-    "train_batch_size": ("int32", 1, 1024),
-    "gradient_accumulation_steps": ("int32", 1, 1024),
-    "max_train_steps": ("int32", 1, 10_000_000),
-    "num_train_epochs": ("int32", 1, 100_000),
-    "learning_rate": ("double", None, None),
-    "lr_scheduler": ("str", None, None),
-    "lr_warmup_steps": ("int32", 0, 2**31 - 1),
-    "max_grad_norm": ("double", None, None),
-    "rank": ("int32", 1, 1024),
-    "lora_alpha": ("double", None, None),
-    "mixed_precision": ("str", None, None),
-    "checkpointing_steps": ("int32", 1, 2**31 - 1),
-    "seed": ("int64", 0, 2**32 - 1),
-    "validation_prompt": ("str", None, None),
-    "num_validation_images": ("int32", 1, 16),
-    "validation_steps": ("int32", 0, 2**31 - 1),
-    "validation_inference_steps": ("int32", 1, 1000),
-    "dataset_name": ("str", None, None),
-    "dataset_id": ("str", None, None),
-    "image_column": ("str", None, None),
-    "caption_column": ("str", None, None),
-    "max_train_samples": ("int32", 1, 2**31 - 1),
-    "caption_dropout": ("double", None, None),
-    "interpolation": ("str", None, None),
-    "scale_lr": ("bool", None, None),
-    "lr_num_cycles": ("int32", 1, 10_000),
-    "lr_power": ("double", None, None),
-    "adam_beta1": ("double", None, None),
-    "adam_beta2": ("double", None, None),
-    "adam_weight_decay": ("double", None, None),
-    "adam_epsilon": ("double", None, None),
-    "use_8bit_adam": ("bool", None, None),
-    "snr_gamma": ("double", None, None),
-    "noise_offset": ("double", None, None),
-    "prediction_type": ("str", None, None),
-    "gradient_checkpointing": ("bool", None, None),
-    "allow_tf32": ("bool", None, None),
-    "lora_dropout": ("double", None, None),
-    "target_modules": ("strlist", None, None),
-    "train_text_encoder": ("bool", None, None),
-    "checkpoints_total_limit": ("int32", 1, 2**31 - 1),
-    "resume_from_checkpoint": ("str", None, None),
-    "validation_prompts": ("strlist", None, None),
-    "validation_epochs": ("int32", 0, 2**31 - 1),
-    "lora_format": ("str", None, None),
-    "cache_latents": ("bool", None, None),
-    "torch_compile": ("bool", None, None),
-}
+# ------------------------------------------------------------------------------------------------ reading
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.capitalize() for p in rest)
+def _expected(field) -> str:
+    """What a JSON value of this field must look like, for a readable error."""
+    if field.enum_type is not None:
+        what = "one of " + ", ".join(v.name for v in field.enum_type.values)
+    elif field.cpp_type == field.CPPTYPE_BOOL:
+        what = "true or false"
+    elif field.cpp_type in (field.CPPTYPE_INT32, field.CPPTYPE_INT64, field.CPPTYPE_UINT32, field.CPPTYPE_UINT64):
+        what = "an integer in range"
+    elif field.cpp_type in (field.CPPTYPE_DOUBLE, field.CPPTYPE_FLOAT):
+        what = "a number"
+    else:
+        what = "a string"
+    return f"a list, each item {what}" if field.is_repeated else what
 
 
-_BY_JSON_NAME = {**{n: n for n in _FIELDS}, **{_camel(n): n for n in _FIELDS}}
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    """proto3 JSON value -> Python value of the field's type; raises ValueError with a readable message."""
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {value!r}")
-        return value
-    if kind == "strlist":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"must be a list of strings, got {value!r}")
-        return tuple(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {value!r}")
-        return value
-    if kind in ("int32", "int64"):
-        # proto3 JSON allows integers as numbers or decimal strings (int64 is normally a string).
-        if isinstance(value, bool):
-            raise ValueError(f"must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-            return int(value.strip())
-        raise ValueError(f"must be an integer, got {value!r}")
-    if kind == "double":
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+def _read_json(data: Any) -> tuple[training_spec_pb2.TrainingSpec, list[tuple[str, str]]]:
+    """json_format's reading of the object: the message of every key it can read, and an error for each one it
+    cannot (json_format alone stops at the first), for a key given twice (snake_case and camelCase) and for a
+    oneof given more than one member."""
+    if not isinstance(data, dict):
+        raise SpecError([("spec", f"must be a JSON object, got {type(data).__name__}")])
+    by_key = {**{f.name: f for f in _DESCRIPTOR.fields}, **{f.json_name: f for f in _DESCRIPTOR.fields}}
+    message, errors, seen = training_spec_pb2.TrainingSpec(), [], {}
+    for key, value in data.items():
+        field = by_key.get(key)
+        if field is None:
+            errors.append((str(key), f"unknown field {key!r} (value {value!r})"))
+        elif field.name in seen:
+            errors.append((field.name, f"given twice (as {seen[field.name]!r} and {key!r})"))
+        else:
+            seen[field.name] = key
             try:
-                return float(value)  # proto3 JSON: numbers as strings, also "NaN"/"Infinity"
-            except ValueError:
-                pass
-        raise ValueError(f"must be a number, got {value!r}")
-    raise AssertionError(kind)
+                json_format.ParseDict({key: value}, message)  # merges into `message`
+            except json_format.ParseError:
+                errors.append((field.name, f"must be {_expected(field)}, got {value!r}"))
+    for oneof in _DESCRIPTOR.oneofs:
+        given = [f.name for f in oneof.fields if data.get(seen.get(f.name)) is not None]
+        if len(given) > 1:
+            errors.append((oneof.name, f"set only one of {', '.join(f.name for f in oneof.fields)}, got "
+                                       f"{' and '.join(given)}"))
+    if not errors:
+        message = json_format.ParseDict(data, training_spec_pb2.TrainingSpec())  # the same, read whole
+    return message, errors
+
+
+def _field_path(path) -> str:
+    """A violation's field path as text: "rank", "target_modules[0]"."""
+    out = ""
+    for el in path.elements:
+        out += ("." if out else "") + el.field_name
+        sub = el.WhichOneof("subscript")
+        if sub is not None:
+            out += f"[{getattr(el, sub)!r}]" if sub == "string_key" else f"[{getattr(el, sub)}]"
+    return out
+
+
+def _value_at(message, path) -> Any:
+    """The value a (top-level, possibly indexed) field path points at, or None where there is none."""
+    if len(path.elements) != 1 or path.elements[0].field_name not in _DESCRIPTOR.fields_by_name:
+        return None
+    el = path.elements[0]
+    value = getattr(message, el.field_name)
+    return value[el.index] if el.WhichOneof("subscript") == "index" else value
+
+
+def rule_violations(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, str]]:
+    """(field, message) for every buf.validate rule of the .proto the spec breaks, as protovalidate reports it."""
+    out = []
+    for v in validator().collect_violations(message):
+        field = _field_path(v.proto.field)
+        text = v.proto.message or v.proto.rule_id
+        oneof = _DESCRIPTOR.oneofs_by_name.get(field)
+        if oneof is not None:
+            text += f" ({', '.join(f.name for f in oneof.fields)})"
+        else:
+            value = v.field_value if v.field_value is not None else _value_at(message, v.proto.field)
+            if value is not None:
+                text += f", got {value!r}"
+        out.append((field, text))
+    return out
+
+
+def _engine_checks(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, str]]:
+    """What the rules allow but this engine cannot do."""
+    if message.WhichOneof("dataset") == "dataset_id":
+        return [("dataset_id", f"{message.dataset_id!r}: the engine trains from a folder; the worker fetches an "
+                               "uploaded data set and hands the engine dataset_dir instead")]
+    return []
 
 
 def parse_spec(data: Any) -> TrainingSpec:
-    """Validate a decoded proto3-JSON TrainingSpec object; raise SpecError listing every bad field."""
-    if not isinstance(data, dict):
-        raise SpecError([("spec", f"must be a JSON object, got {type(data).__name__}")])
-    errors: list[tuple[str, str]] = []
-    values: dict[str, Any] = {}
-    for key, raw in data.items():
-        name = _BY_JSON_NAME.get(key)
-        if name is None:
-            errors.append((str(key), f"unknown field {key!r} (value {raw!r})"))
-            continue
-        if name in values:
-            errors.append((name, f"given twice (as {name!r} and {_camel(name)!r})"))
-            continue
-        if raw is None:  # proto3 JSON: null means "not set"
-            continue
-        try:
-            values[name] = _coerce(name, _FIELDS[name][0], raw)
-        except ValueError as e:
-            errors.append((name, str(e)))
-
-    def check(name: str, ok: bool, message: str) -> None:
-        if name in values and not ok:
-            errors.append((name, f"{message}, got {values[name]!r}"))
-
-    # Ranges from the proto's comments.
-    for name, (kind, lo, hi) in _FIELDS.items():
-        if kind in ("int32", "int64") and name in values:
-            check(name, lo <= values[name] <= hi, f"must be in {lo}..{hi}")
-    if not values.get("base_model"):
-        errors.append(("base_model", "is required" if "base_model" not in values else "must not be empty"))
-    if values.get("dataset_dir") and values.get("dataset_name"):
-        errors.append(("dataset_name", f"must not be set together with dataset_dir, got {values['dataset_name']!r}"))
-    elif not values.get("dataset_dir") and not values.get("dataset_name"):
-        errors.append(("dataset_dir", "is required (or dataset_name)" if "dataset_dir" not in values
-                       else "must not be empty"))
-    if "resolution" in values and 8 <= values["resolution"] <= 4096:
-        check("resolution", values["resolution"] % 8 == 0, "must be a multiple of 8")
-    lr = values.get("learning_rate")
-    check("learning_rate", lr is not None and math.isfinite(lr) and 0 < lr <= 1, "must be > 0 and <= 1")
-    mgn = values.get("max_grad_norm")
-    check("max_grad_norm", mgn is not None and math.isfinite(mgn) and mgn > 0, "must be > 0")
-    alpha = values.get("lora_alpha")
-    check("lora_alpha", alpha is not None and math.isfinite(alpha) and alpha > 0, "must be > 0")
-    check("lr_scheduler", values.get("lr_scheduler") in LR_SCHEDULERS, f"must be one of {', '.join(LR_SCHEDULERS)}")
-    check("mixed_precision", values.get("mixed_precision") in MIXED_PRECISIONS,
-          f"must be one of {', '.join(MIXED_PRECISIONS)}")
-    if "validation_prompt" in values and not values["validation_prompt"].strip():
-        errors.append(("validation_prompt", "must not be blank when set"))
-
-    def finite(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-        v = values.get(name)
-        ok = v is not None and math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        check(name, ok, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-
-    finite("caption_dropout", 0.0, 1.0)
-    finite("lr_power", 0.0, 100.0, lo_open=True)
-    finite("adam_beta1", 0.0, 1.0, hi_open=True)
-    finite("adam_beta2", 0.0, 1.0, hi_open=True)
-    finite("adam_weight_decay", 0.0, 1.0)
-    finite("adam_epsilon", 0.0, 1.0, lo_open=True)
-    finite("snr_gamma", 0.0, 1000.0, lo_open=True)
-    finite("noise_offset", 0.0, 1.0)
-    finite("lora_dropout", 0.0, 1.0, hi_open=True)
-    check("interpolation", values.get("interpolation") in INTERPOLATIONS, f"must be one of {', '.join(INTERPOLATIONS)}")
-    check("prediction_type", values.get("prediction_type") in PREDICTION_TYPES,
-          f"must be one of {', '.join(PREDICTION_TYPES)}")
-    check("lora_format", values.get("lora_format") in LORA_FORMATS, f"must be one of {', '.join(LORA_FORMATS)}")
-    for name in ("image_column", "caption_column", "dataset_name", "resume_from_checkpoint"):
-        if name in values and not values[name].strip():
-            errors.append((name, "must not be empty when set"))
-    check("target_modules", all(_MODULE_NAME.match(m) for m in values.get("target_modules", ())),
-          "must be module names such as to_q or to_out.0")
-    check("target_modules", len(values.get("target_modules", ())) <= 64, "must name at most 64 modules")
-    check("validation_prompts", all(p.strip() and len(p) <= 2000 for p in values.get("validation_prompts", ())),
-          "must be non-blank prompts of at most 2000 characters")
-    check("validation_prompts", len(values.get("validation_prompts", ())) <= 16, "must hold at most 16 prompts")
+    """A decoded proto3-JSON TrainingSpec object, read and checked; raises SpecError listing every bad field:
+    those json_format cannot read, and those that break a rule (checked on the fields that could be read)."""
+    message, errors = _read_json(data)
+    unread = {f for f, _ in errors}
+    unread |= {o.name for o in _DESCRIPTOR.oneofs if any(f.name in unread for f in o.fields)}
+    errors += [(f, m) for f, m in rule_violations(message) if f.split("[")[0].split(".")[0] not in unread]
+    errors += _engine_checks(message)
     if errors:
         raise SpecError(errors)
-
-    for name in ("base_model", "dataset_dir"):
-        if values.get(name):
-            values[name] = os.path.abspath(values[name])
-    if values.get("resume_from_checkpoint") not in (None, "latest"):
-        values["resume_from_checkpoint"] = os.path.abspath(values["resume_from_checkpoint"])
-    return TrainingSpec(**values)
+    return TrainingSpec(message)
 
 
 def load_spec(text: str) -> TrainingSpec:

@@ -1,23 +1,32 @@
-"""Events on stdout: one proto3-JSON loraforge.v1.JobEvent per line, without job_id/sequence (the server's
-worker adds them). stdout carries nothing else: `claim_stdout()` keeps a private handle on the real stdout
-and points file descriptor 1 (and sys.stdout) at stderr, so library prints, progress bars and even C-level
-writes land in the log instead of corrupting the event stream.
+"""Events on stdout: one loraforge.v1.JobEvent per line, built with the generated messages and written by
+json_format as compact proto3 JSON (lowerCamelCase names, enum value names, int64 as strings, zero values
+left out), without job_id/sequence (the server's worker adds them). stdout carries nothing else:
+`claim_stdout()` keeps a private handle on the real stdout and points file descriptor 1 (and sys.stdout) at
+stderr, so library prints, progress bars and even C-level writes land in the log instead of corrupting the
+event stream.
+
+Artifacts are named by their path relative to the job's output folder, POSIX separators, a folder ending in
+"/" ("pytorch_lora_weights.safetensors", "checkpoints/checkpoint-500/", "validation/step-30-0.png"): no host
+path leaves the engine; the worker maps each name to its file and gives it its public name. A failure is
+reported as a google.rpc.Status (FAILED with an error) before the engine exits non-zero.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
-import math
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-LEVELS = {"debug": "LOG_LEVEL_DEBUG", "info": "LOG_LEVEL_INFO", "warning": "LOG_LEVEL_WARNING",
-          "error": "LOG_LEVEL_ERROR"}
+from .contract import job_pb2, json_format, status_pb2
+from .fingerprint import sha256_file
+
+LEVELS = {"debug": job_pb2.LOG_LEVEL_DEBUG, "info": job_pb2.LOG_LEVEL_INFO, "warning": job_pb2.LOG_LEVEL_WARNING,
+          "error": job_pb2.LOG_LEVEL_ERROR}
+# google.rpc.Code numbers of the failures the engine reports (exit codes 2, 3 and 1).
+INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL = 3, 9, 13
 
 
 def claim_stdout() -> TextIO:
@@ -41,52 +50,40 @@ def note(text: str) -> None:
         pass                                        # inside the main thread's ("reentrant call")
 
 
-def now_rfc3339() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _double(x: float) -> float | str:
-    """proto3 JSON encodes non-finite doubles as strings."""
-    x = float(x)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "Infinity" if x > 0 else "-Infinity"
-    return x
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_artifact(kind: str, path: str | os.PathLike, step: int, with_sha: bool = True) -> dict[str, Any]:
+def artifact_name(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """`path`'s name relative to the output folder `root`, POSIX separators, "/" at the end of a folder.
+    Raises ValueError for a path outside `root` (it would have no name the worker can map)."""
     p = Path(path).absolute()
-    art = {"kind": kind, "path": str(p), "sizeBytes": p.stat().st_size, "step": step}
-    if with_sha:
-        art["sha256"] = sha256_file(p)
-    return art
+    name = p.relative_to(Path(root).absolute()).as_posix()
+    return name + "/" if p.is_dir() else name
 
 
-def folder_artifact(kind: str, path: str | os.PathLike, step: int) -> dict[str, Any]:
-    p = Path(path).absolute()
+def file_artifact(kind: int, root: str | os.PathLike, path: str | os.PathLike, step: int) -> job_pb2.Artifact:
+    p = Path(path)
+    return job_pb2.Artifact(kind=kind, name=artifact_name(root, p), size_bytes=p.stat().st_size,
+                            sha256=sha256_file(p), step=step)
+
+
+def folder_artifact(kind: int, root: str | os.PathLike, path: str | os.PathLike, step: int) -> job_pb2.Artifact:
+    """A folder: the size of its files together, no sha256."""
+    p = Path(path)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return {"kind": kind, "path": str(p), "sizeBytes": size, "step": step}
+    return job_pb2.Artifact(kind=kind, name=artifact_name(root, p), size_bytes=size, step=step)
 
 
 class EventWriter:
-    """Writes JobEvents. int64 fields are written as JSON numbers (every proto3 JSON parser accepts them)."""
+    """Writes JobEvents, one compact proto3-JSON line each. The methods that report files take `root`, the job's
+    output folder, which their artifacts are named relative to (see artifact_name)."""
 
     def __init__(self, out: TextIO):
         self._out = out
         self._closed = False
         self._lock = threading.RLock()  # re-entrant: a signal handler may log mid-write
 
-    def emit(self, payload_key: str, payload: dict[str, Any]) -> None:
-        line = json.dumps({"time": now_rfc3339(), payload_key: payload}, ensure_ascii=False, allow_nan=False)
+    def emit(self, event: job_pb2.JobEvent) -> None:
+        """Stamp `event` with the current time and write it."""
+        event.time.GetCurrentTime()
+        line = json.dumps(json_format.MessageToDict(event), ensure_ascii=False, separators=(",", ":"))
         with self._lock:
             if self._closed:
                 return
@@ -99,27 +96,31 @@ class EventWriter:
                 self._closed = True
 
     def log(self, level: str, message: str) -> None:
-        self.emit("log", {"level": LEVELS[level], "message": message})
+        self.emit(job_pb2.JobEvent(log=job_pb2.LogLine(level=LEVELS[level], message=message)))
         note(f"[loraforge] {level.upper()}: {message}")
 
     def metrics(self, *, step: int, total_steps: int, epoch: int, loss: float, learning_rate: float,
                 images_per_second: float, eta_seconds: float, grad_norm: float,
                 peak_memory_bytes: int = 0, skipped_steps: int = 0) -> None:
-        self.emit("metrics", {
-            "step": step, "totalSteps": total_steps, "epoch": epoch, "loss": _double(loss),
-            "learningRate": _double(learning_rate), "imagesPerSecond": _double(images_per_second),
-            "etaSeconds": _double(eta_seconds), "gradNorm": _double(grad_norm),
-            "peakMemoryBytes": int(peak_memory_bytes), "skippedSteps": int(skipped_steps),
-        })
+        self.emit(job_pb2.JobEvent(metrics=job_pb2.StepMetrics(
+            step=step, total_steps=total_steps, epoch=epoch, loss=loss, learning_rate=learning_rate,
+            images_per_second=images_per_second, eta_seconds=eta_seconds, grad_norm=grad_norm,
+            peak_memory_bytes=int(peak_memory_bytes), skipped_steps=int(skipped_steps))))
 
-    def checkpoint(self, step: int, folder: str | os.PathLike) -> None:
-        self.emit("checkpoint", {"step": step,
-                                 "artifact": folder_artifact("ARTIFACT_KIND_CHECKPOINT", folder, step)})
+    def checkpoint(self, step: int, folder: str | os.PathLike, *, root: str | os.PathLike) -> None:
+        art = folder_artifact(job_pb2.ARTIFACT_KIND_CHECKPOINT, root, folder, step)
+        self.emit(job_pb2.JobEvent(checkpoint=job_pb2.CheckpointSaved(step=step, artifact=art)))
 
-    def validation(self, step: int, prompt: str, paths: list[str | os.PathLike]) -> None:
-        self.emit("validation", {"step": step, "prompt": prompt, "images": [
-            file_artifact("ARTIFACT_KIND_VALIDATION_IMAGE", p, step) for p in paths]})
+    def validation(self, step: int, prompt: str, paths: list[str | os.PathLike], *,
+                   root: str | os.PathLike) -> None:
+        images = [file_artifact(job_pb2.ARTIFACT_KIND_VALIDATION_IMAGE, root, p, step) for p in paths]
+        self.emit(job_pb2.JobEvent(validation=job_pb2.ValidationImages(step=step, prompt=prompt, images=images)))
 
-    def succeeded(self, lora_path: str | os.PathLike, step: int) -> None:
-        self.emit("state", {"state": "JOB_STATE_SUCCEEDED",
-                            "lora": file_artifact("ARTIFACT_KIND_LORA", lora_path, step)})
+    def succeeded(self, lora_path: str | os.PathLike, step: int, *, root: str | os.PathLike) -> None:
+        lora = file_artifact(job_pb2.ARTIFACT_KIND_LORA, root, lora_path, step)
+        self.emit(job_pb2.JobEvent(state=job_pb2.StateChanged(state=job_pb2.JOB_STATE_SUCCEEDED, lora=lora)))
+
+    def failed(self, code: int, message: str) -> None:
+        """The run failed: `code` a google.rpc.Code number (INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL)."""
+        error = status_pb2.Status(code=code, message=message)
+        self.emit(job_pb2.JobEvent(state=job_pb2.StateChanged(state=job_pb2.JOB_STATE_FAILED, error=error)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError
-from .fingerprint import model_fingerprint  # noqa: F401 - re-exported for importers
+from .fingerprint import model_hash  # noqa: F401 - re-exported for importers
 
 ARCH_BY_PIPELINE = {
     "StableDiffusionPipeline": "sd",

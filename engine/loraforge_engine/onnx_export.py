@@ -6,8 +6,8 @@ onnxruntime inference.
 writes CACHE_ROOT/<model hash>/ (fp16: CACHE_ROOT/<model hash>-fp16/) with text_encoder.onnx, unet.onnx,
 vae_decoder.onnx, the tokenizer files and manifest.json — for SDXL also text_encoder_2.onnx and tokenizer_2/
 — and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is already there and
-complete is not redone. The model hash is a content hash of the model's files (see `model_hash`); the server
-computes the same one to find an export without starting Python.
+complete is not redone. The model hash is the base model's identity (fingerprint.py), the hash that
+`python -m loraforge_engine model-hash` prints and that training records in every LoRA file.
 
 LoRA "slots": every layer a LoRA may adapt in the places LoRA trainers put them — in the UNet every Linear
 and 1x1 convolution inside each transformer (Transformer2DModel: proj_in, the attention projections to_q, to_k,
@@ -30,7 +30,6 @@ diffusers pipelines upcast it), else float16 too. The manifest's "dtype" and per
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,12 +38,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# The export is cached under the base model's identity, defined once in fingerprint.py (re-exported here).
+from .fingerprint import HASHED_ENTRIES, hashed_files, model_hash  # noqa: F401
+
 # /2: slots on every transformer Linear / 1x1 conv and text encoder MLP (/1 had attention projections only).
 MANIFEST_FORMAT = "loraforge-onnx/2"
-# What the hash covers: the parts of a diffusers folder that the exported graphs and the runtime read.
-# text_encoder_2 / tokenizer_2 exist only in SDXL folders: SD-1.x hashes are the same as before they were added.
-HASHED_ENTRIES = ("model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                  "unet", "vae")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # diffusers' upsampling takes a different branch for batch >= 64: the exported graph serves batch 1..63.
 MAX_BATCH = 63
@@ -54,43 +52,6 @@ OPSET = 18
 INPUT_PREFIX = {"unet": "unet", "text_encoder": "te", "text_encoder_2": "te2"}
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 DTYPES = ("fp32", "fp16")
-
-
-# ------------------------------------------------------------------------------------------------ the hash
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hashed_files(model_dir: Path) -> list[str]:
-    """Relative POSIX paths of the files the hash covers, sorted (names starting with '.' skipped)."""
-    out = []
-    for entry in HASHED_ENTRIES:
-        p = model_dir / entry
-        if p.is_file():
-            out.append(entry)
-        elif p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for name in files:
-                    if not name.startswith("."):
-                        out.append((Path(root) / name).relative_to(model_dir).as_posix())
-    return sorted(out)
-
-
-def model_hash(model_dir: str | os.PathLike) -> str:
-    """sha256 over "<relative path>\\0<sha256 of the file>\\n" for every hashed file, sorted by path; the first
-    32 hex digits. Renaming or copying the folder keeps the hash; changing any weight or config changes it."""
-    root = Path(model_dir)
-    h = hashlib.sha256()
-    for rel in hashed_files(root):
-        h.update(f"{rel}\0{_sha256_file(root / rel)}\n".encode())
-    return h.hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------------------------ the slots
@@ -325,7 +286,33 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
                  dtype: str = "fp32",
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[Path, str, bool]:
     """Export `model_dir` into out_root/<hash>/ (fp16: <hash>-fp16/) unless a complete export is there.
-    Returns (dir, hash, exported now)."""
+    Returns (dir, hash, exported now). The steps: find the target, load the model, export each graph (checked
+    against PyTorch), write the manifest, publish the folder atomically."""
+    model_dir, out_root, digest, final = _export_target(model_dir, out_root, dtype)
+    if is_complete(final):
+        return final, digest, False
+
+    import torch
+
+    torch.manual_seed(0)  # the example inputs the graphs are traced and checked with
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
+    try:
+        models = _load_models(model_dir)
+        run = _ExportRun(tmp, dtype, check, log, int(models.text_encoder.config.max_position_embeddings))
+        te_slots = _export_text_encoders(run, models)
+        unet_slots = _export_unet(run, models)
+        vae_dtype = _export_vae_decoder(run, models)
+        _write_manifest(run, models, model_dir, digest, te_slots + unet_slots, vae_dtype)
+        _publish(tmp, final, out_root)
+        return final, digest, True
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_target(model_dir, out_root, dtype: str) -> tuple[Path, Path, str, Path]:
+    """Check the arguments; the model's hash names the export folder: (model_dir, out_root, hash, folder)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = Path(model_dir).absolute()
@@ -333,189 +320,239 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
     out_root = Path(out_root).absolute()
     digest = model_hash(model_dir)
-    final = out_root / export_dir_name(digest, dtype)
-    if is_complete(final):
-        return final, digest, False
+    return model_dir, out_root, digest, out_root / export_dir_name(digest, dtype)
 
+
+@dataclass
+class _Models:
+    """The base model's parts the graphs are made of, in fp32."""
+    model_index: dict
+    unet: object
+    vae: object
+    text_encoder: object
+    text_encoder_2: object | None  # SDXL only
+    xl: bool
+
+
+def _load_models(model_dir: Path) -> _Models:
+    """Load UNet, VAE and text encoder(s); refuse what is neither SD-1.x/2.x nor SDXL."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    load = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
+    add_type = unet.config.addition_embed_type
+    xl = add_type == "text_time"
+    if add_type is not None and not xl:
+        raise ValueError(f"UNets with addition_embed_type {add_type!r} are not exported (SD-1.x/2.x and SDXL are)")
+    if xl and not (model_dir / "text_encoder_2").is_dir():
+        raise ValueError("an SDXL UNet (text_time conditioning) needs text_encoder_2; refiner-only models "
+                         "are not exported")
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
+    text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **load)
+                      .eval() if xl else None)
+    model_index = json.loads((model_dir / "model_index.json").read_text())
+    return _Models(model_index, unet, vae, text_encoder, text_encoder_2, xl)
+
+
+class _ExportRun:
+    """What every graph's export shares: the folder being written, the precision, whether to check each graph
+    against PyTorch, the batch axis, and the graph files written so far (component -> file name)."""
+
+    def __init__(self, tmp: Path, dtype: str, check: bool, log, max_len: int):
+        import torch
+        from torch.export import Dim
+
+        self.tmp, self.dtype, self.check, self.log, self.max_len = tmp, dtype, check, log, max_len
+        self.half = dtype == "fp16"
+        self.fdt = torch.float16 if self.half else torch.float32  # dtype of the graphs' float inputs and outputs
+        self.atol = 2e-2 if self.half else 1e-4
+        self.batch = Dim("batch", min=1, max=MAX_BATCH)
+        self.files: dict[str, str] = {}
+        (self.SlotFeed, self.SlottedLayer, self.SlottedUNet, self.SlottedUNetXL, self.SlottedTextEncoder,
+         self.VaeDecoder) = _slot_modules()
+
+    def slot_args(self, slots: list[Slot], seed: int) -> list:
+        return [t.to(self.fdt) for t in example_slot_tensors(slots, seed=seed)]
+
+    def write(self, component: str, module, args, names, output_names, dynamic_shapes, atol: float) -> None:
+        """Export one graph to <component>.onnx and, unless told not to, check it against PyTorch."""
+        path = self.tmp / f"{component}.onnx"
+        _export(module, args, path, names, output_names, dynamic_shapes)
+        if self.check:
+            _check(path, module, args, names, atol)
+        self.files[component] = path.name
+
+
+def _slot_names(slots: list[Slot]) -> list[str]:
+    return [n for s in slots for n in (s.input_a, s.input_b)]
+
+
+def _export_text_encoders(run: _ExportRun, m: _Models) -> list[Slot]:
+    """SD: the last hidden state; SDXL: both encoders' penultimate hidden states and the second's pooled
+    projection (as StableDiffusionXLPipeline reads them). Returns their LoRA slots."""
+    import torch
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    def one(model, component, outputs, output_names, seed):
+        feed = run.SlotFeed()
+        slots = insert_slots(model, component, CLIPEncoderLayer, feed, run.SlottedLayer)
+        te = run.SlottedTextEncoder(model, feed, outputs).eval().to(run.fdt)
+        ids = torch.randint(0, model.config.vocab_size, (2, run.max_len), dtype=torch.int64)
+        run.log(f"exporting {component} ({len(slots)} LoRA slots)")
+        run.write(component, te, [ids, *run.slot_args(slots, seed)], ["input_ids", *_slot_names(slots)],
+                  output_names, ({0: run.batch}, slot_dynamic_shapes(slots)), run.atol)
+        return slots
+
+    if not m.xl:
+        return one(m.text_encoder, "text_encoder", "last", ["last_hidden_state"], 1)
+    return (one(m.text_encoder, "text_encoder", "penultimate", ["penultimate_hidden_state"], 1)
+            + one(m.text_encoder_2, "text_encoder_2", "penultimate+pooled",
+                  ["penultimate_hidden_state", "text_embeds"], 3))
+
+
+def _example_side(unet) -> int:
+    """Latent side of the example inputs: the model's sample size, a multiple of the UNet's downsampling."""
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    sample_size = int(unet.config.sample_size)
+    return max(2 * factor, sample_size - sample_size % factor)
+
+
+def _export_unet(run: _ExportRun, m: _Models) -> list[Slot]:
+    """The UNet with its LoRA slots, latent height and width dynamic (multiples of its downsampling); SDXL's
+    also takes the pooled text embeds and the size/crop time ids. Returns its slots."""
+    import torch
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from torch.export import Dim
 
-    SlotFeed, SlottedLayer, SlottedUNet, SlottedUNetXL, SlottedTextEncoder, VaeDecoder = _slot_modules()
-    model_index = json.loads((model_dir / "model_index.json").read_text())
-    half = dtype == "fp16"
-    torch.manual_seed(0)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
-    try:
-        load = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
-        add_type = unet.config.addition_embed_type
-        xl = add_type == "text_time"
-        if add_type is not None and not xl:
-            raise ValueError(f"UNets with addition_embed_type {add_type!r} are not exported (SD-1.x/2.x and SDXL are)")
-        if xl and not (model_dir / "text_encoder_2").is_dir():
-            raise ValueError("an SDXL UNet (text_time conditioning) needs text_encoder_2; refiner-only models "
-                             "are not exported")
-        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
-        text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **load)
-                          .eval() if xl else None)
+    unet, fdt = m.unet, run.fdt
+    feed = run.SlotFeed()
+    slots = insert_slots(unet, "unet", Transformer2DModel, feed, run.SlottedLayer, unet.config.layers_per_block)
+    su = (run.SlottedUNetXL if m.xl else run.SlottedUNet)(unet, feed).eval().to(fdt)
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
+    lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
+    ex_side = _example_side(unet)
+    # The timestep (and SDXL's time ids) stay float32 in fp16 exports: the UNet turns them into sinusoidal
+    # embeddings in float32 and casts those.
+    args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side).to(fdt),
+            torch.tensor([500.0, 500.0]),
+            torch.randn(2, run.max_len, unet.config.cross_attention_dim).to(fdt)]
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    shapes = [{0: run.batch, 2: factor * lat_h, 3: factor * lat_w}, {0: run.batch}, {0: run.batch}]
+    if m.xl:
+        pooled_dim = int(m.text_encoder_2.config.projection_dim)
+        n_time_ids = (unet.add_embedding.linear_1.in_features - pooled_dim) // unet.config.addition_time_embed_dim
+        args += [torch.randn(2, pooled_dim).to(fdt),
+                 torch.tensor([[float(ex_side * 8), ex_side * 8.0, 0.0, 0.0, ex_side * 8.0, ex_side * 8.0]] * 2)
+                 if n_time_ids == 6 else torch.rand(2, n_time_ids) * 1024]
+        names += ["text_embeds", "time_ids"]
+        shapes += [{0: run.batch}, {0: run.batch}]
+    args += run.slot_args(slots, 2)
+    names += _slot_names(slots)
+    run.log(f"exporting the UNet ({len(slots)} LoRA slots)")
+    run.write("unet", su, args, names, ["noise_pred"], (*shapes, slot_dynamic_shapes(slots)), run.atol)
+    return slots
 
-        fdt = torch.float16 if half else torch.float32  # dtype of the graphs' float inputs and outputs
-        batch = Dim("batch", min=1, max=MAX_BATCH)
-        n_down = len(unet.config.block_out_channels) - 1
-        factor = 2 ** n_down  # latent sides must be multiples of this (the UNet's downsampling)
-        sample_size = int(unet.config.sample_size)
-        max_len = int(text_encoder.config.max_position_embeddings)
-        atol = 2e-2 if half else 1e-4
-        files = {}
 
-        def slot_args(slots, seed):
-            return [t.to(fdt) for t in example_slot_tensors(slots, seed=seed)]
+def _export_vae_decoder(run: _ExportRun, m: _Models):
+    """The VAE decoder: float32 in fp16 exports when the config asks for upcasting (SDXL's VAE overflows in half
+    precision), as the diffusers pipelines do. Returns the dtype it was exported in."""
+    import torch
+    from torch.export import Dim
 
-        def slot_names(slots):
-            return [n for s in slots for n in (s.input_a, s.input_b)]
+    vae = m.vae
+    force_upcast = bool(getattr(vae.config, "force_upcast", False))
+    vae_dt = torch.float32 if (not run.half or force_upcast) else torch.float16
+    dec = run.VaeDecoder(vae).eval().to(vae_dt)
+    ex_side = _example_side(m.unet)
+    args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side).to(vae_dt)]
+    run.log("exporting the VAE decoder")
+    run.write("vae_decoder", dec, args, ["latent"], ["image"],
+              ({0: run.batch, 2: Dim("vae_h", min=1, max=4096), 3: Dim("vae_w", min=1, max=4096)},),
+              run.atol if vae_dt == torch.float16 else 1e-4)
+    return vae_dt
 
-        # --- text encoder(s)
-        def export_text_encoder(model, component, outputs, output_names, seed):
-            feed = SlotFeed()
-            slots = insert_slots(model, component, CLIPEncoderLayer, feed, SlottedLayer)
-            te = SlottedTextEncoder(model, feed, outputs).eval().to(fdt)
-            ids = torch.randint(0, model.config.vocab_size, (2, max_len), dtype=torch.int64)
-            args = [ids, *slot_args(slots, seed)]
-            names = ["input_ids", *slot_names(slots)]
-            log(f"exporting {component} ({len(slots)} LoRA slots)")
-            _export(te, args, tmp / f"{component}.onnx", names, output_names,
-                    ({0: batch}, slot_dynamic_shapes(slots)))
-            if check:
-                _check(tmp / f"{component}.onnx", te, args, names, atol)
-            files[component] = f"{component}.onnx"
-            return slots
 
-        if xl:
-            te_slots = export_text_encoder(text_encoder, "text_encoder", "penultimate",
-                                           ["penultimate_hidden_state"], 1)
-            te_slots += export_text_encoder(text_encoder_2, "text_encoder_2", "penultimate+pooled",
-                                            ["penultimate_hidden_state", "text_embeds"], 3)
-        else:
-            te_slots = export_text_encoder(text_encoder, "text_encoder", "last", ["last_hidden_state"], 1)
+def _copy_tokenizer(run: _ExportRun, model_dir: Path, sub: str) -> dict:
+    """Copy a CLIP tokenizer's files beside the graphs (the runtime tokenizes in TypeScript)."""
+    (run.tmp / sub).mkdir()
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = model_dir / sub / name
+        if src.is_file():
+            shutil.copyfile(src, run.tmp / sub / name)
+            copied.append(name)
+    if "vocab.json" not in copied or "merges.txt" not in copied:
+        raise FileNotFoundError(f"{model_dir}/{sub} lacks vocab.json or merges.txt (CLIP BPE files)")
+    return {"dir": sub, "files": copied, "max_length": run.max_len}
 
-        # --- UNet
-        feed = SlotFeed()
-        unet_slots = insert_slots(unet, "unet", Transformer2DModel, feed, SlottedLayer,
-                                  unet.config.layers_per_block)
-        su = (SlottedUNetXL if xl else SlottedUNet)(unet, feed).eval().to(fdt)
-        lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
-        lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
-        ex_side = max(2 * factor, sample_size - sample_size % factor)
-        # The timestep (and SDXL's time ids) stay float32 in fp16 exports: the UNet turns them into sinusoidal
-        # embeddings in float32 and casts those.
-        unet_args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side).to(fdt),
-                     torch.tensor([500.0, 500.0]),
-                     torch.randn(2, max_len, unet.config.cross_attention_dim).to(fdt)]
-        unet_names = ["sample", "timestep", "encoder_hidden_states"]
-        unet_shapes = [{0: batch, 2: factor * lat_h, 3: factor * lat_w}, {0: batch}, {0: batch}]
-        pooled_dim = 0
-        if xl:
-            pooled_dim = int(text_encoder_2.config.projection_dim)
-            n_time_ids = (unet.add_embedding.linear_1.in_features - pooled_dim) // unet.config.addition_time_embed_dim
-            unet_args += [torch.randn(2, pooled_dim).to(fdt),
-                          torch.tensor([[float(ex_side * 8), ex_side * 8.0, 0.0, 0.0, ex_side * 8.0, ex_side * 8.0]] * 2)
-                          if n_time_ids == 6 else torch.rand(2, n_time_ids) * 1024]
-            unet_names += ["text_embeds", "time_ids"]
-            unet_shapes += [{0: batch}, {0: batch}]
-        unet_args += slot_args(unet_slots, 2)
-        unet_names += slot_names(unet_slots)
-        log(f"exporting the UNet ({len(unet_slots)} LoRA slots)")
-        _export(su, unet_args, tmp / "unet.onnx", unet_names, ["noise_pred"],
-                (*unet_shapes, slot_dynamic_shapes(unet_slots)))
-        if check:
-            _check(tmp / "unet.onnx", su, unet_args, unet_names, atol)
-        files["unet"] = "unet.onnx"
 
-        # --- VAE decoder: float32 in fp16 exports when the config asks for upcasting (SDXL's VAE overflows
-        # in half precision), as the diffusers pipelines do.
-        force_upcast = bool(getattr(vae.config, "force_upcast", False))
-        vae_dt = torch.float32 if (not half or force_upcast) else torch.float16
-        dec = VaeDecoder(vae).eval().to(vae_dt)
-        dec_args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side).to(vae_dt)]
-        log("exporting the VAE decoder")
-        _export(dec, dec_args, tmp / "vae_decoder.onnx", ["latent"], ["image"],
-                ({0: batch, 2: Dim("vae_h", min=1, max=4096), 3: Dim("vae_w", min=1, max=4096)},))
-        if check:
-            _check(tmp / "vae_decoder.onnx", dec, dec_args, ["latent"], atol if vae_dt == torch.float16 else 1e-4)
-        files["vae_decoder"] = "vae_decoder.onnx"
+def _write_manifest(run: _ExportRun, m: _Models, model_dir: Path, digest: str, slots: list[Slot], vae_dt) -> None:
+    """manifest.json: what the runtime needs besides the graphs (shapes, scheduler, VAE scaling, tokenizers,
+    every LoRA slot); `complete: true` marks a finished export."""
+    import torch
 
-        def copy_tokenizer(sub):
-            (tmp / sub).mkdir()
-            copied = []
-            for name in TOKENIZER_FILES:
-                src = model_dir / sub / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / sub / name)
-                    copied.append(name)
-            if "vocab.json" not in copied or "merges.txt" not in copied:
-                raise FileNotFoundError(f"{model_dir}/{sub} lacks vocab.json or merges.txt (CLIP BPE files)")
-            return {"dir": sub, "files": copied, "max_length": max_len}
+    unet, vae, text_encoder = m.unet, m.vae, m.text_encoder
+    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    io = "float16" if run.half else "float32"
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model_hash": digest,
+        "source": str(model_dir),
+        "complete": True,
+        "opset": OPSET,
+        "arch": "sdxl" if m.xl else "sd",
+        "dtype": run.dtype,
+        # Element type of each graph's float inputs/outputs (timestep and time_ids are always float32).
+        "io_dtype": {**{k: io for k in run.files},
+                     "vae_decoder": "float32" if vae_dt == torch.float32 else "float16"},
+        "files": run.files,
+        "tokenizer": _copy_tokenizer(run, model_dir, "tokenizer"),
+        "scheduler_config": scheduler_config,
+        "vae": {"scaling_factor": vae.config.scaling_factor, "latent_channels": vae.config.latent_channels,
+                "shift_factor": getattr(vae.config, "shift_factor", None),
+                "latents_mean": getattr(vae.config, "latents_mean", None),
+                "latents_std": getattr(vae.config, "latents_std", None),
+                "force_upcast": bool(getattr(vae.config, "force_upcast", False))},
+        "unet": {"in_channels": unet.config.in_channels, "sample_size": int(unet.config.sample_size),
+                 "cross_attention_dim": unet.config.cross_attention_dim,
+                 "latent_multiple": 2 ** (len(unet.config.block_out_channels) - 1),
+                 "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1), "max_batch": MAX_BATCH,
+                 "time_cond_proj_dim": unet.config.time_cond_proj_dim,
+                 "addition_embed_type": unet.config.addition_embed_type},
+        "text_encoder": {"hidden_size": text_encoder.config.hidden_size, "max_length": run.max_len},
+        "slots": [s.manifest() for s in slots],
+    }
+    if m.xl:
+        manifest["tokenizer_2"] = _copy_tokenizer(run, model_dir, "tokenizer_2")
+        manifest["text_encoder_2"] = {"hidden_size": m.text_encoder_2.config.hidden_size, "max_length": run.max_len,
+                                      "projection_dim": int(m.text_encoder_2.config.projection_dim)}
+        manifest["unet"]["addition_time_embed_dim"] = unet.config.addition_time_embed_dim
+        # StableDiffusionXLPipeline: an absent negative prompt gives zero negative embeddings (and zero
+        # negative pooled embeddings) when the model says so, instead of encoding "".
+        manifest["force_zeros_for_empty_prompt"] = bool(m.model_index.get("force_zeros_for_empty_prompt", True))
+    (run.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-        scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-        io = "float16" if half else "float32"
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "model_hash": digest,
-            "source": str(model_dir),
-            "complete": True,
-            "opset": OPSET,
-            "arch": "sdxl" if xl else "sd",
-            "dtype": dtype,
-            # Element type of each graph's float inputs/outputs (timestep and time_ids are always float32).
-            "io_dtype": {**{k: io for k in files}, "vae_decoder": "float32" if vae_dt == torch.float32 else "float16"},
-            "files": files,
-            "tokenizer": copy_tokenizer("tokenizer"),
-            "scheduler_config": scheduler_config,
-            "vae": {"scaling_factor": vae.config.scaling_factor, "latent_channels": vae.config.latent_channels,
-                    "shift_factor": getattr(vae.config, "shift_factor", None),
-                    "latents_mean": getattr(vae.config, "latents_mean", None),
-                    "latents_std": getattr(vae.config, "latents_std", None), "force_upcast": force_upcast},
-            "unet": {"in_channels": unet.config.in_channels, "sample_size": sample_size,
-                     "cross_attention_dim": unet.config.cross_attention_dim, "latent_multiple": factor,
-                     "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1), "max_batch": MAX_BATCH,
-                     "time_cond_proj_dim": unet.config.time_cond_proj_dim,
-                     "addition_embed_type": add_type},
-            "text_encoder": {"hidden_size": text_encoder.config.hidden_size, "max_length": max_len},
-            "slots": [s.manifest() for s in te_slots + unet_slots],
-        }
-        if xl:
-            manifest["tokenizer_2"] = copy_tokenizer("tokenizer_2")
-            manifest["text_encoder_2"] = {"hidden_size": text_encoder_2.config.hidden_size, "max_length": max_len,
-                                          "projection_dim": pooled_dim}
-            manifest["unet"]["addition_time_embed_dim"] = unet.config.addition_time_embed_dim
-            # StableDiffusionXLPipeline: an absent negative prompt gives zero negative embeddings (and zero
-            # negative pooled embeddings) when the model says so, instead of encoding "".
-            manifest["force_zeros_for_empty_prompt"] = bool(model_index.get("force_zeros_for_empty_prompt", True))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        os.chmod(tmp, 0o755)
-        if final.exists() and not is_complete(final):
-            # An interrupted export or one in an older format: set it aside, then remove it.
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=out_root))
-            try:
-                os.rename(final, stale / "old")
-            except OSError:
-                pass  # a concurrent exporter moved it first
-            shutil.rmtree(stale, ignore_errors=True)
+
+def _publish(tmp: Path, final: Path, out_root: Path) -> None:
+    """Rename the finished export into place. An incomplete one there (interrupted, or an older format) is set
+    aside and removed first; a concurrent exporter that finished first wins."""
+    os.chmod(tmp, 0o755)
+    if final.exists() and not is_complete(final):
+        stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale-", dir=out_root))
         try:
-            os.rename(tmp, final)
+            os.rename(final, stale / "old")
         except OSError:
-            if not is_complete(final):  # not a concurrent exporter that finished first
-                raise
-        return final, digest, True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass  # a concurrent exporter moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not is_complete(final):  # not a concurrent exporter that finished first
+            raise
 
 
 def is_complete(export_dir: Path) -> bool:

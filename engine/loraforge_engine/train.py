@@ -50,7 +50,7 @@ from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, d
                    resized_size, select_samples)
 from .events import EventWriter
 from .fingerprint import hurry as hurry_fingerprints
-from .fingerprint import model_fingerprint_idle as model_fingerprint
+from .fingerprint import model_hash_idle as model_hash
 from .models import Components, encode_text, load_components, time_ids, tokenize
 from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pixel_convs
 
@@ -159,14 +159,32 @@ class Trainer:
 
     def __init__(self, spec: TrainingSpec, output_dir: str, events: EventWriter, *,
                  resume_from: str | None = None):
-        from diffusers.optimization import get_scheduler
-        from peft import LoraConfig
-
         self.spec, self.events = spec, events
-        # ------------------------------------------------------------------------------ device, precision
-        self.out = out = Path(output_dir).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out)
+        self.out = Path(output_dir).absolute()
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(self.out)
+        self._set_up_device()
+        # Resume target before the seed: an unset seed must come from the checkpoint, not be drawn anew.
+        state, tensors = self._load_resume_state(resume_from)
+        self.seed = self._choose_seed(state)
+        data_sha = self._set_up_data()
+        self._load_models()
+        self._add_lora()
+        self._tune_modules()
+        self._set_up_optimizer()
+        self._restore(state, tensors)
+        del state, tensors
+        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.latent_cacheable: list[bool] = []
+        if spec.cache_latents:
+            self._set_up_caches()
+        self._describe_files(data_sha)
+
+    # ------------------------------------------------------------------------------------------ setup steps
+    def _set_up_device(self) -> None:
+        """Device, precision (the spec's, or fp16 on CUDA / fp32 on CPU), TF32, and the CPU's threads."""
+        spec, events = self.spec, self.events
         self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         mixed = spec.mixed_precision or ("fp16" if device.type == "cuda" else "no")
         if device.type == "cpu" and mixed == "fp16":
@@ -192,35 +210,43 @@ class Trainer:
             else:
                 self.cores = core_share(torch.get_num_threads())
 
-        # ------------------------------------------------------------------------------ resume target, seed
-        # Resume target first: an unset seed must come from the checkpoint, not be drawn anew.
+    def _load_resume_state(self, resume_from: str | None):
+        """The checkpoint to resume from (--resume-from, else the spec's "latest"), loaded: (state, tensors), or
+        (None, None) to start fresh. A checkpoint artifact name in the spec ("jobs/…/checkpoint-N/") is the
+        worker's to restore into a folder and pass as --resume-from; the engine cannot read it."""
+        spec, out = self.spec, self.out
+        if resume_from is None and spec.resume_from_checkpoint not in (None, "latest"):
+            raise SpecError([("resume_from_checkpoint", f"{spec.resume_from_checkpoint!r} names a checkpoint "
+                                                        "artifact; the worker restores it and passes --resume-from")])
         resume_from = resume_from or spec.resume_from_checkpoint
         self.resume_path = None
-        if resume_from:
-            if resume_from == "latest":
-                self.resume_path = ckpt.find_latest(out)
-                if self.resume_path is None:
-                    events.log("info", f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
-            else:
-                self.resume_path = Path(resume_from).absolute()
-                if not (self.resume_path / ckpt.STATE_JSON).is_file():
-                    raise DataError(f"resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
-        state = tensors = None
-        if self.resume_path is not None:
-            state, tensors = ckpt.load(self.resume_path)
-        if spec.seed is not None:
-            seed = spec.seed
+        if resume_from == "latest":
+            self.resume_path = ckpt.find_latest(out)
+            if self.resume_path is None:
+                self.events.log("info", f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
+        elif resume_from:
+            self.resume_path = Path(resume_from).absolute()
+            if not (self.resume_path / ckpt.STATE_JSON).is_file():
+                raise DataError(f"resume_from_checkpoint {resume_from!r} is not a checkpoint folder")
+        return ckpt.load(self.resume_path) if self.resume_path is not None else (None, None)
+
+    def _choose_seed(self, state) -> int:
+        """The spec's seed, else the checkpoint's, else a fresh one (logged, so the run can be repeated)."""
+        if self.spec.seed is not None:
+            seed = self.spec.seed
         elif state is not None:
             seed = int(state["seed"])
         else:
             seed = secrets.randbits(32)
-            events.log("info", f"seed not set; using seed {seed}")
+            self.events.log("info", f"seed not set; using seed {seed}")
         if state is not None and int(state["seed"]) != seed:
-            events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
-        self.seed = seed
+            self.events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
+        return seed
 
-        # ------------------------------------------------------------------------------ data
-        # Fail fast on a missing/empty set or any image that does not decode.
+    def _set_up_data(self) -> dict[str, str]:
+        """Find and check the data set (fail fast on a missing/empty set or an image that does not decode), and
+        start the provenance hashes. Returns the data set hash where it is computed here (in-memory images)."""
+        spec, events, seed = self.spec, self.events, self.seed
         if spec.dataset_name:
             examples = load_hub_dataset(spec.dataset_name, spec.image_column, spec.caption_column)
         else:
@@ -237,28 +263,37 @@ class Trainer:
         # dataset) are hashed here: PIL images are not shared across threads.
         files_only = all(ex.path is not None for ex in examples)
         self.fingerprints = _InBackground(lambda: {
-            "base_model_sha256": model_fingerprint(spec.base_model),
+            "base_model_sha256": model_hash(spec.base_model),
             **({"dataset_sha256": dataset_fingerprint(examples)} if files_only else {})})
-        data_sha = {} if files_only else {"dataset_sha256": dataset_fingerprint(examples)}
         self.dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed,
                                        interpolation=spec.interpolation, caption_dropout=spec.caption_dropout,
                                        sizes=sizes)
+        return {} if files_only else {"dataset_sha256": dataset_fingerprint(examples)}
 
-        # ------------------------------------------------------------------------------ models, LoRA
-        self.c = c = load_components(spec.base_model, device, self.weight_dtype)
+    def _load_models(self) -> None:
+        """The base model's components, and the training target (the spec's prediction type, else the model's)."""
+        spec = self.spec
+        self.c = c = load_components(spec.base_model, self.device, self.weight_dtype)
         if spec.prediction_type:
             # As the reference: the training target and the validation sampler both follow the override.
             c.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
         self.prediction_type = c.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise DataError(f"base_model scheduler prediction_type {self.prediction_type!r} is not supported")
-        events.log("info", f"training {c.arch} on {device.type} (mixed precision: {mixed}), "
-                           f"{len(self.dataset)} images")
+        self.events.log("info", f"training {c.arch} on {self.device.type} (mixed precision: {self.mixed}), "
+                                f"{len(self.dataset)} images")
 
+    def _add_lora(self) -> None:
+        """LoRA adapters on the UNet (and the text encoders when asked), refusing targets the chosen file format
+        cannot name; the trainable parameters, by name, in fp32."""
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        spec, events, c = self.spec, self.events, self.c
         # Seed before add_adapter: the gaussian init draws from torch's global RNG. Trainable parameters are
         # kept fp32 whatever the frozen weights are.
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
         alpha = spec.effective_lora_alpha
         try:
             c.unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=alpha, lora_dropout=spec.lora_dropout,
@@ -266,8 +301,6 @@ class Trainer:
         except ValueError as e:
             raise SpecError([("target_modules", f"{spec.unet_targets} match no module of the UNet ({e})")]) from None
         self.layers_per_block = c.unet.config.layers_per_block
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         adapted = [name for name, module in c.unet.named_modules() if isinstance(module, BaseTunerLayer)]
         if spec.lora_format == "kohya" and c.arch == "sdxl":
             # Fail now, not after training: kohya's SDXL names exist only for the original UNet's modules.
@@ -297,6 +330,11 @@ class Trainer:
         self.param_names = list(self.named_params)
         # A list, not a generator: it is used by both the optimizer and clip_grad_norm_ (the reference's bug).
         self.lora_params = list(self.named_params.values())
+
+    def _tune_modules(self) -> None:
+        """Speed and memory settings of the modules: gradient checkpointing, channels_last, the small-op routings
+        or torch.compile. None changes what is computed."""
+        spec, c = self.spec, self.c
         c.unet.train()
         if spec.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -305,7 +343,7 @@ class Trainer:
         # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
         c.unet.to(memory_format=torch.channels_last)
         c.vae.to(memory_format=torch.channels_last)
-        if device.type == "cpu" and not spec.torch_compile:
+        if self.device.type == "cpu" and not spec.torch_compile:
             # Convolutions on feature maps of a few pixels (low training resolutions) skip oneDNN (small_ops).
             route_few_pixel_convs(c.unet)
             route_few_pixel_convs(c.vae)
@@ -319,17 +357,21 @@ class Trainer:
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()
-            events.log("info", "torch.compile: the first steps include compilation (kernel cache: "
-                               f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'torch default'})")
+            self.events.log("info", "torch.compile: the first steps include compilation (kernel cache: "
+                                    f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR') or 'torch default'})")
 
-        # ------------------------------------------------------------------------------ optimizer, schedule
+    def _set_up_optimizer(self) -> None:
+        """AdamW, the step counts, the LR schedule (in optimizer steps) and, for fp16 on CUDA, the gradient scaler."""
+        from diffusers.optimization import get_scheduler
+
+        spec = self.spec
         accum = spec.gradient_accumulation_steps
         self.learning_rate = spec.learning_rate
         if spec.scale_lr:
             self.learning_rate = spec.learning_rate * spec.train_batch_size * accum  # × processes (1)
-            events.log("info", f"scale_lr: learning rate {spec.learning_rate:g} x {spec.train_batch_size} x "
-                               f"{accum} = {self.learning_rate:g}")
-        self.optimizer = make_optimizer(spec, self.lora_params, self.learning_rate, device)
+            self.events.log("info", f"scale_lr: learning rate {spec.learning_rate:g} x {spec.train_batch_size} x "
+                                    f"{accum} = {self.learning_rate:g}")
+        self.optimizer = make_optimizer(spec, self.lora_params, self.learning_rate, self.device)
         self.batches_per_epoch = self.dataset.batches_per_epoch(spec.train_batch_size)
         # The last optimizer step of an epoch may accumulate fewer batches (the reference's accelerate
         # syncs at the end of the data loader too).
@@ -339,32 +381,32 @@ class Trainer:
                                           num_warmup_steps=spec.lr_warmup_steps,
                                           num_training_steps=self.total_steps, num_cycles=spec.lr_num_cycles,
                                           power=spec.lr_power)
-        self.scaler = torch.amp.GradScaler("cuda") if (device.type == "cuda" and mixed == "fp16") else None
+        self.scaler = (torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and self.mixed == "fp16")
+                       else None)
 
+    def _restore(self, state, tensors) -> None:
+        """Put a checkpoint's parameters, optimizer, schedule and scaler back, and say what differs from it."""
         self.start_step = 0
         self.skipped_steps = 0
-        if state is not None:
-            ckpt.restore(state, tensors, params=self.named_params, optimizer=self.optimizer,
-                         param_names=self.param_names, lr_scheduler=self.lr_scheduler, scaler=self.scaler)
-            self.start_step = int(state["step"])
-            self.skipped_steps = int(state.get("skipped_steps", 0))
-            if state.get("dataset_size") != len(self.dataset) or state.get("steps_per_epoch") != self.steps_per_epoch:
-                events.log("warning", "the data set or batch settings changed since the checkpoint; "
-                                      "data order after resume will differ from the original run")
-            changed = sorted(k for k in set(state.get("spec", {})) | set(spec.to_json_dict())
-                             if state.get("spec", {}).get(k) != spec.to_json_dict().get(k)
-                             and k != "resumeFromCheckpoint")
-            if changed:
-                events.log("warning", f"spec differs from the checkpoint's in: {', '.join(changed)}")
-            events.log("info", f"resumed from {self.resume_path} at step {self.start_step}")
-        del state, tensors
+        if state is None:
+            return
+        spec, events = self.spec, self.events
+        ckpt.restore(state, tensors, params=self.named_params, optimizer=self.optimizer,
+                     param_names=self.param_names, lr_scheduler=self.lr_scheduler, scaler=self.scaler)
+        self.start_step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("dataset_size") != len(self.dataset) or state.get("steps_per_epoch") != self.steps_per_epoch:
+            events.log("warning", "the data set or batch settings changed since the checkpoint; "
+                                  "data order after resume will differ from the original run")
+        now, then = spec.to_json_dict(), state.get("spec", {})
+        changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k) and k != "resumeFromCheckpoint")
+        if changed:
+            events.log("warning", f"spec differs from the checkpoint's in: {', '.join(changed)}")
+        events.log("info", f"resumed from {self.resume_path} at step {self.start_step}")
 
-        # ------------------------------------------------------------------------------ caches
-        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.latent_cacheable: list[bool] = []
-        if spec.cache_latents:
-            self._set_up_caches()
+    def _describe_files(self, data_sha: dict[str, str]) -> None:
+        """What every LoRA file carries besides the tensors: peft's adapter config and the provenance."""
+        spec, c = self.spec, self.c
 
         # peft's LoraConfig as safetensors metadata: diffusers' loader rebuilds the config from it, so
         # lora_alpha != rank loads at the trained scale. Sets become sorted lists (stable file bytes).
@@ -375,7 +417,7 @@ class Trainer:
         self.adapter_configs = {"unet": config_dict(c.unet),
                                 **{name: config_dict(te) for name, te in self.trained_text_encoders}}
         self.provenance_base = {
-            "base_model": spec.base_model, "arch": c.arch, "rank": spec.rank, "alpha": alpha,
+            "base_model": spec.base_model, "arch": c.arch, "rank": spec.rank, "alpha": spec.effective_lora_alpha,
             "unet_targets": spec.unet_targets,
             "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if spec.train_text_encoder else [],
             "resolution": spec.resolution, "dataset_size": len(self.dataset), **data_sha,
@@ -552,7 +594,7 @@ class Trainer:
                                "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(self.dataset),
                                "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
                                "spec": self.spec.to_json_dict()})
-        self.events.checkpoint(step, folder)
+        self.events.checkpoint(step, folder, root=self.out)
         if self.spec.checkpoints_total_limit:
             for old in ckpt.rotate(self.out, self.spec.checkpoints_total_limit):
                 self.events.log("info", f"removed {old.name} (checkpoints_total_limit {self.spec.checkpoints_total_limit})")
@@ -590,7 +632,7 @@ class Trainer:
                         path = folder / (f"step-{step}-{i}.png" if k == 0 else f"step-{step}-p{k}-{i}.png")
                         image.save(path)
                         paths.append(path)
-                self.events.validation(step, prompt, paths)
+                self.events.validation(step, prompt, paths, root=self.out)
         finally:
             for m, was_training in training:
                 m.train(was_training)

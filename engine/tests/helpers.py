@@ -39,20 +39,40 @@ def run_train(spec: dict, output_dir: Path, *extra: str, timeout: float = 300) -
     return proc.returncode, parse_events(proc.stdout), proc.stderr
 
 
-def parse_events(stdout: str) -> list[dict]:
+def artifacts_of(ev) -> list:
+    """The Artifact messages a JobEvent carries."""
+    kind = ev.WhichOneof("payload")
+    if kind == "checkpoint":
+        return [ev.checkpoint.artifact]
+    if kind == "validation":
+        return list(ev.validation.images)
+    if kind == "state" and ev.state.HasField("lora"):
+        return [ev.state.lora]
+    return []
+
+
+def parse_events(stdout: str) -> list:
+    """Every stdout line read by json_format as a loraforge.v1.JobEvent (unknown fields refused): the stream is
+    the contract's. Each event has a time and one payload, no job id or sequence (the worker adds those), and
+    names its artifacts relative to the output folder."""
+    from loraforge_engine.contract import job_pb2, json_format
+
     events = []
     for line in stdout.splitlines():
-        ev = json.loads(line)  # every stdout line must be one JSON object
-        payload = [k for k in ev if k != "time"]
-        assert len(payload) == 1, f"event with payload keys {payload}: {line}"
-        assert payload[0] in ("state", "metrics", "checkpoint", "validation", "log"), line
-        assert "jobId" not in ev and "sequence" not in ev
+        raw = json.loads(line)  # one compact JSON object per line
+        assert "jobId" not in raw and "sequence" not in raw, line
+        ev = json_format.Parse(line, job_pb2.JobEvent())
+        assert ev.HasField("time") and ev.WhichOneof("payload") is not None, line
+        for art in artifacts_of(ev):
+            name = art.name
+            assert name and not name.startswith("/") and "\\" not in name and ".." not in name.split("/"), line
         events.append(ev)
     return events
 
 
-def of_kind(events: list[dict], kind: str) -> list[dict]:
-    return [e[kind] for e in events if kind in e]
+def of_kind(events: list, kind: str) -> list:
+    """The payloads of one kind ("metrics", "checkpoint", "validation", "log", "state"), in order."""
+    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
 
 
 def load_pipeline(model_dir: Path):

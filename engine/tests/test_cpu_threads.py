@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import run_train
+from helpers import of_kind, run_train
 from loraforge_engine import cpu_threads
 from loraforge_engine.cpu_threads import CoreShare, threads_for
 
@@ -103,5 +103,5 @@ def test_a_training_run_gives_way_to_busy_processes(tiny_model, dataset, tmp_pat
             p.kill()
             p.wait()
     assert code == 0, err[-2000:]
-    logs = [e["log"]["message"] for e in events if "log" in e]
+    logs = [log.message for log in of_kind(events, "log")]
     assert any(m.startswith("training on 1 CPU thread:") for m in logs), logs

@@ -123,7 +123,7 @@ def test_hub_dataset_gives_a_clear_error_without_the_hub(monkeypatch):
     ("polynomial", {"lrPower": 2.0}, lambda s: s / 2 if s < 2 else (1 - 1e-7 / 1e-3) * ((8 - s) / 6) ** 2 + 1e-4),
 ])
 def test_lr_scheduler_shapes(tiny_model, dataset, tmp_path, name, extra, expected):
-    t = make_trainer(tiny_model, dataset, tmp_path / "o", lrScheduler=name, lrWarmupSteps=2, maxTrainSteps=8,
+    t = make_trainer(tiny_model, dataset, tmp_path / "o", lrScheduler=f"LR_SCHEDULER_{name.upper()}", lrWarmupSteps=2, maxTrainSteps=8,
                      maxTrainSamples=4, **extra)
     lrs = []
     for _ in range(8):
@@ -193,7 +193,7 @@ def test_noise_offset_shifts_noise_per_channel(tiny_model, dataset, tmp_path):
 
 
 def test_v_prediction_target(tiny_model, dataset, tmp_path):
-    t = make_trainer(tiny_model, dataset, tmp_path / "v", maxTrainSamples=4, predictionType="v_prediction")
+    t = make_trainer(tiny_model, dataset, tmp_path / "v", maxTrainSamples=4, predictionType="PREDICTION_TYPE_V_PREDICTION")
     assert t.prediction_type == "v_prediction"
     assert t.c.noise_scheduler.config.prediction_type == "v_prediction"  # validation samples with it too
     mb = first_batch(t)
@@ -243,9 +243,9 @@ def test_kohya_sdxl_refuses_targets_without_an_original_name_before_training(tin
     # An upsampler convolution: peft adapts it, but kohya's SDXL names (the original UNet's) cannot name it
     # without the block layout; the spec is refused at start, not after the run.
     with pytest.raises(SpecError, match="lora_format"):
-        make_trainer(tiny_sdxl, dataset, tmp_path / "o", maxTrainSamples=4, loraFormat="kohya",
+        make_trainer(tiny_sdxl, dataset, tmp_path / "o", maxTrainSamples=4, loraFormat="LORA_FORMAT_KOHYA",
                      targetModules=["to_q", "upsamplers.0.conv"])
-    make_trainer(tiny_sdxl, dataset, tmp_path / "ok", maxTrainSamples=4, loraFormat="kohya",
+    make_trainer(tiny_sdxl, dataset, tmp_path / "ok", maxTrainSamples=4, loraFormat="LORA_FORMAT_KOHYA",
                  targetModules=["to_q", "ff.net.2", "proj_in", "conv1"])  # all have original names
 
 
@@ -386,23 +386,23 @@ def test_provenance_hashes_run_beside_setup_and_reach_the_lora_file(tiny_model, 
 
     release, seen = threading.Event(), []
 
-    def slow_fingerprint(path):
+    def slow_hash(path):
         seen.append(threading.current_thread().name)
         assert release.wait(60), "never released"
-        return "f" * 64
+        return "f" * 32
 
-    monkeypatch.setattr(train, "model_fingerprint", slow_fingerprint)
+    monkeypatch.setattr(train, "model_hash", slow_hash)
     t = make_trainer(tiny_model, dataset, tmp_path / "a")  # returns although the hash is still running
     assert seen == ["loraforge-background"] and not release.is_set()
     release.set()
     meta = read_metadata(t.save_lora(tmp_path / "lora", step=0))
-    assert meta["loraforge.base_model_sha256"] == "f" * 64
+    assert meta["loraforge.base_model_sha256"] == "f" * 32
     assert meta["loraforge.dataset_sha256"] == dataset_fingerprint(discover(dataset))
 
     def unreadable(path):
         raise PermissionError(f"{path}: permission denied")
 
-    monkeypatch.setattr(train, "model_fingerprint", unreadable)
+    monkeypatch.setattr(train, "model_hash", unreadable)
     t = make_trainer(tiny_model, dataset, tmp_path / "b")
     with pytest.raises(PermissionError, match="permission denied"):  # surfaces where the hash is needed
         t.save_lora(tmp_path / "lora-b", step=0)
@@ -411,7 +411,7 @@ def test_provenance_hashes_run_beside_setup_and_reach_the_lora_file(tiny_model, 
 def test_an_overflowing_fp16_step_is_skipped_and_counted(tiny_model, dataset, tmp_path):
     # The engine's fp16 scaler exists on CUDA only; torch's GradScaler for the CPU has the same contract (inf/NaN
     # gradients: no update, the scale halves), so the engine's skip handling is exercised here with it.
-    t = make_trainer(tiny_model, dataset, tmp_path / "a", lrScheduler="linear", maxTrainSteps=4)
+    t = make_trainer(tiny_model, dataset, tmp_path / "a", lrScheduler="LR_SCHEDULER_LINEAR", maxTrainSteps=4)
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     first = t.optimizer_step(0)
     assert not first.skipped and t.skipped_steps == 0 and t.scaler.get_scale() == 2.0**10
@@ -431,9 +431,9 @@ def test_an_overflowing_fp16_step_is_skipped_and_counted(tiny_model, dataset, tm
 
 
 def test_the_base_model_hash_comes_from_a_child_process_alike(tiny_model):
-    from loraforge_engine.fingerprint import model_fingerprint, model_fingerprint_idle
+    from loraforge_engine.fingerprint import model_hash, model_hash_idle
 
-    assert model_fingerprint_idle(str(tiny_model)) == model_fingerprint(str(tiny_model))
+    assert model_hash_idle(str(tiny_model)) == model_hash(str(tiny_model))
 
 
 def test_the_idle_hash_runs_at_idle_priority_until_hurried(tmp_path):
@@ -443,11 +443,12 @@ def test_the_idle_hash_runs_at_idle_priority_until_hurried(tmp_path):
     from loraforge_engine import fingerprint
 
     model = tmp_path / "model"
-    model.mkdir()
-    with open(model / "unet.safetensors", "wb") as f:
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    with open(model / "unet" / "diffusion_pytorch_model.safetensors", "wb") as f:
         f.truncate(2 << 30)  # sparse: seconds of hashing, no disk
     got = []
-    worker = threading.Thread(target=lambda: got.append(fingerprint.model_fingerprint_idle(str(model))))
+    worker = threading.Thread(target=lambda: got.append(fingerprint.model_hash_idle(str(model))))
     worker.start()
     deadline = time.monotonic() + 30
     while not fingerprint._RUNNING and time.monotonic() < deadline:
@@ -458,4 +459,4 @@ def test_the_idle_hash_runs_at_idle_priority_until_hurried(tmp_path):
     fingerprint.hurry()
     assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
     worker.join(120)
-    assert got == [fingerprint.model_fingerprint(str(model))] and not fingerprint._RUNNING
+    assert got == [fingerprint.model_hash(str(model))] and not fingerprint._RUNNING

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -115,6 +116,46 @@ def test_export_is_cached_by_content(exported, tmp_path):
                                                                  "exported": False}
     (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text() + "\n")
     assert model_hash(copy) != digest
+
+
+# Runs `python -m loraforge_engine ARGS...` as the server does, then reports on stderr's last line whether torch or
+# diffusers were imported on the way.
+IMPORTS_PROBE = """
+import runpy, sys
+try:
+    runpy.run_module("loraforge_engine", run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("heavy imports:", sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_one_base_model_identity(exported, dataset, tmp_path):
+    """What `model-hash` prints is the ONNX export's cache key and the hash training records in the LoRA file."""
+    import io
+
+    from loraforge_engine.config import parse_spec
+    from loraforge_engine.events import EventWriter
+    from loraforge_engine.lora_files import read_metadata
+    from loraforge_engine.train import Trainer
+
+    model, out, digest, _ = exported
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "model-hash", str(model)], capture_output=True,
+                          text=True, env=engine_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == digest + "\n"  # exactly the hash, one line
+    assert proc.stderr.strip().splitlines()[-1] == "heavy imports: []"  # fast: no torch
+    assert out.name == digest  # the export's folder (its cache key) is that hash
+
+    spec = parse_spec({"baseModel": str(model), "datasetDir": str(dataset), "resolution": 64, "maxTrainSamples": 4})
+    lora = Trainer(spec, str(tmp_path / "o"), EventWriter(io.StringIO())).save_lora(tmp_path / "lora", step=0)
+    assert read_metadata(lora)["loraforge.base_model_sha256"] == digest
+
+    proc = subprocess.run(engine_cmd("model-hash", str(tmp_path)), capture_output=True, text=True, env=engine_env(),
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "" and "model_index.json" in proc.stderr
 
 
 def test_unet_and_text_encoder_slots_match_load_lora_weights(exported, tmp_path):

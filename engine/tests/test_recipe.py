@@ -59,7 +59,7 @@ def check_both_formats_load_and_agree(cls, model: Path, out: Path, text_encoders
 @pytest.fixture(scope="module")
 def sd_te_run(tiny_model, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe") / "sd-te"
-    spec = spec_for(tiny_model, dataset, trainTextEncoder=True, loraFormat="kohya", checkpointsTotalLimit=2,
+    spec = spec_for(tiny_model, dataset, trainTextEncoder=True, loraFormat="LORA_FORMAT_KOHYA", checkpointsTotalLimit=2,
                     validationPrompt=PROMPT, validationPrompts=["a green square on a black background"],
                     validationEpochs=1, numValidationImages=2, validationInferenceSteps=2)
     rc, events, stderr = run_train(spec, out)
@@ -71,8 +71,8 @@ def test_text_encoder_lora_and_kohya_file_load_in_diffusers(sd_te_run, tiny_mode
     from diffusers import StableDiffusionPipeline
 
     out, events, _ = sd_te_run
-    lora = events[-1]["state"]["lora"]
-    assert Path(lora["path"]) == out / "pytorch_lora_weights_kohya.safetensors"  # the requested format
+    lora = events[-1].state.lora
+    assert lora.name == "pytorch_lora_weights_kohya.safetensors"  # the requested format
     kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.") for k in kohya)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_out_proj.") for k in kohya)
@@ -85,13 +85,14 @@ def test_text_encoder_lora_and_kohya_file_load_in_diffusers(sd_te_run, tiny_mode
 
 def test_metadata_in_the_safetensors_header(sd_te_run, tiny_model, dataset):
     from loraforge_engine.data import dataset_fingerprint, discover
-    from loraforge_engine.models import model_fingerprint
+    from loraforge_engine.fingerprint import model_hash
 
     out, _, spec = sd_te_run
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
         meta = read_metadata(out / name)
         assert meta["loraforge.base_model"] == tiny_model.name
-        assert meta["loraforge.base_model_sha256"] == model_fingerprint(str(tiny_model))
+        # The base model's identity, as `model-hash` prints it and the ONNX export cache is keyed.
+        assert meta["loraforge.base_model_sha256"] == model_hash(str(tiny_model))
         assert (meta["loraforge.rank"], float(meta["loraforge.alpha"])) == (str(RANK), ALPHA)
         assert json.loads(meta["loraforge.target_modules"]) == ["to_q", "to_k", "to_v", "to_out.0"]
         assert json.loads(meta["loraforge.text_encoder_target_modules"]) == ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -107,18 +108,20 @@ def test_metadata_in_the_safetensors_header(sd_te_run, tiny_model, dataset):
 
 def test_checkpoint_limit_and_validation_every_epoch(sd_te_run):
     out, events, _ = sd_te_run
-    assert [c["step"] for c in of_kind(events, "checkpoint")] == [2, 4, 6, 8]
+    assert [c.step for c in of_kind(events, "checkpoint")] == [2, 4, 6, 8]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-8"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()  # rotation never touches the final LoRA
     # 16 images / batch 4 = 4 steps per epoch: validation after epoch 1 (step 4) and at the end (step 8).
     validations = of_kind(events, "validation")
-    assert [(v["step"], v["prompt"]) for v in validations] == [
+    assert [(v.step, v.prompt) for v in validations] == [
         (4, PROMPT), (4, "a green square on a black background"),
         (8, PROMPT), (8, "a green square on a black background")]
     for v in validations:
-        assert len(v["images"]) == 2
-        for img in v["images"]:
-            assert hashlib.sha256(Path(img["path"]).read_bytes()).hexdigest() == img["sha256"]
+        assert len(v.images) == 2
+        for i, img in enumerate(v.images):
+            prompt_part = "" if v.prompt == PROMPT else "p1-"
+            assert img.name == f"validation/step-{v.step}-{prompt_part}{i}.png"
+            assert hashlib.sha256((out / img.name).read_bytes()).hexdigest() == img.sha256
 
 
 def test_targets_beyond_attention_load_whole_in_diffusers(tiny_model, dataset, tmp_path):
@@ -129,7 +132,7 @@ def test_targets_beyond_attention_load_whole_in_diffusers(tiny_model, dataset, t
 
     targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
     out = tmp_path / "wide"
-    rc, _, stderr = run_train(spec_for(tiny_model, dataset, targetModules=targets, loraFormat="kohya",
+    rc, _, stderr = run_train(spec_for(tiny_model, dataset, targetModules=targets, loraFormat="LORA_FORMAT_KOHYA",
                                        maxTrainSteps=4, checkpointingSteps=100), out)
     assert rc == 0, stderr[-3000:]
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
@@ -146,11 +149,11 @@ def test_sdxl_trains_and_both_files_load_in_the_sdxl_pipeline(tiny_sdxl, dataset
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "sdxl"
-    rc, events, stderr = run_train(spec_for(tiny_sdxl, dataset, trainTextEncoder=True, loraFormat="kohya",
-                                            maxTrainSteps=6, checkpointingSteps=100, validationPrompt=PROMPT,
+    rc, events, stderr = run_train(spec_for(tiny_sdxl, dataset, trainTextEncoder=True,
+                                            loraFormat="LORA_FORMAT_KOHYA", maxTrainSteps=6, checkpointingSteps=100, validationPrompt=PROMPT,
                                             numValidationImages=1, validationInferenceSteps=2), out)
     assert rc == 0, stderr[-3000:]
-    assert any("training sdxl" in log["message"] for log in of_kind(events, "log"))
+    assert any("training sdxl" in log.message for log in of_kind(events, "log"))
     assert len(of_kind(events, "validation")) == 1
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
@@ -198,11 +201,11 @@ def test_resume_with_latent_cache_equals_uninterrupted(tiny_model, dataset, tmp_
                     snrGamma=5.0, noiseOffset=0.05)
     rc, events, stderr = run_train(spec, tmp_path / "full")
     assert rc == 0, stderr[-3000:]
-    assert any("cached" in log["message"] and "latents" in log["message"] for log in of_kind(events, "log"))
+    assert any("cached" in log.message and "latents" in log.message for log in of_kind(events, "log"))
     rc, events, stderr = run_train(spec, tmp_path / "resumed", "--resume-from",
                                    str(tmp_path / "full" / "checkpoints" / "checkpoint-3"))
     assert rc == 0, stderr[-3000:]
-    assert [m["step"] for m in of_kind(events, "metrics")] == [4, 5, 6]
+    assert [m.step for m in of_kind(events, "metrics")] == [4, 5, 6]
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
     diff = max((a[k] - b[k]).abs().max().item() for k in a)

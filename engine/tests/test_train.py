@@ -18,6 +18,8 @@ from helpers import (engine_cmd, engine_env, evaluation_loss, load_pipeline, of_
                      run_train)
 from safetensors.torch import load_file
 
+from loraforge_engine.contract import job_pb2
+
 STEPS = 60
 RANK, ALPHA = 8, 16.0
 
@@ -26,7 +28,7 @@ def main_spec(tiny_model: Path, dataset: Path) -> dict:
     # Random crops (a third of the images are 5:4) and flips, so resume must reproduce augmentation too.
     return {
         "baseModel": str(tiny_model), "datasetDir": str(dataset), "resolution": 64, "trainBatchSize": 4,
-        "maxTrainSteps": STEPS, "learningRate": 3e-3, "lrScheduler": "constant", "lrWarmupSteps": 0,
+        "maxTrainSteps": STEPS, "learningRate": 3e-3, "lrScheduler": "LR_SCHEDULER_CONSTANT", "lrWarmupSteps": 0,
         "rank": RANK, "loraAlpha": ALPHA, "randomFlip": True, "centerCrop": False, "seed": "7",
         "checkpointingSteps": 20, "validationPrompt": "a red circle on a blue background",
         "numValidationImages": 2, "validationSteps": 30, "validationInferenceSteps": 2,
@@ -48,52 +50,76 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 def test_event_stream(main_run):
+    # parse_events has read every line as a JobEvent with json_format; here its content.
     out, events = main_run
     metrics = of_kind(events, "metrics")
-    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    assert all(m["totalSteps"] == STEPS for m in metrics)
-    assert [m["epoch"] for m in metrics] == [(s - 1) // 4 for s in range(1, STEPS + 1)]  # 16 images / batch 4
+    assert [m.step for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m.total_steps == STEPS for m in metrics)
+    assert [m.epoch for m in metrics] == [(s - 1) // 4 for s in range(1, STEPS + 1)]  # 16 images / batch 4
     for m in metrics:
-        assert set(m) == {"step", "totalSteps", "epoch", "loss", "learningRate", "imagesPerSecond", "etaSeconds",
-                          "gradNorm", "peakMemoryBytes", "skippedSteps"}
-        assert m["skippedSteps"] == 0  # no fp16 gradient scaler on CPU
-        assert m["peakMemoryBytes"] == 0  # CPU
-        assert m["loss"] > 0 and m["learningRate"] == pytest.approx(3e-3) and m["gradNorm"] > 0
-    assert metrics[-1]["etaSeconds"] == 0
+        assert m.skipped_steps == 0  # no fp16 gradient scaler on CPU
+        assert m.peak_memory_bytes == 0  # CPU
+        assert m.loss > 0 and m.learning_rate == pytest.approx(3e-3) and m.grad_norm > 0 and m.images_per_second > 0
+    assert metrics[-1].eta_seconds == 0 and metrics[0].eta_seconds > 0
 
+    # Artifacts are named by their path in the output folder; the worker joins the name to it.
     checkpoints = of_kind(events, "checkpoint")
-    assert [c["step"] for c in checkpoints] == [20, 40, 60]
+    assert [c.step for c in checkpoints] == [20, 40, 60]
     for c in checkpoints:
-        art = c["artifact"]
-        assert art["kind"] == "ARTIFACT_KIND_CHECKPOINT" and art["step"] == c["step"]
-        folder = Path(art["path"])
-        assert folder.is_absolute() and folder == out / "checkpoints" / f"checkpoint-{c['step']}"
-        assert art["sizeBytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        art = c.artifact
+        assert art.kind == job_pb2.ARTIFACT_KIND_CHECKPOINT and art.step == c.step and art.sha256 == ""
+        assert art.name == f"checkpoints/checkpoint-{c.step}/"
+        folder = out / art.name
+        assert art.size_bytes == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
     validations = of_kind(events, "validation")
-    assert [v["step"] for v in validations] == [30, 60]
+    assert [v.step for v in validations] == [30, 60]
     for v in validations:
-        assert v["prompt"] == "a red circle on a blue background" and len(v["images"]) == 2
-        for i, img in enumerate(v["images"]):
-            p = Path(img["path"])
-            assert p == out / "validation" / f"step-{v['step']}-{i}.png"
-            assert img["kind"] == "ARTIFACT_KIND_VALIDATION_IMAGE" and img["step"] == v["step"]
-            assert img["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert v.prompt == "a red circle on a blue background" and len(v.images) == 2
+        for i, img in enumerate(v.images):
+            assert img.name == f"validation/step-{v.step}-{i}.png"
+            assert img.kind == job_pb2.ARTIFACT_KIND_VALIDATION_IMAGE and img.step == v.step
+            assert img.sha256 == hashlib.sha256((out / img.name).read_bytes()).hexdigest()
 
     logs = of_kind(events, "log")
-    assert all(log["level"] == "LOG_LEVEL_INFO" for log in logs)
+    assert all(log.level == job_pb2.LOG_LEVEL_INFO for log in logs)
     last = events[-1]
-    assert "state" in last and last["state"]["state"] == "JOB_STATE_SUCCEEDED"
-    lora = last["state"]["lora"]
-    path = Path(lora["path"])
-    assert path == out / "pytorch_lora_weights.safetensors"
-    assert lora["kind"] == "ARTIFACT_KIND_LORA" and lora["step"] == STEPS
-    assert lora["sizeBytes"] == path.stat().st_size
-    assert lora["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert sum("state" in e for e in events) == 1
-    assert all(e["time"].endswith("Z") and "T" in e["time"] for e in events)
+    assert last.WhichOneof("payload") == "state" and last.state.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert not last.state.HasField("error")
+    lora = last.state.lora
+    assert lora.name == "pytorch_lora_weights.safetensors"
+    path = out / lora.name
+    assert lora.kind == job_pb2.ARTIFACT_KIND_LORA and lora.step == STEPS
+    assert lora.size_bytes == path.stat().st_size
+    assert lora.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(of_kind(events, "state")) == 1
+    times = [e.time.ToNanoseconds() for e in events]
+    assert times == sorted(times) and times[0] > 0
+
+
+def test_event_lines_are_compact_proto3_json(main_run, tiny_model, dataset, tmp_path):
+    """The raw stdout: one compact JSON object per line, proto3 JSON as json_format writes it (camelCase names,
+    enum value names, int64 as strings), with no host path in it."""
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({**main_spec(tiny_model, dataset), "maxTrainSteps": 2, "checkpointingSteps": 1,
+                                     "validationSteps": 1, "numValidationImages": 1}))
+    out = tmp_path / "out"
+    proc = subprocess.run(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(out)),
+                          capture_output=True, text=True, env=engine_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines and all(line == json.dumps(json.loads(line), ensure_ascii=False, separators=(",", ":"))
+                         for line in lines)
+    assert not [line for line in lines if str(tmp_path) in line and '"log"' not in line]  # log lines are prose
+    first_metrics = next(json.loads(line)["metrics"] for line in lines if '"metrics"' in line)
+    assert first_metrics["step"] == "1" and first_metrics["totalSteps"] == "2"  # int64: strings
+    checkpoint = next(json.loads(line)["checkpoint"] for line in lines if '"checkpoint"' in line)
+    assert checkpoint["artifact"]["kind"] == "ARTIFACT_KIND_CHECKPOINT"
+    assert checkpoint["artifact"]["name"] == "checkpoints/checkpoint-1/"
+    assert json.loads(lines[-1])["state"]["lora"]["name"] == "pytorch_lora_weights.safetensors"
+    assert json.loads(lines[-1])["time"].endswith("Z")
 
 
 def test_lora_file_is_diffusers_format(main_run):
@@ -137,7 +163,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(main_run, tiny_model, datas
     rc, events, stderr = run_train(main_spec(tiny_model, dataset), tmp_path / "resumed",
                                    "--resume-from", str(out / "checkpoints" / "checkpoint-20"))
     assert rc == 0, stderr[-3000:]
-    assert [m["step"] for m in of_kind(events, "metrics")] == list(range(21, STEPS + 1))
+    assert [m.step for m in of_kind(events, "metrics")] == list(range(21, STEPS + 1))
     diff = max_abs_diff(out / "pytorch_lora_weights.safetensors",
                         tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     print(f"resume from checkpoint-20: largest abs diff {diff:g}")
@@ -155,24 +181,24 @@ def test_sigterm_saves_checkpoint_and_resume_latest_matches(main_run, tiny_model
     for line in proc.stdout:
         lines.append(line)
         ev = json.loads(line)
-        if "metrics" in ev and ev["metrics"]["step"] == 3:
+        if "metrics" in ev and int(ev["metrics"]["step"]) == 3:
             proc.send_signal(signal.SIGTERM)
             break
     lines += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 4
     events = parse_events("".join(lines))
-    steps = [m["step"] for m in of_kind(events, "metrics")]
+    steps = [m.step for m in of_kind(events, "metrics")]
     stopped_at = steps[-1]
     assert 3 <= stopped_at < STEPS and steps == list(range(1, stopped_at + 1))
-    assert of_kind(events, "checkpoint")[-1]["step"] == stopped_at
+    assert of_kind(events, "checkpoint")[-1].step == stopped_at
     assert (out / "checkpoints" / f"checkpoint-{stopped_at}" / "training_state.json").is_file()
-    assert of_kind(events, "log")[-1]["message"] == f"stopped at step {stopped_at}"
-    assert not any("state" in e for e in events)
+    assert of_kind(events, "log")[-1].message == f"stopped at step {stopped_at}"
+    assert not of_kind(events, "state")  # stopped: neither succeeded nor failed
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
     rc, events, stderr = run_train(main_spec(tiny_model, dataset), out, "--resume-from", "latest")
     assert rc == 0, stderr[-3000:]
-    assert of_kind(events, "metrics")[0]["step"] == stopped_at + 1
+    assert of_kind(events, "metrics")[0].step == stopped_at + 1
     diff = max_abs_diff(out_main / "pytorch_lora_weights.safetensors", out / "pytorch_lora_weights.safetensors")
     print(f"SIGTERM at step {stopped_at} + resume latest: largest abs diff {diff:g}")
     assert diff <= 1e-6
@@ -184,7 +210,7 @@ engine = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subproces
                           env=dict(os.environ, LORAFORGE_SUPERVISOR_PID=str(os.getpid())))
 print(engine.pid, flush=True)
 for line in engine.stdout:
-    if json.loads(line).get("metrics", {}).get("step") == 3:
+    if json.loads(line).get("metrics", {}).get("step") == "3":
         os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 of a worker: the engine's pipes lose their reader
 """
 
@@ -251,24 +277,46 @@ def test_corrupt_image_fails_fast_naming_the_file(tiny_model, dataset, tmp_path)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
     rc, events, _ = run_train({**main_spec(tiny_model, data), "validationPrompt": None}, tmp_path / "out")
     assert rc == 3
-    errors = [log for log in of_kind(events, "log") if log["level"] == "LOG_LEVEL_ERROR"]
-    assert len(errors) == 1 and str(bad) in errors[0]["message"]
-    assert "Traceback" not in errors[0]["message"] and "\n" not in errors[0]["message"]
+    errors = [log for log in of_kind(events, "log") if log.level == job_pb2.LOG_LEVEL_ERROR]
+    assert len(errors) == 1 and str(bad) in errors[0].message
+    assert "Traceback" not in errors[0].message and "\n" not in errors[0].message
     assert not of_kind(events, "metrics")
+    (state,) = of_kind(events, "state")  # bad data: FAILED_PRECONDITION
+    assert state.state == job_pb2.JOB_STATE_FAILED and state.error.code == 9 and state.error.message == errors[0].message
+
+
+def failure(events) -> tuple[str, int, str]:
+    """The ERROR log line and the FAILED state's google.rpc.Status an engine that failed ends with."""
+    *_, log_ev, state_ev = events
+    assert log_ev.log.level == job_pb2.LOG_LEVEL_ERROR
+    assert state_ev.state.state == job_pb2.JOB_STATE_FAILED and state_ev.state.error.message == log_ev.log.message
+    return log_ev.log.message, state_ev.state.error.code, state_ev.state.error.message
 
 
 def test_invalid_spec_and_missing_inputs(tiny_model, dataset, tmp_path):
-    rc, events, _ = run_train({**main_spec(tiny_model, dataset), "rank": 0}, tmp_path / "a")
+    # Several rules broken at once: every field is named, the error is INVALID_ARGUMENT (3), exit 2.
+    rc, events, _ = run_train({**main_spec(tiny_model, dataset), "rank": 0, "resolution": 100,
+                               "lrScheduler": "cosine", "targetModules": ["to q"]}, tmp_path / "a")
     assert rc == 2
-    assert events[-1]["log"]["level"] == "LOG_LEVEL_ERROR" and "rank" in events[-1]["log"]["message"]
+    message, code, _ = failure(events)
+    assert code == 3 and message.startswith("invalid spec: ")
+    assert all(f in message for f in ("rank:", "resolution:", "target_modules[0]:", "lr_scheduler:")), message
 
     rc, events, _ = run_train({**main_spec(tmp_path / "no-such-model", dataset)}, tmp_path / "b")
-    assert rc == 3 and "no-such-model" in events[-1]["log"]["message"]
+    message, code, _ = failure(events)
+    assert rc == 3 and code == 9 and "no-such-model" in message
 
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, events, _ = run_train({**main_spec(tiny_model, empty)}, tmp_path / "c")
-    assert rc == 3 and "no captioned images" in events[-1]["log"]["message"]
+    message, code, _ = failure(events)
+    assert rc == 3 and code == 9 and "no captioned images" in message
+
+    # A checkpoint artifact name is the worker's to restore; the engine refuses it rather than guess a folder.
+    rc, events, _ = run_train({**main_spec(tiny_model, dataset), "resumeFromCheckpoint": "jobs/job-1/checkpoint-20/"},
+                              tmp_path / "d")
+    message, code, _ = failure(events)
+    assert rc == 2 and code == 3 and "resume_from_checkpoint" in message
 
 
 def test_accumulation_schedule_fp16_fallback_and_txt_captions(tiny_model, tmp_path):
@@ -276,28 +324,29 @@ def test_accumulation_schedule_fp16_fallback_and_txt_captions(tiny_model, tmp_pa
 
     data = make_dataset(tmp_path / "txt", count=10, size=64, seed=5, fmt="txt")
     spec = {"baseModel": str(tiny_model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 3,
-            "gradientAccumulationSteps": 2, "numTrainEpochs": 2, "learningRate": 1e-3, "lrScheduler": "linear",
-            "lrWarmupSteps": 2, "mixedPrecision": "fp16", "checkpointingSteps": 1000, "seed": 3,
+            "gradientAccumulationSteps": 2, "numTrainEpochs": 2, "learningRate": 1e-3,
+            "lrScheduler": "LR_SCHEDULER_LINEAR", "lrWarmupSteps": 2, "mixedPrecision": "MIXED_PRECISION_FP16",
+            "checkpointingSteps": 1000, "seed": 3,
             "maxGradNorm": 1e-4}
     rc, events, stderr = run_train(spec, tmp_path / "out")
     assert rc == 0, stderr[-3000:]
-    warnings = [log for log in of_kind(events, "log") if log["level"] == "LOG_LEVEL_WARNING"]
-    assert any("fp16" in w["message"] for w in warnings)
+    warnings = [log for log in of_kind(events, "log") if log.level == job_pb2.LOG_LEVEL_WARNING]
+    assert any("fp16" in w.message for w in warnings)
     metrics = of_kind(events, "metrics")
     # 10 images / batch 3 = 4 batches per epoch (last has 1) -> 2 optimizer steps per epoch, 2 epochs.
-    assert [(m["step"], m["epoch"]) for m in metrics] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert [(m.step, m.epoch) for m in metrics] == [(1, 0), (2, 0), (3, 1), (4, 1)]
     # linear warm-up over 2 optimizer steps, then linear decay to 0 at step 4.
-    assert [m["learningRate"] for m in metrics] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+    assert [m.learning_rate for m in metrics] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
     assert of_kind(events, "checkpoint") == []
-    assert events[-1]["state"]["lora"]["step"] == 4
+    assert events[-1].state.lora.step == 4
 
 
 def test_bf16_on_cpu_runs_under_autocast(tiny_model, dataset, tmp_path):
-    spec = {**main_spec(tiny_model, dataset), "mixedPrecision": "bf16", "maxTrainSteps": 3,
+    spec = {**main_spec(tiny_model, dataset), "mixedPrecision": "MIXED_PRECISION_BF16", "maxTrainSteps": 3,
             "validationPrompt": None, "checkpointingSteps": 3}
     rc, events, stderr = run_train(spec, tmp_path / "out")
     assert rc == 0, stderr[-3000:]
-    assert [m["step"] for m in of_kind(events, "metrics")] == [1, 2, 3]
-    assert any("mixed precision: bf16" in log["message"] for log in of_kind(events, "log"))
+    assert [m.step for m in of_kind(events, "metrics")] == [1, 2, 3]
+    assert any("mixed precision: bf16" in log.message for log in of_kind(events, "log"))
     tensors = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
     assert all(t.dtype == torch.float32 for t in tensors.values())  # LoRA parameters stay fp32
