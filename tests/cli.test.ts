@@ -2,7 +2,7 @@
 // progress bar), with --json (parsed here), exit codes, and --help everywhere.
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { assertNoHostPaths, CLI, fixtures, quickSpec, REPO, sha256File, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
@@ -101,8 +101,10 @@ describe("loraforge CLI", () => {
     assert.equal(c2.status, 0, c2.stderr);
     assert.equal(c2.stdout.trim(), path.join(dl, "checkpoint-2.tar"));
     assert.equal(readFileSync(path.join(dl, "checkpoint-2.tar")).subarray(257, 262).toString(), "ustar");
-    const missing = cli(["download", `jobs/${job.id}/lora/nope.safetensors`], env);
-    assert.equal(missing.code, 4, missing.err);
+    const missing = spawnSync(process.execPath, [CLI, "download", `jobs/${job.id}/lora/nope.safetensors`], { encoding: "utf8", cwd: dl, env: { ...process.env, ...env } });
+    assert.equal(missing.status, 4, missing.stderr);
+    assert.ok(!existsSync(path.join(dl, "nope.safetensors")), "a failed download leaves no file behind");
+    assert.deepEqual(readdirSync(dl).sort(), ["checkpoint-2.tar", "lora.safetensors"], "nor a partial one");
 
     const ds = cli(["datasets", "upload", f.dataset, "--name", "shapes-json", "--json"], env);
     assert.equal(ds.code, 0, ds.err);

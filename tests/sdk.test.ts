@@ -92,6 +92,10 @@ describe("SDK", () => {
       srv.client.artifacts.download(`jobs/${job.id}/lora/nope.safetensors`, { file: path.join(dir, "x") }),
       (e: unknown) => e instanceof LoraforgeError && e.reason === "ARTIFACT_NOT_FOUND",
     );
+    // A failed download leaves nothing behind, not even a partial file; one over an existing file keeps it.
+    assert.deepEqual(readdirSync(dir).sort(), ["ckpt.tar", "lora.safetensors"]);
+    await assert.rejects(srv.client.artifacts.download(`jobs/${job.id}/lora/nope.safetensors`, { file: path.join(dir, "lora.safetensors") }));
+    assert.equal(sha256File(path.join(dir, "lora.safetensors")), lora.sha256);
     await assert.rejects(srv.client.artifacts.download("jobs/job-0000000000000000zz/lora/pytorch_lora_weights.safetensors", { file: path.join(dir, "y") }), (e: unknown) => {
       assert.ok(e instanceof LoraforgeError && e.code === 5, String(e));
       return true;

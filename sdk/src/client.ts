@@ -1,7 +1,7 @@
 // The hand-written layer over the generated gRPC clients: a client with promise
 // methods, job handles whose progress is a reconnecting async iterable, and
 // helpers for downloads, uploads and inference.
-import { createReadStream, createWriteStream, readdirSync, statSync } from "node:fs";
+import { createReadStream, createWriteStream, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import path from "node:path";
 import { Readable, type Writable } from "node:stream";
 import { pipeline } from "node:stream/promises";
@@ -14,7 +14,7 @@ import {
   type ClientReadableStream,
   type ClientUnaryCall,
 } from "@grpc/grpc-js";
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { Artifact, ArtifactKind, Job, JobEvent, JobState } from "./gen/loraforge/v1/job.js";
 import { TrainerServiceClient, type DownloadArtifactResponse, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
 import { InferenceServiceClient, InferRequest, type DeepPartial, type InferResponse, type ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";
@@ -339,7 +339,9 @@ export class Artifacts {
    * "jobs/<job id>/checkpoint-<step>/", …), or the Artifact itself — to a file or a writable
    * stream. A checkpoint arrives as a tar archive of its files. Resolves with the artifact's
    * description; verifies the SHA-256 when the artifact has one. Unknown names throw a
-   * LoraforgeError with reason ARTIFACT_NOT_FOUND (or JOB_NOT_FOUND).
+   * LoraforgeError with reason ARTIFACT_NOT_FOUND (or JOB_NOT_FOUND). A file target is written
+   * beside itself and renamed into place once complete and verified: a failed download leaves
+   * no file (and an existing one as it was).
    *
    * @example
    * await client.artifacts.download(job.lora!, { file: "lora.safetensors" });
@@ -362,18 +364,24 @@ export class Artifacts {
         }
       })(),
     );
+    const partial = "file" in to ? `${to.file}.partial-${randomBytes(4).toString("hex")}` : null;
     try {
-      await pipeline(body, "file" in to ? createWriteStream(to.file) : to.stream);
-    } catch (err) {
-      if (opts.signal?.aborted) throw opts.signal.reason;
-      throw fromGrpcError(err);
+      try {
+        await pipeline(body, partial ? createWriteStream(partial) : (to as { stream: Writable }).stream);
+      } catch (err) {
+        if (opts.signal?.aborted) throw opts.signal.reason;
+        throw fromGrpcError(err);
+      } finally {
+        opts.signal?.removeEventListener("abort", onAbort);
+      }
+      if (!info) throw new LoraforgeError("download ended without the artifact's description", { code: status.INTERNAL, reason: "", metadata: {}, violations: [] });
+      if (info.sha256 && !name.endsWith("/") && hash.digest("hex") !== info.sha256)
+        throw new LoraforgeError(`download of ${name} is corrupt: SHA-256 mismatch`, { code: status.DATA_LOSS, reason: "CHECKSUM_MISMATCH", metadata: {}, violations: [] });
+      if (partial) renameSync(partial, (to as { file: string }).file);
+      return info;
     } finally {
-      opts.signal?.removeEventListener("abort", onAbort);
+      if (partial) rmSync(partial, { force: true });
     }
-    if (!info) throw new LoraforgeError("download ended without the artifact's description", { code: status.INTERNAL, reason: "", metadata: {}, violations: [] });
-    if (info.sha256 && !name.endsWith("/") && hash.digest("hex") !== info.sha256)
-      throw new LoraforgeError(`download of ${name} is corrupt: SHA-256 mismatch`, { code: status.DATA_LOSS, reason: "CHECKSUM_MISMATCH", metadata: {}, violations: [] });
-    return info;
   }
 }
 
