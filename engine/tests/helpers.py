@@ -19,8 +19,12 @@ needs_reference = pytest.mark.skipif(not REFERENCE_SCRIPT.is_file(), reason=f"no
 PROMPT = "a red circle on a blue background"
 
 
-def engine_env() -> dict[str, str]:
+def engine_env(share_cores: bool = False) -> dict[str, str]:
+    """The engine's environment in tests. The thread count is fixed (conftest) so that results compare
+    bit for bit whatever else the machine runs; share_cores=True lets the engine follow the free cores."""
     env = dict(os.environ)
+    if share_cores:
+        env.pop("LORAFORGE_CPU_THREADS", None)
     env["PYTHONPATH"] = str(ENGINE_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["HF_HUB_OFFLINE"] = "1"
     return env
@@ -30,12 +34,13 @@ def engine_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "loraforge_engine", *args]
 
 
-def run_train(spec: dict, output_dir: Path, *extra: str, timeout: float = 300) -> tuple[int, list[dict], str]:
+def run_train(spec: dict, output_dir: Path, *extra: str, timeout: float = 300,
+              share_cores: bool = False) -> tuple[int, list[dict], str]:
     """Run `train` as a subprocess; return (exit code, parsed events, stderr)."""
     spec_path = output_dir.parent / f"{output_dir.name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(output_dir), *extra),
-                          capture_output=True, text=True, env=engine_env(), timeout=timeout)
+                          capture_output=True, text=True, env=engine_env(share_cores), timeout=timeout)
     return proc.returncode, parse_events(proc.stdout), proc.stderr
 
 

@@ -97,7 +97,7 @@ def test_a_training_run_gives_way_to_busy_processes(tiny_model, dataset, tmp_pat
             "maxTrainSteps": 60, "seed": 1, "centerCrop": True}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
-        code, events, err = run_train(spec, tmp_path / "o")
+        code, events, err = run_train(spec, tmp_path / "o", share_cores=True)
     finally:
         for p in busy:
             p.kill()
