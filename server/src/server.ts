@@ -11,7 +11,7 @@ import { HealthImplementation } from "grpc-health-check";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./jobs/artifacts.js";
-import { limitsFromEnv, type DatasetLimits } from "./jobs/datasets.js";
+import { DatasetStore, limitsFromEnv, type DatasetLimits } from "./jobs/datasets.js";
 import { tokenInterceptor } from "./api/auth.js";
 import { addReflection } from "./api/contract.js";
 import { addInferenceService } from "./infer/index.js";
@@ -106,11 +106,13 @@ async function openStores(cfg: ServerConfig) {
     nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1, ...creds });
     const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
     const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
+    // Uploaded sets live in the object store; this host keeps copies under <state dir>/datasets.
+    const datasets = new DatasetStore(artifacts, path.join(cfg.stateDir, "datasets"));
     const close = async () => {
       await nc!.drain();
       await managed?.stop();
     };
-    return { natsUrl, nc, store, artifacts, close };
+    return { natsUrl, nc, store, artifacts, datasets, close };
   } catch (err) {
     await nc?.close();
     await managed?.stop();
@@ -119,7 +121,7 @@ async function openStores(cfg: ServerConfig) {
 }
 
 function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStores>>, onStop: "cancel" | "requeue") {
-  return new Worker(stores.store, stores.artifacts, {
+  return new Worker(stores.store, stores.artifacts, stores.datasets, {
     engine: { python: cfg.python, engineDir: cfg.engineDir },
     stateDir: cfg.stateDir,
     maxAttempts: cfg.maxAttempts,
@@ -132,15 +134,11 @@ function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStor
 export async function startServer(cfg: ServerConfig): Promise<Running> {
   const stores = await openStores(cfg);
   try {
-    // Uploaded data sets live under the state directory; when paths are confined,
-    // that folder is one of the allowed roots.
-    const datasetRoot = path.join(cfg.stateDir, "datasets");
-    const roots = cfg.dataRoots.length > 0 ? [...cfg.dataRoots, datasetRoot] : [];
-    const jobs = new Jobs(stores.store, stores.artifacts, { roots }, datasetRoot);
+    const jobs = new Jobs(stores.store, stores.artifacts, stores.datasets, cfg.dataRoots);
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));
-    grpcServer.addService(DatasetServiceService, datasetService(datasetRoot, cfg.uploadLimits));
+    grpcServer.addService(DatasetServiceService, datasetService(stores.datasets, cfg.uploadLimits));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
       "": "SERVING",

@@ -1,5 +1,6 @@
-// TrainerService over gRPC: a thin adapter from RPCs to the job operations in
-// jobs.ts, with a server span per call and the one error mapping of errors.ts.
+// TrainerService and DatasetService over gRPC: thin adapters from RPCs to the job and
+// data set operations in jobs/, with a server span per call, every request checked
+// against the contract's rules first, and the one error mapping of errors.ts.
 import {
   type Metadata,
   type sendUnaryData,
@@ -7,17 +8,22 @@ import {
   type ServerUnaryCall,
   type ServerWritableStream,
 } from "@grpc/grpc-js";
-import type { DatasetServiceServer, UploadDatasetRequest, UploadDatasetResponse } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { receiveUpload, type DatasetLimits } from "../jobs/datasets.js";
+import { UploadDatasetRequest, type DatasetServiceServer, type UploadDatasetResponse } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
+import { invalidDataset, receiveUpload, type DatasetLimits, type DatasetStore } from "../jobs/datasets.js";
 import { SpanKind } from "@opentelemetry/api";
-import type {
+import {
+  CancelJobRequest,
   DownloadArtifactRequest,
-  DownloadArtifactResponse,
+  GetJobRequest,
+  ListJobsRequest,
   StreamProgressRequest,
-  StreamProgressResponse,
-  TrainerServiceServer,
+  type DownloadArtifactResponse,
+  type StreamProgressResponse,
+  type TrainerServiceServer,
 } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
-import { ApiError, toServiceError } from "../core/errors.js";
+import { ApiError, invalidRequest, toServiceError, type FieldViolation } from "../core/errors.js";
+import type { Encoder } from "../core/contract.js";
+import { ruleViolations } from "../core/rules.js";
 import type { Jobs } from "../jobs/jobs.js";
 import { log } from "../core/log.js";
 import { telemetry } from "../core/telemetry.js";
@@ -35,9 +41,30 @@ function traced<T>(method: string, metadata: Metadata, fn: () => Promise<T>, ser
   );
 }
 
-function unary<Req, Res>(method: string, fn: (req: Req) => Promise<Res>) {
+/** A request message's type: its ts-proto codec, full name, and the error reason for breaking its rules. */
+interface RequestType<Req> {
+  codec: Encoder<Req>;
+  name: string;
+  /** ErrorInfo reason of the INVALID_ARGUMENT: the field's own where one exists (INVALID_PAGE_SIZE), else INVALID_REQUEST. */
+  reason?: (violations: FieldViolation[]) => string;
+}
+
+/** Throws INVALID_ARGUMENT naming every field of `req` that breaks a rule of its type. */
+function checkRules<Req>(type: RequestType<Req>, req: Req): void {
+  const violations = ruleViolations(type.codec, type.name, req);
+  if (violations.length > 0) throw invalidRequest(type.reason?.(violations) ?? "INVALID_REQUEST", `invalid ${type.name.split(".").pop()}`, violations);
+}
+
+/**
+ * A unary handler: the request's rules, then `fn`. Without a type the handler checks the rules
+ * itself (Train, whose spec is checked together with what only the host can see).
+ */
+function unary<Req, Res>(method: string, type: RequestType<Req> | null, fn: (req: Req) => Promise<Res>) {
   return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-    traced(method, call.metadata, () => fn(call.request)).then(
+    traced(method, call.metadata, async () => {
+      if (type) checkRules(type, call.request);
+      return fn(call.request);
+    }).then(
       (res) => callback(null, res),
       (err) => {
         if (!(err instanceof ApiError)) log("error", `${method} failed`, { err: String(err?.stack ?? err) });
@@ -47,13 +74,16 @@ function unary<Req, Res>(method: string, fn: (req: Req) => Promise<Res>) {
   };
 }
 
-/** Server-streaming handlers end the call on success and send the mapped status on failure. */
-function streaming<Req, Res>(method: string, fn: (call: ServerWritableStream<Req, Res>, signal: AbortSignal) => Promise<void>) {
+/** Server-streaming handlers check the request's rules, end the call on success and send the mapped status on failure. */
+function streaming<Req, Res>(method: string, type: RequestType<Req>, fn: (call: ServerWritableStream<Req, Res>, signal: AbortSignal) => Promise<void>) {
   return (call: ServerWritableStream<Req, Res>) => {
     const ac = new AbortController();
     call.on("cancelled", () => ac.abort());
     call.on("close", () => ac.abort());
-    traced(method, call.metadata, () => fn(call, ac.signal)).then(
+    traced(method, call.metadata, async () => {
+      checkRules(type, call.request);
+      await fn(call, ac.signal);
+    }).then(
       () => call.end(),
       (err) => {
         if (!(err instanceof ApiError)) log("error", `${method} failed`, { err: String(err?.stack ?? err) });
@@ -68,19 +98,26 @@ async function write<Res>(call: ServerWritableStream<unknown, Res>, msg: Res): P
   if (!call.write(msg)) await new Promise((r) => call.once("drain", r));
 }
 
+const onlyPageSize = (v: FieldViolation[]) => (v.every((x) => x.field === "page_size") ? "INVALID_PAGE_SIZE" : "INVALID_REQUEST");
+
 export function trainerService(jobs: Jobs): TrainerServiceServer {
   return {
-    train: unary("Train", async (req) => ({ job: await jobs.submit(req.spec, req.requestId) })),
-    getJob: unary("GetJob", async (req) => ({ job: await jobs.get(req.jobId) })),
-    listJobs: unary("ListJobs", (req) => jobs.list(req)),
-    cancelJob: unary("CancelJob", async (req) => ({ job: await jobs.cancel(req.jobId) })),
-    streamProgress: streaming("StreamProgress", async (call: ServerWritableStream<StreamProgressRequest, StreamProgressResponse>, signal) => {
-      for await (const event of jobs.follow(call.request.jobId, call.request.afterSequence, signal)) await write(call, { event });
-    }),
+    train: unary("Train", null, async (req) => ({ job: await jobs.submit(req.spec, req.requestId) })),
+    getJob: unary("GetJob", { codec: GetJobRequest, name: "loraforge.v1.GetJobRequest" }, async (req) => ({ job: await jobs.get(req.jobId) })),
+    listJobs: unary("ListJobs", { codec: ListJobsRequest, name: "loraforge.v1.ListJobsRequest", reason: onlyPageSize }, (req) => jobs.list(req)),
+    cancelJob: unary("CancelJob", { codec: CancelJobRequest, name: "loraforge.v1.CancelJobRequest" }, async (req) => ({ job: await jobs.cancel(req.jobId) })),
+    streamProgress: streaming(
+      "StreamProgress",
+      { codec: StreamProgressRequest, name: "loraforge.v1.StreamProgressRequest" },
+      async (call: ServerWritableStream<StreamProgressRequest, StreamProgressResponse>, signal) => {
+        for await (const event of jobs.follow(call.request.jobId, call.request.afterSequence, signal)) await write(call, { event });
+      },
+    ),
     downloadArtifact: streaming(
       "DownloadArtifact",
+      { codec: DownloadArtifactRequest, name: "loraforge.v1.DownloadArtifactRequest" },
       async (call: ServerWritableStream<DownloadArtifactRequest, DownloadArtifactResponse>, signal) => {
-        const { artifact, bytes } = await jobs.artifact(call.request.jobId, call.request.objectName);
+        const { artifact, bytes } = await jobs.artifact(call.request.name);
         await write(call, { artifact, chunk: Buffer.alloc(0) });
         const CHUNK = 256 * 1024;
         for await (const data of bytes) {
@@ -94,11 +131,20 @@ export function trainerService(jobs: Jobs): TrainerServiceServer {
   };
 }
 
-/** DatasetService: uploads stored under `root`. */
-export function datasetService(root: string, limits?: DatasetLimits): DatasetServiceServer {
+/** The upload stream with each message checked against the contract's rules (INVALID_DATASET names the bad part). */
+async function* checkedParts(parts: AsyncIterable<UploadDatasetRequest>): AsyncGenerator<UploadDatasetRequest> {
+  for await (const msg of parts) {
+    const violations = ruleViolations(UploadDatasetRequest, "loraforge.v1.UploadDatasetRequest", msg);
+    if (violations.length > 0) throw invalidDataset(violations);
+    yield msg;
+  }
+}
+
+/** DatasetService: uploads checked and stored in `datasets`. */
+export function datasetService(datasets: DatasetStore, limits?: DatasetLimits): DatasetServiceServer {
   return {
     uploadDataset: (call: ServerReadableStream<UploadDatasetRequest, UploadDatasetResponse>, callback: sendUnaryData<UploadDatasetResponse>) => {
-      traced("UploadDataset", call.metadata, () => receiveUpload(call, root, limits), "loraforge.v1.DatasetService").then(
+      traced("UploadDataset", call.metadata, () => receiveUpload(checkedParts(call), datasets, limits), "loraforge.v1.DatasetService").then(
         (dataset) => callback(null, { dataset }),
         (err) => {
           if (!(err instanceof ApiError)) log("error", "UploadDataset failed", { err: String(err?.stack ?? err) });

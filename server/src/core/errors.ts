@@ -5,6 +5,7 @@
 import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Status } from "@loraforge/sdk/gen/google/rpc/status";
 import { BadRequest, ErrorInfo } from "@loraforge/sdk/gen/google/rpc/error_details";
+import type { Any } from "@loraforge/sdk/gen/google/protobuf/any";
 
 export const ERROR_DOMAIN = "loraforge.dev";
 
@@ -27,18 +28,36 @@ export class ApiError extends Error {
   }
 }
 
-export const invalidSpec = (violations: FieldViolation[]) =>
-  new ApiError(
-    status.INVALID_ARGUMENT,
-    "INVALID_SPEC",
-    "invalid training spec: " + violations.map((v) => `${v.field}: ${v.description}`).join("; "),
-    violations,
-  );
+/** INVALID_ARGUMENT naming every bad field; `what` opens the message ("invalid training spec"). */
+export const invalidRequest = (reason: string, what: string, violations: FieldViolation[]) =>
+  new ApiError(status.INVALID_ARGUMENT, reason, `${what}: ` + violations.map((v) => `${v.field}: ${v.description}`).join("; "), violations);
+
+export const invalidSpec = (violations: FieldViolation[]) => invalidRequest("INVALID_SPEC", "invalid training spec", violations);
 
 export const jobNotFound = (jobId: string) =>
   new ApiError(status.NOT_FOUND, "JOB_NOT_FOUND", `job ${JSON.stringify(jobId)} does not exist`, [], {
     job_id: jobId,
   });
+
+/** A google.rpc.ErrorInfo of our domain, packed for google.rpc.Status.details. */
+const errorInfo = (reason: string, metadata: Record<string, string> = {}): Any => ({
+  typeUrl: "type.googleapis.com/google.rpc.ErrorInfo",
+  value: Buffer.from(ErrorInfo.encode({ reason, domain: ERROR_DOMAIN, metadata }).finish()),
+});
+
+/**
+ * Why a job failed or was cancelled, as Job.error and StateChanged.error carry it: a google.rpc.Code,
+ * the readable message and an ErrorInfo whose reason names the case (e.g. ENGINE_KILLED).
+ */
+export function jobError(code: status, reason: string, message: string, metadata: Record<string, string> = {}): Status {
+  return { code, message, details: [errorInfo(reason, metadata)] };
+}
+
+/** The ErrorInfo reason of a Status, or "" when it has none. */
+export function errorReason(s: Status | undefined): string {
+  const info = s?.details.find((d) => d.typeUrl === "type.googleapis.com/google.rpc.ErrorInfo");
+  return info ? ErrorInfo.decode(info.value).reason : "";
+}
 
 /** Turns any thrown value into the ServiceError grpc-js sends; unknown errors become INTERNAL. */
 export function toServiceError(err: unknown): Partial<ServiceError> {
@@ -46,16 +65,11 @@ export function toServiceError(err: unknown): Partial<ServiceError> {
     err instanceof ApiError
       ? err
       : new ApiError(status.INTERNAL, "INTERNAL", `internal error: ${err instanceof Error ? err.message : String(err)}`);
-  const details = [
-    {
-      typeUrl: "type.googleapis.com/google.rpc.ErrorInfo",
-      value: Buffer.from(ErrorInfo.encode({ reason: e.reason, domain: ERROR_DOMAIN, metadata: e.metadata }).finish()),
-    },
-  ];
+  const details = [errorInfo(e.reason, e.metadata)];
   if (e.violations.length > 0) {
     details.push({
       typeUrl: "type.googleapis.com/google.rpc.BadRequest",
-      value: Buffer.from(BadRequest.encode({ fieldViolations: e.violations }).finish()),
+      value: Buffer.from(BadRequest.encode(BadRequest.fromPartial({ fieldViolations: e.violations })).finish()),
     });
   }
   const metadata = new Metadata();
@@ -66,12 +80,7 @@ export function toServiceError(err: unknown): Partial<ServiceError> {
 // ---- InferenceService errors (server/src/infer) -------------------------------------------------
 
 export const invalidInferRequest = (violations: FieldViolation[]) =>
-  new ApiError(
-    status.INVALID_ARGUMENT,
-    "INVALID_INFER_REQUEST",
-    "invalid inference request: " + violations.map((v) => `${v.field}: ${v.description}`).join("; "),
-    violations,
-  );
+  invalidRequest("INVALID_INFER_REQUEST", "invalid inference request", violations);
 
 export const loraNotFound = (field: string, message: string) =>
   new ApiError(status.NOT_FOUND, "LORA_NOT_FOUND", `${field}: ${message}`, [], { field });

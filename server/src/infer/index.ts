@@ -8,16 +8,18 @@ import { status, type Server, type sendUnaryData, type ServerUnaryCall } from "@
 import { ArtifactKind, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 import {
   InferenceServiceService,
+  InferRequest,
+  ListModelsRequest,
+  Sampler,
   type InferenceServiceServer,
-  type InferRequest,
   type InferResponse,
-  type ListModelsRequest,
   type ListModelsResponse,
 } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import {
   ApiError,
   inferCancelled,
   invalidInferRequest,
+  invalidRequest,
   invalidLora,
   loraMismatch,
   loraNotFound,
@@ -30,21 +32,20 @@ import { ArtifactStore } from "../jobs/artifacts.js";
 import { JOB_ID_PATTERN } from "../core/ids.js";
 import { log } from "../core/log.js";
 import type { JobStore } from "../jobs/store.js";
-import { realPathIn, withinRoots } from "../core/validate.js";
+import { hostPath } from "../core/paths.js";
+import { ruleViolations } from "../core/rules.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
 import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
 import { render, RenderCancelled } from "./pipeline.js";
 import { SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
-import { SCHEDULERS, type SchedulerName } from "./schedulers.js";
+import type { SchedulerName } from "./schedulers.js";
 import { Semaphore } from "./queue.js";
 
-export const LIMITS = {
-  steps: { min: 1, max: 150, default: 25 },
-  guidance: { min: 0, max: 30, default: 7.5 },
-  size: { min: 64, max: 2048 },
-  numImages: { min: 1, max: 8, default: 1 },
-  loras: 16,
-  scale: 10,
+/** Defaults of unset fields (the ranges are the contract's rules, proto/loraforge/v1/inference_service.proto). */
+export const DEFAULTS = {
+  steps: 25,
+  guidance: 7.5,
+  numImages: 1,
   /** Characters of each prompt (LORAFORGE_INFER_MAX_PROMPT_CHARS); CLIP reads only the first 77 tokens anyway. */
   promptChars: 4096,
 };
@@ -54,14 +55,11 @@ export interface InferenceOptions extends RuntimeOptions {
   concurrency?: number;
   /** Requests allowed to wait; more are refused with RESOURCE_EXHAUSTED (default 16). */
   maxQueued?: number;
-  /** Characters allowed in each prompt (default LIMITS.promptChars). */
+  /** Characters allowed in each prompt (default DEFAULTS.promptChars). */
   maxPromptChars?: number;
   /** Bytes of decoded LoRA tensors kept between requests; a bigger LoRA is refused (default 2 GiB). */
   loraCacheBytes?: number;
 }
-
-/** SDXL's size-conditioning values: 1..16384 pixels (crop 0..16384). */
-const COND_MAX = 16384;
 
 interface Validated {
   steps: number;
@@ -73,41 +71,34 @@ interface Validated {
   height?: number;
 }
 
-/** Why a path inside the roots as written is not inside them really (a symlink out), or null. */
-function linkOut(p: string, roots: string[]): string | null {
-  const real = realPathIn(path.resolve(p), roots);
-  return real && !real.inside ? `leads outside the server's data roots through a symbolic link (${roots.join(", ")})` : null;
-}
+const SAMPLERS: Record<number, SchedulerName> = {
+  [Sampler.SAMPLER_UNSPECIFIED]: "euler",
+  [Sampler.SAMPLER_EULER]: "euler",
+  [Sampler.SAMPLER_DDIM]: "ddim",
+  [Sampler.SAMPLER_DPMPP_2M]: "dpmpp_2m",
+};
 
-/** Every bad field of a request, each named (INVALID_ARGUMENT lists them all at once). */
+/**
+ * Every bad field of a request, each named (INVALID_ARGUMENT lists them all at once): the
+ * contract's rules, then what only this server can judge — the prompt cap it is configured with,
+ * and host paths (absolute, inside the data roots, not leading out through a link).
+ */
 export function validateInfer(
   req: InferRequest,
   roots: string[],
-  maxPromptChars = LIMITS.promptChars,
+  maxPromptChars = DEFAULTS.promptChars,
 ): { v: Validated; violations: FieldViolation[] } {
-  const bad: FieldViolation[] = [];
-  const add = (field: string, description: string) => bad.push({ field, description });
-  const int = (field: string, v: number | undefined, min: number, max: number, def: number) => {
-    if (v === undefined) return def;
-    if (!Number.isInteger(v) || v < min || v > max) add(field, `must be an integer in ${min}..${max}, got ${v}`);
-    return v;
+  const bad = ruleViolations(InferRequest, "loraforge.v1.InferRequest", req);
+  const flagged = new Set(bad.map((v) => v.field));
+  const add = (field: string, description: string) => {
+    if (!flagged.has(field)) bad.push({ field, description });
   };
-  const steps = int("num_inference_steps", req.numInferenceSteps, LIMITS.steps.min, LIMITS.steps.max, LIMITS.steps.default);
-  const numImages = int("num_images", req.numImages, LIMITS.numImages.min, LIMITS.numImages.max, LIMITS.numImages.default);
-  const guidance = req.guidanceScale ?? LIMITS.guidance.default;
-  if (!Number.isFinite(guidance) || guidance < LIMITS.guidance.min || guidance > LIMITS.guidance.max)
-    add("guidance_scale", `must be a number in ${LIMITS.guidance.min}..${LIMITS.guidance.max}, got ${guidance}`);
-  for (const [field, v] of [["width", req.width], ["height", req.height]] as const) {
-    if (v === undefined) continue;
-    if (!Number.isInteger(v) || v < LIMITS.size.min || v > LIMITS.size.max || v % 8 !== 0)
-      add(field, `must be a multiple of 8 in ${LIMITS.size.min}..${LIMITS.size.max}, got ${v}`);
-  }
-  const scheduler = (req.scheduler || "euler") as SchedulerName;
-  if (!SCHEDULERS.includes(scheduler)) add("scheduler", `must be one of ${SCHEDULERS.join(", ")}, got ${JSON.stringify(req.scheduler)}`);
-  if (!req.baseModel) add("base_model", "is required");
-  else if (!path.isAbsolute(req.baseModel)) add("base_model", `must be an absolute path, got ${JSON.stringify(req.baseModel)}`);
-  else if (!withinRoots(path.resolve(req.baseModel), roots)) add("base_model", `must lie inside one of the server's data roots (${roots.join(", ")})`);
-  else if (roots.length > 0 && linkOut(req.baseModel, roots)) add("base_model", linkOut(req.baseModel, roots)!);
+  // Only the path's place is judged here; a missing folder or file is NOT_FOUND, later.
+  const placed = (field: string, p: string, kind: "folder" | "file") => {
+    const where = hostPath(p, roots, kind);
+    if ("problem" in where && !where.missing) add(field, where.problem);
+  };
+  placed("base_model", req.baseModel, "folder");
   // Bounded before anything tokenizes them.
   for (const [field, text] of [
     ["prompt", req.prompt],
@@ -118,39 +109,24 @@ export function validateInfer(
     if (text !== undefined && text.length > maxPromptChars)
       add(field, `must be at most ${maxPromptChars} characters, got ${text.length} (LORAFORGE_INFER_MAX_PROMPT_CHARS)`);
   }
-  if (req.loras.length > LIMITS.loras) add("loras", `at most ${LIMITS.loras} LoRAs, got ${req.loras.length}`);
   req.loras.forEach((l, i) => {
-    const f = `loras[${i}]`;
-    if (!l.source) add(`${f}.source`, "is required (job_id or path)");
-    else if (l.source.$case === "path") {
-      if (!path.isAbsolute(l.source.path)) add(`${f}.path`, `must be an absolute path, got ${JSON.stringify(l.source.path)}`);
-      else if (!l.source.path.endsWith(".safetensors")) add(`${f}.path`, "must be a .safetensors file (pickle files are refused)");
-      else if (!withinRoots(path.resolve(l.source.path), roots)) add(`${f}.path`, `must lie inside one of the server's data roots (${roots.join(", ")})`);
-      else if (roots.length > 0 && linkOut(l.source.path, roots)) add(`${f}.path`, linkOut(l.source.path, roots)!);
-    }
-    if (l.scale !== undefined && !(Number.isFinite(l.scale) && Math.abs(l.scale) <= LIMITS.scale))
-      add(`${f}.scale`, `must be a number in -${LIMITS.scale}..${LIMITS.scale}, got ${l.scale}`);
+    if (l.source?.$case !== "path") return;
+    const field = `loras[${i}].path`;
+    if (!l.source.path.endsWith(".safetensors")) add(field, "must be a .safetensors file (pickle files are refused)");
+    else placed(field, l.source.path, "file");
   });
-  for (const [name, sc] of [
-    ["size_conditioning", req.sizeConditioning],
-    ["negative_size_conditioning", req.negativeSizeConditioning],
-  ] as const) {
-    if (!sc) continue;
-    for (const [field, v, min] of [
-      ["original_width", sc.originalWidth, 1],
-      ["original_height", sc.originalHeight, 1],
-      ["crop_top", sc.cropTop, 0],
-      ["crop_left", sc.cropLeft, 0],
-      ["target_width", sc.targetWidth, 1],
-      ["target_height", sc.targetHeight, 1],
-    ] as const) {
-      if (v !== undefined && (!Number.isInteger(v) || v < min || v > COND_MAX))
-        add(`${name}.${field}`, `must be an integer in ${min}..${COND_MAX}, got ${v}`);
-    }
-  }
   const seed = req.seed ?? randomInt(0, 2 ** 47);
   if (!Number.isSafeInteger(seed)) add("seed", `must be an integer of at most 53 bits, got ${seed}`);
-  return { v: { steps, guidance, seed, numImages, scheduler, width: req.width, height: req.height }, violations: bad };
+  const v = {
+    steps: req.numInferenceSteps ?? DEFAULTS.steps,
+    guidance: req.guidanceScale ?? DEFAULTS.guidance,
+    seed,
+    numImages: req.numImages ?? DEFAULTS.numImages,
+    scheduler: SAMPLERS[req.sampler] ?? "euler",
+    width: req.width,
+    height: req.height,
+  };
+  return { v, violations: bad };
 }
 
 /** What Infer needs from the server it runs in (a slice of ServerConfig, passed down by server.ts). */
@@ -169,36 +145,34 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers },
   );
   const loras = new LoraCache(opts.loraCacheBytes ?? mib(envInt("LORAFORGE_INFER_LORA_CACHE_MB")) ?? DEFAULT_LORA_CACHE_BYTES);
-  const maxPromptChars = opts.maxPromptChars ?? envInt("LORAFORGE_INFER_MAX_PROMPT_CHARS") ?? LIMITS.promptChars;
+  const maxPromptChars = opts.maxPromptChars ?? envInt("LORAFORGE_INFER_MAX_PROMPT_CHARS") ?? DEFAULTS.promptChars;
   const queue = new Semaphore(opts.concurrency ?? envInt("LORAFORGE_INFER_CONCURRENCY") ?? 1, opts.maxQueued ?? 16);
   let closed = false;
   let artifacts: Promise<ArtifactStore> | null = null;
 
+  /** A LoRA reference as a file on this host (a job's LoRA is fetched from the artifact store once). */
   async function loraFile(ref: InferRequest["loras"][number], i: number): Promise<string> {
     const src = ref.source!;
     if (src.$case === "path") {
       // The real path: checked against the roots again (the link may have changed) and the cache's key.
-      const real = realPathIn(path.resolve(src.path), config.dataRoots);
-      if (!real || !statSync(real.real).isFile()) throw loraNotFound(`loras[${i}].path`, `no LoRA file at ${src.path}`);
-      if (!real.inside) throw invalidInferRequest([{ field: `loras[${i}].path`, description: linkOut(src.path, config.dataRoots) ?? "leaves the data roots" }]);
-      return real.real;
+      const where = hostPath(src.path, config.dataRoots, "file");
+      if ("real" in where) return where.real;
+      if (where.missing) throw loraNotFound(`loras[${i}].path`, `no LoRA file at ${src.path}`);
+      throw invalidInferRequest([{ field: `loras[${i}].path`, description: where.problem }]);
     }
     const cur = JOB_ID_PATTERN.test(src.jobId) ? await store.get(src.jobId) : null;
     if (!cur) throw loraNotFound(`loras[${i}].job_id`, `job ${JSON.stringify(src.jobId)} does not exist`);
     const art = cur.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
     if (cur.job.state !== JobState.JOB_STATE_SUCCEEDED || !art)
       throw loraNotFound(`loras[${i}].job_id`, `job ${src.jobId} has no final LoRA (it has not succeeded)`);
-    if (existsSync(art.path)) return art.path;
-    // Trained by a worker on another host: fetch it from the artifact store once.
-    const local = path.join(config.stateDir, "infer-loras", src.jobId, path.basename(art.path));
+    const local = path.join(config.stateDir, "infer-loras", src.jobId, path.posix.basename(art.name));
     if (existsSync(local)) return local;
-    if (!art.objectName) throw loraNotFound(`loras[${i}].job_id`, `the LoRA of job ${src.jobId} (${art.path}) is not on this host`);
     artifacts ??= ArtifactStore.open(store.nc);
     const chunks: Uint8Array[] = [];
-    for await (const c of (await artifacts).read(art.objectName)) chunks.push(c);
+    for await (const c of (await artifacts).read(art.name)) chunks.push(c);
     const bytes = Buffer.concat(chunks);
-    if (art.sha256 && createHash("sha256").update(bytes).digest("hex") !== art.sha256)
-      throw loraNotFound(`loras[${i}].job_id`, `the stored LoRA of job ${src.jobId} does not match its checksum`);
+    if (bytes.length === 0 || (art.sha256 && createHash("sha256").update(bytes).digest("hex") !== art.sha256))
+      throw loraNotFound(`loras[${i}].job_id`, `the stored LoRA of job ${src.jobId} (${art.name}) is missing or does not match its checksum`);
     mkdirSync(path.dirname(local), { recursive: true });
     writeFileSync(local + ".tmp", bytes);
     renameSync(local + ".tmp", local);
@@ -210,8 +184,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     if (closed) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
     const { v, violations } = validateInfer(req, config.dataRoots, maxPromptChars);
     if (violations.length > 0) throw invalidInferRequest(violations);
-    if (!existsSync(path.join(req.baseModel, "model_index.json")))
-      throw modelNotFound(req.baseModel);
+    const base = hostPath(req.baseModel, config.dataRoots, "folder");
+    if (!("real" in base) || !existsSync(path.join(base.real, "model_index.json"))) throw modelNotFound(req.baseModel);
     const files = await Promise.all(req.loras.map((l, i) => loraFile(l, i)));
 
     const release = await queue.acquire(cancelled);
@@ -233,7 +207,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       }
       let loraMs = performance.now() - t;
       t = performance.now();
-      const model: LoadedModel = await registry.get(realPathIn(path.resolve(req.baseModel), config.dataRoots)?.real ?? path.resolve(req.baseModel));
+      const model: LoadedModel = await registry.get(base.real);
       const loadModelMs = performance.now() - t;
 
       const native = model.manifest.unet.sample_size * model.manifest.unet.vae_factor;
@@ -320,7 +294,9 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     }
   }
 
-  async function listModels(_req: ListModelsRequest): Promise<ListModelsResponse> {
+  async function listModels(req: ListModelsRequest): Promise<ListModelsResponse> {
+    const violations = ruleViolations(ListModelsRequest, "loraforge.v1.ListModelsRequest", req);
+    if (violations.length > 0) throw invalidRequest("INVALID_REQUEST", "invalid ListModelsRequest", violations);
     const baseModels = registry.listExports().map(({ manifest }) => ({
       path: manifest.source,
       modelHash: manifest.model_hash,
@@ -333,7 +309,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       if (!cur || cur.job.state !== JobState.JOB_STATE_SUCCEEDED) continue;
       const art = cur.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
       if (!art) continue;
-      trained.push({ jobId: id, path: art.path, baseModel: cur.job.spec?.baseModel ?? "", rank: cur.job.spec?.rank ?? 4 });
+      trained.push({ jobId: id, artifactName: art.name, baseModel: cur.job.spec?.baseModel ?? "", rank: cur.job.spec?.rank ?? 4 });
     }
     return { baseModels, loras: trained };
   }

@@ -2,8 +2,7 @@
 // under <stateDir>/onnx/<hash>/) and its onnxruntime sessions (text encoder, SDXL's second text
 // encoder, UNet, VAE decoder), kept warm per model.
 import { spawn } from "node:child_process";
-import { createHash } from "node:crypto";
-import { createReadStream, existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -15,8 +14,6 @@ import { ClipTokenizer } from "./tokenizer.js";
 import { childEnv } from "../core/child-env.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
-/** What the content hash covers (the engine's onnx_export.HASHED_ENTRIES). */
-const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
 
 export interface Manifest {
   format: string;
@@ -59,47 +56,57 @@ export interface Manifest {
   slots: SlotInfo[];
 }
 
-function hashedFiles(root: string): string[] {
-  const out: string[] = [];
-  const walk = (rel: string) => {
-    for (const e of readdirSync(path.join(root, rel), { withFileTypes: true })) {
-      if (e.name.startsWith(".")) continue;
-      const r = `${rel}/${e.name}`;
-      if (e.isDirectory()) walk(r);
-      else if (e.isFile()) out.push(r);
+/**
+ * A cheap signature of every file under a model folder (names, sizes, mtimes; symbolic links
+ * followed, as in a Hugging Face cache snapshot): the model's hash is computed again only when it
+ * changes. It covers more files than the hash does, which can only cost an extra hash.
+ */
+function statSignature(root: string): string {
+  const parts: string[] = [];
+  const seen = new Set<string>();
+  const walk = (dir: string, rel: string) => {
+    const real = realpathSync(dir);
+    if (seen.has(real)) return;
+    seen.add(real);
+    for (const name of readdirSync(dir).sort()) {
+      const st = statSync(path.join(dir, name), { throwIfNoEntry: false });
+      if (!st) continue;
+      if (st.isDirectory()) walk(path.join(dir, name), `${rel}${name}/`);
+      else parts.push(`${rel}${name}:${st.size}:${st.mtimeMs}`);
     }
   };
-  for (const entry of HASHED_ENTRIES) {
-    const p = path.join(root, entry);
-    if (!existsSync(p)) continue;
-    if (statSync(p).isFile()) out.push(entry);
-    else if (statSync(p).isDirectory()) walk(entry);
-  }
-  // Python's sorted() on str: code point order, which JS's default sort matches for BMP names.
-  return out.sort();
+  walk(root, "");
+  return parts.join("|");
 }
 
-async function sha256File(p: string): Promise<string> {
-  const h = createHash("sha256");
-  for await (const chunk of createReadStream(p)) h.update(chunk as Buffer);
-  return h.digest("hex");
+/** Runs `python -m loraforge_engine <args>` as the worker runs the engine; resolves with its stdout. */
+function runEngineCommand(cfg: ExporterConfig, args: string[], what: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cfg.python, ["-m", "loraforge_engine", ...args], {
+      env: childEnv({ PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    child.stderr.on("data", (d: Buffer) => {
+      err += d.toString();
+      if (err.length > 1 << 20) err = err.slice(-(1 << 19));
+    });
+    child.on("error", reject);
+    child.on("close", (code) => {
+      if (code === 0) return resolve(out);
+      const tail = err.trim().split("\n").slice(-5).join("\n");
+      reject(new Error(`${what} failed (exit ${code}): ${tail}`));
+    });
+  });
 }
 
-/** The engine's model_hash: sha256 over "<rel path>\0<sha256>\n" of every hashed file, 32 hex digits. */
-export async function modelHash(root: string): Promise<string> {
-  const h = createHash("sha256");
-  for (const rel of hashedFiles(root)) h.update(`${rel}\0${await sha256File(path.join(root, rel))}\n`);
-  return h.digest("hex").slice(0, 32);
-}
-
-/** A cheap signature of the hashed files (names, sizes, mtimes): re-hash only when it changes. */
-function statSignature(root: string): string {
-  return hashedFiles(root)
-    .map((rel) => {
-      const st = statSync(path.join(root, rel));
-      return `${rel}:${st.size}:${st.mtimeMs}`;
-    })
-    .join("|");
+/** The base model's identity: the engine's content hash (`model-hash`, engine/loraforge_engine/fingerprint.py), one definition for every part. */
+async function engineModelHash(cfg: ExporterConfig, modelDir: string): Promise<string> {
+  const out = (await runEngineCommand(cfg, ["model-hash", modelDir], `hashing ${modelDir}`)).trim();
+  if (!/^[0-9a-f]{16,64}$/.test(out)) throw new Error(`the engine's model-hash printed ${JSON.stringify(out.slice(0, 100))} for ${modelDir}`);
+  return out;
 }
 
 export function readManifest(dir: string): Manifest | null {
@@ -210,39 +217,20 @@ export interface ExporterConfig {
 export const exportDirName = (hash: string, dtype: "fp32" | "fp16") => (dtype === "fp32" ? hash : `${hash}-${dtype}`);
 
 /** Runs the engine's exporter; resolves with the export folder it reports. */
-function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cfg.python, ["-m", "loraforge_engine", "export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype], {
-      env: childEnv({ PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
-    child.stderr.on("data", (d: Buffer) => {
-      err += d.toString();
-      if (err.length > 1 << 20) err = err.slice(-(1 << 19));
-    });
-    child.on("error", reject);
-    child.on("close", (code) => {
-      if (code !== 0) {
-        const tail = err.trim().split("\n").slice(-5).join("\n");
-        reject(new Error(`exporting ${modelDir} to ONNX failed (exit ${code}): ${tail}`));
-        return;
-      }
-      try {
-        const last = out.trim().split("\n").pop()!;
-        resolve((JSON.parse(last) as { dir: string }).dir);
-      } catch {
-        reject(new Error(`the ONNX exporter printed no result for ${modelDir}`));
-      }
-    });
-  });
+async function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
+  const out = await runEngineCommand(cfg, ["export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype], `exporting ${modelDir} to ONNX`);
+  try {
+    const last = out.trim().split("\n").pop()!;
+    return (JSON.parse(last) as { dir: string }).dir;
+  } catch {
+    throw new Error(`the ONNX exporter printed no result for ${modelDir}`);
+  }
 }
 
 /** Base models by path: hashed, exported when needed, opened once and kept warm (at most `maxLoaded`). */
 export class ModelRegistry {
-  private readonly byPath = new Map<string, { signature: string; hash: string }>();
+  /** Each folder's hash, kept while its files' signature stays the same. */
+  private readonly byPath = new Map<string, { signature: string; hash: Promise<string> }>();
   private readonly loaded = new Map<string, Promise<LoadedModel>>();
 
   constructor(
@@ -253,13 +241,7 @@ export class ModelRegistry {
 
   /** The model at `modelDir`, exporting it first if its content has no export yet. */
   async get(modelDir: string): Promise<LoadedModel> {
-    const signature = statSignature(modelDir);
-    let known = this.byPath.get(modelDir);
-    if (!known || known.signature !== signature) {
-      known = { signature, hash: await modelHash(modelDir) };
-      this.byPath.set(modelDir, known);
-    }
-    const hash = known.hash;
+    const hash = await this.hashOf(modelDir);
     let p = this.loaded.get(hash);
     if (!p) {
       p = this.openOrExport(modelDir, hash);
@@ -275,6 +257,22 @@ export class ModelRegistry {
       void old.then((m) => m.release()).catch(() => undefined);
     }
     return p;
+  }
+
+  /** The model's content hash, from the engine; cached per folder until a file's size or mtime changes. */
+  async hashOf(modelDir: string): Promise<string> {
+    const signature = statSignature(modelDir);
+    let known = this.byPath.get(modelDir);
+    if (!known || known.signature !== signature) {
+      const hash = engineModelHash(this.exporter, modelDir);
+      known = { signature, hash };
+      this.byPath.set(modelDir, known);
+      // A failed hash is not kept: the next request tries again.
+      hash.catch(() => {
+        if (this.byPath.get(modelDir) === known) this.byPath.delete(modelDir);
+      });
+    }
+    return known.hash;
   }
 
   /** fp16 exports where CUDA runs them, fp32 elsewhere (see RuntimeOptions.dtype). */

@@ -1,8 +1,10 @@
 // Job artifacts in the JetStream object store `loraforge_artifacts`, so that any
-// worker can resume any job and any API server can hand out any file:
+// worker can resume any job and any API server can hand out any file. An artifact's
+// public name (Artifact.name) is its object name:
 //   jobs/<id>/lora/pytorch_lora_weights.safetensors
-//   jobs/<id>/checkpoint-<step>/<files of the checkpoint folder>   (object_name ends in "/")
+//   jobs/<id>/checkpoint-<step>/<files of the checkpoint folder>   (the name ends in "/")
 //   jobs/<id>/validation/<png>
+// Uploaded data sets live in the same bucket under datasets/<id>/ (see datasets.ts).
 import { createReadStream, createWriteStream, mkdirSync, readdirSync, statSync } from "node:fs";
 import path from "node:path";
 import { Readable } from "node:stream";
@@ -10,7 +12,7 @@ import { pipeline } from "node:stream/promises";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Objm, type ObjectStore } from "@nats-io/obj";
 import { StorageType } from "@nats-io/jetstream";
-import { Artifact, ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
 
 export const ARTIFACTS_BUCKET = "loraforge_artifacts";
 
@@ -21,6 +23,11 @@ function filesBelow(dir: string, prefix = ""): string[] {
     .flatMap((e) => (e.isDirectory() ? filesBelow(dir, path.join(prefix, e.name)) : e.isFile() ? [path.join(prefix, e.name)] : []));
 }
 
+/** The job id in an artifact name ("jobs/<id>/..."), or null when it is not one. */
+export function jobOfArtifact(name: string): string | null {
+  return /^jobs\/([A-Za-z0-9_-]{1,128})\//.exec(name)?.[1] ?? null;
+}
+
 export class ArtifactStore {
   private constructor(readonly os: ObjectStore) {}
 
@@ -29,60 +36,64 @@ export class ArtifactStore {
     return new ArtifactStore(await new Objm(nc).create(ARTIFACTS_BUCKET, { storage: StorageType.File, replicas }));
   }
 
-  /** The object name an artifact of `jobId` is stored under. */
-  static objectName(jobId: string, a: Artifact): string {
-    switch (a.kind) {
+  /** The public name of an artifact of `jobId`, from its kind, step and the file's name. */
+  static publicName(jobId: string, kind: ArtifactKind, step: number, fileName: string): string {
+    switch (kind) {
       case ArtifactKind.ARTIFACT_KIND_CHECKPOINT:
-        return `jobs/${jobId}/checkpoint-${a.step}/`;
+        return `jobs/${jobId}/checkpoint-${step}/`;
       case ArtifactKind.ARTIFACT_KIND_LORA:
-        return `jobs/${jobId}/lora/${path.basename(a.path)}`;
+        return `jobs/${jobId}/lora/${path.posix.basename(fileName)}`;
       default:
-        return `jobs/${jobId}/validation/${path.basename(a.path)}`;
+        return `jobs/${jobId}/validation/${path.posix.basename(fileName)}`;
     }
   }
 
-  /** Uploads an artifact's file (or a checkpoint's files); returns it with object_name set. */
-  async upload(jobId: string, a: Artifact): Promise<Artifact> {
-    const objectName = ArtifactStore.objectName(jobId, a);
-    if (a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT) {
-      for (const rel of filesBelow(a.path)) await this.putFile(objectName + rel.split(path.sep).join("/"), path.join(a.path, rel));
+  /** Stores the file (or, for a name ending in "/", the folder's files) at `local` under artifact name `name`. */
+  async upload(name: string, local: string): Promise<void> {
+    if (name.endsWith("/")) {
+      for (const rel of filesBelow(local)) await this.putFile(name + rel.split(path.sep).join("/"), path.join(local, rel));
     } else {
-      await this.putFile(objectName, a.path);
+      await this.putFile(name, local);
     }
-    return { ...a, objectName };
   }
 
-  private async putFile(name: string, file: string): Promise<void> {
+  /** Stores one file as object `name`. */
+  async putFile(name: string, file: string): Promise<void> {
     const rs = Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>;
     await this.os.put({ name }, rs);
   }
 
+  /** Writes object `name` to `dest`; checks it arrived whole (the client checks its digest too). */
+  async getFile(name: string, dest: string, size?: number): Promise<void> {
+    mkdirSync(path.dirname(dest), { recursive: true });
+    const res = await this.os.get(name);
+    if (!res) throw new Error(`object ${name} is not in the store`);
+    await pipeline(Readable.fromWeb(res.data as never), createWriteStream(dest));
+    const err = await res.error;
+    if (err) throw err;
+    const expected = size ?? res.info.size;
+    if (statSync(dest).size !== expected) throw new Error(`object ${name} came back truncated`);
+  }
+
   /** Names of the objects that make up an artifact (one, or a checkpoint's files). */
-  async objectsOf(objectName: string): Promise<{ name: string; size: number }[]> {
-    if (!objectName.endsWith("/")) {
-      const info = await this.os.info(objectName);
+  async objectsOf(name: string): Promise<{ name: string; size: number }[]> {
+    if (!name.endsWith("/")) {
+      const info = await this.os.info(name);
       return info && !info.deleted ? [{ name: info.name, size: info.size }] : [];
     }
     return (await this.os.list())
-      .filter((i) => !i.deleted && i.name.startsWith(objectName))
+      .filter((i) => !i.deleted && i.name.startsWith(name))
       .map((i) => ({ name: i.name, size: i.size }))
       .sort((a, b) => a.name.localeCompare(b.name));
   }
 
-  /** Downloads a checkpoint's files into `dir` (for a worker resuming a job it did not start). */
-  async restoreCheckpoint(objectName: string, dir: string): Promise<number> {
-    const objects = await this.objectsOf(objectName);
+  /** Downloads a checkpoint's files into `dir` (to resume from it on a host that lacks it); returns how many. */
+  async restoreCheckpoint(name: string, dir: string): Promise<number> {
+    const objects = await this.objectsOf(name);
     for (const o of objects) {
-      const rel = o.name.slice(objectName.length);
-      if (!rel || rel.split("/").some((s) => s === ".." || s === "")) throw new Error(`refusing object name ${o.name}`);
-      const dest = path.join(dir, ...rel.split("/"));
-      mkdirSync(path.dirname(dest), { recursive: true });
-      const res = await this.os.get(o.name);
-      if (!res) throw new Error(`object ${o.name} vanished`);
-      await pipeline(Readable.fromWeb(res.data as never), createWriteStream(dest));
-      const err = await res.error;
-      if (err) throw err;
-      if (statSync(dest).size !== o.size) throw new Error(`object ${o.name} came back truncated`);
+      const rel = o.name.slice(name.length);
+      if (!rel || rel.split("/").some((s) => s === ".." || s === "." || s === "")) throw new Error(`refusing object name ${o.name}`);
+      await this.getFile(o.name, path.join(dir, ...rel.split("/")), o.size);
     }
     return objects.length;
   }
@@ -91,13 +102,13 @@ export class ArtifactStore {
    * The bytes of an artifact: a single object as stored, or a checkpoint as an
    * uncompressed ustar archive of its files.
    */
-  async *read(objectName: string): AsyncGenerator<Uint8Array> {
-    const objects = await this.objectsOf(objectName);
-    const isArchive = objectName.endsWith("/");
+  async *read(name: string): AsyncGenerator<Uint8Array> {
+    const objects = await this.objectsOf(name);
+    const isArchive = name.endsWith("/");
     for (const o of objects) {
       const res = await this.os.get(o.name);
       if (!res) throw new Error(`object ${o.name} vanished`);
-      if (isArchive) yield tarHeader(o.name.slice(objectName.length), o.size);
+      if (isArchive) yield tarHeader(o.name.slice(name.length), o.size);
       for await (const chunk of res.data as unknown as AsyncIterable<Uint8Array>) yield chunk;
       const err = await res.error;
       if (err) throw err;

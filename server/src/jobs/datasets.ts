@@ -1,7 +1,8 @@
-// Dataset uploads: a client streams a set's files (or a zip of them); the server
-// writes them into a private temporary folder under the dataset root, checks every
-// name, size, image and caption, and only then moves the folder into place.
-// Nothing is ever written outside the dataset root.
+// Data sets. Uploads: a client streams a set's files (or a zip of them); the server
+// writes them into a private temporary folder under the dataset cache, checks every
+// name, size, image and caption, stores the set in the object store (so that a worker
+// on any host can fetch it) and only then moves the folder into place as this host's
+// cached copy. Nothing is ever written outside the dataset cache.
 import { randomBytes } from "node:crypto";
 import { createWriteStream, existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, statSync, type WriteStream } from "node:fs";
 import path from "node:path";
@@ -11,7 +12,11 @@ import sharp from "sharp";
 import yauzl from "yauzl";
 import type { Dataset, UploadDatasetRequest } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { ApiError, type FieldViolation } from "../core/errors.js";
-import { IMAGE_EXTENSIONS } from "../core/validate.js";
+import { realPathIn } from "../core/paths.js";
+import type { ArtifactStore } from "./artifacts.js";
+
+/** Image types the engine reads (uploads take all but .bmp). */
+export const IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"];
 
 /** Limits of one upload. */
 export interface DatasetLimits {
@@ -53,12 +58,121 @@ export function limitsFromEnv(env: NodeJS.ProcessEnv = process.env): DatasetLimi
   };
 }
 
-/** What DatasetUpload ids look like ("ds-" + base-36 time + 12 hex digits). */
-export const DATASET_ID_PATTERN = /^ds-[0-9a-z]+$/;
+/** What DatasetUpload ids look like ("ds-" + base-36 time + 12 hex digits); the contract's rule is ^ds-[a-z0-9]{1,64}$. */
+export const DATASET_ID_PATTERN = /^ds-[0-9a-z]{1,64}$/;
+
+/** What the object store holds about one stored set, written after its files: its presence means the set is whole. */
+interface DatasetManifest {
+  id: string;
+  name: string;
+  imageCount: number;
+  files: { name: string; size: number }[];
+}
+
+/**
+ * Uploaded sets: files in the object store under datasets/<id>/<file>, then datasets/<id>.json
+ * listing them; each host keeps a copy in <cache>/<id> (the uploading server from the upload, a
+ * worker once it first trains on the set).
+ */
+export class DatasetStore {
+  constructor(
+    private readonly objects: ArtifactStore,
+    /** This host's copies: <stateDir>/datasets. */
+    readonly cacheRoot: string,
+  ) {}
+
+  private static manifestName = (id: string) => `datasets/${id}.json`;
+
+  /** Stores the checked set in `dir` under `id`; the manifest goes last. */
+  async put(id: string, name: string, dir: string, imageCount: number): Promise<void> {
+    const files = readdirSync(dir).sort().map((f) => ({ name: f, size: statSync(path.join(dir, f)).size }));
+    try {
+      for (const f of files) await this.objects.putFile(`datasets/${id}/${f.name}`, path.join(dir, f.name));
+      const manifest: DatasetManifest = { id, name, imageCount, files };
+      await this.objects.os.putBlob({ name: DatasetStore.manifestName(id) }, new TextEncoder().encode(JSON.stringify(manifest)));
+    } catch (err) {
+      for (const f of files) await this.objects.os.delete(`datasets/${id}/${f.name}`).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Whether a set with this id was uploaded (or, from before sets were stored, is in this host's cache). */
+  async exists(id: string): Promise<boolean> {
+    if (!DATASET_ID_PATTERN.test(id)) return false;
+    if (existsSync(path.join(this.cacheRoot, id))) return true;
+    const info = await this.objects.os.info(DatasetStore.manifestName(id));
+    return !!info && !info.deleted;
+  }
+
+  /** The set as a folder on this host, fetched from the object store into the cache first when missing. */
+  async localFolder(id: string): Promise<string> {
+    if (!DATASET_ID_PATTERN.test(id)) throw new Error(`${JSON.stringify(id)} is not a data set id`);
+    const dest = path.join(this.cacheRoot, id);
+    if (existsSync(dest)) return dest;
+    const blob = await this.objects.os.getBlob(DatasetStore.manifestName(id));
+    if (!blob) throw new DatasetMissing(id);
+    const manifest = JSON.parse(new TextDecoder().decode(blob)) as DatasetManifest;
+    // Fetched beside the cache and renamed into it, so a half-fetched set is never used.
+    const tmp = path.join(this.cacheRoot, `.fetch-${id}-${randomBytes(4).toString("hex")}`);
+    try {
+      for (const f of manifest.files) {
+        if (badName(f.name)) throw new Error(`data set ${id} lists a file named ${JSON.stringify(f.name)}`);
+        await this.objects.getFile(`datasets/${id}/${f.name}`, path.join(tmp, f.name), f.size);
+      }
+      mkdirSync(tmp, { recursive: true });
+      try {
+        renameSync(tmp, dest);
+      } catch (err) {
+        // Another job on this host fetched it first: theirs is as good.
+        if (!existsSync(dest)) throw err;
+      }
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+    return dest;
+  }
+}
+
+/** The set a job names is in neither the object store nor this host's cache. */
+export class DatasetMissing extends Error {
+  constructor(readonly id: string) {
+    super(`no uploaded data set has id ${JSON.stringify(id)}`);
+  }
+}
+
+/**
+ * Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars.
+ * Like the engine, it counts no file whose real path leaves the set's folder (a symlink out).
+ */
+export function countCaptionedImages(dir: string, imageColumn = "file_name"): number {
+  const inSet = (p: string) => realPathIn(p, [dir])?.inside === true;
+  const meta = path.join(dir, "metadata.jsonl");
+  if (existsSync(meta)) {
+    if (!inSet(meta)) return 0;
+    let n = 0;
+    for (const line of readFileSync(meta, "utf8").split("\n")) {
+      if (!line.trim()) continue;
+      try {
+        const row = JSON.parse(line) as Record<string, unknown>;
+        const name = row[imageColumn];
+        if (typeof name === "string" && inSet(path.join(dir, name))) n++;
+      } catch {
+        // a malformed line is the engine's to report, with its line number
+      }
+    }
+    return n;
+  }
+  const names = new Set(readdirSync(dir));
+  return [...names].filter((f) => {
+    const ext = path.extname(f).toLowerCase();
+    const caption = f.slice(0, -ext.length) + ".txt";
+    return IMAGE_EXTENSIONS.includes(ext) && names.has(caption) && inSet(path.join(dir, f)) && inSet(path.join(dir, caption));
+  }).length;
+}
 
 const UPLOADABLE = [...IMAGE_EXTENSIONS.filter((e) => e !== ".bmp"), ".txt"];
 
-const invalid = (violations: FieldViolation[]) =>
+export const invalidDataset = (violations: FieldViolation[]) =>
   new ApiError(
     status.INVALID_ARGUMENT,
     "INVALID_DATASET",
@@ -164,7 +278,7 @@ async function checkSet(dir: string, limits: DatasetLimits): Promise<number> {
     const text = readFileSync(path.join(dir, n));
     if (!isUtf8(text)) bad.push({ field: n, description: "is not UTF-8 text" });
   }
-  if (bad.length > 0) throw invalid(bad);
+  if (bad.length > 0) throw invalidDataset(bad);
   return captioned.size;
 }
 
@@ -189,13 +303,12 @@ export class DatasetUpload {
   private zip: { file: string; out: WriteStream } | null = null;
 
   constructor(
-    private readonly root: string,
+    private readonly store: DatasetStore,
     readonly name: string,
     private readonly limits: DatasetLimits = DEFAULT_LIMITS,
   ) {
-    if (name.length > 128) throw invalid([{ field: "header.name", description: "must be at most 128 characters" }]);
-    mkdirSync(root, { recursive: true });
-    this.tmp = path.join(root, `.upload-${this.id}`);
+    mkdirSync(store.cacheRoot, { recursive: true });
+    this.tmp = path.join(store.cacheRoot, `.upload-${this.id}`);
     mkdirSync(this.tmp);
   }
 
@@ -206,12 +319,12 @@ export class DatasetUpload {
 
   /** A piece of a named file; a new name closes the previous file. */
   async file(name: string, data: Uint8Array): Promise<void> {
-    if (this.zip) throw invalid([{ field: name, description: "files and a zip cannot be mixed in one upload" }]);
+    if (this.zip) throw invalidDataset([{ field: name, description: "files and a zip cannot be mixed in one upload" }]);
     if (this.current?.name !== name) {
       await this.closeCurrent();
       const why = badName(name);
-      if (why) throw invalid([{ field: name, description: why }]);
-      if (this.files.has(name)) throw invalid([{ field: name, description: "was sent twice (a file's chunks must be consecutive)" }]);
+      if (why) throw invalidDataset([{ field: name, description: why }]);
+      if (this.files.has(name)) throw invalidDataset([{ field: name, description: "was sent twice (a file's chunks must be consecutive)" }]);
       if (this.files.size >= this.limits.maxFiles) throw tooLarge(`more than ${this.limits.maxFiles} files`);
       this.files.set(name, 0);
       this.current = { name, out: createWriteStream(path.join(this.tmp, name), { flags: "wx" }) };
@@ -225,7 +338,7 @@ export class DatasetUpload {
 
   /** The next bytes of a zip archive. */
   async zipChunk(data: Uint8Array): Promise<void> {
-    if (this.files.size > 0) throw invalid([{ field: "zip_chunk", description: "files and a zip cannot be mixed in one upload" }]);
+    if (this.files.size > 0) throw invalidDataset([{ field: "zip_chunk", description: "files and a zip cannot be mixed in one upload" }]);
     this.zip ??= { file: path.join(this.tmp, ".archive.zip"), out: createWriteStream(path.join(this.tmp, ".archive.zip"), { flags: "wx" }) };
     this.count(data.length);
     await write(this.zip.out, data);
@@ -237,7 +350,7 @@ export class DatasetUpload {
     this.current = null;
   }
 
-  /** Checks everything and moves the set into place. */
+  /** Checks everything, stores the set and moves the folder into this host's cache. */
   async finish(): Promise<Dataset> {
     try {
       await this.closeCurrent();
@@ -247,10 +360,10 @@ export class DatasetUpload {
         rmSync(this.zip.file);
       }
       const count = await checkSet(this.tmp, this.limits);
-      const dest = path.join(this.root, this.id);
-      renameSync(this.tmp, dest);
-      const sizeBytes = readdirSync(dest).reduce((a, n) => a + statSync(path.join(dest, n)).size, 0);
-      return { id: this.id, name: this.name, path: dest, imageCount: count, sizeBytes };
+      const sizeBytes = readdirSync(this.tmp).reduce((a, n) => a + statSync(path.join(this.tmp, n)).size, 0);
+      await this.store.put(this.id, this.name, this.tmp, count);
+      renameSync(this.tmp, path.join(this.store.cacheRoot, this.id));
+      return { id: this.id, name: this.name, imageCount: count, sizeBytes };
     } catch (err) {
       this.abort();
       throw err;
@@ -273,7 +386,7 @@ export class DatasetUpload {
     return new Promise((resolve, reject) => {
       // yauzl validates entry names itself too (absolute paths, "..", backslashes).
       yauzl.open(zipFile, { lazyEntries: true, decodeStrings: true, validateEntrySizes: true }, (err, zip) => {
-        if (err || !zip) return reject(invalid([{ field: "zip", description: `is not a readable zip archive (${err?.message})` }]));
+        if (err || !zip) return reject(invalidDataset([{ field: "zip", description: `is not a readable zip archive (${err?.message})` }]));
         let failed = false;
         const fail = (e: unknown) => {
           if (failed) return;
@@ -281,21 +394,21 @@ export class DatasetUpload {
           zip.close();
           reject(e);
         };
-        zip.on("error", (e: Error) => fail(invalid([{ field: "zip", description: e.message }])));
+        zip.on("error", (e: Error) => fail(invalidDataset([{ field: "zip", description: e.message }])));
         zip.on("end", () => {
           if (!failed) resolve();
         });
         zip.on("entry", (entry: yauzl.Entry) => {
           if (entry.fileName.endsWith("/")) return zip.readEntry(); // folders carry nothing
           const why = badName(entry.fileName);
-          if (why) return fail(invalid([{ field: entry.fileName, description: why }]));
-          if (this.files.has(entry.fileName)) return fail(invalid([{ field: entry.fileName, description: "appears twice in the zip" }]));
+          if (why) return fail(invalidDataset([{ field: entry.fileName, description: why }]));
+          if (this.files.has(entry.fileName)) return fail(invalidDataset([{ field: entry.fileName, description: "appears twice in the zip" }]));
           if (this.files.size >= this.limits.maxFiles) return fail(tooLarge(`more than ${this.limits.maxFiles} files`));
           if (entry.uncompressedSize > this.limits.maxFileBytes)
             return fail(tooLarge(`${entry.fileName} is larger than ${this.limits.maxFileBytes} bytes`));
           this.files.set(entry.fileName, entry.uncompressedSize);
           zip.openReadStream(entry, (e, rs) => {
-            if (e || !rs) return fail(invalid([{ field: entry.fileName, description: `cannot be read (${e?.message})` }]));
+            if (e || !rs) return fail(invalidDataset([{ field: entry.fileName, description: `cannot be read (${e?.message})` }]));
             let entryBytes = 0;
             const limit = new Transform({
               transform: (chunk: Buffer, _enc, next) => {
@@ -312,7 +425,7 @@ export class DatasetUpload {
             // pipeline destroys all three streams on the first error, so writing stops there.
             pipeline(rs, limit, out, (pe) => {
               if (!pe) return zip.readEntry();
-              fail(pe instanceof ApiError ? pe : invalid([{ field: entry.fileName, description: pe.message }]));
+              fail(pe instanceof ApiError ? pe : invalidDataset([{ field: entry.fileName, description: pe.message }]));
             });
           });
         });
@@ -330,10 +443,13 @@ function close(out: WriteStream): Promise<void> {
   return new Promise((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
 }
 
-/** Receives one upload stream (see dataset_service.proto) and stores the set under `root`. */
+/**
+ * Receives one upload stream (see dataset_service.proto; each message already keeps the
+ * contract's rules) and stores the set.
+ */
 export async function receiveUpload(
   parts: AsyncIterable<UploadDatasetRequest>,
-  root: string,
+  store: DatasetStore,
   limits: DatasetLimits = DEFAULT_LIMITS,
 ): Promise<Dataset> {
   let upload: DatasetUpload | null = null;
@@ -342,17 +458,17 @@ export async function receiveUpload(
       const part = msg.part;
       if (!part) continue;
       if (part.$case === "header") {
-        if (upload) throw invalid([{ field: "header", description: "must be sent once, first" }]);
-        upload = new DatasetUpload(root, part.header.name, limits);
+        if (upload) throw invalidDataset([{ field: "header", description: "must be sent once, first" }]);
+        upload = new DatasetUpload(store, part.header.name, limits);
       } else if (!upload) {
-        throw invalid([{ field: "header", description: "must come first" }]);
+        throw invalidDataset([{ field: "header", description: "must come first" }]);
       } else if (part.$case === "file") {
         await upload.file(part.file.name, part.file.data);
       } else {
         await upload.zipChunk(part.zipChunk);
       }
     }
-    if (!upload) throw invalid([{ field: "header", description: "is missing: the upload was empty" }]);
+    if (!upload) throw invalidDataset([{ field: "header", description: "is missing: the upload was empty" }]);
     return await upload.finish();
   } catch (err) {
     upload?.abort();

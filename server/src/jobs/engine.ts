@@ -1,7 +1,7 @@
 // Runs the Python engine as one child process per job and reads its events: one
 // proto3-JSON JobEvent per line on stdout (without job id and sequence, which the
-// worker assigns); logs arrive on stderr. A crash or out-of-memory kills the child,
-// never the server.
+// worker assigns; artifacts named by their path in the output folder); logs arrive
+// on stderr. A crash or out-of-memory kills the child, never the server.
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import path from "node:path";
@@ -9,6 +9,7 @@ import { createInterface } from "node:readline";
 import { JobEvent } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import { childEnv } from "../core/child-env.js";
+import { fromProtoJson, protoJson } from "../core/contract.js";
 
 /** How the engine ended. Exit codes are the engine's contract (engine/README.md). */
 export interface EngineExit {
@@ -30,20 +31,24 @@ export class EngineRun {
   private readonly child: ChildProcess;
   readonly exited: Promise<EngineExit>;
 
+  /**
+   * Starts `train` on `spec` (whose data set must be a local folder or a hub name), writing into
+   * `outputDir`; `resumeFrom` is "latest" (the newest checkpoint in outputDir) or a checkpoint folder.
+   */
   constructor(
     opts: EngineOptions,
     spec: TrainingSpec,
     readonly outputDir: string,
+    resumeFrom: string | undefined,
     onEvent: (ev: JobEvent) => void,
     onStderr: (line: string) => void,
     extraEnv: Record<string, string> = {},
-    resume = false,
   ) {
     mkdirSync(outputDir, { recursive: true });
     const specFile = path.join(outputDir, "spec.json");
-    writeFileSync(specFile, JSON.stringify(TrainingSpec.toJSON(spec), null, 2));
+    writeFileSync(specFile, JSON.stringify(protoJson(TrainingSpec, "loraforge.v1.TrainingSpec", spec), null, 2));
     const args = ["-m", "loraforge_engine", "train", "--spec", specFile, "--output-dir", outputDir];
-    if (resume) args.push("--resume-from", "latest");
+    if (resumeFrom) args.push("--resume-from", resumeFrom);
     this.child = spawn(opts.python, args, {
       env: childEnv({ ...extraEnv, PYTHONPATH: opts.engineDir, PYTHONUNBUFFERED: "1", LORAFORGE_SUPERVISOR_PID: String(process.pid) }),
       stdio: ["ignore", "pipe", "pipe"],
@@ -51,11 +56,14 @@ export class EngineRun {
     const tail: string[] = [];
     createInterface({ input: this.child.stdout! }).on("line", (line) => {
       if (!line.trim()) return;
+      let ev: JobEvent;
       try {
-        onEvent(JobEvent.fromJSON(JSON.parse(line)));
+        ev = fromProtoJson(JobEvent, "loraforge.v1.JobEvent", JSON.parse(line));
       } catch {
         onStderr(`engine wrote a line that is not an event: ${line.slice(0, 200)}`);
+        return;
       }
+      onEvent(ev);
     });
     createInterface({ input: this.child.stderr! }).on("line", (line) => {
       tail.push(line);

@@ -3,18 +3,18 @@
 // ApiErrors, which each front door maps to its own status.
 import { stateName } from "@loraforge/sdk";
 import { status } from "@grpc/grpc-js";
-import { Artifact, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { Artifact, ArtifactKind, Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
-import { ArtifactStore } from "./artifacts.js";
-import { existsSync } from "node:fs";
-import path from "node:path";
-import { DATASET_ID_PATTERN } from "./datasets.js";
-import { ApiError, invalidSpec, jobNotFound, requestIdReused, type FieldViolation } from "../core/errors.js";
+import { TrainRequest } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
+import { ArtifactStore, jobOfArtifact } from "./artifacts.js";
+import type { DatasetStore } from "./datasets.js";
+import { ApiError, invalidSpec, jobError, jobNotFound, requestIdReused } from "../core/errors.js";
 import { JOB_ID_PATTERN, newJobId } from "../core/ids.js";
 import { log } from "../core/log.js";
+import { ruleViolations } from "../core/rules.js";
+import { hostViolations } from "./spec-checks.js";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
 import { telemetry } from "../core/telemetry.js";
-import { validateSpec, type PathPolicy } from "../core/validate.js";
 
 export const MAX_PAGE_SIZE = 1000;
 export const DEFAULT_PAGE_SIZE = 50;
@@ -40,23 +40,11 @@ export class Jobs {
   constructor(
     readonly store: JobStore,
     readonly artifacts: ArtifactStore,
-    private readonly paths: PathPolicy,
-    /** Where DatasetService stores uploads; a spec's dataset_id resolves to a folder here. */
-    private readonly datasetRoot?: string,
+    /** Uploaded data sets, which a spec's dataset_id names. */
+    private readonly datasets: DatasetStore,
+    /** Client-named host folders must lie inside these; empty allows any path. */
+    private readonly roots: string[] = [],
   ) {}
-
-  /**
-   * A spec's dataset_id as the uploaded set's folder (recorded as dataset_dir), or
-   * a violation when the id is unknown or another source is set too.
-   */
-  private resolveDataset(spec: TrainingSpec | undefined): { spec: TrainingSpec | undefined; violations: FieldViolation[] } {
-    if (!spec?.datasetId) return { spec, violations: [] };
-    const bad = (description: string) => ({ spec, violations: [{ field: "spec.dataset_id", description }] });
-    if (spec.datasetDir || spec.datasetName !== undefined) return bad("must not be set together with dataset_dir or dataset_name (give one data source)");
-    const dir = this.datasetRoot && DATASET_ID_PATTERN.test(spec.datasetId) ? path.join(this.datasetRoot, spec.datasetId) : "";
-    if (!dir || !existsSync(dir)) return bad(`no uploaded data set has id ${JSON.stringify(spec.datasetId)}`);
-    return { spec: { ...spec, datasetDir: dir }, violations: [] };
-  }
 
   async get(jobId: string): Promise<Job> {
     const cur = JOB_ID_PATTERN.test(jobId) ? await this.store.get(jobId) : null;
@@ -67,15 +55,16 @@ export class Jobs {
   /**
    * Validates and queues a job. With a request id seen before, returns that job when the spec is
    * the same, and refuses the call (ALREADY_EXISTS, REQUEST_ID_REUSED) when it differs (AIP-155).
+   * The spec is kept as submitted: a dataset_id stays an id, which the worker resolves.
    */
   async submit(spec: TrainingSpec | undefined, requestId: string): Promise<Job> {
     if (this.shuttingDown) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
-    const resolved = this.resolveDataset(spec);
-    if (resolved.violations.length > 0) throw invalidSpec(resolved.violations);
-    spec = resolved.spec;
-    const violations = validateSpec(spec, this.paths);
-    if (requestId.length > 128)
-      violations.push({ field: "request_id", description: `must be at most 128 characters, got ${requestId.length}` });
+    // The contract's rules and the host's checks together, so that one answer names every bad field.
+    const violations = ruleViolations(TrainRequest, "loraforge.v1.TrainRequest", { spec, requestId });
+    if (spec) {
+      const flagged = new Set(violations.map((v) => v.field));
+      violations.push(...(await hostViolations(spec, { roots: this.roots, datasets: this.datasets, store: this.store }, flagged)));
+    }
     if (violations.length > 0) throw invalidSpec(violations);
 
     const id = newJobId();
@@ -101,7 +90,7 @@ export class Jobs {
         jobId: id,
         sequence: 1,
         time: job.createTime,
-        payload: { $case: "state", state: { state: JobState.JOB_STATE_QUEUED, error: "" } },
+        payload: { $case: "state", state: { state: JobState.JOB_STATE_QUEUED, error: undefined, lora: undefined } },
       }),
     );
     await this.store.enqueue(id, telemetry.inject());
@@ -121,10 +110,7 @@ export class Jobs {
 
   /** One page of jobs, newest first; the token is the last id of the previous page. */
   async list(opts: ListOptions): Promise<{ jobs: Job[]; nextPageToken: string }> {
-    if (opts.pageSize < 0 || opts.pageSize > MAX_PAGE_SIZE)
-      throw new ApiError(status.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", `page_size must be in 0..${MAX_PAGE_SIZE}`, [
-        { field: "page_size", description: `must be in 0..${MAX_PAGE_SIZE}, got ${opts.pageSize}` },
-      ]);
+    // page_size's range is the contract's rule (checked by the API); a token is ours to judge.
     if (opts.pageToken && !JOB_ID_PATTERN.test(opts.pageToken))
       throw new ApiError(status.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not one this server issued", [
         { field: "page_token", description: "is not a token from a previous ListJobs response" },
@@ -149,7 +135,8 @@ export class Jobs {
   async cancel(jobId: string, reason = "cancelled by a client"): Promise<Job> {
     await this.get(jobId);
     let cancelledWhileQueued = false;
-    const updated = await this.store.update(jobId, (job) => {
+    const updated = await this.store.update(jobId, (rec) => {
+      const job = rec.job;
       cancelledWhileQueued = false;
       if (isFinal(job.state))
         throw new ApiError(
@@ -160,7 +147,7 @@ export class Jobs {
           { job_id: job.id },
         );
       if (job.state === JobState.JOB_STATE_CANCELLING) return null;
-      job.error = reason;
+      job.error = jobError(status.CANCELLED, "CANCELLED", reason);
       if (job.state === JobState.JOB_STATE_QUEUED) {
         cancelledWhileQueued = true;
         job.state = JobState.JOB_STATE_CANCELLED;
@@ -170,7 +157,7 @@ export class Jobs {
         // The worker running it sees this change, publishes CANCELLING and stops the engine.
         job.state = JobState.JOB_STATE_CANCELLING;
       }
-      return job;
+      return rec;
     });
     if (!updated) return this.get(jobId);
     if (cancelledWhileQueued) {
@@ -179,7 +166,7 @@ export class Jobs {
           jobId,
           sequence: updated.job.lastSequence,
           time: updated.job.endTime,
-          payload: { $case: "state", state: { state: JobState.JOB_STATE_CANCELLED, error: updated.job.error } },
+          payload: { $case: "state", state: { state: JobState.JOB_STATE_CANCELLED, error: updated.job.error, lora: undefined } },
         }),
       );
     }
@@ -219,18 +206,25 @@ export class Jobs {
     }
   }
 
-  /** An artifact of a job and its bytes (a checkpoint as a tar archive). */
-  async artifact(jobId: string, objectName: string): Promise<{ artifact: Artifact; bytes: AsyncGenerator<Uint8Array> }> {
+  /**
+   * An artifact by its name ("jobs/<job id>/...", as Job.artifacts lists it; a checkpoint's
+   * last "/" may be left out) and its bytes (a checkpoint as a tar archive).
+   */
+  async artifact(name: string): Promise<{ artifact: Artifact; bytes: AsyncGenerator<Uint8Array> }> {
+    const jobId = jobOfArtifact(name);
+    if (!jobId) throw jobNotFound(name);
     const job = await this.get(jobId);
-    const artifact = job.artifacts.find((a) => a.objectName && a.objectName === objectName);
+    const artifact = job.artifacts.find(
+      (a) => a.name === name || (a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.name === name + "/"),
+    );
     if (!artifact)
       throw new ApiError(
         status.NOT_FOUND,
         "ARTIFACT_NOT_FOUND",
-        `job ${job.id} has no artifact ${JSON.stringify(objectName)} (see Job.artifacts[].object_name)`,
+        `job ${job.id} has no artifact ${JSON.stringify(name)} (see Job.artifacts[].name)`,
         [],
-        { job_id: job.id, object_name: objectName },
+        { job_id: job.id, name },
       );
-    return { artifact, bytes: this.artifacts.read(artifact.objectName) };
+    return { artifact, bytes: this.artifacts.read(artifact.name) };
   }
 }

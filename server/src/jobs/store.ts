@@ -1,6 +1,7 @@
 // JetStream is loraforge's queue, state store and event log:
-//   - KV bucket `loraforge_jobs`: job records (`jobs.<id>`) and idempotency keys
-//     (`requests.<sha256 of request_id>`), changed only by compare-and-set;
+//   - KV bucket `loraforge_jobs`: job records (`jobs.<id>`: the public Job plus the worker-internal
+//     attempts and owner, see JobRecord) and idempotency keys (`requests.<sha256 of request_id>`),
+//     changed only by compare-and-set;
 //   - stream LORAFORGE_QUEUE (work queue): one message per job to run, id = job id;
 //   - stream LORAFORGE_EVENTS: every JobEvent on `loraforge.v1.jobs.<id>.<kind>`.
 import { createHash } from "node:crypto";
@@ -17,6 +18,8 @@ import {
   type JetStreamManager,
 } from "@nats-io/jetstream";
 import { Kvm, type KV } from "@nats-io/kv";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
+import { status } from "@grpc/grpc-js";
 import { Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
 
 export const JOBS_BUCKET = "loraforge_jobs";
@@ -40,10 +43,57 @@ const STATE_RANK: Record<number, number> = {
   [JobState.JOB_STATE_CANCELLED]: 4,
 };
 
-/** A job record together with the KV revision it was read at (for compare-and-set). */
-export interface Versioned {
+/**
+ * What the server keeps about a job: the Job clients see, and beside it what only workers use
+ * (fencing): how many times a worker has started the job, and which worker runs it (or ran it
+ * last). Only that worker may change a RUNNING job's record; one that finds another owner here
+ * has lost the job and stops.
+ */
+export interface JobRecord {
   job: Job;
+  /** Starts so far: 1 on the first run; a job whose worker died, or whose engine was killed, is retried. */
+  attempts: number;
+  /** The owning worker's id (hostname/pid/random); "" while nobody runs it. */
+  worker: string;
+}
+
+/** A job record together with the KV revision it was read at (for compare-and-set). */
+export interface Versioned extends JobRecord {
   revision: number;
+}
+
+/** The stored form: JSON with the Job's wire bytes in base64, so the public message stays the contract's. */
+function encodeRecord(rec: JobRecord): Uint8Array {
+  const job = Buffer.from(Job.encode(rec.job).finish()).toString("base64");
+  return new TextEncoder().encode(JSON.stringify({ job, attempts: rec.attempts, worker: rec.worker }));
+}
+
+function decodeRecord(value: Uint8Array): JobRecord {
+  // "{" is never the first byte of a Job's encoding (it would be field 15 with wire type 3).
+  if (value[0] === 0x7b) {
+    const r = JSON.parse(new TextDecoder().decode(value)) as { job: string; attempts: number; worker: string };
+    return { job: Job.decode(Buffer.from(r.job, "base64")), attempts: r.attempts, worker: r.worker };
+  }
+  return legacyRecord(value);
+}
+
+/**
+ * A record written before the contract moved attempts and the worker out of Job: the bare Job, with
+ * attempts (13), worker (14) and the error as text (8) in fields the contract now reserves.
+ */
+function legacyRecord(value: Uint8Array): JobRecord {
+  const rec: JobRecord = { job: Job.decode(value), attempts: 0, worker: "" };
+  const r = new BinaryReader(value);
+  while (r.pos < r.len) {
+    const [field, wireType] = r.tag();
+    if (field === 13 && wireType === WireType.Varint) rec.attempts = r.int32();
+    else if (field === 14 && wireType === WireType.LengthDelimited) rec.worker = r.string();
+    else if (field === 8 && wireType === WireType.LengthDelimited) {
+      const message = r.string();
+      if (message) rec.job.error ??= { code: status.UNKNOWN, message, details: [] };
+    } else r.skip(wireType);
+  }
+  return rec;
 }
 
 /** The kind segment of an event's subject: state, metrics, checkpoint, validation or log. */
@@ -107,30 +157,36 @@ export class JobStore {
   async get(jobId: string): Promise<Versioned | null> {
     const e = await this.kv.get(`jobs.${jobId}`);
     if (!e || e.operation !== "PUT") return null;
-    return { job: Job.decode(e.value), revision: e.revision };
+    return { ...decodeRecord(e.value), revision: e.revision };
   }
 
-  /** Stores a new job; fails if the id exists. */
+  /** A record as a watch delivers it (null for a delete). */
+  static decode(value: Uint8Array): JobRecord | null {
+    return value.length > 0 ? decodeRecord(value) : null;
+  }
+
+  /** Stores a new job (not yet started by any worker); fails if the id exists. */
   async create(job: Job): Promise<Versioned> {
-    const revision = await this.kv.create(`jobs.${job.id}`, Job.encode(job).finish());
-    return { job, revision };
+    const rec: JobRecord = { job, attempts: 0, worker: "" };
+    const revision = await this.kv.create(`jobs.${job.id}`, encodeRecord(rec));
+    return { ...rec, revision };
   }
 
   /**
-   * Compare-and-set: applies `change` to the latest record and writes it only if
+   * Compare-and-set: applies `change` to (a copy of) the latest record and writes it only if
    * nobody wrote in between; retries on conflict. `change` returns null to abort.
    */
-  async update(jobId: string, change: (job: Job) => Job | null): Promise<Versioned | null> {
+  async update(jobId: string, change: (rec: JobRecord) => JobRecord | null): Promise<Versioned | null> {
     for (let attempt = 0; ; attempt++) {
       const cur = await retryWhileDisconnected(() => this.get(jobId));
       if (!cur) return null;
-      const next = change(Job.fromPartial(cur.job));
+      const next = change({ job: Job.fromPartial(cur.job), attempts: cur.attempts, worker: cur.worker });
       if (!next) return null;
-      if (STATE_RANK[next.state] < STATE_RANK[cur.job.state] || (isFinal(cur.job.state) && next.state !== cur.job.state))
-        throw new Error(`job ${jobId}: state may not move back from ${JobState[cur.job.state]} to ${JobState[next.state]}`);
+      if (STATE_RANK[next.job.state] < STATE_RANK[cur.job.state] || (isFinal(cur.job.state) && next.job.state !== cur.job.state))
+        throw new Error(`job ${jobId}: state may not move back from ${JobState[cur.job.state]} to ${JobState[next.job.state]}`);
       try {
-        const revision = await this.kv.update(`jobs.${jobId}`, Job.encode(next).finish(), cur.revision);
-        return { job: next, revision };
+        const revision = await this.kv.update(`jobs.${jobId}`, encodeRecord(next), cur.revision);
+        return { ...next, revision };
       } catch (err) {
         // A conflict (someone wrote in between) or a connection error: read again.
         if (attempt >= 200) throw err;

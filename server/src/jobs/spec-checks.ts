@@ -1,0 +1,63 @@
+// What the contract's rules cannot check about a TrainingSpec, because only this host knows:
+// that its folders exist inside the data roots and hold a diffusers model or captioned images,
+// that an uploaded set it names was stored, and that a checkpoint it resumes from exists.
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
+import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
+import type { FieldViolation } from "../core/errors.js";
+import { hostPath } from "../core/paths.js";
+import { jobOfArtifact } from "./artifacts.js";
+import { countCaptionedImages, type DatasetStore } from "./datasets.js";
+import type { JobStore } from "./store.js";
+
+export interface SpecHost {
+  /** Client-named folders must lie inside these; empty allows any path. */
+  roots: string[];
+  datasets: DatasetStore;
+  store: JobStore;
+}
+
+/**
+ * The spec's problems only the host can see, each naming its field ("spec.base_model"). Fields in
+ * `flagged` already broke a rule and are not looked at again.
+ */
+export async function hostViolations(spec: TrainingSpec, host: SpecHost, flagged: Set<string>): Promise<FieldViolation[]> {
+  const bad: FieldViolation[] = [];
+  const check = async (field: string, problem: () => string | null | Promise<string | null>) => {
+    if (flagged.has(field)) return;
+    const p = await problem();
+    if (p) bad.push({ field, description: p });
+  };
+  await check("spec.base_model", () => {
+    const where = hostPath(spec.baseModel, host.roots, "folder");
+    if ("problem" in where) return where.problem;
+    return existsSync(path.join(where.real, "model_index.json")) ? null : `folder ${JSON.stringify(spec.baseModel)} is not a diffusers model (no model_index.json)`;
+  });
+  const ds = spec.dataset;
+  if (ds?.$case === "datasetDir")
+    await check("spec.dataset_dir", () => {
+      const where = hostPath(ds.datasetDir, host.roots, "folder");
+      if ("problem" in where) return where.problem;
+      const column = spec.imageColumn ?? "file_name";
+      return countCaptionedImages(where.real, column) > 0
+        ? null
+        : `folder ${JSON.stringify(ds.datasetDir)} holds no captioned images (expected metadata.jsonl with ${column} and a caption, or images with same-named .txt captions)`;
+    });
+  if (ds?.$case === "datasetId")
+    await check("spec.dataset_id", async () =>
+      (await host.datasets.exists(ds.datasetId)) ? null : `no uploaded data set has id ${JSON.stringify(ds.datasetId)} (DatasetService.UploadDataset returns one)`,
+    );
+  const resume = spec.resumeFromCheckpoint;
+  if (resume !== undefined && resume !== "latest")
+    await check("spec.resume_from_checkpoint", async () => ((await checkpointArtifact(resume, host.store)) ? null : `no job has a checkpoint named ${JSON.stringify(resume)} (see Job.artifacts)`));
+  return bad;
+}
+
+/** The stored checkpoint artifact a resume_from_checkpoint name ("jobs/<id>/checkpoint-<step>/", the last "/" optional) denotes, or null. */
+export async function checkpointArtifact(name: string, store: JobStore) {
+  const full = name.endsWith("/") ? name : name + "/";
+  const jobId = jobOfArtifact(full);
+  const rec = jobId ? await store.get(jobId) : null;
+  return rec?.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.name === full) ?? null;
+}
