@@ -79,11 +79,14 @@ function statSignature(root: string): string {
   return parts.join("|");
 }
 
-/** Runs `python -m loraforge_engine <args>` as the worker runs the engine; resolves with its stdout. */
-function runEngineCommand(cfg: ExporterConfig, args: string[], what: string): Promise<string> {
+/**
+ * Runs `python -m loraforge_engine <args>`; resolves with its stdout. `pythonPath` defaults to the
+ * engine's folder before any inherited PYTHONPATH (the exporter's); the worker's is the folder alone.
+ */
+function runEngineCommand(cfg: ExporterConfig, args: string[], what: string, pythonPath?: string): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cfg.python, ["-m", "loraforge_engine", ...args], {
-      env: childEnv({ PYTHONPATH: cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
+      env: childEnv({ PYTHONPATH: pythonPath ?? cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "";
@@ -104,7 +107,9 @@ function runEngineCommand(cfg: ExporterConfig, args: string[], what: string): Pr
 
 /** The base model's identity: the engine's content hash (`model-hash`, engine/loraforge_engine/fingerprint.py), one definition for every part. */
 async function engineModelHash(cfg: ExporterConfig, modelDir: string): Promise<string> {
-  const out = (await runEngineCommand(cfg, ["model-hash", modelDir], `hashing ${modelDir}`)).trim();
+  // Run as the worker runs the engine (same python, PYTHONPATH the engine's folder), so that the
+  // hash is the one the engine writes into the LoRAs it trains.
+  const out = (await runEngineCommand(cfg, ["model-hash", modelDir], `hashing ${modelDir}`, cfg.engineDir)).trim();
   if (!/^[0-9a-f]{16,64}$/.test(out)) throw new Error(`the engine's model-hash printed ${JSON.stringify(out.slice(0, 100))} for ${modelDir}`);
   return out;
 }
