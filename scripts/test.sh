@@ -17,6 +17,7 @@ if [ -n "$prev" ] && git merge-base --is-ancestor "$since" "$prev" 2>/dev/null; 
   git archive "$prev" proto buf.yaml | tar -x -C "$against"
   cp -r .proto-deps "$against/"
   npx buf breaking --against "$against"
+  echo "buf breaking: loraforge.v1 is compatible with $(git rev-parse --short "$prev")"
   rm -rf "$against"
 else
   echo "(buf breaking: the previous commit predates proto/BREAKING_SINCE; nothing to compare)"
