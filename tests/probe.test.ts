@@ -271,10 +271,15 @@ describe("one managed nats-server per storage directory", () => {
     const first = await startServer({ stateDir, env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
     const [orphan] = processesMatching(natsArgs);
     assert.ok(orphan, "the first serve's nats-server runs");
+    // Its watchdog would stop it when serve dies (tests/nats-supervision.test.ts); with the watchdog
+    // gone too, the next start is what stops it.
+    const watchdogs = processesMatching(`loraforge-nats-watchdog ${orphan}$`);
+    assert.equal(watchdogs.length, 1, "a watchdog guards the nats-server");
+    process.kill(watchdogs[0], "SIGKILL");
     first.client.close();
     first.proc.kill("SIGKILL");
     await new Promise((r) => first.proc.once("exit", r));
-    assert.deepEqual(processesMatching(natsArgs), [orphan], "kill -9 of serve leaves its nats-server running");
+    assert.deepEqual(processesMatching(natsArgs), [orphan], "kill -9 of serve and its watchdog leaves the nats-server running");
 
     const second = await startServer({ stateDir, env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
     try {

@@ -94,6 +94,27 @@ export interface Running {
   dashboardUrl: string;
   /** Graceful stop: refuse new work, stop the running job, flush NATS, stop a managed nats-server. */
   close(): Promise<void>;
+  /** Settles when the managed nats-server could not be restarted: the caller should close and exit non-zero. */
+  failed: Promise<Error>;
+}
+
+/**
+ * Health follows NATS: NOT_SERVING from the moment the connection drops (or the managed nats-server
+ * exits) until the client has reconnected, while `closing()` is false.
+ */
+function followNats(stores: Awaited<ReturnType<typeof openStores>>, setServing: (serving: boolean) => void, closing: () => boolean) {
+  const set = (serving: boolean) => {
+    if (closing()) return;
+    log(serving ? "info" : "warn", serving ? "NATS is back; health SERVING" : "NATS is unreachable; health NOT_SERVING");
+    setServing(serving);
+  };
+  stores.managed?.on("down", () => set(false));
+  void (async () => {
+    for await (const s of stores.nc.status()) {
+      if (s.type === "disconnect") set(false);
+      else if (s.type === "reconnect") set(true);
+    }
+  })();
 }
 
 /** NATS (managed when no URL is configured), the stores, and how to close them. */
@@ -103,7 +124,16 @@ async function openStores(cfg: ServerConfig) {
   const creds = managed ? managed.credentials : cfg.natsUser ? { user: cfg.natsUser, pass: cfg.natsPassword ?? "" } : {};
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1, ...creds });
+    // Reconnect for as long as it takes: a managed nats-server that died is restarted on the same
+    // port, usually within a second, so retry that one often.
+    nc = await connect({
+      servers: natsUrl.split(","),
+      name: "loraforge",
+      reconnect: true,
+      maxReconnectAttempts: -1,
+      ...(managed ? { reconnectTimeWait: 250 } : {}),
+      ...creds,
+    });
     const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
     const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
     // Uploaded sets live in the object store; this host keeps copies under <state dir>/datasets.
@@ -112,7 +142,9 @@ async function openStores(cfg: ServerConfig) {
       await nc!.drain();
       await managed?.stop();
     };
-    return { natsUrl, nc, store, artifacts, datasets, close };
+    // Settles only when the managed nats-server is down for good (see ManagedNats): the process must stop.
+    const failed = new Promise<Error>((resolve) => managed?.once("fatal", resolve));
+    return { natsUrl, nc, managed, store, artifacts, datasets, close, failed };
   } catch (err) {
     await nc?.close();
     await managed?.stop();
@@ -147,6 +179,10 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
       "loraforge.v1.DatasetService": "SERVING",
     });
     health.addToServer(grpcServer);
+    const services = ["", "loraforge.v1.TrainerService", "loraforge.v1.InferenceService", "loraforge.v1.DatasetService"];
+    const setServing = (serving: boolean) => {
+      for (const s of services) health.setStatus(s, serving ? "SERVING" : "NOT_SERVING");
+    };
     // Lets grpcurl and `buf curl` list and call every service without local .proto files.
     addReflection(grpcServer);
     const port = await new Promise<number>((resolve, reject) =>
@@ -177,10 +213,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
       (closing ??= (async () => {
         log("info", "shutting down");
         jobs.shuttingDown = true;
-        health.setStatus("", "NOT_SERVING");
-        health.setStatus("loraforge.v1.TrainerService", "NOT_SERVING");
-        health.setStatus("loraforge.v1.InferenceService", "NOT_SERVING");
-        health.setStatus("loraforge.v1.DatasetService", "NOT_SERVING");
+        setServing(false);
         await worker?.stop();
         await dashboard?.close();
         await new Promise<void>((resolve) => {
@@ -197,7 +230,8 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
         await stores.close();
         log("info", "stopped");
       })());
-    return { address: `${host}:${port}`, natsUrl: stores.natsUrl, dashboardUrl: dashboard?.url ?? "", close };
+    followNats(stores, setServing, () => closing !== null);
+    return { address: `${host}:${port}`, natsUrl: stores.natsUrl, dashboardUrl: dashboard?.url ?? "", close, failed: stores.failed };
   } catch (err) {
     await stores.close();
     throw err;
@@ -219,5 +253,5 @@ export async function startWorker(cfg: ServerConfig): Promise<Running> {
       await worker.stop("the worker shut down; the job goes back to the queue");
       await stores.close();
     })());
-  return { address: "", natsUrl: stores.natsUrl, dashboardUrl: "", close };
+  return { address: "", natsUrl: stores.natsUrl, dashboardUrl: "", close, failed: stores.failed };
 }

@@ -69,14 +69,23 @@ export async function runDaemon(command: "serve" | "worker", rest: string[]): Pr
   if (command === "serve") console.log(`loraforge: listening on ${server.address} (nats ${server.natsUrl})`);
   if (command === "serve" && server.dashboardUrl) console.log(`loraforge: dashboard on ${server.dashboardUrl}`);
   else if (command === "worker") console.log(`loraforge: worker ready (nats ${server.natsUrl})`);
-  await new Promise<void>((resolve) => {
+  const fatal = await new Promise<Error | null>((resolve) => {
     const onSignal = (sig: string) => {
       log("info", `received ${sig}`);
-      resolve();
+      resolve(null);
     };
     process.once("SIGTERM", () => onSignal("SIGTERM"));
     process.once("SIGINT", () => onSignal("SIGINT"));
+    void server.failed.then(resolve);
   });
+  if (fatal) {
+    // No NATS to flush to: stop the job and the API, but do not wait on the store for long.
+    log("error", "stopping: NATS is gone", { err: fatal.message });
+    await Promise.race([server.close(), new Promise((r) => setTimeout(r, 15_000).unref())]);
+    await stopTelemetry();
+    console.error(`loraforge ${command}: ${fatal.message}`);
+    return 1;
+  }
   await server.close();
   await stopTelemetry();
   return 0;

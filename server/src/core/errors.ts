@@ -59,12 +59,20 @@ export function errorReason(s: Status | undefined): string {
   return info ? ErrorInfo.decode(info.value).reason : "";
 }
 
-/** Turns any thrown value into the ServiceError grpc-js sends; unknown errors become INTERNAL. */
+/** nats.js errors (by name) that mean the store is out of reach for now, not that the request is wrong. */
+const NATS_UNREACHABLE = new Set(["TimeoutError", "NoResponders", "RequestError", "ConnectionError", "ClosedConnectionError", "DrainingConnectionError"]);
+
+/**
+ * Turns any thrown value into the ServiceError grpc-js sends: NATS out of reach (e.g. while a managed
+ * nats-server restarts) becomes UNAVAILABLE, which clients retry; other unknown errors become INTERNAL.
+ */
 export function toServiceError(err: unknown): Partial<ServiceError> {
   const e =
     err instanceof ApiError
       ? err
-      : new ApiError(status.INTERNAL, "INTERNAL", `internal error: ${err instanceof Error ? err.message : String(err)}`);
+      : err instanceof Error && NATS_UNREACHABLE.has(err.name)
+        ? new ApiError(status.UNAVAILABLE, "STORE_UNAVAILABLE", `the job store (NATS) is unreachable; retry: ${err.message}`)
+        : new ApiError(status.INTERNAL, "INTERNAL", `internal error: ${err instanceof Error ? err.message : String(err)}`);
   const details = [errorInfo(e.reason, e.metadata)];
   if (e.violations.length > 0) {
     details.push({

@@ -57,10 +57,23 @@ export class ArtifactStore {
     }
   }
 
-  /** Stores one file as object `name`. */
+  /**
+   * Stores one file as object `name`. A put cut off by a NATS outage (e.g. a managed nats-server
+   * restarting) is tried again for up to a minute, replacing the partial object; a local file error is not.
+   */
   async putFile(name: string, file: string): Promise<void> {
-    const rs = Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>;
-    await this.os.put({ name }, rs);
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      try {
+        const rs = Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>;
+        await this.os.put({ name }, rs);
+        return;
+      } catch (err) {
+        const localFileError = typeof (err as NodeJS.ErrnoException).code === "string" && /^E[A-Z]+$/.test((err as NodeJS.ErrnoException).code!);
+        if (localFileError || Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    }
   }
 
   /** Writes object `name` to `dest`; checks it arrived whole (the client checks its digest too). */
