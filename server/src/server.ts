@@ -103,7 +103,7 @@ async function openStores(cfg: ServerConfig) {
   const creds = managed ? managed.credentials : cfg.natsUser ? { user: cfg.natsUser, pass: cfg.natsPassword ?? "" } : {};
   let nc: NatsConnection | null = null;
   try {
-    nc = await connect({ servers: natsUrl.split(","), name: "loraforge", maxReconnectAttempts: -1, ...creds });
+    nc = await connect({ servers: natsUrl.split(",").map((u) => u.trim()).filter(Boolean), name: "loraforge", maxReconnectAttempts: -1, ...creds });
     const store = await JobStore.open(nc, cfg.worker ? cfg.ackWaitMs : undefined, cfg.natsReplicas);
     const artifacts = await ArtifactStore.open(nc, cfg.natsReplicas);
     // Uploaded sets live in the object store; this host keeps copies under <state dir>/datasets.
