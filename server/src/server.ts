@@ -125,9 +125,9 @@ async function openStores(cfg: ServerConfig) {
   let nc: NatsConnection | null = null;
   try {
     // Reconnect for as long as it takes: a managed nats-server that died is restarted on the same
-    // port, usually within a second, so retry that one often.
+    // port, usually within a second, so retry that one often; a cluster's other nodes take over.
     nc = await connect({
-      servers: natsUrl.split(","),
+      servers: natsUrl.split(",").map((u) => u.trim()).filter(Boolean),
       name: "loraforge",
       reconnect: true,
       maxReconnectAttempts: -1,

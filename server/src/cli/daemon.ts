@@ -14,7 +14,9 @@ Options (each also settable by environment variable):
   --state-dir DIR       job outputs and managed NATS data        LORAFORGE_STATE_DIR (./.state)
   --nats URL            use this NATS server                     LORAFORGE_NATS_URL  (managed)
                         with LORAFORGE_NATS_USER / LORAFORGE_NATS_PASSWORD if it needs them; a
-                        managed one's are in <state dir>/nats/credentials.json
+                        managed one's are in <state dir>/nats/credentials.json; for a cluster give
+                        every node, comma-separated (nats://a:4222,nats://b:4222,…), and set
+                        LORAFORGE_NATS_REPLICAS=3 (copies of each stream, bucket and object store)
   --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
   --dashboard HOST:PORT|off  live web dashboard                  LORAFORGE_DASHBOARD_ADDRESS (127.0.0.1:8080)

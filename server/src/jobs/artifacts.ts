@@ -13,6 +13,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Objm, type ObjectStore } from "@nats-io/obj";
 import { StorageType } from "@nats-io/jetstream";
 import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
+import { log } from "../core/log.js";
 
 export const ARTIFACTS_BUCKET = "loraforge_artifacts";
 
@@ -58,20 +59,23 @@ export class ArtifactStore {
   }
 
   /**
-   * Stores one file as object `name`. A put cut off by a NATS outage (e.g. a managed nats-server
-   * restarting) is tried again for up to a minute, replacing the partial object; a local file error is not.
+   * Stores one file as object `name`. Retried for up to a minute: a NATS outage (a managed
+   * nats-server restarting) or a cluster electing a new leader after losing a node answers nothing for
+   * a few seconds, and an artifact whose upload gave up is missing for good. A put replaces the object
+   * whole, so a retry after a half-done attempt is safe; a local file error is not retried.
    */
   async putFile(name: string, file: string): Promise<void> {
     const deadline = Date.now() + 60_000;
-    for (;;) {
+    for (let attempt = 1; ; attempt++) {
       try {
         const rs = Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>;
         await this.os.put({ name }, rs);
         return;
       } catch (err) {
         const localFileError = typeof (err as NodeJS.ErrnoException).code === "string" && /^E[A-Z]+$/.test((err as NodeJS.ErrnoException).code!);
-        if (localFileError || Date.now() > deadline) throw err;
-        await new Promise((r) => setTimeout(r, 500));
+        if (localFileError || Date.now() >= deadline) throw err;
+        log("warn", "storing an artifact failed; retrying", { name, attempt, err: String(err) });
+        await new Promise((r) => setTimeout(r, 1000));
       }
     }
   }
@@ -79,13 +83,31 @@ export class ArtifactStore {
   /** Writes object `name` to `dest`; checks it arrived whole (the client checks its digest too). */
   async getFile(name: string, dest: string, size?: number): Promise<void> {
     mkdirSync(path.dirname(dest), { recursive: true });
-    const res = await this.os.get(name);
+    const res = await this.open(name);
     if (!res) throw new Error(`object ${name} is not in the store`);
     await pipeline(Readable.fromWeb(res.data as never), createWriteStream(dest));
     const err = await res.error;
     if (err) throw err;
     const expected = size ?? res.info.size;
     if (statSync(dest).size !== expected) throw new Error(`object ${name} came back truncated`);
+  }
+
+  /**
+   * Opens object `name` for reading. A read goes through a new single-copy consumer, which a NATS
+   * cluster missing a node may place on that node, and then the request times out: retried for up
+   * to a minute, as nothing has been read yet.
+   */
+  private async open(name: string) {
+    const deadline = Date.now() + 60_000;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.os.get(name);
+      } catch (err) {
+        if (Date.now() >= deadline) throw err;
+        log("warn", "reading an artifact failed; retrying", { name, attempt, err: String(err) });
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
   }
 
   /** Names of the objects that make up an artifact (one, or a checkpoint's files). */
@@ -119,7 +141,7 @@ export class ArtifactStore {
     const objects = await this.objectsOf(name);
     const isArchive = name.endsWith("/");
     for (const o of objects) {
-      const res = await this.os.get(o.name);
+      const res = await this.open(o.name);
       if (!res) throw new Error(`object ${o.name} vanished`);
       if (isArchive) yield tarHeader(o.name.slice(name.length), o.size);
       for await (const chunk of res.data as unknown as AsyncIterable<Uint8Array>) yield chunk;

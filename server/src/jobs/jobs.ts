@@ -13,6 +13,7 @@ import { JOB_ID_PATTERN, newJobId } from "../core/ids.js";
 import { log } from "../core/log.js";
 import { ruleViolations } from "../core/rules.js";
 import { hostViolations } from "./spec-checks.js";
+import { DeliverPolicy } from "@nats-io/jetstream";
 import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
 import { telemetry } from "../core/telemetry.js";
 
@@ -181,28 +182,63 @@ export class Jobs {
    */
   async *follow(jobId: string, afterSequence: number, signal?: AbortSignal): AsyncGenerator<JobEvent> {
     await this.get(jobId);
-    const consumer = await this.store.js.consumers.get(EVENTS_STREAM, { filter_subjects: `loraforge.v1.jobs.${jobId}.>` });
-    const messages = await consumer.consume();
-    const stop = () => messages.stop();
-    signal?.addEventListener("abort", stop);
-    // The ordered consumer re-creates itself after a NATS restart; `delivered`
-    // guarantees nothing is yielded twice even if the stream replays.
+    // `delivered` guarantees nothing is yielded twice even if the stream replays.
     let delivered = afterSequence;
-    try {
-      if (signal?.aborted) return;
-      for await (const m of messages) {
-        const ev = JobEvent.decode(m.data);
-        if (ev.sequence === delivered + 1) {
-          delivered = ev.sequence;
-          yield ev;
+    // The stream sequence of the last message seen: a replacement consumer starts after it.
+    let streamSeq = 0;
+    for (;;) {
+      // An ordered consumer is a single copy on one NATS node. If that node dies (a cluster losing
+      // one server), nats.js keeps asking it for its state and never re-creates it, so the stream
+      // would stall for good. On a reconnect or missed heartbeats this one is replaced by a new
+      // consumer that starts where the last one left off. Creating one is retried: while a node is
+      // down the cluster may place the new consumer on it, and that request times out.
+      const consumer = await retryWhileUnavailable(() =>
+        this.store.js.consumers.get(EVENTS_STREAM, {
+          filter_subjects: `loraforge.v1.jobs.${jobId}.>`,
+          ...(streamSeq > 0 ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: streamSeq + 1 } : {}),
+        }),
+        60_000,
+      );
+      const messages = await consumer.consume();
+      let stalled = false;
+      const stop = () => messages.stop();
+      const replace = () => {
+        stalled = true;
+        messages.stop();
+      };
+      // (nats.js returns a queued iterator that stop() detaches; the type only says AsyncIterable.)
+      const connection = this.store.nc.status() as AsyncIterable<{ type: string }> & { stop(): void };
+      void (async () => {
+        for await (const s of connection) if (s.type === "reconnect") replace();
+      })();
+      void (async () => {
+        for await (const s of messages.status()) if (s.type === "heartbeats_missed") replace();
+      })();
+      signal?.addEventListener("abort", stop);
+      let done = false;
+      try {
+        if (signal?.aborted) return;
+        for await (const m of messages) {
+          streamSeq = m.seq;
+          const ev = JobEvent.decode(m.data);
+          if (ev.sequence === delivered + 1) {
+            delivered = ev.sequence;
+            yield ev;
+          }
+          if (ev.payload?.$case === "state" && isFinal(ev.payload.state.state)) {
+            done = true;
+            break;
+          }
         }
-        if (ev.payload?.$case === "state" && isFinal(ev.payload.state.state)) break;
+      } finally {
+        stop();
+        connection.stop();
+        signal?.removeEventListener("abort", stop);
+        // Ordered consumers otherwise linger on the server for minutes after the client left.
+        await consumer.delete().catch(() => {});
       }
-    } finally {
-      stop();
-      signal?.removeEventListener("abort", stop);
-      // Ordered consumers otherwise linger on the server for minutes after the client left.
-      await consumer.delete().catch(() => {});
+      if (done || !stalled || signal?.aborted) return;
+      log("info", "progress stream: replacing its NATS consumer", { job: jobId, after_sequence: delivered });
     }
   }
 
@@ -226,5 +262,18 @@ export class Jobs {
         { job_id: job.id, name },
       );
     return { artifact, bytes: this.artifacts.read(artifact.name) };
+  }
+}
+
+/** Retries `fn` for up to `ms` (a NATS cluster electing a new leader answers nothing for a few seconds). */
+async function retryWhileUnavailable<T>(fn: () => Promise<T>, ms: number): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (Date.now() >= deadline) throw err;
+      await new Promise((r) => setTimeout(r, 500));
+    }
   }
 }
