@@ -14,6 +14,7 @@ import { Objm, type ObjectStore } from "@nats-io/obj";
 import { StorageType } from "@nats-io/jetstream";
 import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
 import { log } from "../core/log.js";
+import { retryFor } from "../core/retry.js";
 
 export const ARTIFACTS_BUCKET = "loraforge_artifacts";
 
@@ -65,19 +66,17 @@ export class ArtifactStore {
    * whole, so a retry after a half-done attempt is safe; a local file error is not retried.
    */
   async putFile(name: string, file: string): Promise<void> {
-    const deadline = Date.now() + 60_000;
-    for (let attempt = 1; ; attempt++) {
-      try {
+    await retryFor(
+      async () => {
         const rs = Readable.toWeb(createReadStream(file)) as ReadableStream<Uint8Array>;
         await this.os.put({ name }, rs);
-        return;
-      } catch (err) {
-        const localFileError = typeof (err as NodeJS.ErrnoException).code === "string" && /^E[A-Z]+$/.test((err as NodeJS.ErrnoException).code!);
-        if (localFileError || Date.now() >= deadline) throw err;
-        log("warn", "storing an artifact failed; retrying", { name, attempt, err: String(err) });
-        await new Promise((r) => setTimeout(r, 1000));
-      }
-    }
+      },
+      {
+        pauseMs: 1000,
+        retryable: (err) => !isLocalFileError(err),
+        onRetry: (err, attempt) => log("warn", "storing an artifact failed; retrying", { name, attempt, err: String(err) }),
+      },
+    );
   }
 
   /** Writes object `name` to `dest`; checks it arrived whole (the client checks its digest too). */
@@ -98,16 +97,10 @@ export class ArtifactStore {
    * to a minute, as nothing has been read yet.
    */
   private async open(name: string) {
-    const deadline = Date.now() + 60_000;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await this.os.get(name);
-      } catch (err) {
-        if (Date.now() >= deadline) throw err;
-        log("warn", "reading an artifact failed; retrying", { name, attempt, err: String(err) });
-        await new Promise((r) => setTimeout(r, 1000));
-      }
-    }
+    return retryFor(() => this.os.get(name), {
+      pauseMs: 1000,
+      onRetry: (err, attempt) => log("warn", "reading an artifact failed; retrying", { name, attempt, err: String(err) }),
+    });
   }
 
   /** Names of the objects that make up an artifact (one, or a checkpoint's files). */
@@ -173,4 +166,10 @@ function tarHeader(name: string, size: number): Uint8Array {
   for (const b of h) sum += b;
   put(sum.toString(8).padStart(6, "0") + "\0 ", 148, 8);
   return h;
+}
+
+/** A failure of the local file system (ENOENT, EACCES, …): retrying the upload cannot mend it. */
+function isLocalFileError(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException).code;
+  return typeof code === "string" && /^E[A-Z]+$/.test(code);
 }

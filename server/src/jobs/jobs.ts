@@ -11,6 +11,7 @@ import type { DatasetStore } from "./datasets.js";
 import { ApiError, invalidSpec, jobError, jobNotFound, requestIdReused } from "../core/errors.js";
 import { JOB_ID_PATTERN, newJobId } from "../core/ids.js";
 import { log } from "../core/log.js";
+import { retryFor } from "../core/retry.js";
 import { ruleViolations } from "../core/rules.js";
 import { hostViolations } from "./spec-checks.js";
 import { DeliverPolicy } from "@nats-io/jetstream";
@@ -192,12 +193,11 @@ export class Jobs {
       // would stall for good. On a reconnect or missed heartbeats this one is replaced by a new
       // consumer that starts where the last one left off. Creating one is retried: while a node is
       // down the cluster may place the new consumer on it, and that request times out.
-      const consumer = await retryWhileUnavailable(() =>
+      const consumer = await retryFor(() =>
         this.store.js.consumers.get(EVENTS_STREAM, {
           filter_subjects: `loraforge.v1.jobs.${jobId}.>`,
           ...(streamSeq > 0 ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: streamSeq + 1 } : {}),
         }),
-        60_000,
       );
       const messages = await consumer.consume();
       let stalled = false;
@@ -262,18 +262,5 @@ export class Jobs {
         { job_id: job.id, name },
       );
     return { artifact, bytes: this.artifacts.read(artifact.name) };
-  }
-}
-
-/** Retries `fn` for up to `ms` (a NATS cluster electing a new leader answers nothing for a few seconds). */
-async function retryWhileUnavailable<T>(fn: () => Promise<T>, ms: number): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      return await fn();
-    } catch (err) {
-      if (Date.now() >= deadline) throw err;
-      await new Promise((r) => setTimeout(r, 500));
-    }
   }
 }

@@ -18,6 +18,7 @@ import {
   type JetStreamManager,
 } from "@nats-io/jetstream";
 import { Kvm, type KV } from "@nats-io/kv";
+import { retryFor } from "../core/retry.js";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { status } from "@grpc/grpc-js";
 import { Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
@@ -178,7 +179,7 @@ export class JobStore {
    */
   async update(jobId: string, change: (rec: JobRecord) => JobRecord | null): Promise<Versioned | null> {
     for (let attempt = 0; ; attempt++) {
-      const cur = await retryWhileDisconnected(() => this.get(jobId));
+      const cur = await retryFor(() => this.get(jobId));
       if (!cur) return null;
       const next = change({ job: Job.fromPartial(cur.job), attempts: cur.attempts, worker: cur.worker });
       if (!next) return null;
@@ -243,19 +244,6 @@ export class JobStore {
   async storedEventCount(jobId: string): Promise<number> {
     const info = await this.jsm.streams.info(EVENTS_STREAM, { subjects_filter: `loraforge.v1.jobs.${jobId}.>` });
     return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
-  }
-}
-
-/** Retries an operation for up to a minute while the NATS connection is down. */
-async function retryWhileDisconnected<T>(fn: () => Promise<T>): Promise<T> {
-  const deadline = Date.now() + 60_000;
-  for (;;) {
-    try {
-      return await fn();
-    } catch (err) {
-      if (Date.now() > deadline) throw err;
-      await new Promise((r) => setTimeout(r, 500));
-    }
   }
 }
 
