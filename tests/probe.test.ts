@@ -7,12 +7,13 @@ import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, sym
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
+import sharp from "sharp";
 import { connect } from "@nats-io/transport-node";
 import { Objm } from "@nats-io/obj";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, natsCredentials, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, natsCredentials, onnxExport, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const TOKEN = "probe-" + randomBytes(12).toString("hex");
 const UPLOAD_MAX_MB = 8;
@@ -345,5 +346,62 @@ describe("the Infer LoRA cache", () => {
     cache.map(await cache.file(lora(path.join(dir, "b.safetensors"))), "model", index);
     assert.equal(cache.size, 1, "the least recently used file made room");
     assert.ok(cache.bytes <= cache.maxBytes);
+  });
+});
+
+describe("Infer's working memory", () => {
+  // The tiny model's estimates (server/src/infer/memory.ts, arena on): 256 px is about 480 MiB for one
+  // image, 780 MiB for two and 1360 MiB for four, so four fit the 900 MiB budget only in two groups;
+  // 2048 px needs hundreds of GiB.
+  const BUDGET_MIB = 900;
+  let f: Fixtures;
+  let srv: ServerProcess;
+  const status_ = (pid: number, key: string) => Number(new RegExp(`${key}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+
+  before(async () => {
+    f = fixtures();
+    const stateDir = tmpDir("probe-memory");
+    cpSync(onnxExport(f), path.join(stateDir, "onnx"), { recursive: true });
+    srv = await startServer({
+      stateDir,
+      args: ["--data-root", f.root],
+      env: { LORAFORGE_INFER_MEMORY_MB: String(BUDGET_MIB), LORAFORGE_DASHBOARD_ADDRESS: "off" },
+    });
+  });
+
+  after(async () => {
+    await srv?.stop();
+  });
+
+  const infer = (req: Partial<InferInput>) => srv.client.infer({ baseModel: f.model, prompt: "a red circle", numInferenceSteps: 1, ...req } as InferInput);
+
+  it("refuses a request whose single image cannot fit, before anything loads", async () => {
+    for (const req of [{ width: 2048, height: 2048 }, { width: 768, height: 768, numImages: 8 }]) {
+      const err = await refused(infer(req), status.RESOURCE_EXHAUSTED, "INFER_TOO_LARGE");
+      assert.equal(err.metadata.limit, String(BUDGET_MIB * 2 ** 20));
+      assert.ok(Number(err.metadata.bytes) > BUDGET_MIB * 2 ** 20, err.message);
+      assert.match(err.message, /LORAFORGE_INFER_MEMORY_MB/);
+    }
+  });
+
+  it("renders a request too big for one batch in image groups, within the budget by the server's RSS, before and after", async () => {
+    await infer({ width: 64, height: 64 }); // loads the sessions: their weights are resident from now on
+    const pid = srv.proc.pid!;
+    const before = status_(pid, "VmRSS");
+    writeFileSync(`/proc/${pid}/clear_refs`, "5"); // resets VmHWM to the current RSS
+    const res = await infer({ width: 256, height: 256, numImages: 4, seed: 7 });
+    const peak = status_(pid, "VmHWM") - before;
+    assert.deepEqual(res.images.map((i) => i.seed), [7, 8, 9, 10]);
+    assert.ok(srv.stderr.join("").includes("Infer renders in image groups"), "the log says the request was split");
+    // The budget bounds what onnxruntime takes during the request and what its arenas keep afterwards.
+    assert.ok(peak <= BUDGET_MIB * 2 ** 20, `peak RSS rose by ${(peak / 2 ** 20).toFixed(0)} MiB`);
+    const kept = status_(pid, "VmRSS") - before;
+    assert.ok(kept <= BUDGET_MIB * 2 ** 20, `the request left ${(kept / 2 ** 20).toFixed(0)} MiB behind`);
+    // Groups render the images one batch would: image i's noise comes from seed + i.
+    const single = await infer({ width: 256, height: 256, numImages: 1, seed: 9 });
+    const [a, b] = await Promise.all([res.images[2].png, single.images[0].png].map((png) => sharp(png).raw().toBuffer()));
+    let worst = 0;
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
+    assert.ok(worst <= 2, `image 2 of the grouped request differs from the same seed alone by up to ${worst}/255`);
   });
 });

@@ -2,7 +2,7 @@
 // `loraforge serve` process (with its managed nats-server), and the real SDK.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -41,6 +41,17 @@ export function fixtures(): Fixtures {
   if (!existsSync(path.join(f.dataset, "metadata.jsonl"))) python(["-m", "loraforge_engine", "make-dataset", f.dataset, "--count", "8"]);
   cached = f;
   return f;
+}
+
+/**
+ * The tiny model's ONNX export, made once per fixtures folder: a server whose state dir gets a copy
+ * under onnx/ starts with it warm instead of exporting for a minute.
+ */
+export function onnxExport(f: Fixtures): string {
+  const out = path.join(f.root, "onnx");
+  const done = existsSync(out) && readdirSync(out).some((d) => existsSync(path.join(out, d, "manifest.json")));
+  if (!done) python(["-m", "loraforge_engine", "export-onnx", f.model, "--out", out]);
+  return out;
 }
 
 export const tmpDir = (prefix: string) => mkdtempSync(path.join(os.tmpdir(), `loraforge-${prefix}-`));

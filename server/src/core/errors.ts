@@ -105,6 +105,17 @@ export const loraMismatch = (field: string, layer: string, message: string) =>
 export const inferQueueFull = (maxQueued: number) =>
   new ApiError(status.RESOURCE_EXHAUSTED, "INFER_QUEUE_FULL", `${maxQueued} inference requests are already waiting; retry later`);
 
+/** An Infer request whose single image needs more working memory than the server's budget. */
+export const inferTooLarge = (what: string, bytes: number, budget: number) =>
+  new ApiError(
+    status.RESOURCE_EXHAUSTED,
+    "INFER_TOO_LARGE",
+    `${what} needs about ${Math.ceil(bytes / 2 ** 20)} MiB of working memory for one image, more than this server allows a request ` +
+      `(${Math.floor(budget / 2 ** 20)} MiB, LORAFORGE_INFER_MEMORY_MB); ask for a smaller width and height`,
+    [],
+    { bytes: String(bytes), limit: String(budget) },
+  );
+
 export const inferCancelled = () => new ApiError(status.CANCELLED, "CANCELLED", "the request was cancelled");
 
 /** A LoRA file that is not well-formed safetensors, or not a usable LoRA. */

@@ -18,6 +18,7 @@ import {
 import {
   ApiError,
   inferCancelled,
+  inferTooLarge,
   invalidInferRequest,
   invalidRequest,
   invalidLora,
@@ -35,6 +36,7 @@ import type { JobStore } from "../jobs/store.js";
 import { hostPath } from "../core/paths.js";
 import { ruleViolations } from "../core/rules.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
+import { defaultMemoryBudget, MemoryBudget, planRequest, readMemoryShape, type MemoryShape } from "./memory.js";
 import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
 import { render, RenderCancelled } from "./pipeline.js";
 import { SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
@@ -59,6 +61,12 @@ export interface InferenceOptions extends RuntimeOptions {
   maxPromptChars?: number;
   /** Bytes of decoded LoRA tensors kept between requests; a bigger LoRA is refused (default 2 GiB). */
   loraCacheBytes?: number;
+  /**
+   * Working memory all running requests may use together, by the estimate of memory.ts (default: a
+   * third of the machine's memory). A request is rendered in image groups that fit; one whose
+   * single image does not fit is refused with RESOURCE_EXHAUSTED INFER_TOO_LARGE.
+   */
+  memoryBytes?: number;
 }
 
 interface Validated {
@@ -140,13 +148,33 @@ export interface InferHost {
 export function addInferenceService(server: Server, deps: { store: JobStore; config: InferHost; options?: InferenceOptions }): { close(): Promise<void> } {
   const { store, config } = deps;
   const opts = deps.options ?? {};
+  const memArena = opts.memArena ?? process.env.LORAFORGE_INFER_MEM_ARENA !== "0";
   const registry = new ModelRegistry(
     { python: config.python, engineDir: config.engineDir, cacheRoot: path.join(config.stateDir, "onnx") },
-    { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers },
+    { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers, memArena },
   );
   const loras = new LoraCache(opts.loraCacheBytes ?? mib(envInt("LORAFORGE_INFER_LORA_CACHE_MB")) ?? DEFAULT_LORA_CACHE_BYTES);
   const maxPromptChars = opts.maxPromptChars ?? envInt("LORAFORGE_INFER_MAX_PROMPT_CHARS") ?? DEFAULTS.promptChars;
   const queue = new Semaphore(opts.concurrency ?? envInt("LORAFORGE_INFER_CONCURRENCY") ?? 1, opts.maxQueued ?? 16);
+  const memory = new MemoryBudget(opts.memoryBytes ?? mib(envInt("LORAFORGE_INFER_MEMORY_MB")) ?? defaultMemoryBudget());
+  const shapes = new Map<string, { signature: string; shape: MemoryShape }>();
+
+  /** The memory-relevant shape of the model folder `dir`, re-read when its configs change. */
+  function shapeOf(dir: string): MemoryShape {
+    const files = [path.join(dir, "unet", "config.json"), path.join(dir, "vae", "config.json")];
+    try {
+      const signature = files.map((f) => `${statSync(f).size}:${statSync(f).mtimeMs}`).join("/");
+      const hit = shapes.get(dir);
+      if (hit?.signature === signature) return hit.shape;
+      const shape = readMemoryShape(dir);
+      shapes.set(dir, { signature, shape });
+      return shape;
+    } catch (err) {
+      throw invalidInferRequest([
+        { field: "base_model", description: `not a diffusers model folder: unet/config.json or vae/config.json is missing or unreadable (${(err as Error).message.split("\n")[0].slice(0, 200)})` },
+      ]);
+    }
+  }
   let closed = false;
   let artifacts: Promise<ArtifactStore> | null = null;
 
@@ -186,9 +214,22 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     if (violations.length > 0) throw invalidInferRequest(violations);
     const base = hostPath(req.baseModel, config.dataRoots, "folder");
     if (!("real" in base) || !existsSync(path.join(base.real, "model_index.json"))) throw modelNotFound(req.baseModel);
+    // Sized before anything loads: a request that cannot fit costs no export and no queue slot.
+    const shape = shapeOf(base.real);
+    const width = v.width ?? shape.nativeSize;
+    const height = v.height ?? shape.nativeSize;
+    const cfgRows = v.guidance > 1 ? 2 : 1;
+    const elem = registry.dtype() === "fp16" ? 2 : 4;
+    const sizing = { width, height, rowsPerImage: cfgRows, unetBytes: elem, vaeBytes: 4, arena: memArena };
+    const plan = planRequest(shape, sizing, v.numImages, memory.total);
+    if (!plan) {
+      const one = planRequest(shape, sizing, 1, Number.MAX_SAFE_INTEGER)!;
+      throw inferTooLarge(`a ${width}×${height} image on this base model`, one.bytes, memory.total);
+    }
     const files = await Promise.all(req.loras.map((l, i) => loraFile(l, i)));
 
     const release = await queue.acquire(cancelled);
+    let releaseMemory = () => {};
     try {
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
@@ -210,9 +251,6 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       const model: LoadedModel = await registry.get(base.real);
       const loadModelMs = performance.now() - t;
 
-      const native = model.manifest.unet.sample_size * model.manifest.unet.vae_factor;
-      const width = v.width ?? native;
-      const height = v.height ?? native;
       const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;
       const modelBad: FieldViolation[] = [];
       if (width % multiple !== 0) modelBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
@@ -252,23 +290,39 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       }
       loraMs += performance.now() - t;
 
-      const { pngs, timings } = await render(model, {
-        prompt: req.prompt,
-        negativePrompt: req.negativePrompt,
-        prompt2: req.prompt2,
-        negativePrompt2: req.negativePrompt2,
-        timeIds,
-        negativeTimeIds,
-        steps: v.steps,
-        guidanceScale: v.guidance,
-        seed: v.seed,
-        width,
-        height,
-        numImages: v.numImages,
-        scheduler: v.scheduler,
-        loras: mapped,
-        cancelled: () => cancelled() || closed,
-      });
+      releaseMemory = await memory.acquire(plan.bytes, cancelled);
+      if (cancelled()) throw inferCancelled();
+      if (plan.perGroup < v.numImages)
+        log("info", "Infer renders in image groups to stay within its memory budget", {
+          images: v.numImages,
+          perGroup: plan.perGroup,
+          estimateMiB: Math.ceil(plan.bytes / 2 ** 20),
+          budgetMiB: Math.floor(memory.total / 2 ** 20),
+        });
+      // Image i's noise comes from seed + i, so groups render exactly the images one batch would.
+      const pngs: Buffer[] = [];
+      const timings = { textEncodeMs: 0, denoiseMs: 0, decodeMs: 0, pngMs: 0 };
+      for (let start = 0; start < v.numImages; start += plan.perGroup) {
+        const group = await render(model, {
+          prompt: req.prompt,
+          negativePrompt: req.negativePrompt,
+          prompt2: req.prompt2,
+          negativePrompt2: req.negativePrompt2,
+          timeIds,
+          negativeTimeIds,
+          steps: v.steps,
+          guidanceScale: v.guidance,
+          seed: v.seed + start,
+          width,
+          height,
+          numImages: Math.min(plan.perGroup, v.numImages - start),
+          scheduler: v.scheduler,
+          loras: mapped,
+          cancelled: () => cancelled() || closed,
+        });
+        pngs.push(...group.pngs);
+        for (const k of Object.keys(timings) as (keyof typeof timings)[]) timings[k] += group.timings[k];
+      }
       return {
         images: pngs.map((png, i) => ({ png, seed: v.seed + i, width, height })),
         timings: {
@@ -290,6 +344,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       }
       throw err;
     } finally {
+      releaseMemory();
       release();
     }
   }

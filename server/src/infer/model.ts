@@ -135,6 +135,12 @@ export interface RuntimeOptions {
    * provider comes first, else fp32 (`LORAFORGE_ONNX_DTYPE` overrides).
    */
   dtype?: "fp32" | "fp16";
+  /**
+   * onnxruntime's CPU memory arena (default on): faster (large tensors are not mapped afresh each
+   * time), but each session keeps its largest request's peak for its lifetime; off returns a
+   * request's memory when it ends (LORAFORGE_INFER_MEM_ARENA=0).
+   */
+  memArena?: boolean;
 }
 
 /** CUDA when onnxruntime-node was installed with its CUDA provider, else CPU. */
@@ -181,6 +187,7 @@ export class LoadedModel {
       intraOpNumThreads: threads,
       interOpNumThreads: 1,
       executionMode: "sequential",
+      enableCpuMemArena: opts.memArena ?? true,
       // Spinning threads wait busily between the many small operators; on a shared CPU they cost
       // more than they save (3 sessions on 2 cores ran ~2× slower with it).
       extra: { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } },
@@ -281,7 +288,7 @@ export class ModelRegistry {
   }
 
   /** fp16 exports where CUDA runs them, fp32 elsewhere (see RuntimeOptions.dtype). */
-  private dtype(): "fp32" | "fp16" {
+  dtype(): "fp32" | "fp16" {
     const env = process.env.LORAFORGE_ONNX_DTYPE;
     if (env === "fp16" || env === "fp32") return env;
     if (this.runtime.dtype) return this.runtime.dtype;
