@@ -2,7 +2,7 @@
 // a worker, and separate `loraforge worker` processes, each with its own state folder
 // (so a resumed job really comes back through the artifact store).
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { connect } from "@nats-io/transport-node";
@@ -165,5 +165,41 @@ describe("jobs across workers", () => {
       assert.deepEqual(evs.map((e) => e.sequence), results[0].map((e) => e.sequence));
     }
     assert.deepEqual(metricSteps(results[0]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+  // Last: it leaves one worker, the restarted one.
+  it("kill -9 between a checkpoint's save and its upload: the next attempt on that host announces it before resuming from it", async () => {
+    const job = await api.client.train(quickSpec(f, { maxTrainSteps: 200, checkpointingSteps: 4 }));
+    for await (const ev of job.progress()) if (ev.payload?.$case === "checkpoint") break;
+    const victim = workers.find((w) => processesMatching(path.join(w.stateDir, "jobs", job.id)).length > 0)!;
+    assert.ok(victim, "the job's engine runs under one of our workers");
+    // Only the victim's host may take the job up again: its left-behind checkpoints are what is tested.
+    for (const w of workers.filter((x) => x !== victim)) await w.stop();
+    workers.splice(0, workers.length);
+    // Frozen, the worker uploads nothing while its engine goes on saving checkpoints.
+    victim.proc.kill("SIGSTOP");
+    const ckpts = path.join(victim.stateDir, "jobs", job.id, "checkpoints");
+    const onDisk = () => readdirSync(ckpts).flatMap((n) => (/^checkpoint-(\d+)$/.exec(n) ? [Number(n.slice(11))] : []));
+    const announced = (await job.refresh()).artifacts.filter((a) => a.name.includes("/checkpoint-")).map((a) => a.step);
+    await until(() => onDisk().some((s) => s > Math.max(...announced)), 60_000, "a checkpoint saved while the worker is frozen");
+    await victim.stop("SIGKILL");
+    await until(() => processesMatching(path.join(victim.stateDir, "jobs", job.id)).length === 0, 60_000, "orphaned engine to exit");
+    const left = onDisk().filter((s) => s > Math.max(...announced));
+    assert.ok(left.length > 0);
+
+    workers.push(await startWorker(nats.url, { stateDir: victim.stateDir, env: ACK_WAIT }));
+    const events = await collect(job.progress());
+    assertGapless(events);
+    assert.equal(states(events).at(-1), "SUCCEEDED");
+    // The second attempt: its checkpoint events before its first step name every left-behind checkpoint.
+    const running = events.flatMap((e, i) => (e.payload?.$case === "state" && stateName(e.payload.state.state) === "RUNNING" ? [i] : []));
+    assert.equal(running.length, 2, "started twice");
+    const second = running[1];
+    const firstStep = events.findIndex((e, i) => i > second && e.payload?.$case === "metrics");
+    const early = events.slice(second, firstStep).flatMap((e) => (e.payload?.$case === "checkpoint" ? [e.payload.checkpoint.step] : []));
+    assert.deepEqual(early, left.sort((a, b) => a - b));
+    const resumed = events[firstStep].payload?.$case === "metrics" ? events[firstStep].payload.metrics.step : -1;
+    assert.equal(resumed, Math.max(...left) + 1, "resumed right after the newest checkpoint, which the job now lists");
+    const rec = await job.refresh();
+    for (const step of left) assert.ok(rec.artifacts.some((a) => a.name === `jobs/${job.id}/checkpoint-${step}/`), `checkpoint-${step} is stored`);
   });
 });

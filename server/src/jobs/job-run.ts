@@ -7,7 +7,7 @@
 //      the output folder to its public name and uploaded before the event announcing it;
 //   4. the end: how the engine ended, classified into the job's next state and error;
 //   5. the record: final (and the final event), or handed back to the queue for a retry.
-import { existsSync, renameSync, rmSync } from "node:fs";
+import { existsSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import path from "node:path";
 import { status } from "@grpc/grpc-js";
@@ -150,10 +150,37 @@ export class JobRun {
    */
   private async restoreOwnCheckpoint(): Promise<boolean> {
     const latest = this.artifacts.filter((a) => a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT).sort((a, b) => b.step - a.step)[0];
-    if (!latest) return existsSync(path.join(this.outputDir, "checkpoints"));
+    const left = this.announceLeftBehind(latest?.step ?? -1);
+    if (!latest) return left > 0;
     const dir = path.join(this.outputDir, "checkpoints", `checkpoint-${latest.step}`);
     if (!existsSync(dir)) await this.restore(latest.name, dir);
     return true;
+  }
+
+  /**
+   * Checkpoints an earlier attempt on this host finished but never uploaded (it died between the
+   * engine's rename and the upload): uploaded and announced now, before the engine resumes from the
+   * newest of them, so that the job's record lists every checkpoint a run relies on and a worker
+   * elsewhere would resume from the same step. Returns how many complete checkpoints are here.
+   */
+  private announceLeftBehind(storedStep: number): number {
+    const root = path.join(this.outputDir, "checkpoints");
+    if (!existsSync(root)) return 0;
+    // Complete checkpoints only: the engine writes a .tmp- folder and renames it when done.
+    const steps = readdirSync(root, { withFileTypes: true })
+      .map((e) => (e.isDirectory() ? /^checkpoint-(\d+)$/.exec(e.name) : null))
+      .filter((m) => m !== null)
+      .map((m) => Number(m[1]))
+      .sort((a, b) => a - b);
+    for (const step of steps.filter((s) => s > storedStep)) {
+      const name = `checkpoints/checkpoint-${step}`;
+      const a = this.published({ kind: ArtifactKind.ARTIFACT_KIND_CHECKPOINT, name, sizeBytes: folderBytes(path.join(this.outputDir, name)), sha256: "", step });
+      if (!a) continue;
+      log("info", "announcing a checkpoint an earlier attempt saved but did not upload", { job: this.job.id, step });
+      const payload: Payload = { $case: "checkpoint", checkpoint: { step, artifact: a.artifact } };
+      this.events.emit(payload, new Date(), async () => (await a.upload(), payload));
+    }
+    return steps.length;
   }
 
   /**
@@ -418,4 +445,11 @@ export function decideOutcome(
   if (retryable && attempt < maxAttempts) return { state: JobState.JOB_STATE_RUNNING, error: jobError(status.UNAVAILABLE, reason, message, withSignal) };
   const final = retryable ? `${message} (gave up after ${attempt} attempts)` : message;
   return { state: JobState.JOB_STATE_FAILED, error: jobError(retryable ? status.INTERNAL : failure.code, reason, final, withSignal) };
+}
+
+/** Bytes of the files under `dir`, as the engine counts a folder artifact's size. */
+function folderBytes(dir: string): number {
+  let n = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true, recursive: true })) if (e.isFile()) n += statSync(path.join(e.parentPath, e.name)).size;
+  return n;
 }
