@@ -6,7 +6,7 @@
 // (LORAFORGE_INFER_MEM_ARENA=0) returns the memory after each request. Sizes run in ascending
 // order, so each row's peak is its own, not an earlier row's arena.
 //
-//   npm run build && node --expose-gc bench/infer/memory.js [--model tiny|sd15] [--sizes 256,512] [--images 1,2] [--no-arena] [--work DIR]
+//   npx tsc -b sdk server && node --expose-gc bench/infer/memory.js [--model tiny|sd15] [--sizes 256,512] [--images 1,2] [--no-arena] [--work DIR]
 import { execFileSync } from "node:child_process";
 import { readFileSync, writeFileSync } from "node:fs";
 import os from "node:os";
