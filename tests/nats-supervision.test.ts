@@ -6,9 +6,9 @@ import assert from "node:assert/strict";
 import { chmodSync, copyFileSync, rmSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
-import { credentials, makeClientConstructor, type ClientReadableStream } from "@grpc/grpc-js";
+import { credentials, makeClientConstructor, status, type ClientReadableStream } from "@grpc/grpc-js";
 import { service as healthService } from "grpc-health-check";
-import { stateName, type JobEvent } from "@loraforge/sdk";
+import { LoraforgeError, stateName, UnavailableError, type JobEvent } from "@loraforge/sdk";
 import { findNatsServer } from "@loraforge/server/core/nats-managed";
 import { collect, fixtures, processesMatching, quickSpec, startServer, tmpDir, until } from "./lib/harness.js";
 
@@ -77,6 +77,32 @@ describe("the managed nats-server is supervised", () => {
       assert.equal(await srv.stop(), 0);
     }
     assert.deepEqual(natsOf(srv.stateDir), [], "SIGTERM stops the restarted nats-server");
+  });
+
+  it("while it does not answer, RPCs that need it fail UNAVAILABLE STORE_UNAVAILABLE (which clients retry), not INTERNAL", async () => {
+    const srv = await startServer({ env: { LORAFORGE_DASHBOARD_ADDRESS: "off", LORAFORGE_WORKER: "0" } });
+    const [pid] = natsOf(srv.stateDir);
+    assert.ok(pid, "the managed nats-server runs");
+    const job = await srv.client.train(quickSpec(fixtures()));
+    // Frozen, not dead: the connection stays up and the store's requests time out.
+    process.kill(pid, "SIGSTOP");
+    try {
+      for (const call of [() => srv.client.listJobs({}), () => srv.client.getJob(job.id)]) {
+        const err = await call().then(
+          () => assert.fail("answered while the store is frozen"),
+          (e: unknown) => e,
+        );
+        assert.ok(err instanceof LoraforgeError, `a LoraforgeError, got ${err}`);
+        assert.equal(status[err.code], "UNAVAILABLE", err.message);
+        assert.equal(err.reason, "STORE_UNAVAILABLE", err.message);
+        assert.ok(err instanceof UnavailableError, "the SDK's class for errors worth retrying");
+        assert.doesNotMatch(err.message, /\n\s+at /, "no stack trace in the answer");
+      }
+    } finally {
+      process.kill(pid, "SIGCONT");
+    }
+    assert.equal((await srv.client.getJob(job.id)).id, job.id, "answers again once it does");
+    assert.equal(await srv.stop(), 0);
   });
 
   it("when it cannot be restarted, serve exits non-zero with a clear error instead of running headless", async () => {

@@ -18,6 +18,7 @@ import {
   type JetStreamManager,
 } from "@nats-io/jetstream";
 import { Kvm, type KV } from "@nats-io/kv";
+import { ApiError } from "../core/errors.js";
 import { retryFor } from "../core/retry.js";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { status } from "@grpc/grpc-js";
@@ -29,6 +30,26 @@ export const QUEUE_STREAM = "LORAFORGE_QUEUE";
 export const QUEUE_SUBJECT = "loraforge.v1.queue.train";
 export const WORKERS_CONSUMER = "workers";
 export const eventSubject = (jobId: string, kind: string) => `loraforge.v1.jobs.${jobId}.${kind}`;
+
+/** How long a store read that has no timeout of its own may take before the call answers UNAVAILABLE. */
+export const STORE_DEADLINE_MS = 10_000;
+
+/** `work`, or UNAVAILABLE STORE_UNAVAILABLE once `ms` have passed (then `abandon` stops the work). */
+async function withDeadline<T>(work: Promise<T>, ms: number, abandon: () => void): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      abandon();
+      reject(new ApiError(status.UNAVAILABLE, "STORE_UNAVAILABLE", `the job store (NATS) did not answer within ${ms / 1000} s; retry`));
+    }, ms);
+  });
+  work.catch(() => {}); // a failure after the deadline has no one left to hear it
+  try {
+    return await Promise.race([work, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 export const FINAL_STATES = new Set([JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED]);
 export const isFinal = (s: JobState) => FINAL_STATES.has(s);
@@ -199,7 +220,18 @@ export class JobStore {
   /** All job ids, newest first (ids sort by creation time). */
   async jobIds(): Promise<string[]> {
     const ids: string[] = [];
-    for await (const k of await this.kv.keys("jobs.*")) ids.push(k.slice("jobs.".length));
+    let keys: { stop(): void } | undefined;
+    // Listing keys runs a consumer that waits, without a timeout of its own, while the server does
+    // not answer; a deadline turns that into UNAVAILABLE, which clients retry.
+    await withDeadline(
+      (async () => {
+        const iter = await this.kv.keys("jobs.*");
+        keys = iter;
+        for await (const k of iter) ids.push(k.slice("jobs.".length));
+      })(),
+      STORE_DEADLINE_MS,
+      () => keys?.stop(),
+    );
     return ids.sort().reverse();
   }
 
