@@ -121,6 +121,13 @@ describe("loraforge CLI", () => {
     assert.equal(idJob.spec.datasetDir, undefined);
     const idWatch = cli(["watch", idJob.id], env);
     assert.equal(idWatch.code, 0, idWatch.out + idWatch.err);
+    // Once its job is done the set can be deleted; a second rm finds nothing (exit 4, not found).
+    const rm = cli(["datasets", "rm", uploaded.id, "--json"], env);
+    assert.equal(rm.code, 0, rm.err);
+    assert.deepEqual(JSON.parse(rm.out), uploaded);
+    const again = cli(["datasets", "rm", uploaded.id], env);
+    assert.equal(again.code, 4, again.err);
+    assert.match(again.err, /DATASET_NOT_FOUND|no uploaded data set/);
 
     const c = cli(["cancel", job.id], env);
     assert.equal(c.code, 1, "cancelling a finished job fails");

@@ -405,3 +405,79 @@ describe("Infer's working memory", () => {
     assert.ok(worst <= 2, `image 2 of the grouped request differs from the same seed alone by up to ${worst}/255`);
   });
 });
+
+describe("the data set quota", () => {
+  // Each set is one incompressible 512×512 image (about 0.75 MiB), so two fit in 2 MiB and a third does not.
+  const QUOTA_MB = 2;
+  let f: Fixtures;
+  let srv: ServerProcess;
+
+  before(async () => {
+    f = fixtures();
+    // No worker: a job stays queued, so its set stays in use.
+    srv = await startServer({ env: { LORAFORGE_DATASETS_MAX_MB: String(QUOTA_MB), LORAFORGE_WORKER: "0", LORAFORGE_DASHBOARD_ADDRESS: "off" } });
+  });
+
+  after(async () => {
+    await srv?.stop();
+  });
+
+  const noiseSet = (name: string) => {
+    const dir = path.join(tmpDir("probe-quota"), name);
+    python([
+      "-c",
+      "import os, sys\nfrom PIL import Image\n" +
+        "os.makedirs(sys.argv[1])\n" +
+        "Image.frombytes('RGB', (512, 512), os.urandom(512 * 512 * 3)).save(os.path.join(sys.argv[1], 'noise.png'))\n" +
+        "open(os.path.join(sys.argv[1], 'noise.txt'), 'w').write('noise')\n",
+      dir,
+    ]);
+    return dir;
+  };
+  const scratch = () => readdirSync(path.join(srv.stateDir, "datasets")).filter((n) => n.startsWith("."));
+
+  it("refuses an upload that would take the stored sets past the quota, keeps nothing of it, and DeleteDataset frees the space", async () => {
+    const a = await srv.client.datasets.upload(noiseSet("a"));
+    const b = await srv.client.datasets.upload(noiseSet("b"));
+    const before = await storedObjects(srv);
+    const err = await refused(srv.client.datasets.upload(noiseSet("c")), status.RESOURCE_EXHAUSTED, "DATASET_QUOTA_EXCEEDED");
+    assert.equal(err.metadata.limit_bytes, String(QUOTA_MB * 2 ** 20));
+    const used = Number(err.metadata.used_bytes);
+    assert.ok(used >= a.sizeBytes + b.sizeBytes && used < a.sizeBytes + b.sizeBytes + 4096, `the stored sets' files and manifests: ${used}`);
+    assert.match(err.message, /LORAFORGE_DATASETS_MAX_MB/);
+    assert.deepEqual(scratch(), [], "no partial upload is left on disk");
+    assert.deepEqual(await storedObjects(srv), before, "nothing of the refused set is stored");
+
+    // A queued job trains on a: it cannot be deleted until the job is final.
+    const job = await srv.client.train(quickSpec(f, { datasetId: a.id }));
+    const inUse = await refused(srv.client.datasets.delete(a.id), status.FAILED_PRECONDITION, "DATASET_IN_USE");
+    assert.equal(inUse.metadata.job_id, job.id);
+    await srv.client.cancelJob(job.id);
+    assert.deepEqual(await srv.client.datasets.delete(a.id), a, "returns the set as it was stored");
+    assert.ok(!(await storedObjects(srv)).some((n) => n.includes(a.id)), "its files and manifest are gone from the object store");
+    assert.ok(!existsSync(path.join(srv.stateDir, "datasets", a.id)), "and this host's copy");
+    const spec = await refused(srv.client.train(quickSpec(f, { datasetId: a.id })), status.INVALID_ARGUMENT, "INVALID_SPEC");
+    assert.ok(spec.violations.some((v) => v.field === "spec.dataset_id"), "a deleted set cannot be trained on");
+
+    const c = await srv.client.datasets.upload(noiseSet("c"));
+    assert.ok(c.sizeBytes > 0, "the freed space takes a new set");
+    await refused(srv.client.datasets.delete(a.id), status.NOT_FOUND, "DATASET_NOT_FOUND");
+    await refused(srv.client.datasets.delete("../etc"), status.INVALID_ARGUMENT, "INVALID_REQUEST");
+  });
+
+  it("counts a zip's inflated files against the quota as they are written", async () => {
+    const zip = path.join(tmpDir("probe-quota-zip"), "bomb.zip");
+    python(["-c", "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED) as z:\n    for i in range(8): z.writestr(f'{i:04d}.png', bytes(1 << 20))\n", zip]);
+    const pid = srv.proc.pid!;
+    const before = bytesWritten(pid);
+    try {
+      await refused(srv.client.datasets.upload(zip), status.RESOURCE_EXHAUSTED, "DATASET_QUOTA_EXCEEDED");
+    } catch (e) {
+      console.error(srv.stderr.join("").slice(-3000));
+      throw e;
+    }
+    const written = bytesWritten(pid) - before;
+    assert.ok(written < QUOTA_MB * 2 ** 20 + 2 ** 20, `the server wrote ${written} bytes with a quota of ${QUOTA_MB} MiB`);
+    assert.deepEqual(scratch(), []);
+  });
+});

@@ -395,7 +395,8 @@ export class Datasets {
    * stored set (its id, name, image count and size; where the server keeps it is its own
    * business). Train on it with `{ datasetId: dataset.id }` in the spec. Throws a
    * {@link LoraforgeError} with reason INVALID_DATASET (and `violations` naming each
-   * bad file) or DATASET_TOO_LARGE.
+   * bad file), DATASET_TOO_LARGE, or DATASET_QUOTA_EXCEEDED when the server's stored sets
+   * would pass its quota (delete sets you no longer need with {@link delete}).
    */
   async upload(folderOrZip: string, opts: CallOpts & { name?: string } = {}): Promise<Dataset> {
     const name = opts.name ?? path.basename(folderOrZip).replace(/\.zip$/i, "");
@@ -435,6 +436,15 @@ export class Datasets {
         }
       })();
     });
+  }
+
+  /**
+   * Deletes a stored set, freeing its bytes of the server's data set quota, and returns it as it
+   * was stored. Throws a {@link LoraforgeError} with reason DATASET_NOT_FOUND, or DATASET_IN_USE
+   * (metadata `job_id`) while a queued or running job trains on it.
+   */
+  async delete(datasetId: string, opts: CallOpts = {}): Promise<Dataset> {
+    return (await this.client.unary<{ dataset?: Dataset }>((md, o, cb) => this.client.raw.datasets.deleteDataset({ datasetId }, md, o, cb), opts, false)).dataset!;
   }
 }
 

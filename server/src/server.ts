@@ -170,7 +170,7 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     grpcServer.addService(TrainerServiceService, trainerService(jobs));
-    grpcServer.addService(DatasetServiceService, datasetService(stores.datasets, cfg.uploadLimits));
+    grpcServer.addService(DatasetServiceService, datasetService(stores.datasets, jobs, cfg.uploadLimits));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
       "": "SERVING",

@@ -8,7 +8,7 @@ import {
   type ServerUnaryCall,
   type ServerWritableStream,
 } from "@grpc/grpc-js";
-import { UploadDatasetRequest, type DatasetServiceServer, type UploadDatasetResponse } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
+import { DeleteDatasetRequest, UploadDatasetRequest, type DatasetServiceServer, type UploadDatasetResponse } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { invalidDataset, receiveUpload, type DatasetLimits, type DatasetStore } from "../jobs/datasets.js";
 import { SpanKind } from "@opentelemetry/api";
 import {
@@ -21,7 +21,7 @@ import {
   type StreamProgressResponse,
   type TrainerServiceServer,
 } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
-import { ApiError, invalidRequest, toServiceError, type FieldViolation } from "../core/errors.js";
+import { ApiError, datasetInUse, invalidRequest, toServiceError, type FieldViolation } from "../core/errors.js";
 import type { Encoder } from "../core/contract.js";
 import { ruleViolations } from "../core/rules.js";
 import type { Jobs } from "../jobs/jobs.js";
@@ -59,12 +59,17 @@ function checkRules<Req>(type: RequestType<Req>, req: Req): void {
  * A unary handler: the request's rules, then `fn`. Without a type the handler checks the rules
  * itself (Train, whose spec is checked together with what only the host can see).
  */
-function unary<Req, Res>(method: string, type: RequestType<Req> | null, fn: (req: Req) => Promise<Res>) {
+function unary<Req, Res>(method: string, type: RequestType<Req> | null, fn: (req: Req) => Promise<Res>, service?: string) {
   return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-    traced(method, call.metadata, async () => {
-      if (type) checkRules(type, call.request);
-      return fn(call.request);
-    }).then(
+    traced(
+      method,
+      call.metadata,
+      async () => {
+        if (type) checkRules(type, call.request);
+        return fn(call.request);
+      },
+      service,
+    ).then(
       (res) => callback(null, res),
       (err) => {
         if (!(err instanceof ApiError)) log("error", `${method} failed`, { err: String(err?.stack ?? err) });
@@ -140,9 +145,19 @@ async function* checkedParts(parts: AsyncIterable<UploadDatasetRequest>): AsyncG
   }
 }
 
-/** DatasetService: uploads checked and stored in `datasets`. */
-export function datasetService(datasets: DatasetStore, limits?: DatasetLimits): DatasetServiceServer {
+/** DatasetService: uploads checked and stored in `datasets`; a set no unfinished job of `jobs` uses can be deleted. */
+export function datasetService(datasets: DatasetStore, jobs: Jobs, limits?: DatasetLimits): DatasetServiceServer {
   return {
+    deleteDataset: unary(
+      "DeleteDataset",
+      { codec: DeleteDatasetRequest, name: "loraforge.v1.DeleteDatasetRequest" },
+      async (req) => {
+        const user = await jobs.datasetUser(req.datasetId);
+        if (user) throw datasetInUse(req.datasetId, user);
+        return { dataset: await datasets.delete(req.datasetId) };
+      },
+      "loraforge.v1.DatasetService",
+    ),
     uploadDataset: (call: ServerReadableStream<UploadDatasetRequest, UploadDatasetResponse>, callback: sendUnaryData<UploadDatasetResponse>) => {
       traced("UploadDataset", call.metadata, () => receiveUpload(checkedParts(call), datasets, limits), "loraforge.v1.DatasetService").then(
         (dataset) => callback(null, { dataset }),

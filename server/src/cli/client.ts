@@ -120,8 +120,8 @@ const COMMANDS: Record<string, Command> = {
     ],
   },
   datasets: {
-    args: "upload FOLDER|ZIP",
-    about: "upload a captioned image set; prints its id (train --dataset-id ID), image count and bytes",
+    args: "upload FOLDER|ZIP | rm ID",
+    about: "upload a captioned image set (prints its id for train --dataset-id ID, image count and bytes), or delete one (prints what was deleted)",
     options: [{ name: "name", arg: "NAME", help: "the set's name (default: the folder's or zip's name)" }],
   },
   "export-onnx": {
@@ -582,8 +582,12 @@ export async function runClient(command: string, argv: string[]): Promise<number
         return EXIT.OK;
       }
       case "datasets": {
-        if (a.positional[0] !== "upload" || !a.positional[1]) throw new UsageError("usage: loraforge datasets upload FOLDER|ZIP [--name NAME]");
-        const ds = await client.datasets.upload(path.resolve(a.positional[1]), { name: one(a, "name") });
+        const usage = "usage: loraforge datasets upload FOLDER|ZIP [--name NAME] | loraforge datasets rm ID";
+        if (!["upload", "rm"].includes(a.positional[0]) || !a.positional[1]) throw new UsageError(usage);
+        const ds =
+          a.positional[0] === "rm"
+            ? await client.datasets.delete(a.positional[1])
+            : await client.datasets.upload(path.resolve(a.positional[1]), { name: one(a, "name") });
         if (json) printJson(protoJson(Dataset, "loraforge.v1.Dataset", ds));
         else process.stdout.write(`${ds.id}  ${ds.imageCount} images  ${ds.sizeBytes} bytes\n`);
         return EXIT.OK;

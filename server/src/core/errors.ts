@@ -143,3 +143,24 @@ export const requestIdReused = (requestId: string, jobId: string) =>
     [],
     { request_id: requestId.slice(0, 128), job_id: jobId },
   );
+
+// ---- DatasetService errors (server/src/jobs/datasets.ts) ----------------------------------------
+
+export const datasetQuotaExceeded = (usedBytes: number, wanted: number, limit: number) =>
+  new ApiError(
+    status.RESOURCE_EXHAUSTED,
+    "DATASET_QUOTA_EXCEEDED",
+    `stored data sets take ${usedBytes} bytes and this upload ${wanted} more, over the server's quota of ${limit} bytes ` +
+      "(LORAFORGE_DATASETS_MAX_MB); DeleteDataset frees space",
+    [],
+    { used_bytes: String(usedBytes), limit_bytes: String(limit) },
+  );
+
+export const datasetNotFound = (id: string) =>
+  new ApiError(status.NOT_FOUND, "DATASET_NOT_FOUND", `no uploaded data set has id ${JSON.stringify(id)}`, [], { dataset_id: id });
+
+export const datasetInUse = (id: string, jobId: string) =>
+  new ApiError(status.FAILED_PRECONDITION, "DATASET_IN_USE", `data set ${id} is used by job ${jobId}, which is not finished; cancel it or wait`, [], {
+    dataset_id: id,
+    job_id: jobId,
+  });

@@ -11,7 +11,7 @@ import { status } from "@grpc/grpc-js";
 import sharp from "sharp";
 import yauzl from "yauzl";
 import type { Dataset, UploadDatasetRequest } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { ApiError, type FieldViolation } from "../core/errors.js";
+import { ApiError, datasetNotFound, datasetQuotaExceeded, type FieldViolation } from "../core/errors.js";
 import { realPathIn } from "../core/paths.js";
 import type { ArtifactStore } from "./artifacts.js";
 
@@ -31,6 +31,11 @@ export interface DatasetLimits {
   maxFiles: number;
   /** Largest width or height of an image, read from its header before decoding. Default 8192. */
   maxImageSide: number;
+  /**
+   * Bytes of all stored sets together, uploads in progress on this server included (what they
+   * have written so far, a zip and its extracted files both). Default 20 GiB.
+   */
+  maxStoredBytes: number;
 }
 
 export const DEFAULT_LIMITS: DatasetLimits = {
@@ -38,6 +43,7 @@ export const DEFAULT_LIMITS: DatasetLimits = {
   maxTotalBytes: 2 * 1024 * 1024 * 1024,
   maxFiles: 50_000,
   maxImageSide: 8192,
+  maxStoredBytes: 20 * 1024 * 1024 * 1024,
 };
 
 /** Limits from LORAFORGE_UPLOAD_* environment variables, DEFAULT_LIMITS for unset ones. */
@@ -55,6 +61,7 @@ export function limitsFromEnv(env: NodeJS.ProcessEnv = process.env): DatasetLimi
     maxTotalBytes: int("LORAFORGE_UPLOAD_MAX_MB", DEFAULT_LIMITS.maxTotalBytes / MiB) * MiB,
     maxFiles: int("LORAFORGE_UPLOAD_MAX_FILES", DEFAULT_LIMITS.maxFiles),
     maxImageSide: int("LORAFORGE_UPLOAD_MAX_IMAGE_SIDE", DEFAULT_LIMITS.maxImageSide),
+    maxStoredBytes: int("LORAFORGE_DATASETS_MAX_MB", DEFAULT_LIMITS.maxStoredBytes / MiB) * MiB,
   };
 }
 
@@ -96,6 +103,52 @@ export class DatasetStore {
     }
   }
 
+  /** Bytes uploads in progress on this server have written so far, by upload id. */
+  private readonly inflight = new Map<string, number>();
+
+  /** Bytes of every stored set's files in the object store (half-stored ones too). */
+  async storedBytes(): Promise<number> {
+    let total = 0;
+    for (const info of await this.objects.os.list()) if (!info.deleted && info.name.startsWith("datasets/")) total += info.size;
+    return total;
+  }
+
+  /**
+   * Records that upload `id` now holds `bytes` on this host's disk, and refuses
+   * (DATASET_QUOTA_EXCEEDED) when the stored sets (`stored`, read when the upload began) and every
+   * upload in progress would pass `limit`.
+   */
+  charge(id: string, bytes: number, stored: number, limit: number): void {
+    this.inflight.set(id, bytes);
+    let inflight = 0;
+    for (const b of this.inflight.values()) inflight += b;
+    if (stored + inflight > limit) throw datasetQuotaExceeded(stored + inflight - bytes, bytes, limit);
+  }
+
+  /** Forgets upload `id`'s bytes (stored or thrown away). */
+  release(id: string): void {
+    this.inflight.delete(id);
+  }
+
+  /** The stored set's manifest, or null when there is none. */
+  private async manifest(id: string): Promise<DatasetManifest | null> {
+    const blob = await this.objects.os.getBlob(DatasetStore.manifestName(id));
+    return blob ? (JSON.parse(new TextDecoder().decode(blob)) as DatasetManifest) : null;
+  }
+
+  /**
+   * Removes a stored set: the manifest first (so no worker starts fetching it), then its files,
+   * then this host's copy. Other hosts' copies stay until their caches are cleared.
+   */
+  async delete(id: string): Promise<Dataset> {
+    const manifest = DATASET_ID_PATTERN.test(id) ? await this.manifest(id) : null;
+    if (!manifest) throw datasetNotFound(id);
+    await this.objects.os.delete(DatasetStore.manifestName(id));
+    for (const f of manifest.files) await this.objects.os.delete(`datasets/${id}/${f.name}`).catch(() => undefined);
+    rmSync(path.join(this.cacheRoot, id), { recursive: true, force: true });
+    return { id, name: manifest.name, imageCount: manifest.imageCount, sizeBytes: manifest.files.reduce((a, f) => a + f.size, 0) };
+  }
+
   /** Whether a set with this id was uploaded (or, from before sets were stored, is in this host's cache). */
   async exists(id: string): Promise<boolean> {
     if (!DATASET_ID_PATTERN.test(id)) return false;
@@ -109,9 +162,8 @@ export class DatasetStore {
     if (!DATASET_ID_PATTERN.test(id)) throw new Error(`${JSON.stringify(id)} is not a data set id`);
     const dest = path.join(this.cacheRoot, id);
     if (existsSync(dest)) return dest;
-    const blob = await this.objects.os.getBlob(DatasetStore.manifestName(id));
-    if (!blob) throw new DatasetMissing(id);
-    const manifest = JSON.parse(new TextDecoder().decode(blob)) as DatasetManifest;
+    const manifest = await this.manifest(id);
+    if (!manifest) throw new DatasetMissing(id);
     // Fetched beside the cache and renamed into it, so a half-fetched set is never used.
     const tmp = path.join(this.cacheRoot, `.fetch-${id}-${randomBytes(4).toString("hex")}`);
     try {
@@ -312,9 +364,25 @@ export class DatasetUpload {
     mkdirSync(this.tmp);
   }
 
+  /** Bytes of the stored sets when the upload began, for the quota. */
+  private stored = 0;
+
+  /** Reads what the stored sets take and refuses at once when the quota is already reached. */
+  async begin(): Promise<void> {
+    this.stored = await this.store.storedBytes();
+    this.store.charge(this.id, 0, this.stored, this.limits.maxStoredBytes);
+    if (this.stored >= this.limits.maxStoredBytes) throw datasetQuotaExceeded(this.stored, 0, this.limits.maxStoredBytes);
+  }
+
   private count(bytes: number) {
     this.total += bytes;
     if (this.total > this.limits.maxTotalBytes) throw tooLarge(`the upload exceeds ${this.limits.maxTotalBytes} bytes`);
+    this.onDisk();
+  }
+
+  /** Charges what the upload holds on disk now (sent bytes, plus a zip's extracted files) against the quota. */
+  private onDisk() {
+    this.store.charge(this.id, this.total + this.extracted, this.stored, this.limits.maxStoredBytes);
   }
 
   /** A piece of a named file; a new name closes the previous file. */
@@ -327,20 +395,20 @@ export class DatasetUpload {
       if (this.files.has(name)) throw invalidDataset([{ field: name, description: "was sent twice (a file's chunks must be consecutive)" }]);
       if (this.files.size >= this.limits.maxFiles) throw tooLarge(`more than ${this.limits.maxFiles} files`);
       this.files.set(name, 0);
-      this.current = { name, out: createWriteStream(path.join(this.tmp, name), { flags: "wx" }) };
     }
     const size = this.files.get(name)! + data.length;
     if (size > this.limits.maxFileBytes) throw tooLarge(`${name} is larger than ${this.limits.maxFileBytes} bytes`);
     this.files.set(name, size);
     this.count(data.length);
-    await write(this.current!.out, data);
+    this.current ??= { name, out: output(path.join(this.tmp, name)) };
+    await write(this.current.out, data);
   }
 
   /** The next bytes of a zip archive. */
   async zipChunk(data: Uint8Array): Promise<void> {
     if (this.files.size > 0) throw invalidDataset([{ field: "zip_chunk", description: "files and a zip cannot be mixed in one upload" }]);
-    this.zip ??= { file: path.join(this.tmp, ".archive.zip"), out: createWriteStream(path.join(this.tmp, ".archive.zip"), { flags: "wx" }) };
     this.count(data.length);
+    this.zip ??= { file: path.join(this.tmp, ".archive.zip"), out: output(path.join(this.tmp, ".archive.zip")) };
     await write(this.zip.out, data);
   }
 
@@ -361,8 +429,12 @@ export class DatasetUpload {
       }
       const count = await checkSet(this.tmp, this.limits);
       const sizeBytes = readdirSync(this.tmp).reduce((a, n) => a + statSync(path.join(this.tmp, n)).size, 0);
+      // Read again: other servers may have stored sets meanwhile.
+      this.stored = await this.store.storedBytes();
+      this.store.charge(this.id, sizeBytes, this.stored, this.limits.maxStoredBytes);
       await this.store.put(this.id, this.name, this.tmp, count);
       renameSync(this.tmp, path.join(this.store.cacheRoot, this.id));
+      this.store.release(this.id);
       return { id: this.id, name: this.name, imageCount: count, sizeBytes };
     } catch (err) {
       this.abort();
@@ -372,6 +444,7 @@ export class DatasetUpload {
 
   /** Throws the partial upload away. */
   abort(): void {
+    this.store.release(this.id);
     this.current?.out.destroy();
     this.zip?.out.destroy();
     if (existsSync(this.tmp)) rmSync(this.tmp, { recursive: true, force: true });
@@ -414,6 +487,11 @@ export class DatasetUpload {
               transform: (chunk: Buffer, _enc, next) => {
                 entryBytes += chunk.length;
                 this.extracted += chunk.length;
+                try {
+                  this.onDisk();
+                } catch (e) {
+                  return next(e as Error);
+                }
                 if (entryBytes > this.limits.maxFileBytes)
                   return next(tooLarge(`${entry.fileName} inflates to more than ${this.limits.maxFileBytes} bytes`));
                 if (this.extracted > this.limits.maxTotalBytes)
@@ -433,6 +511,15 @@ export class DatasetUpload {
       });
     });
   }
+}
+
+/**
+ * A new file of the upload. Its errors reach the caller through write and close; the listener
+ * keeps one that comes after an abort (the folder removed while the file was opening) from
+ * becoming an uncaught 'error' event.
+ */
+function output(file: string): WriteStream {
+  return createWriteStream(file, { flags: "wx" }).on("error", () => undefined);
 }
 
 function write(out: WriteStream, data: Uint8Array): Promise<void> {
@@ -460,6 +547,7 @@ export async function receiveUpload(
       if (part.$case === "header") {
         if (upload) throw invalidDataset([{ field: "header", description: "must be sent once, first" }]);
         upload = new DatasetUpload(store, part.header.name, limits);
+        await upload.begin();
       } else if (!upload) {
         throw invalidDataset([{ field: "header", description: "must come first" }]);
       } else if (part.$case === "file") {

@@ -133,6 +133,15 @@ export class Jobs {
     return { jobs, nextPageToken };
   }
 
+  /** A job that is not final and trains on uploaded set `datasetId`, or null when there is none. */
+  async datasetUser(datasetId: string): Promise<string | null> {
+    for (const id of await this.store.jobIds()) {
+      const cur = await this.store.get(id);
+      if (cur && !isFinal(cur.job.state) && cur.job.spec?.dataset?.$case === "datasetId" && cur.job.spec.dataset.datasetId === datasetId) return id;
+    }
+    return null;
+  }
+
   /** Cancels a queued job at once, or asks the worker of a running one to stop. */
   async cancel(jobId: string, reason = "cancelled by a client"): Promise<Job> {
     await this.get(jobId);

@@ -11,8 +11,10 @@ import {
   type ChannelCredentials,
   Client,
   type ClientOptions,
+  type ClientUnaryCall,
   type ClientWritableStream,
   type handleClientStreamingCall,
+  type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
   type ServiceError,
@@ -74,6 +76,18 @@ export interface DatasetFileChunk {
 /** UploadDatasetResponse describes the stored set. */
 export interface UploadDatasetResponse {
   /** The stored set. */
+  dataset: Dataset | undefined;
+}
+
+/** DeleteDatasetRequest names the set to remove. */
+export interface DeleteDatasetRequest {
+  /** The id UploadDataset returned. */
+  datasetId: string;
+}
+
+/** DeleteDatasetResponse describes what was removed. */
+export interface DeleteDatasetResponse {
+  /** The removed set, as it was stored. */
   dataset: Dataset | undefined;
 }
 
@@ -547,6 +561,148 @@ export const UploadDatasetResponse: MessageFns<UploadDatasetResponse> = {
   },
 };
 
+function createBaseDeleteDatasetRequest(): DeleteDatasetRequest {
+  return { datasetId: "" };
+}
+
+export const DeleteDatasetRequest: MessageFns<DeleteDatasetRequest> = {
+  encode(message: DeleteDatasetRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.datasetId !== "") {
+      writer.uint32(10).string(message.datasetId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeleteDatasetRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeleteDatasetRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.datasetId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeleteDatasetRequest {
+    return {
+      datasetId: isSet(object.datasetId)
+        ? globalThis.String(object.datasetId)
+        : isSet(object.dataset_id)
+        ? globalThis.String(object.dataset_id)
+        : "",
+    };
+  },
+
+  toJSON(message: DeleteDatasetRequest): unknown {
+    const obj: any = {};
+    if (message.datasetId !== "") {
+      obj.datasetId = message.datasetId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DeleteDatasetRequest>, I>>(base?: I): DeleteDatasetRequest {
+    return DeleteDatasetRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DeleteDatasetRequest>, I>>(object: I): DeleteDatasetRequest {
+    const message = createBaseDeleteDatasetRequest();
+    message.datasetId = object.datasetId ?? "";
+    return message;
+  },
+};
+
+function createBaseDeleteDatasetResponse(): DeleteDatasetResponse {
+  return { dataset: undefined };
+}
+
+export const DeleteDatasetResponse: MessageFns<DeleteDatasetResponse> = {
+  encode(message: DeleteDatasetResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.dataset !== undefined) {
+      Dataset.encode(message.dataset, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeleteDatasetResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeleteDatasetResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.dataset = Dataset.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeleteDatasetResponse {
+    return { dataset: isSet(object.dataset) ? Dataset.fromJSON(object.dataset) : undefined };
+  },
+
+  toJSON(message: DeleteDatasetResponse): unknown {
+    const obj: any = {};
+    if (message.dataset !== undefined) {
+      obj.dataset = Dataset.toJSON(message.dataset);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DeleteDatasetResponse>, I>>(base?: I): DeleteDatasetResponse {
+    return DeleteDatasetResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DeleteDatasetResponse>, I>>(object: I): DeleteDatasetResponse {
+    const message = createBaseDeleteDatasetResponse();
+    message.dataset = (object.dataset !== undefined && object.dataset !== null)
+      ? Dataset.fromPartial(object.dataset)
+      : undefined;
+    return message;
+  },
+};
+
 /**
  * DatasetService receives captioned image sets from clients that do not share a
  * file system with the server. Every file is checked before anything is kept:
@@ -562,6 +718,9 @@ export const DatasetServiceService = {
    * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
+   * All stored sets together may take at most the server's data set quota
+   * (LORAFORGE_DATASETS_MAX_MB); an upload that would pass it is refused with
+   * RESOURCE_EXHAUSTED (reason DATASET_QUOTA_EXCEEDED).
    */
   uploadDataset: {
     path: "/loraforge.v1.DatasetService/UploadDataset" as const,
@@ -573,6 +732,22 @@ export const DatasetServiceService = {
       Buffer.from(UploadDatasetResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UploadDatasetResponse => UploadDatasetResponse.decode(value),
   },
+  /**
+   * DeleteDataset removes a stored set (its files in the object store and this
+   * server's copy), freeing its bytes of the quota. Refused with
+   * FAILED_PRECONDITION (reason DATASET_IN_USE) while a queued or running job
+   * trains on it; NOT_FOUND (reason DATASET_NOT_FOUND) for an unknown id.
+   */
+  deleteDataset: {
+    path: "/loraforge.v1.DatasetService/DeleteDataset" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DeleteDatasetRequest): Buffer => Buffer.from(DeleteDatasetRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DeleteDatasetRequest => DeleteDatasetRequest.decode(value),
+    responseSerialize: (value: DeleteDatasetResponse): Buffer =>
+      Buffer.from(DeleteDatasetResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DeleteDatasetResponse => DeleteDatasetResponse.decode(value),
+  },
 } as const;
 
 export interface DatasetServiceServer extends UntypedServiceImplementation {
@@ -583,8 +758,18 @@ export interface DatasetServiceServer extends UntypedServiceImplementation {
    * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
+   * All stored sets together may take at most the server's data set quota
+   * (LORAFORGE_DATASETS_MAX_MB); an upload that would pass it is refused with
+   * RESOURCE_EXHAUSTED (reason DATASET_QUOTA_EXCEEDED).
    */
   uploadDataset: handleClientStreamingCall<UploadDatasetRequest, UploadDatasetResponse>;
+  /**
+   * DeleteDataset removes a stored set (its files in the object store and this
+   * server's copy), freeing its bytes of the quota. Refused with
+   * FAILED_PRECONDITION (reason DATASET_IN_USE) while a queued or running job
+   * trains on it; NOT_FOUND (reason DATASET_NOT_FOUND) for an unknown id.
+   */
+  deleteDataset: handleUnaryCall<DeleteDatasetRequest, DeleteDatasetResponse>;
 }
 
 export interface DatasetServiceClient extends Client {
@@ -595,6 +780,9 @@ export interface DatasetServiceClient extends Client {
    * (so that any worker can fetch it) and its id is returned; use the id as
    * TrainingSpec.dataset_id. A bad set is refused with INVALID_ARGUMENT
    * (reason INVALID_DATASET) naming each bad file; nothing is kept.
+   * All stored sets together may take at most the server's data set quota
+   * (LORAFORGE_DATASETS_MAX_MB); an upload that would pass it is refused with
+   * RESOURCE_EXHAUSTED (reason DATASET_QUOTA_EXCEEDED).
    */
   uploadDataset(
     callback: (error: ServiceError | null, response: UploadDatasetResponse) => void,
@@ -612,6 +800,27 @@ export interface DatasetServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UploadDatasetResponse) => void,
   ): ClientWritableStream<UploadDatasetRequest>;
+  /**
+   * DeleteDataset removes a stored set (its files in the object store and this
+   * server's copy), freeing its bytes of the quota. Refused with
+   * FAILED_PRECONDITION (reason DATASET_IN_USE) while a queued or running job
+   * trains on it; NOT_FOUND (reason DATASET_NOT_FOUND) for an unknown id.
+   */
+  deleteDataset(
+    request: DeleteDatasetRequest,
+    callback: (error: ServiceError | null, response: DeleteDatasetResponse) => void,
+  ): ClientUnaryCall;
+  deleteDataset(
+    request: DeleteDatasetRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DeleteDatasetResponse) => void,
+  ): ClientUnaryCall;
+  deleteDataset(
+    request: DeleteDatasetRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DeleteDatasetResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const DatasetServiceClient = makeGenericClientConstructor(
