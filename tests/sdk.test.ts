@@ -107,13 +107,24 @@ describe("SDK", () => {
     });
   });
 
-  it("subscribe() yields the job's typed events from NATS, the same as progress()", async () => {
+  it("subscribe() yields the job's typed events from NATS, the same as progress(), at the URLs serverInfo() names", async () => {
+    // An event consumer finds the bus through the API (and, on the server's host, <state dir>/server.json).
+    const info = await srv.client.serverInfo();
+    assert.deepEqual(info.natsUrls, [srv.natsUrl]);
+    assert.equal(info.eventsStream, "LORAFORGE_EVENTS");
+    assert.equal(info.eventSubjectPattern, "loraforge.v1.jobs.<job_id>.<kind>");
+    assert.match(info.version, /^\d+\.\d+\.\d+/);
+    const file = JSON.parse(readFileSync(path.join(srv.stateDir, "server.json"), "utf8"));
+    assert.equal(file.address, srv.address);
+    assert.deepEqual(file.natsUrls, info.natsUrls);
+    assert.equal(file.pid, srv.proc.pid);
+
     const job = await srv.client.train(quickSpec(f, { maxTrainSteps: 2 }));
     const viaGrpc = await collect(job.progress());
     const ac = new AbortController();
     const viaNats: JobEvent[] = [];
     const connection = natsCredentials(srv.stateDir);
-    for await (const ev of subscribe({ nats: srv.natsUrl, connection, jobId: job.id, from: "all", signal: ac.signal })) {
+    for await (const ev of subscribe({ nats: info.natsUrls, connection, jobId: job.id, from: "all", signal: ac.signal })) {
       viaNats.push(ev);
       if (viaNats.length === viaGrpc.length) ac.abort();
     }

@@ -16,7 +16,7 @@ import {
 } from "@grpc/grpc-js";
 import { createHash, randomBytes } from "node:crypto";
 import { Artifact, ArtifactKind, Job, JobEvent, JobState } from "./gen/loraforge/v1/job.js";
-import { TrainerServiceClient, type DownloadArtifactResponse, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
+import { TrainerServiceClient, type DownloadArtifactResponse, type GetServerInfoResponse, type StreamProgressResponse } from "./gen/loraforge/v1/trainer_service.js";
 import { InferenceServiceClient, InferRequest, type DeepPartial, type InferResponse, type ListModelsResponse } from "./gen/loraforge/v1/inference_service.js";
 import { DatasetServiceClient, type Dataset, type UploadDatasetRequest } from "./gen/loraforge/v1/dataset_service.js";
 import { TrainingSpec } from "./gen/loraforge/v1/training_spec.js";
@@ -290,6 +290,14 @@ export class LoraforgeClient {
   infer(req: InferInput, opts: CallOpts = {}): Promise<InferResponse> {
     const full = InferRequest.fromPartial(req);
     return this.unary((md, o, cb) => this.raw.inference.infer(full, md, { ...o, deadline: new Date(Date.now() + (opts.timeoutMs ?? 600_000)) }, cb), opts, false);
+  }
+
+  /**
+   * Describes the server for event consumers: its version, the NATS URLs it publishes events on
+   * (credentials are never sent), the JetStream stream keeping them and their subject pattern.
+   */
+  serverInfo(opts: CallOpts = {}): Promise<GetServerInfoResponse> {
+    return this.unary((md, o, cb) => this.raw.trainer.getServerInfo({}, md, o, cb), opts, true);
   }
 
   /** Base models the server has exported and the LoRAs of its succeeded jobs. */

@@ -45,4 +45,5 @@ export { TrainingSpec, LrScheduler, MixedPrecision, Interpolation, PredictionTyp
 export { Sampler } from "./gen/loraforge/v1/inference_service.js";
 export type { Status } from "./gen/google/rpc/status.js";
 export type { Dataset } from "./gen/loraforge/v1/dataset_service.js";
+export type { GetServerInfoResponse } from "./gen/loraforge/v1/trainer_service.js";
 export type { InferRequest, InferResponse, LoraRef, ListModelsResponse, TrainedLora, BaseModel } from "./gen/loraforge/v1/inference_service.js";

@@ -3,7 +3,7 @@
 // server reflection plus an in-process worker, or — for `worker` — a worker
 // alone. Takes it apart in the right order on shutdown.
 import { stateName } from "@loraforge/sdk";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
@@ -21,10 +21,13 @@ import { ManagedNats } from "./core/nats-managed.js";
 import { Jobs } from "./jobs/jobs.js";
 import { datasetService, trainerService } from "./api/trainer-service.js";
 import { DatasetServiceService } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
-import { JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./jobs/store.js";
+import { EVENTS_STREAM, eventSubject, JobStore, QUEUE_STREAM, WORKERS_CONSUMER } from "./jobs/store.js";
 import { telemetry } from "./core/telemetry.js";
 
 import { Worker } from "./jobs/worker.js";
+
+/** The server package's version, as GetServerInfo reports it. */
+const VERSION: string = JSON.parse(readFileSync(fileURLToPath(new URL("../package.json", import.meta.url)), "utf8")).version;
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
@@ -169,7 +172,13 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
     const jobs = new Jobs(stores.store, stores.artifacts, stores.datasets, cfg.dataRoots);
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
-    grpcServer.addService(TrainerServiceService, trainerService(jobs));
+    const info = {
+      version: VERSION,
+      natsUrls: stores.natsUrl.split(",").map((u) => u.trim()).filter(Boolean),
+      eventsStream: EVENTS_STREAM,
+      eventSubjectPattern: eventSubject("<job_id>", "<kind>"),
+    };
+    grpcServer.addService(TrainerServiceService, trainerService(jobs, info));
     grpcServer.addService(DatasetServiceService, datasetService(stores.datasets, jobs, cfg.uploadLimits));
     const inference = addInferenceService(grpcServer, { store: stores.store, config: cfg });
     const health = new HealthImplementation({
@@ -231,6 +240,11 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
         log("info", "stopped");
       })());
     followNats(stores, setServing, () => closing !== null);
+    // Where this server can be reached, for scripts and event consumers on this host.
+    writeFileSync(
+      path.join(cfg.stateDir, "server.json"),
+      JSON.stringify({ pid: process.pid, address: `${host}:${port}`, dashboard: dashboard?.url ?? "", ...info }, null, 2) + "\n",
+    );
     return { address: `${host}:${port}`, natsUrl: stores.natsUrl, dashboardUrl: dashboard?.url ?? "", close, failed: stores.failed };
   } catch (err) {
     await stores.close();

@@ -58,7 +58,7 @@ export async function startDashboardStack(opts: { token?: string } = {}): Promis
     const worker = new Worker(store, artifacts, datasets, { engine: { python: PYTHON, engineDir: path.join(REPO, "engine") }, stateDir });
     worker.start();
     const grpc = new Server();
-    grpc.addService(TrainerServiceService, trainerService(jobs));
+    grpc.addService(TrainerServiceService, trainerService(jobs, { version: "test", natsUrls: [nats.url], eventsStream: "", eventSubjectPattern: "" }));
     const port = await new Promise<number>((resolve, reject) =>
       grpc.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
     );

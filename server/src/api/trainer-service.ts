@@ -15,9 +15,11 @@ import {
   CancelJobRequest,
   DownloadArtifactRequest,
   GetJobRequest,
+  GetServerInfoRequest,
   ListJobsRequest,
   StreamProgressRequest,
   type DownloadArtifactResponse,
+  type GetServerInfoResponse,
   type StreamProgressResponse,
   type TrainerServiceServer,
 } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
@@ -105,8 +107,9 @@ async function write<Res>(call: ServerWritableStream<unknown, Res>, msg: Res): P
 
 const onlyPageSize = (v: FieldViolation[]) => (v.every((x) => x.field === "page_size") ? "INVALID_PAGE_SIZE" : "INVALID_REQUEST");
 
-export function trainerService(jobs: Jobs): TrainerServiceServer {
+export function trainerService(jobs: Jobs, info: GetServerInfoResponse): TrainerServiceServer {
   return {
+    getServerInfo: unary("GetServerInfo", { codec: GetServerInfoRequest, name: "loraforge.v1.GetServerInfoRequest" }, async () => info),
     train: unary("Train", null, async (req) => ({ job: await jobs.submit(req.spec, req.requestId) })),
     getJob: unary("GetJob", { codec: GetJobRequest, name: "loraforge.v1.GetJobRequest" }, async (req) => ({ job: await jobs.get(req.jobId) })),
     listJobs: unary("ListJobs", { codec: ListJobsRequest, name: "loraforge.v1.ListJobsRequest", reason: onlyPageSize }, (req) => jobs.list(req)),

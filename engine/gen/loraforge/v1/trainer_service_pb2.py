@@ -28,7 +28,7 @@ from loraforge.v1 import job_pb2 as loraforge_dot_v1_dot_job__pb2
 from loraforge.v1 import training_spec_pb2 as loraforge_dot_v1_dot_training__spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"loraforge/v1/trainer_service.proto\x12\x0cloraforge.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x16loraforge/v1/job.proto\x1a loraforge/v1/training_spec.proto\"s\n\x0cTrainRequest\x12:\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.loraforge.v1.TrainingSpecB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01R\x04spec\x12\'\n\nrequest_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01R\trequestId\"4\n\rTrainResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"n\n\x15StreamProgressRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\x12.\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00R\rafterSequence\"F\n\x16StreamProgressResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.loraforge.v1.JobEventR\x05\x65vent\"6\n\rGetJobRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"\x91\x01\n\x0fListJobsRequest\x12\'\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\x16.loraforge.v1.JobStateB\x08\xbaH\x05\x82\x01\x02\x10\x01R\x05state\"a\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.loraforge.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"9\n\x10\x43\x61ncelJobRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\"8\n\x11\x43\x61ncelJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"{\n\x17\x44ownloadArtifactRequest\x12?\n\x04name\x18\x03 \x01(\tB+\xe2\x41\x01\x02\xbaH$r\"\x10\x01\x18\x80\x08\x32\x1b^jobs/[A-Za-z0-9_-]{1,128}/R\x04nameJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\x06job_idR\x0bobject_name\"d\n\x18\x44ownloadArtifactResponse\x12\x32\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.loraforge.v1.ArtifactR\x08\x61rtifact\x12\x14\n\x05\x63hunk\x18\x02 \x01(\x0cR\x05\x63hunk2\xf4\x03\n\x0eTrainerService\x12@\n\x05Train\x12\x1a.loraforge.v1.TrainRequest\x1a\x1b.loraforge.v1.TrainResponse\x12]\n\x0eStreamProgress\x12#.loraforge.v1.StreamProgressRequest\x1a$.loraforge.v1.StreamProgressResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.loraforge.v1.GetJobRequest\x1a\x1c.loraforge.v1.GetJobResponse\x12I\n\x08ListJobs\x12\x1d.loraforge.v1.ListJobsRequest\x1a\x1e.loraforge.v1.ListJobsResponse\x12L\n\tCancelJob\x12\x1e.loraforge.v1.CancelJobRequest\x1a\x1f.loraforge.v1.CancelJobResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.loraforge.v1.DownloadArtifactRequest\x1a&.loraforge.v1.DownloadArtifactResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"loraforge/v1/trainer_service.proto\x12\x0cloraforge.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x16loraforge/v1/job.proto\x1a loraforge/v1/training_spec.proto\"\x16\n\x14GetServerInfoRequest\"\xa7\x01\n\x15GetServerInfoResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x1b\n\tnats_urls\x18\x02 \x03(\tR\x08natsUrls\x12#\n\revents_stream\x18\x03 \x01(\tR\x0c\x65ventsStream\x12\x32\n\x15\x65vent_subject_pattern\x18\x04 \x01(\tR\x13\x65ventSubjectPattern\"s\n\x0cTrainRequest\x12:\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.loraforge.v1.TrainingSpecB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01R\x04spec\x12\'\n\nrequest_id\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x01R\trequestId\"4\n\rTrainResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"n\n\x15StreamProgressRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\x12.\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00R\rafterSequence\"F\n\x16StreamProgressResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.loraforge.v1.JobEventR\x05\x65vent\"6\n\rGetJobRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"\x91\x01\n\x0fListJobsRequest\x12\'\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00R\x08pageSize\x12\x1d\n\npage_token\x18\x02 \x01(\tR\tpageToken\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\x16.loraforge.v1.JobStateB\x08\xbaH\x05\x82\x01\x02\x10\x01R\x05state\"a\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.loraforge.v1.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"9\n\x10\x43\x61ncelJobRequest\x12%\n\x06job_id\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x05jobId\"8\n\x11\x43\x61ncelJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x11.loraforge.v1.JobR\x03job\"{\n\x17\x44ownloadArtifactRequest\x12?\n\x04name\x18\x03 \x01(\tB+\xe2\x41\x01\x02\xbaH$r\"\x10\x01\x18\x80\x08\x32\x1b^jobs/[A-Za-z0-9_-]{1,128}/R\x04nameJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\x06job_idR\x0bobject_name\"d\n\x18\x44ownloadArtifactResponse\x12\x32\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.loraforge.v1.ArtifactR\x08\x61rtifact\x12\x14\n\x05\x63hunk\x18\x02 \x01(\x0cR\x05\x63hunk2\xce\x04\n\x0eTrainerService\x12@\n\x05Train\x12\x1a.loraforge.v1.TrainRequest\x1a\x1b.loraforge.v1.TrainResponse\x12]\n\x0eStreamProgress\x12#.loraforge.v1.StreamProgressRequest\x1a$.loraforge.v1.StreamProgressResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.loraforge.v1.GetJobRequest\x1a\x1c.loraforge.v1.GetJobResponse\x12I\n\x08ListJobs\x12\x1d.loraforge.v1.ListJobsRequest\x1a\x1e.loraforge.v1.ListJobsResponse\x12L\n\tCancelJob\x12\x1e.loraforge.v1.CancelJobRequest\x1a\x1f.loraforge.v1.CancelJobResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.loraforge.v1.DownloadArtifactRequest\x1a&.loraforge.v1.DownloadArtifactResponse0\x01\x12X\n\rGetServerInfo\x12\".loraforge.v1.GetServerInfoRequest\x1a#.loraforge.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,30 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELJOBREQUEST'].fields_by_name['job_id']._serialized_options = b'\342A\001\002\272H\007r\005\020\001\030\200\001'
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DOWNLOADARTIFACTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H$r\"\020\001\030\200\0102\033^jobs/[A-Za-z0-9_-]{1,128}/'
-  _globals['_TRAINREQUEST']._serialized_start=172
-  _globals['_TRAINREQUEST']._serialized_end=287
-  _globals['_TRAINRESPONSE']._serialized_start=289
-  _globals['_TRAINRESPONSE']._serialized_end=341
-  _globals['_STREAMPROGRESSREQUEST']._serialized_start=343
-  _globals['_STREAMPROGRESSREQUEST']._serialized_end=453
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=455
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=525
-  _globals['_GETJOBREQUEST']._serialized_start=527
-  _globals['_GETJOBREQUEST']._serialized_end=581
-  _globals['_GETJOBRESPONSE']._serialized_start=583
-  _globals['_GETJOBRESPONSE']._serialized_end=636
-  _globals['_LISTJOBSREQUEST']._serialized_start=639
-  _globals['_LISTJOBSREQUEST']._serialized_end=784
-  _globals['_LISTJOBSRESPONSE']._serialized_start=786
-  _globals['_LISTJOBSRESPONSE']._serialized_end=883
-  _globals['_CANCELJOBREQUEST']._serialized_start=885
-  _globals['_CANCELJOBREQUEST']._serialized_end=942
-  _globals['_CANCELJOBRESPONSE']._serialized_start=944
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1000
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1002
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1125
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=1127
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=1227
-  _globals['_TRAINERSERVICE']._serialized_start=1230
-  _globals['_TRAINERSERVICE']._serialized_end=1730
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=172
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=194
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=197
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=364
+  _globals['_TRAINREQUEST']._serialized_start=366
+  _globals['_TRAINREQUEST']._serialized_end=481
+  _globals['_TRAINRESPONSE']._serialized_start=483
+  _globals['_TRAINRESPONSE']._serialized_end=535
+  _globals['_STREAMPROGRESSREQUEST']._serialized_start=537
+  _globals['_STREAMPROGRESSREQUEST']._serialized_end=647
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=649
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=719
+  _globals['_GETJOBREQUEST']._serialized_start=721
+  _globals['_GETJOBREQUEST']._serialized_end=775
+  _globals['_GETJOBRESPONSE']._serialized_start=777
+  _globals['_GETJOBRESPONSE']._serialized_end=830
+  _globals['_LISTJOBSREQUEST']._serialized_start=833
+  _globals['_LISTJOBSREQUEST']._serialized_end=978
+  _globals['_LISTJOBSRESPONSE']._serialized_start=980
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1077
+  _globals['_CANCELJOBREQUEST']._serialized_start=1079
+  _globals['_CANCELJOBREQUEST']._serialized_end=1136
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1138
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1194
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1196
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1319
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=1321
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=1421
+  _globals['_TRAINERSERVICE']._serialized_start=1424
+  _globals['_TRAINERSERVICE']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

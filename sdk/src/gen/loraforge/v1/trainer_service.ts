@@ -27,6 +27,30 @@ export const protobufPackage = "loraforge.v1";
 
 export const protobufFileName = "loraforge/v1/trainer_service.proto";
 
+/** GetServerInfoRequest asks for the server's description. */
+export interface GetServerInfoRequest {
+}
+
+/** GetServerInfoResponse describes the server. */
+export interface GetServerInfoResponse {
+  /** The server's version, e.g. "0.1.0". */
+  version: string;
+  /**
+   * The NATS URLs the server itself uses, e.g. ["nats://127.0.0.1:4222"]: a
+   * managed nats-server listens on this host's loopback only. Credentials are
+   * never sent: a managed nats-server's are in <state dir>/nats/credentials.json
+   * on the server's host.
+   */
+  natsUrls: string[];
+  /** The JetStream stream that keeps every event: "LORAFORGE_EVENTS". */
+  eventsStream: string;
+  /**
+   * The subject of a job's events, with <job_id> and <kind> (state, metrics,
+   * checkpoint, validation, log) to fill in: "loraforge.v1.jobs.<job_id>.<kind>".
+   */
+  eventSubjectPattern: string;
+}
+
 /** TrainRequest asks for a training run. */
 export interface TrainRequest {
   /** What to train. */
@@ -118,6 +142,187 @@ export interface DownloadArtifactResponse {
   /** The next bytes of the file (or tar archive), at most 256 KiB a message. */
   chunk: Buffer;
 }
+
+function createBaseGetServerInfoRequest(): GetServerInfoRequest {
+  return {};
+}
+
+export const GetServerInfoRequest: MessageFns<GetServerInfoRequest> = {
+  encode(_: GetServerInfoRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetServerInfoRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetServerInfoRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): GetServerInfoRequest {
+    return {};
+  },
+
+  toJSON(_: GetServerInfoRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetServerInfoRequest>, I>>(base?: I): GetServerInfoRequest {
+    return GetServerInfoRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetServerInfoRequest>, I>>(_: I): GetServerInfoRequest {
+    const message = createBaseGetServerInfoRequest();
+    return message;
+  },
+};
+
+function createBaseGetServerInfoResponse(): GetServerInfoResponse {
+  return { version: "", natsUrls: [], eventsStream: "", eventSubjectPattern: "" };
+}
+
+export const GetServerInfoResponse: MessageFns<GetServerInfoResponse> = {
+  encode(message: GetServerInfoResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.version !== "") {
+      writer.uint32(10).string(message.version);
+    }
+    for (const v of message.natsUrls) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.eventsStream !== "") {
+      writer.uint32(26).string(message.eventsStream);
+    }
+    if (message.eventSubjectPattern !== "") {
+      writer.uint32(34).string(message.eventSubjectPattern);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetServerInfoResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetServerInfoResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.version = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.natsUrls.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.eventsStream = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.eventSubjectPattern = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetServerInfoResponse {
+    return {
+      version: isSet(object.version) ? globalThis.String(object.version) : "",
+      natsUrls: globalThis.Array.isArray(object?.natsUrls)
+        ? object.natsUrls.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.nats_urls)
+        ? object.nats_urls.map((e: any) => globalThis.String(e))
+        : [],
+      eventsStream: isSet(object.eventsStream)
+        ? globalThis.String(object.eventsStream)
+        : isSet(object.events_stream)
+        ? globalThis.String(object.events_stream)
+        : "",
+      eventSubjectPattern: isSet(object.eventSubjectPattern)
+        ? globalThis.String(object.eventSubjectPattern)
+        : isSet(object.event_subject_pattern)
+        ? globalThis.String(object.event_subject_pattern)
+        : "",
+    };
+  },
+
+  toJSON(message: GetServerInfoResponse): unknown {
+    const obj: any = {};
+    if (message.version !== "") {
+      obj.version = message.version;
+    }
+    if (message.natsUrls?.length) {
+      obj.natsUrls = message.natsUrls;
+    }
+    if (message.eventsStream !== "") {
+      obj.eventsStream = message.eventsStream;
+    }
+    if (message.eventSubjectPattern !== "") {
+      obj.eventSubjectPattern = message.eventSubjectPattern;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetServerInfoResponse>, I>>(base?: I): GetServerInfoResponse {
+    return GetServerInfoResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetServerInfoResponse>, I>>(object: I): GetServerInfoResponse {
+    const message = createBaseGetServerInfoResponse();
+    message.version = object.version ?? "";
+    message.natsUrls = object.natsUrls?.map((e) => e) || [];
+    message.eventsStream = object.eventsStream ?? "";
+    message.eventSubjectPattern = object.eventSubjectPattern ?? "";
+    return message;
+  },
+};
 
 function createBaseTrainRequest(): TrainRequest {
   return { spec: undefined, requestId: "" };
@@ -1165,6 +1370,20 @@ export const TrainerServiceService = {
       Buffer.from(DownloadArtifactResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DownloadArtifactResponse => DownloadArtifactResponse.decode(value),
   },
+  /**
+   * GetServerInfo describes the server to clients that consume its events on
+   * NATS: where they are published and under which names.
+   */
+  getServerInfo: {
+    path: "/loraforge.v1.TrainerService/GetServerInfo" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetServerInfoRequest): Buffer => Buffer.from(GetServerInfoRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetServerInfoRequest => GetServerInfoRequest.decode(value),
+    responseSerialize: (value: GetServerInfoResponse): Buffer =>
+      Buffer.from(GetServerInfoResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetServerInfoResponse => GetServerInfoResponse.decode(value),
+  },
 } as const;
 
 export interface TrainerServiceServer extends UntypedServiceImplementation {
@@ -1203,6 +1422,11 @@ export interface TrainerServiceServer extends UntypedServiceImplementation {
    * NOT_FOUND (JOB_NOT_FOUND or ARTIFACT_NOT_FOUND) when either is unknown.
    */
   downloadArtifact: handleServerStreamingCall<DownloadArtifactRequest, DownloadArtifactResponse>;
+  /**
+   * GetServerInfo describes the server to clients that consume its events on
+   * NATS: where they are published and under which names.
+   */
+  getServerInfo: handleUnaryCall<GetServerInfoRequest, GetServerInfoResponse>;
 }
 
 export interface TrainerServiceClient extends Client {
@@ -1313,6 +1537,25 @@ export interface TrainerServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<DownloadArtifactResponse>;
+  /**
+   * GetServerInfo describes the server to clients that consume its events on
+   * NATS: where they are published and under which names.
+   */
+  getServerInfo(
+    request: GetServerInfoRequest,
+    callback: (error: ServiceError | null, response: GetServerInfoResponse) => void,
+  ): ClientUnaryCall;
+  getServerInfo(
+    request: GetServerInfoRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetServerInfoResponse) => void,
+  ): ClientUnaryCall;
+  getServerInfo(
+    request: GetServerInfoRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetServerInfoResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const TrainerServiceClient = makeGenericClientConstructor(
