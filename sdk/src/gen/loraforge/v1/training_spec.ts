@@ -494,10 +494,10 @@ export interface TrainingSpec {
     | string
     | undefined;
   /**
-   * Shuffle a caption's comma-separated tags for each step (kohya's
+   * Shuffle a caption's comma-separated tags each epoch (kohya's
    * shuffle_caption), keeping the first keep_tags in place. The order is a
-   * function of the seed and the step, so a resumed run sees the same
-   * captions. Default false.
+   * function of the seed, the epoch and the image, so a resumed run sees the
+   * same captions. Turns the text-embedding cache off. Default false.
    */
   shuffleTags?:
     | boolean
