@@ -46,9 +46,9 @@ from . import checkpoint as ckpt
 from . import lora_files
 from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .cpu_threads import core_share, fixed_threads
-from .data import (CaptionedImages, DataError, Skipped, caption_source, dataset_fingerprint, discover, inspect,
-                   load_hub_dataset, make_buckets, no_usable_images, resized_size, select_samples, size_histogram,
-                   skipped_summary)
+from .data import (CaptionedImages, DataError, ImageError, Skipped, caption_source, dataset_fingerprint, discover,
+                   inspect, load_hub_dataset, make_buckets, no_usable_images, resized_size, select_samples,
+                   size_histogram, skipped_summary)
 from .events import EventWriter
 from .fingerprint import hurry as hurry_fingerprints
 from .fingerprint import model_hash_idle as model_hash
@@ -191,6 +191,7 @@ class Trainer:
         self._set_up_optimizer()
         self._restore(state, tensors)
         del state, tensors
+        self.bad_images: set[int] = set()  # images that stopped decoding during the run (see _pixels)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.latent_cacheable: list[bool] = []
@@ -285,7 +286,7 @@ class Trainer:
             events.log("warning", f"skipped {len(skipped)} of {self.images_found} images: {skipped_summary(skipped)}")
         if not examples:
             self.buckets, self.dataset = None, None
-            self._report_data(examples=[], sizes=[])
+            self._report_data()
             raise no_usable_images(skipped)
         keep = select_samples(list(range(len(examples))), spec.max_train_samples, seed)
         examples, sizes = [examples[i] for i in keep], [sizes[i] for i in keep]
@@ -494,12 +495,13 @@ class Trainer:
             "resolution": spec.resolution, "dataset_size": len(self.dataset), **data_sha,
             "spec": spec.to_json_dict()}
 
-    def _report_data(self, examples: list | None = None, sizes: list | None = None) -> None:
-        """The data set report event: images used and skipped (with reasons), sizes, buckets, caches."""
+    def _report_data(self) -> None:
+        """The data set report event: images used and skipped (with reasons), sizes, buckets, caches. Without a
+        dataset (nothing usable) only what was found and skipped."""
         from .contract import job_pb2
 
         spec, ds = self.spec, self.dataset
-        sizes = ds.sizes if ds is not None else (sizes or [])
+        sizes = ds.sizes if ds is not None else []
         common, other = size_histogram(sizes)
         report = job_pb2.DatasetReport(
             images_found=self.images_found, images_used=len(ds) if ds is not None else 0,
@@ -558,7 +560,33 @@ class Trainer:
             said.append("VAE latents not cached (random crop: every image is larger than the training size)")
         self.events.log("info", "; ".join(said))
 
-    def _latent_moments(self, ids: list[int], augs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixels(self, epoch: int, i: int, aug) -> tuple[np.ndarray, bool]:
+        """Image i's sample, and whether it is a stand-in. Every image decoded at the start; one that no longer does
+        (its file changed since) does not end the run: the next image of its bucket that decodes stands in for
+        it (cut as that image is this epoch), with a warning the first time."""
+        ds = self.dataset
+        try:
+            return ds.pixels(i, aug), False
+        except ImageError as e:
+            self._went_bad(i, e)
+        members = ds.members[ds.bucket_of[i]]
+        at = members.index(i)
+        for k in members[at + 1:] + members[:at]:
+            if k not in self.bad_images:
+                try:
+                    return ds.pixels(k, ds.augment(epoch, k)), True
+                except ImageError as e:
+                    self._went_bad(k, e)
+        raise DataError(f"every image of the training size {ds.target(i)} stopped decoding during the run")
+
+    def _went_bad(self, i: int, e: ImageError) -> None:
+        if i not in self.bad_images:
+            self.bad_images.add(i)
+            ex = self.dataset.examples[i]
+            self.events.log("warning", f"image {ex.path.name if ex.path else ex.name} no longer decodes ({e.reason}: "
+                                       f"{e.detail}); another image of its size stands in for it from now on")
+
+    def _latent_moments(self, ids: list[int], augs: list, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE latent distribution's mean and std of each sample. Cacheable samples come from the cache, or are
         encoded each on its own and cached: a VAE call's kernels round differently at other batch sizes, and a
         cached value must not depend on which batch drew it first (a resumed run rebuilds the cache in other
@@ -569,12 +597,16 @@ class Trainer:
         for j, key in enumerate(keys):
             if key is not None:
                 if key not in cache:
-                    mean, std = self._vae_moments(ds.pixels(ids[j], augs[j])[None])
+                    pixels, stand_in = self._pixels(epoch, ids[j], augs[j])
+                    mean, std = self._vae_moments(pixels[None])
+                    if stand_in:  # not this image's latents: used this once, never cached under its key
+                        got[j] = (mean[0], std[0])
+                        continue
                     cache[key] = (mean[0], std[0])
                 got[j] = cache[key]
         todo = [j for j, key in enumerate(keys) if key is None]
         if todo:
-            mean, std = self._vae_moments(np.stack([ds.pixels(ids[j], augs[j]) for j in todo]))
+            mean, std = self._vae_moments(np.stack([self._pixels(epoch, ids[j], augs[j])[0] for j in todo]))
             got.update({j: (mean[n], std[n]) for n, j in enumerate(todo)})
         return torch.stack([got[j][0] for j in range(len(ids))]), torch.stack([got[j][1] for j in range(len(ids))])
 
@@ -604,7 +636,7 @@ class Trainer:
         ids = ds.batch_ids(epoch, b, self.spec.train_batch_size)
         augs = [ds.augment(epoch, i) for i in ids]
         captions = [ds.caption(epoch, i) for i in ids]
-        mean, std = self._latent_moments(ids, augs)
+        mean, std = self._latent_moments(ids, augs, epoch)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 1))
         sample = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(self.device, mean.dtype)
         # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.

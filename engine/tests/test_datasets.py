@@ -230,6 +230,24 @@ def test_bucket_sides_the_model_cannot_take_fail_at_start(tiny_model, mixed, tmp
                     "bucketMaxSide": 128})
 
 
+def test_an_image_that_goes_bad_mid_run_does_not_end_it(tiny_model, mixed, tmp_path):
+    data = tmp_path / "set"
+    shutil.copytree(mixed, data)
+    out = io.StringIO()
+    spec = parse_spec({"baseModel": str(tiny_model), "datasetDir": str(data), "resolution": 64, "trainBatchSize": 2,
+                       "maxTrainSteps": 20, "seed": 5, "aspectRatioBuckets": True, "bucketStep": 16,
+                       "minImageSide": 16, "cacheLatents": False})
+    t = Trainer(spec, str(tmp_path / "out"), EventWriter(out))
+    t.optimizer_step(0)
+    victim = t.dataset.examples[0].path
+    victim.write_bytes(b"truncated")  # changed on disk after the start's inspection
+    results = [t.optimizer_step(step) for step in range(1, 2 * t.steps_per_epoch)]
+    assert all(math.isfinite(r.loss) for r in results)
+    assert t.bad_images == {0}
+    warnings = [json.loads(line)["log"]["message"] for line in out.getvalue().splitlines() if "no longer decodes" in line]
+    assert len(warnings) == 1 and victim.name in warnings[0] and "corrupt" in warnings[0]
+
+
 # --------------------------------------------------------------------------------------------- a real run
 
 def bucket_loss(pipe, ds: CaptionedImages) -> float:
