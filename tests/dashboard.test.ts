@@ -187,7 +187,7 @@ describe("dashboard", () => {
     assert.ok(ckpts.every((href) => new URL(href).pathname === "/api/artifacts"), ckpts.join(" "));
     // The data set report: every image of the fixture set used, its sizes and the one training size.
     await page.waitForFunction(() => !document.getElementById("dataset")?.hidden, undefined, WAIT);
-    assert.match((await page.textContent("#ds-summary")) ?? "", /^8 of 8 images used, 0 skipped; captions from metadata_jsonl; cached: /);
+    assert.match((await page.textContent("#ds-summary")) ?? "", /^8 of 8 images used, 0 skipped; captions from metadata\.jsonl; cached: /);
     const sizeRows = await page.$$eval("#ds-sizes tr", (rows) => rows.map((r) => [...r.querySelectorAll("td")].slice(0, 2).map((td) => td.textContent)));
     assert.equal(sizeRows.reduce((n, [, images]) => n + Number(images), 0), 8, JSON.stringify(sizeRows));
     const bucketRows = await page.$$eval("#ds-buckets tr", (rows) => rows.map((r) => [...r.querySelectorAll("td")].slice(0, 2).map((td) => td.textContent)));

@@ -270,7 +270,8 @@ def test_an_image_that_goes_bad_mid_run_does_not_end_it(tiny_model, mixed, tmp_p
     results = [t.optimizer_step(step) for step in range(1, 2 * t.steps_per_epoch)]
     assert all(math.isfinite(r.loss) for r in results)
     assert t.bad_images == {0}
-    warnings = [json.loads(line)["log"]["message"] for line in out.getvalue().splitlines() if "no longer decodes" in line]
+    logs = [json.loads(line).get("log", {}).get("message", "") for line in out.getvalue().splitlines()]
+    warnings = [m for m in logs if "no longer decodes" in m]
     assert len(warnings) == 1 and victim.name in warnings[0] and "corrupt" in warnings[0]
 
 

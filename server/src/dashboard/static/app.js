@@ -357,6 +357,15 @@ function renderFiles(v) {
   );
 }
 
+/** Where a run's captions came from, as people say it. */
+const CAPTION_SOURCES = {
+  CAPTION_SOURCE_METADATA_JSONL: "metadata.jsonl",
+  CAPTION_SOURCE_METADATA_CSV: "metadata.csv",
+  CAPTION_SOURCE_SIDECAR_TXT: ".txt files beside the images",
+  CAPTION_SOURCE_INSTANCE_PROMPT: "the instance prompt",
+  CAPTION_SOURCE_HUB: "the hub data set's caption column",
+};
+
 /** The data set report: images used and skipped (with the reason each), the sizes, buckets and caches. */
 function renderDataset(v) {
   const r = v.dataset;
@@ -370,7 +379,7 @@ function renderDataset(v) {
   ].filter(Boolean);
   $("ds-summary").textContent =
     `${int(r.imagesUsed)} of ${int(r.imagesFound)} images used, ${skippedTotal} skipped; captions from ` +
-    `${readableValue("captionSource", r.captionSource || "")}; cached: ${cached.join(", ") || "nothing"}`;
+    `${CAPTION_SOURCES[r.captionSource] || readableValue("captionSource", r.captionSource || "")}; cached: ${cached.join(", ") || "nothing"}`;
   const reason = (x) => readableValue("skipReason", x || "").replace("_", " ");
   $("ds-skipped").replaceChildren(
     ...(r.skipped || []).map((s) => el("tr", {}, el("td", {}, s.name || ""), el("td", { class: "reason" }, reason(s.reason)), el("td", {}, s.detail || ""))),
