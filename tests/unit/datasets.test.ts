@@ -7,6 +7,8 @@ import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { countCaptionedImages, csvRows } from "@loraforge/server/jobs/datasets";
+import { datasetLine } from "@loraforge/server/cli/client";
+import { CaptionSource, DatasetReport, SkipReason } from "@loraforge/sdk";
 
 describe("data set folders", () => {
   it("csvRows reads quoted fields, doubled quotes, line breaks inside quotes and CRLF rows", () => {
@@ -18,6 +20,30 @@ describe("data set folders", () => {
       ["c.png", "two\nlines"],
       ["d.png", ""],
     ]);
+  });
+
+  it("the CLI's line for a data set report: counts, skipped names by reason, buckets, caches", () => {
+    const r = DatasetReport.fromPartial({
+      imagesFound: 13,
+      imagesUsed: 10,
+      skippedTotal: 3,
+      skipped: [
+        { name: "corrupt.png", reason: SkipReason.SKIP_REASON_CORRUPT, detail: "cannot be decoded" },
+        { name: "tiny.png", reason: SkipReason.SKIP_REASON_TOO_SMALL },
+        { name: "b.png", reason: SkipReason.SKIP_REASON_CORRUPT },
+      ],
+      captionSource: CaptionSource.CAPTION_SOURCE_SIDECAR_TXT,
+      buckets: [
+        { width: 80, height: 48, images: 4, batches: 2 },
+        { width: 64, height: 64, images: 6, batches: 3 },
+      ],
+      latentsCached: 10,
+      latentsCachedFlipped: true,
+    });
+    assert.equal(
+      datasetLine(r),
+      "data set: 10 of 13 images used, 3 skipped (corrupt: corrupt.png, b.png; too_small: tiny.png); sizes 80x48: 4, 64x64: 6; cached: latents of 10 (both orientations)",
+    );
   });
 
   it("counts metadata.csv rows naming an image, uncaptioned images only with an instance prompt", () => {
