@@ -126,6 +126,8 @@ describe("the contract's rules at the front door", () => {
           targetModules: ["to_q", "to q"],
           validationPrompts: ["a cat", "   "],
           seed: 2 ** 32,
+          bucketStep: 12, // 8..1024 but not a multiple of 8
+          keepTags: -1,
           // no dataset: the oneof is required
         },
         "r".repeat(129),
@@ -135,7 +137,7 @@ describe("the contract's rules at the front door", () => {
     assert.equal(r.reason, "INVALID_SPEC");
     assert.deepEqual(
       [...r.fields.keys()].sort(),
-      ["request_id", "spec.dataset", "spec.learning_rate", "spec.rank", "spec.resolution", "spec.seed", "spec.target_modules[1]", "spec.validation_prompts[1]"],
+      ["request_id", "spec.bucket_step", "spec.dataset", "spec.keep_tags", "spec.learning_rate", "spec.rank", "spec.resolution", "spec.seed", "spec.target_modules[1]", "spec.validation_prompts[1]"],
     );
     assert.match(r.fields.get("spec.rank")!, /greater than or equal to 1.*got 0/);
     assert.match(r.fields.get("spec.resolution")!, /multiple of 8/);

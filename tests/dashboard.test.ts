@@ -185,6 +185,15 @@ describe("dashboard", () => {
       [`jobs/${job.id}/checkpoint-4/`, `jobs/${job.id}/checkpoint-8/`, `jobs/${job.id}/lora/pytorch_lora_weights.safetensors`],
     );
     assert.ok(ckpts.every((href) => new URL(href).pathname === "/api/artifacts"), ckpts.join(" "));
+    // The data set report: every image of the fixture set used, its sizes and the one training size.
+    await page.waitForFunction(() => !document.getElementById("dataset")?.hidden, undefined, WAIT);
+    assert.match((await page.textContent("#ds-summary")) ?? "", /^8 of 8 images used, 0 skipped; captions from metadata\.jsonl; cached: /);
+    const sizeRows = await page.$$eval("#ds-sizes tr", (rows) => rows.map((r) => [...r.querySelectorAll("td")].slice(0, 2).map((td) => td.textContent)));
+    assert.equal(sizeRows.reduce((n, [, images]) => n + Number(images), 0), 8, JSON.stringify(sizeRows));
+    const bucketRows = await page.$$eval("#ds-buckets tr", (rows) => rows.map((r) => [...r.querySelectorAll("td")].slice(0, 2).map((td) => td.textContent)));
+    assert.deepEqual(bucketRows, [["64×64", "8"]]);
+    assert.equal(await page.isHidden("#ds-skipped-wrap"), true);
+
     // The spec shows enum values as people say them.
     const specRow = await page.$$eval("#spec tr", (rows) =>
       rows.map((r) => [...r.querySelectorAll("td")].map((td) => td.textContent)).find(([k]) => k === "mixedPrecision"),

@@ -155,7 +155,7 @@ describe("SDK", () => {
         const ev = JobEventType.toObject(JobEventType.decode(m.data), { longs: Number, enums: String, defaults: false }) as Record<string, unknown>;
         // Names as in the .proto (snake_case): the descriptor set carries them.
         if (ev.job_id !== job.id) continue;
-        assert.equal(m.subject.split(".").at(-1), Object.keys(ev).find((k) => ["state", "metrics", "checkpoint", "validation", "log"].includes(k)));
+        assert.equal(m.subject.split(".").at(-1), Object.keys(ev).find((k) => ["state", "metrics", "checkpoint", "validation", "log", "dataset"].includes(k)));
         decoded.push(ev);
         const st = ev.state as { state?: string } | undefined;
         if (st?.state === "JOB_STATE_SUCCEEDED") break;
@@ -168,6 +168,9 @@ describe("SDK", () => {
     // Live subscribers join after QUEUED may have passed; from there on they see everything.
     assert.deepEqual(decoded.map((e) => e.sequence), all.slice(all.length - decoded.length).map((e) => e.sequence));
     assert.ok(decoded.some((e) => (e.metrics as { loss?: number } | undefined)?.loss! > 0));
+    // The data set report, decoded from the descriptor set too: every image of the fixture set used.
+    const report = decoded.find((e) => e.dataset)?.dataset as { images_used?: number; caption_source?: string } | undefined;
+    assert.deepEqual([report?.images_used, report?.caption_source], [8, "CAPTION_SOURCE_METADATA_JSONL"]);
   });
 
   it("uploads a data set (folder and zip) that trains; refuses bad files and writes nothing outside the data root", async () => {

@@ -10,6 +10,7 @@ import { credentials, makeGenericClientConstructor } from "@grpc/grpc-js";
 import { service as healthService } from "grpc-health-check";
 import {
   ArtifactKind,
+  CaptionSource,
   errorMessage,
   InvalidSpecError,
   Job,
@@ -18,6 +19,7 @@ import {
   JobNotFoundError,
   JobState,
   LrScheduler,
+  SkipReason,
   stateName,
 } from "@loraforge/sdk";
 import {
@@ -104,19 +106,50 @@ describe("TrainerService", () => {
     assert.equal((await srv.client.listJobs({ pageSize: 1000 })).jobs.length, before);
   });
 
-  it("ends a job FAILED with a readable reason when an image is corrupt, and keeps serving", async () => {
+  it("reports the data set before the first step and trains past corrupt, tiny and uncaptioned images, in aspect-ratio buckets", async () => {
+    // A real user's folder: portrait, landscape and square images, a tiny one, a corrupt one, one without a caption.
+    const mixed = path.join(tmpDir("mixed"), "set");
+    python(["-m", "loraforge_engine", "make-dataset", mixed, "--count", "10", "--format", "txt", "--mixed"]);
+    const job = await srv.client.train(
+      quickSpec(f, { datasetDir: mixed, maxTrainSteps: 4, aspectRatioBuckets: true, bucketStep: 16, minImageSide: 16, centerCrop: true }),
+    );
+    const events = await collect(job.progress());
+    assert.deepEqual(states(events), ["QUEUED", "RUNNING", "SUCCEEDED"]);
+    const kinds = events.map((e) => e.payload?.$case);
+    const reports = events.flatMap((e) => (e.payload?.$case === "dataset" ? [e.payload.dataset] : []));
+    assert.equal(reports.length, 1);
+    assert.ok(kinds.indexOf("dataset") < kinds.indexOf("metrics"), "the report comes before the first step");
+    const r = reports[0];
+    assert.deepEqual([r.imagesFound, r.imagesUsed, r.skippedTotal], [13, 10, 3]);
+    assert.deepEqual(
+      r.skipped.map((s) => [s.name, SkipReason[s.reason]]).sort(),
+      [["corrupt.png", "SKIP_REASON_CORRUPT"], ["tiny.png", "SKIP_REASON_TOO_SMALL"], ["uncaptioned.png", "SKIP_REASON_NO_CAPTION"]],
+    );
+    assert.equal(r.captionSource, CaptionSource.CAPTION_SOURCE_SIDECAR_TXT);
+    // 64 px shapes of 1:1, 3:2, 2:3, 2:1 and 1:2 (two each): five sizes, and buckets of other aspect ratios.
+    assert.deepEqual(r.sizes.map((x) => [x.width, x.height, x.images]).sort(), [[128, 64, 2], [64, 128, 2], [64, 64, 2], [64, 96, 2], [96, 64, 2]].sort());
+    assert.equal(r.buckets.reduce((n, b) => n + b.images, 0), 10);
+    assert.ok(r.buckets.length > 1 && r.buckets.some((b) => b.width > b.height) && r.buckets.some((b) => b.width < b.height), JSON.stringify(r.buckets));
+    assert.equal(r.latentsCached, 10, "centre crops: every image's latents are cached");
+    assertNoHostPaths(events.map((e) => JobEvent.toJSON(e)), [f.model, mixed], "the job's events");
+  });
+
+  it("ends a job FAILED_PRECONDITION naming why when no image is usable, after its data set report, and keeps serving", async () => {
     const bad = tmpDir("corrupt");
     for (const name of readdirSync(f.dataset)) copyFileSync(path.join(f.dataset, name), path.join(bad, name));
-    const victim = readdirSync(bad).find((n) => n.endsWith(".png"))!;
-    writeFileSync(path.join(bad, victim), Buffer.from("this is not a png at all"));
+    for (const name of readdirSync(bad).filter((n) => n.endsWith(".png"))) writeFileSync(path.join(bad, name), Buffer.from("this is not a png at all"));
     const job = await srv.client.train(quickSpec(f, { datasetDir: bad }));
+    const events = await collect(job.progress());
     const done = await job.result();
     assert.equal(stateName(done.state), "FAILED");
     const message = errorMessage(done);
-    assert.match(message, new RegExp(victim.replace(".", "\\.")), `error should name the file: ${message}`);
+    assert.match(message, /holds no captioned images: every image was skipped: 8 corrupt \(0000\.png/, message);
     assert.doesNotMatch(message, /Traceback/);
     // Job.error is a google.rpc.Status; bad data is FAILED_PRECONDITION (google.rpc.Code 9).
     assert.equal(done.error?.code, 9, JSON.stringify(done.error));
+    const report = events.flatMap((e) => (e.payload?.$case === "dataset" ? [e.payload.dataset] : []));
+    assert.deepEqual(report.map((r) => [r.imagesUsed, r.skippedTotal]), [[0, 8]]);
+    assert.ok(!events.some((e) => e.payload?.$case === "metrics"));
     assertNoHostPaths(Job.toJSON(done), [f.model, bad], "the failed job");
   });
 

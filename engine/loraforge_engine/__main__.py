@@ -188,7 +188,8 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_make_dataset(args) -> int:
     from .tiny import make_dataset
 
-    path = make_dataset(args.dir, count=args.count, size=args.size, seed=args.seed, fmt=args.format)
+    path = make_dataset(args.dir, count=args.count, size=args.size, seed=args.seed, fmt=args.format,
+                        mixed=args.mixed)
     print(path, file=sys.stderr)
     return EXIT_OK
 
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64, help="shorter image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("jsonl", "txt"), default="jsonl")
+    p.add_argument("--mixed", action="store_true",
+                   help="mixed sizes and aspect ratios, plus a tiny, a corrupt and (txt) an uncaptioned image")
     p.set_defaults(func=cmd_make_dataset)
 
     from .onnx_export import add_subcommand as add_export_onnx  # export-onnx: see onnx_export.py

@@ -32,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "caption_dropout": 0.0, "interpolation": "lanczos", "scale_lr": False, "lr_num_cycles": 1, "lr_power": 1.0,
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "noise_offset": 0.0,
     "lora_dropout": 0.0, "validation_epochs": 0, "lora_format": "diffusers", "cache_latents": True,
+    "shuffle_tags": False, "keep_tags": 0, "min_image_side": 8, "aspect_ratio_buckets": False, "bucket_step": 64,
+    "bucket_max_aspect": 4.0,
 }
 
 _DESCRIPTOR = training_spec_pb2.TrainingSpec.DESCRIPTOR
@@ -104,6 +106,15 @@ class TrainingSpec:
     @property
     def unet_targets(self) -> list[str]:
         return list(self.target_modules or DEFAULT_UNET_TARGETS)
+
+    @property
+    def bucket_sides(self) -> tuple[int, int]:
+        """(min, max) bucket side: the spec's, else resolution / 2 rounded down to bucket_step (at least one
+        step) and resolution × 2, as the .proto documents."""
+        step = self.bucket_step
+        low = self.bucket_min_side if self.bucket_min_side is not None else max(step, self.resolution // 2 // step * step)
+        high = self.bucket_max_side if self.bucket_max_side is not None else self.resolution * 2
+        return low, high
 
     @property
     def all_validation_prompts(self) -> list[str]:
@@ -201,10 +212,15 @@ def rule_violations(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, 
 
 def _engine_checks(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, str]]:
     """What the rules allow but this engine cannot do."""
+    errors = []
     if message.WhichOneof("dataset") == "dataset_id":
-        return [("dataset_id", f"{message.dataset_id!r}: the engine trains from a folder; the worker fetches an "
-                               "uploaded data set and hands the engine dataset_dir instead")]
-    return []
+        errors.append(("dataset_id", f"{message.dataset_id!r}: the engine trains from a folder; the worker fetches "
+                                     "an uploaded data set and hands the engine dataset_dir instead"))
+    if (message.HasField("bucket_min_side") and message.HasField("bucket_max_side")
+            and message.bucket_min_side > message.bucket_max_side):
+        errors.append(("bucket_max_side", f"must be at least bucket_min_side ({message.bucket_min_side}), "
+                                          f"got {message.bucket_max_side}"))
+    return errors
 
 
 def parse_spec(data: Any) -> TrainingSpec:

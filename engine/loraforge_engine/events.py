@@ -107,6 +107,12 @@ class EventWriter:
             images_per_second=images_per_second, eta_seconds=eta_seconds, grad_norm=grad_norm,
             peak_memory_bytes=int(peak_memory_bytes), skipped_steps=int(skipped_steps))))
 
+    def dataset_report(self, report: job_pb2.DatasetReport) -> None:
+        """What the run trains on (images used, skipped and why, sizes, buckets, caches), before its first step."""
+        self.emit(job_pb2.JobEvent(dataset=report))
+        note(f"[loraforge] data set: {report.images_used} of {report.images_found} images used, "
+             f"{report.skipped_total} skipped")
+
     def checkpoint(self, step: int, folder: str | os.PathLike, *, root: str | os.PathLike) -> None:
         art = folder_artifact(job_pb2.ARTIFACT_KIND_CHECKPOINT, root, folder, step)
         self.emit(job_pb2.JobEvent(checkpoint=job_pb2.CheckpointSaved(step=step, artifact=art)))

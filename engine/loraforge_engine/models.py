@@ -107,6 +107,9 @@ def encode_text(c: Components, ids: list[torch.Tensor]) -> tuple[torch.Tensor, t
     return torch.cat(hidden, dim=-1), pooled
 
 
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], resolution: int) -> list[int]:
-    """SDXL size and crop conditioning: (orig h, orig w, crop top, crop left, target h, target w)."""
-    return [original_size[0], original_size[1], crop_top_left[0], crop_top_left[1], resolution, resolution]
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+             target: int | tuple[int, int]) -> list[int]:
+    """SDXL size and crop conditioning: (orig h, orig w, crop top, crop left, target h, target w); `target` is
+    (h, w), or a square resolution."""
+    th, tw = (target, target) if isinstance(target, int) else target
+    return [original_size[0], original_size[1], crop_top_left[0], crop_top_left[1], th, tw]

@@ -309,10 +309,19 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, colour) -> Non
         raise ValueError(shape)
 
 
+# Mixed data sets cycle through these (width, height) shapes, in units of `size`: square, landscape 3:2,
+# portrait 2:3, wide 2:1, tall 1:2.
+MIXED_SHAPES = ((1, 1), (1.5, 1), (1, 1.5), (2, 1), (1, 2))
+
+
 def make_dataset(out_dir: str | os.PathLike, count: int = 16, size: int = 64, seed: int = 0,
-                 fmt: str = "jsonl") -> Path:
+                 fmt: str = "jsonl", mixed: bool = False) -> Path:
     """Write `count` captioned images ("a red circle on a blue background"). `size` is the shorter side;
-    every third image is landscape (5:4) so that cropping has something to do. Deterministic in `seed`."""
+    every third image is landscape (5:4) so that cropping has something to do. Deterministic in `seed`.
+
+    `mixed`: real users' folders instead. The images cycle through MIXED_SHAPES (portrait, landscape, square),
+    and three more files are written that a run must skip: a tiny image (4x4 px, "tiny.png"), a corrupt one
+    ("corrupt.png", captioned) and, in the .txt format, an image without a caption ("uncaptioned.png")."""
     from PIL import Image, ImageDraw
 
     if fmt not in ("jsonl", "txt"):
@@ -325,8 +334,12 @@ def make_dataset(out_dir: str | os.PathLike, count: int = 16, size: int = 64, se
     for i in range(count):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         fg, bg = rng.choice(len(names), size=2, replace=False)
-        width = size + size // 4 if i % 3 == 2 else size
-        height = size
+        if mixed:
+            fw, fh = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+            width, height = int(size * fw), int(size * fh)
+        else:
+            width = size + size // 4 if i % 3 == 2 else size
+            height = size
         img = Image.new("RGB", (width, height), COLOURS[names[bg]])
         r = size * float(rng.uniform(0.2, 0.32))
         cx = width / 2 + float(rng.uniform(-0.12, 0.12)) * size
@@ -338,6 +351,15 @@ def make_dataset(out_dir: str | os.PathLike, count: int = 16, size: int = 64, se
         records.append({"file_name": file_name, "text": text})
         if fmt == "txt":
             (out / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
+    if mixed:
+        Image.new("RGB", (4, 4), COLOURS[names[0]]).save(out / "tiny.png", format="PNG")
+        (out / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 20)
+        records += [{"file_name": "tiny.png", "text": "a tiny image"},
+                    {"file_name": "corrupt.png", "text": "a corrupt image"}]
+        if fmt == "txt":
+            for rec in records[-2:]:
+                (out / rec["file_name"]).with_suffix(".txt").write_text(rec["text"] + "\n", encoding="utf-8")
+            Image.new("RGB", (size, size), COLOURS[names[1]]).save(out / "uncaptioned.png", format="PNG")
     if fmt == "jsonl":
         with open(out / "metadata.jsonl", "w", encoding="utf-8") as f:
             for rec in records:

@@ -46,8 +46,9 @@ from . import checkpoint as ckpt
 from . import lora_files
 from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .cpu_threads import core_share, fixed_threads
-from .data import (CaptionedImages, DataError, check_all, dataset_fingerprint, discover, load_hub_dataset,
-                   resized_size, select_samples)
+from .data import (CaptionedImages, DataError, ImageError, Skipped, caption_source, dataset_fingerprint, discover,
+                   inspect, load_hub_dataset, make_buckets, no_usable_images, resized_size, select_samples,
+                   size_histogram, skipped_summary)
 from .events import EventWriter
 from .fingerprint import hurry as hurry_fingerprints
 from .fingerprint import model_hash_idle as model_hash
@@ -56,6 +57,22 @@ from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pix
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
+
+
+def _contract_enums():
+    from .contract import job_pb2
+
+    reasons = {"corrupt": job_pb2.SKIP_REASON_CORRUPT, "too_small": job_pb2.SKIP_REASON_TOO_SMALL,
+               "unreadable": job_pb2.SKIP_REASON_UNREADABLE, "no_caption": job_pb2.SKIP_REASON_NO_CAPTION,
+               "too_large": job_pb2.SKIP_REASON_TOO_LARGE}
+    sources = {"metadata.jsonl": job_pb2.CAPTION_SOURCE_METADATA_JSONL,
+               "metadata.csv": job_pb2.CAPTION_SOURCE_METADATA_CSV, "txt": job_pb2.CAPTION_SOURCE_SIDECAR_TXT,
+               "instance_prompt": job_pb2.CAPTION_SOURCE_INSTANCE_PROMPT, "hub": job_pb2.CAPTION_SOURCE_HUB}
+    return reasons, sources
+
+
+# The data module's skip reasons and caption sources as the contract's enum values.
+SKIP_REASONS, CAPTION_SOURCES = _contract_enums()
 
 
 class StopFlag(Protocol):
@@ -174,11 +191,13 @@ class Trainer:
         self._set_up_optimizer()
         self._restore(state, tensors)
         del state, tensors
+        self.bad_images: set[int] = set()  # images that stopped decoding during the run (see _pixels)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.latent_cache: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.latent_cacheable: list[bool] = []
         if spec.cache_latents:
             self._set_up_caches()
+        self._report_data()
         self._describe_files(data_sha)
 
     # ------------------------------------------------------------------------------------------ setup steps
@@ -244,19 +263,41 @@ class Trainer:
         return seed
 
     def _set_up_data(self) -> dict[str, str]:
-        """Find and check the data set (fail fast on a missing/empty set or an image that does not decode), and
-        start the provenance hashes. Returns the data set hash where it is computed here (in-memory images)."""
+        """Find and inspect the data set: every image is decoded once now, and one that cannot be used (corrupt,
+        unreadable, too small, without a caption) is left out with its reason, for the data set report. A set
+        with nothing usable fails now (DataError, after its report). Starts the provenance hashes; returns the
+        data set hash where it is computed here (in-memory images)."""
         spec, events, seed = self.spec, self.events, self.seed
+        skipped: list[Skipped] = []
         if spec.dataset_name:
             examples = load_hub_dataset(spec.dataset_name, spec.image_column, spec.caption_column)
+            if spec.instance_prompt:
+                examples = [type(ex)(ex.path, spec.instance_prompt, ex.image) for ex in examples]
+            self.caption_source = "instance_prompt" if spec.instance_prompt else "hub"
         else:
-            skipped: list[str] = []
-            examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column, skipped)
-            if skipped:
-                events.log("warning", f"skipped {len(skipped)} files that are symbolic links leading outside the "
-                                      f"data set: {', '.join(skipped[:20])}{' …' if len(skipped) > 20 else ''}")
-        examples = select_samples(examples, spec.max_train_samples, seed)
-        sizes = check_all(examples)
+            examples = discover(spec.dataset_dir, spec.image_column, spec.caption_column, skipped,
+                                instance_prompt=spec.instance_prompt, require_some=False)
+            self.caption_source = caption_source(spec.dataset_dir, spec.instance_prompt)
+        self.images_found = len(examples) + len(skipped)
+        examples, sizes, bad = inspect(examples, spec.min_image_side, spec.dataset_dir)
+        skipped += bad
+        self.skipped = skipped
+        if skipped:
+            events.log("warning", f"skipped {len(skipped)} of {self.images_found} images: {skipped_summary(skipped)}")
+        if not examples:
+            self.buckets, self.dataset = None, None
+            self._report_data()
+            raise no_usable_images(skipped)
+        keep = select_samples(list(range(len(examples))), spec.max_train_samples, seed)
+        examples, sizes = [examples[i] for i in keep], [sizes[i] for i in keep]
+        self.buckets = None
+        if spec.aspect_ratio_buckets:
+            low, high = spec.bucket_sides
+            self.buckets = make_buckets(spec.resolution, spec.bucket_step, low, high, spec.bucket_max_aspect)
+            if not self.buckets:
+                raise SpecError([("aspect_ratio_buckets", f"no bucket of about {spec.resolution}² pixels has sides "
+                                                          f"in {low}..{high} px in steps of {spec.bucket_step} and an "
+                                                          f"aspect ratio of at most {spec.bucket_max_aspect:g}")])
         # The provenance hashes read every byte of the base model (gigabytes: ~1.3 s per GiB on the CI host)
         # and of the image files; they are needed only when the first LoRA file is written, so they run on a
         # thread beside loading and training instead of delaying the first step. In-memory images (a hub
@@ -267,8 +308,38 @@ class Trainer:
             **({"dataset_sha256": dataset_fingerprint(examples)} if files_only else {})})
         self.dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed,
                                        interpolation=spec.interpolation, caption_dropout=spec.caption_dropout,
-                                       sizes=sizes)
+                                       sizes=sizes, buckets=self.buckets, shuffle_tags=spec.shuffle_tags,
+                                       keep_tags=spec.keep_tags)
+        if self.buckets:
+            self._describe_buckets()
         return {} if files_only else {"dataset_sha256": dataset_fingerprint(examples)}
+
+    def _describe_buckets(self) -> None:
+        """Say in the log how the images fall into buckets and what happens to a bucket's short last batch."""
+        ds, batch = self.dataset, self.spec.train_batch_size
+        used = [(ds.buckets[b], len(m)) for b, m in ds.members.items()]
+        line = ", ".join(f"{w}x{h}: {n}" for (w, h), n in used)
+        short = [f"{w}x{h} ({n % batch} of {batch})" for (w, h), n in used if n % batch]
+        how = ""
+        if batch > 1 and short:
+            # As kohya's sd-scripts: no image is dropped or repeated; the bucket's last batch is shorter.
+            how = (f"; a bucket's images left over after whole batches of {batch} form a shorter batch each epoch "
+                   f"(as kohya's sd-scripts; none dropped or repeated): {', '.join(short)}")
+        self.events.log("info", f"aspect-ratio buckets: {len(used)} of {len(ds.buckets)} hold images "
+                                f"({line}){how}")
+
+    def _check_buckets(self) -> None:
+        """Bucket sides the model cannot take fail now: a UNet that halves latents k times needs latent sides that
+        are multiples of 2^k, i.e. pixel sides that are multiples of the VAE's factor × 2^k."""
+        if not self.buckets:
+            return
+        c = self.c
+        need = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.down_block_types) - 1)
+        bad = sorted({(w, h) for b in self.dataset.members for (w, h) in [self.buckets[b]] if w % need or h % need})
+        if bad:
+            raise SpecError([("bucket_step", f"this model needs bucket sides that are multiples of {need} px; "
+                                             f"bucket_step {self.spec.bucket_step} makes "
+                                             f"{', '.join(f'{w}x{h}' for w, h in bad[:5])}")])
 
     def _load_models(self) -> None:
         """The base model's components, and the training target (the spec's prediction type, else the model's)."""
@@ -282,6 +353,7 @@ class Trainer:
             raise DataError(f"base_model scheduler prediction_type {self.prediction_type!r} is not supported")
         self.events.log("info", f"training {c.arch} on {self.device.type} (mixed precision: {self.mixed}), "
                                 f"{len(self.dataset)} images")
+        self._check_buckets()
 
     def _add_lora(self) -> None:
         """LoRA adapters on the UNet (and the text encoders when asked), refusing targets the chosen file format
@@ -423,6 +495,30 @@ class Trainer:
             "resolution": spec.resolution, "dataset_size": len(self.dataset), **data_sha,
             "spec": spec.to_json_dict()}
 
+    def _report_data(self) -> None:
+        """The data set report event: images used and skipped (with reasons), sizes, buckets, caches. Without a
+        dataset (nothing usable) only what was found and skipped."""
+        from .contract import job_pb2
+
+        spec, ds = self.spec, self.dataset
+        sizes = ds.sizes if ds is not None else []
+        common, other = size_histogram(sizes)
+        report = job_pb2.DatasetReport(
+            images_found=self.images_found, images_used=len(ds) if ds is not None else 0,
+            skipped=[job_pb2.SkippedImage(name=s.name, reason=SKIP_REASONS[s.reason], detail=s.detail[:500])
+                     for s in self.skipped[:200]],
+            skipped_total=len(self.skipped), caption_source=CAPTION_SOURCES[self.caption_source],
+            sizes=[job_pb2.ImageSizeCount(width=w, height=h, images=n) for (w, h), n in common], other_sizes=other)
+        if ds is not None:
+            batch = spec.train_batch_size
+            for b, members in ds.members.items():
+                w, h = ds.buckets[b] if ds.buckets else (spec.resolution, spec.resolution)
+                report.buckets.add(width=w, height=h, images=len(members), batches=-(-len(members) // batch))
+            report.latents_cached = sum(self.latent_cacheable) if self.latent_cache is not None else 0
+            report.latents_cached_flipped = bool(report.latents_cached and spec.random_flip)
+            report.text_embeddings_cached = self.text_cache is not None
+        self.events.dataset_report(report)
+
     # ------------------------------------------------------------------------------------------ helpers
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
@@ -437,12 +533,17 @@ class Trainer:
         said = []
         if spec.train_text_encoder:
             said.append("text embeddings not cached (the text encoder is trained)")
+        elif spec.shuffle_tags:
+            # Every epoch's tag order is a new caption: a cache would grow with the run and rarely hit.
+            said.append("text embeddings not cached (shuffle_tags makes new captions every epoch)")
         else:
             self.text_cache = {}
             said.append("text embeddings cached on first use (text encoder frozen)")
-        square = (spec.resolution, spec.resolution)
-        self.latent_cacheable = [spec.center_crop or resized_size(size, spec.resolution) == square
-                                 for size in ds.sizes]
+        def whole(i: int) -> bool:  # the image, resized, is exactly its training size: any crop is all of it
+            target = ds.target(i)
+            return resized_size(ds.sizes[i], target) == ((target, target) if isinstance(target, int) else target)
+
+        self.latent_cacheable = [spec.center_crop or whole(i) for i in range(len(ds))]
         n, total = sum(self.latent_cacheable), len(ds)
         flips = ", both orientations" if spec.random_flip else ""
         if spec.center_crop:
@@ -450,7 +551,7 @@ class Trainer:
         elif n == total:
             why = "every image is already at the training size: its random crop is the whole image"
         else:
-            why = (f"random crop: {total - n} images are larger than {spec.resolution} px and are encoded every "
+            why = (f"random crop: {total - n} images are larger than their training size and are encoded every "
                    f"step; {n} already at the training size are cached")
         if n:
             self.latent_cache = {}
@@ -459,7 +560,33 @@ class Trainer:
             said.append("VAE latents not cached (random crop: every image is larger than the training size)")
         self.events.log("info", "; ".join(said))
 
-    def _latent_moments(self, ids: list[int], augs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixels(self, epoch: int, i: int, aug) -> tuple[np.ndarray, bool]:
+        """Image i's sample, and whether it is a stand-in. Every image decoded at the start; one that no longer does
+        (its file changed since) does not end the run: the next image of its bucket that decodes stands in for
+        it (cut as that image is this epoch), with a warning the first time."""
+        ds = self.dataset
+        try:
+            return ds.pixels(i, aug), False
+        except ImageError as e:
+            self._went_bad(i, e)
+        members = ds.members[ds.bucket_of[i]]
+        at = members.index(i)
+        for k in members[at + 1:] + members[:at]:
+            if k not in self.bad_images:
+                try:
+                    return ds.pixels(k, ds.augment(epoch, k)), True
+                except ImageError as e:
+                    self._went_bad(k, e)
+        raise DataError(f"every image of the training size {ds.target(i)} stopped decoding during the run")
+
+    def _went_bad(self, i: int, e: ImageError) -> None:
+        if i not in self.bad_images:
+            self.bad_images.add(i)
+            ex = self.dataset.examples[i]
+            self.events.log("warning", f"image {ex.path.name if ex.path else ex.name} no longer decodes ({e.reason}: "
+                                       f"{e.detail}); another image of its size stands in for it from now on")
+
+    def _latent_moments(self, ids: list[int], augs: list, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE latent distribution's mean and std of each sample. Cacheable samples come from the cache, or are
         encoded each on its own and cached: a VAE call's kernels round differently at other batch sizes, and a
         cached value must not depend on which batch drew it first (a resumed run rebuilds the cache in other
@@ -470,12 +597,16 @@ class Trainer:
         for j, key in enumerate(keys):
             if key is not None:
                 if key not in cache:
-                    mean, std = self._vae_moments(ds.pixels(ids[j], augs[j])[None])
+                    pixels, stand_in = self._pixels(epoch, ids[j], augs[j])
+                    mean, std = self._vae_moments(pixels[None])
+                    if stand_in:  # not this image's latents: used this once, never cached under its key
+                        got[j] = (mean[0], std[0])
+                        continue
                     cache[key] = (mean[0], std[0])
                 got[j] = cache[key]
         todo = [j for j, key in enumerate(keys) if key is None]
         if todo:
-            mean, std = self._vae_moments(np.stack([ds.pixels(ids[j], augs[j]) for j in todo]))
+            mean, std = self._vae_moments(np.stack([self._pixels(epoch, ids[j], augs[j])[0] for j in todo]))
             got.update({j: (mean[n], std[n]) for n, j in enumerate(todo)})
         return torch.stack([got[j][0] for j in range(len(ids))]), torch.stack([got[j][1] for j in range(len(ids))])
 
@@ -505,7 +636,7 @@ class Trainer:
         ids = ds.batch_ids(epoch, b, self.spec.train_batch_size)
         augs = [ds.augment(epoch, i) for i in ids]
         captions = [ds.caption(epoch, i) for i in ids]
-        mean, std = self._latent_moments(ids, augs)
+        mean, std = self._latent_moments(ids, augs, epoch)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 1))
         sample = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(self.device, mean.dtype)
         # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
@@ -524,9 +655,11 @@ class Trainer:
             rows = []
             for i, a in zip(ids, augs):
                 w, h = ds.sizes[i]
-                # The crop's top-left corner as seen in the (possibly flipped) training image.
-                left = a.resized[0] - self.spec.resolution - a.left if a.flip else a.left
-                rows.append(time_ids((h, w), (a.top, left), self.spec.resolution))
+                tw, th = a.crop or (self.spec.resolution, self.spec.resolution)
+                # The crop's top-left corner as seen in the (possibly flipped) training image; the target size
+                # is what the sample really is (its bucket's size).
+                left = a.resized[0] - tw - a.left if a.flip else a.left
+                rows.append(time_ids((h, w), (a.top, left), (th, tw)))
             add_time_ids = torch.tensor(rows, dtype=torch.float32, device=self.device)
         return MicroBatch(latents, hidden, pooled, add_time_ids, captions)
 

@@ -40,6 +40,10 @@ def test_defaults_follow_the_proto():
     assert (s.checkpoints_total_limit, s.resume_from_checkpoint, s.validation_prompts, s.validation_epochs) == \
         (None, None, (), 0)
     assert (s.lora_format, s.cache_latents, s.torch_compile) == ("diffusers", True, False)
+    assert (s.instance_prompt, s.shuffle_tags, s.keep_tags, s.min_image_side) == (None, False, 0, 8)
+    assert (s.aspect_ratio_buckets, s.bucket_step, s.bucket_max_aspect, s.bucket_sides) == (False, 64, 4.0, (256, 1024))
+    assert parse_spec({**BASE, "resolution": 64}).bucket_sides == (64, 128)  # the minimum is at least one step
+    assert parse_spec({**BASE, "bucketMinSide": 320, "bucketMaxSide": 640}).bucket_sides == (320, 640)
 
 
 def test_every_default_names_an_optional_field_or_an_enum():
@@ -112,6 +116,13 @@ def test_camel_and_snake_case_and_int64_strings():
     ({"imageColumn": ""}, "image_column", "''"),
     ({"resumeFromCheckpoint": "/host/path/checkpoint-5"}, "resume_from_checkpoint", "/host/path"),
     ({"baseModel": ""}, "base_model", "''"),
+    ({"instancePrompt": "   "}, "instance_prompt", "'   '"),
+    ({"keepTags": -1}, "keep_tags", "-1"),
+    ({"minImageSide": 0}, "min_image_side", "0"),
+    ({"bucketStep": 12}, "bucket_step", "12"),
+    ({"bucketMinSide": 4}, "bucket_min_side", "4"),
+    ({"bucketMaxAspect": 0.5}, "bucket_max_aspect", "0.5"),
+    ({"bucketMinSide": 512, "bucketMaxSide": 256}, "bucket_max_side", "256"),
     # Values json_format cannot read as the field's type
     ({"lrScheduler": "cosine"}, "lr_scheduler", "cosine"),
     ({"mixedPrecision": "fp8"}, "mixed_precision", "fp8"),

@@ -270,19 +270,52 @@ def test_stop_on_signal_takes_a_burst_as_one_request_and_a_later_signal_as_exit_
     assert "SIGINT received again; exiting without a checkpoint" in out.getvalue()
 
 
-def test_corrupt_image_fails_fast_naming_the_file(tiny_model, dataset, tmp_path):
+def test_corrupt_image_is_skipped_and_reported(tiny_model, dataset, tmp_path):
+    # A bad image never kills a run: it is left out, named in the data set report (before the first step) with
+    # its reason, and the run trains on the rest.
     data = tmp_path / "data"
     shutil.copytree(dataset, data)
     bad = data / "0005.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
-    rc, events, _ = run_train({**main_spec(tiny_model, data), "validationPrompt": None}, tmp_path / "out")
+    spec = {**main_spec(tiny_model, data), "maxTrainSteps": 2, "validationPrompt": None}
+    rc, events, stderr = run_train(spec, tmp_path / "out")
+    assert rc == 0, stderr[-3000:]
+    (report,) = of_kind(events, "dataset")
+    kinds = [e.WhichOneof("payload") for e in events]
+    assert kinds.index("dataset") < kinds.index("metrics")
+    assert (report.images_found, report.images_used, report.skipped_total) == (16, 15, 1)
+    (skip,) = report.skipped
+    assert skip.name == "0005.png" and skip.reason == job_pb2.SKIP_REASON_CORRUPT and "decoded" in skip.detail
+    assert str(tmp_path) not in skip.detail  # names relative to the set: no host path leaves the engine
+    assert report.caption_source == job_pb2.CAPTION_SOURCE_METADATA_JSONL
+    assert sum(s.images for s in report.sizes) == 15 and report.other_sizes == 0
+    assert [(b.width, b.height, b.images, b.batches) for b in report.buckets] == [(64, 64, 15, 4)]
+    # random crop: only the square images (64x64, already the training size) have cacheable latents.
+    assert report.latents_cached == sum(s.images for s in report.sizes if s.width == s.height == 64)
+    assert report.latents_cached_flipped and report.text_embeddings_cached
+    warnings = [log.message for log in of_kind(events, "log") if log.level == job_pb2.LOG_LEVEL_WARNING]
+    assert any("skipped 1 of 16 images: 1 corrupt (0005.png)" in w for w in warnings), warnings
+    assert [m.step for m in of_kind(events, "metrics")] == [1, 2]
+
+
+def test_nothing_usable_fails_fast_naming_why(tiny_model, dataset, tmp_path):
+    # Every image corrupt or too small: FAILED_PRECONDITION before any step, after a report that lists them.
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    for img in sorted(data.glob("*.png"))[1::2]:
+        img.write_bytes(b"not an image")
+    rc, events, _ = run_train({**main_spec(tiny_model, data), "minImageSide": 65, "validationPrompt": None},
+                              tmp_path / "out")
     assert rc == 3
-    errors = [log for log in of_kind(events, "log") if log.level == job_pb2.LOG_LEVEL_ERROR]
-    assert len(errors) == 1 and str(bad) in errors[0].message
-    assert "Traceback" not in errors[0].message and "\n" not in errors[0].message
     assert not of_kind(events, "metrics")
-    (state,) = of_kind(events, "state")  # bad data: FAILED_PRECONDITION
-    assert state.state == job_pb2.JOB_STATE_FAILED and state.error.code == 9 and state.error.message == errors[0].message
+    (report,) = of_kind(events, "dataset")
+    assert (report.images_found, report.images_used, report.skipped_total) == (16, 0, 16)
+    reasons = sorted(job_pb2.SkipReason.Name(s.reason) for s in report.skipped)
+    assert reasons == ["SKIP_REASON_CORRUPT"] * 8 + ["SKIP_REASON_TOO_SMALL"] * 8
+    message, code, _ = failure(events)
+    assert code == 9 and "no captioned images" in message
+    assert "8 corrupt (0001.png, 0003.png" in message and "8 too_small (0000.png" in message, message
+    assert "Traceback" not in message and "\n" not in message and str(tmp_path) not in message
 
 
 def failure(events) -> tuple[str, int, str]:

@@ -40,6 +40,12 @@ export {
   CheckpointSaved,
   ValidationImages,
   LogLine,
+  DatasetReport,
+  SkippedImage,
+  SkipReason,
+  CaptionSource,
+  ImageSizeCount,
+  BucketCount,
 } from "./gen/loraforge/v1/job.js";
 export { TrainingSpec, LrScheduler, MixedPrecision, Interpolation, PredictionType, LoraFormat } from "./gen/loraforge/v1/training_spec.js";
 export { Sampler } from "./gen/loraforge/v1/inference_service.js";

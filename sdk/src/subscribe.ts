@@ -6,7 +6,7 @@ import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import { JobEvent } from "./gen/loraforge/v1/job.js";
 
 /** The kinds of event, as the last token of their subject. */
-export type EventKind = "state" | "metrics" | "checkpoint" | "validation" | "log";
+export type EventKind = "state" | "metrics" | "checkpoint" | "validation" | "log" | "dataset";
 
 /** Options of {@link subscribe}. */
 export interface SubscribeOptions {

@@ -11,6 +11,8 @@ import {
   artifactFileName,
   ArtifactKind,
   createClient,
+  DatasetReport,
+  SkipReason,
   errorMessage,
   InvalidSpecError,
   Job,
@@ -411,6 +413,21 @@ export function progressLine(ev: JobEvent, width = 24): string | null {
   );
 }
 
+/** The data set report as one line: images used and skipped (with reasons), training sizes, caches. */
+export function datasetLine(r: DatasetReport): string {
+  const reasons = new Map<string, string[]>();
+  for (const s of r.skipped) {
+    const why = SkipReason[s.reason].replace("SKIP_REASON_", "").toLowerCase();
+    reasons.set(why, [...(reasons.get(why) ?? []), s.name]);
+  }
+  const skipped = r.skippedTotal
+    ? `, ${r.skippedTotal} skipped (${[...reasons].map(([why, names]) => `${why}: ${names.slice(0, 3).join(", ")}${names.length > 3 ? ", …" : ""}`).join("; ")})`
+    : "";
+  const buckets = r.buckets.map((b) => `${b.width}x${b.height}: ${b.images}`).join(", ");
+  const caches = [r.latentsCached ? `latents of ${r.latentsCached}${r.latentsCachedFlipped ? " (both orientations)" : ""}` : "", r.textEmbeddingsCached ? "text embeddings" : ""].filter(Boolean);
+  return `data set: ${r.imagesUsed} of ${r.imagesFound} images used${skipped}; sizes ${buckets || "–"}; cached: ${caches.join(", ") || "nothing"}`;
+}
+
 /** One line of --json output. */
 const printJson = (value: unknown) => void process.stdout.write(JSON.stringify(value) + "\n");
 
@@ -448,7 +465,9 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
               ? `validation images at step ${p.validation.step}: ${p.validation.images.map((i) => i.name).join(", ")}`
               : p?.$case === "log"
                 ? p.log.message
-                : "";
+                : p?.$case === "dataset"
+                  ? datasetLine(p.dataset)
+                  : "";
       if (text) process.stdout.write(`${tty ? "\r\x1b[K" : ""}${text}\n`);
     }
     if (p?.$case === "state") final = p.state.state;

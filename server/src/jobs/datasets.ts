@@ -192,13 +192,46 @@ export class DatasetMissing extends Error {
   }
 }
 
+/** The rows of a CSV text (RFC 4180: quoted fields may hold commas, quotes as "" and line breaks). */
+export function csvRows(text: string): string[][] {
+  const rows: string[][] = [];
+  let row: string[] = [];
+  let field = "";
+  let quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') (field += '"'), i++;
+      else if (c === '"') quoted = false;
+      else field += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ",") row.push(field), (field = "");
+    else if (c === "\n" || c === "\r") {
+      if (c === "\r" && text[i + 1] === "\n") i++;
+      row.push(field), rows.push(row), (row = []), (field = "");
+    } else field += c;
+  }
+  if (field || row.length) row.push(field), rows.push(row);
+  return rows.filter((r) => r.some((f) => f !== ""));
+}
+
 /**
- * Counts captioned images the way the engine reads them: metadata.jsonl, else .txt sidecars.
- * Like the engine, it counts no file whose real path leaves the set's folder (a symlink out).
+ * Counts captioned images the way the engine reads them: with an instance prompt every image,
+ * else metadata.jsonl, else metadata.csv, else .txt sidecars. Like the engine, it counts no file
+ * whose real path leaves the set's folder (a symlink out).
  */
-export function countCaptionedImages(dir: string, imageColumn = "file_name"): number {
+export function countCaptionedImages(dir: string, imageColumn = "file_name", instancePrompt?: string): number {
   const inSet = (p: string) => realPathIn(p, [dir])?.inside === true;
+  if (instancePrompt)
+    return readdirSync(dir).filter((f) => IMAGE_EXTENSIONS.includes(path.extname(f).toLowerCase()) && inSet(path.join(dir, f))).length;
   const meta = path.join(dir, "metadata.jsonl");
+  const csv = path.join(dir, "metadata.csv");
+  if (!existsSync(meta) && existsSync(csv)) {
+    if (!inSet(csv)) return 0;
+    const [header, ...rows] = csvRows(readFileSync(csv, "utf8"));
+    const col = header ? header.indexOf(imageColumn) : -1;
+    return col < 0 ? 0 : rows.filter((r) => typeof r[col] === "string" && r[col] !== "" && inSet(path.join(dir, r[col]))).length;
+  }
   if (existsSync(meta)) {
     if (!inSet(meta)) return 0;
     let n = 0;

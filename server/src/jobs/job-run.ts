@@ -305,6 +305,10 @@ export class JobRun {
         if (p.log.level === LogLevel.LOG_LEVEL_ERROR) this.report.lastErrorLog = p.log.message;
         this.events.emit(p, ev.time);
         break;
+      case "dataset":
+        // The data set report: images used and skipped (named relative to the set), sizes, buckets, caches.
+        this.events.emit(p, ev.time);
+        break;
     }
     if (p.$case !== "metrics" || Date.now() - this.lastProgressWrite > 1000)
       void this.events

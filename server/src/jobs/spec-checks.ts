@@ -40,9 +40,11 @@ export async function hostViolations(spec: TrainingSpec, host: SpecHost, flagged
       const where = hostPath(ds.datasetDir, host.roots, "folder");
       if ("problem" in where) return where.problem;
       const column = spec.imageColumn ?? "file_name";
-      return countCaptionedImages(where.real, column) > 0
+      return countCaptionedImages(where.real, column, spec.instancePrompt) > 0
         ? null
-        : `folder ${JSON.stringify(ds.datasetDir)} holds no captioned images (expected metadata.jsonl with ${column} and a caption, or images with same-named .txt captions)`;
+        : spec.instancePrompt
+          ? `folder ${JSON.stringify(ds.datasetDir)} holds no images`
+          : `folder ${JSON.stringify(ds.datasetDir)} holds no captioned images (expected metadata.jsonl or metadata.csv with ${column} and a caption, images with same-named .txt captions, or instance_prompt)`;
     });
   if (ds?.$case === "datasetId")
     await check("spec.dataset_id", async () =>

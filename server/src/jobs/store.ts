@@ -118,7 +118,7 @@ function legacyRecord(value: Uint8Array): JobRecord {
   return rec;
 }
 
-/** The kind segment of an event's subject: state, metrics, checkpoint, validation or log. */
+/** The kind segment of an event's subject: state, metrics, checkpoint, validation, log or dataset. */
 export function eventKind(ev: JobEvent): string {
   return ev.payload?.$case ?? "unknown";
 }

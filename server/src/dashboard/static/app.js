@@ -150,8 +150,9 @@ function newView(jobId) {
     files: new Map(),    // artifact name → {kind, step, sizeBytes, name}
     validations: new Map(), // step → {step, prompt, images: Map(artifact name → artifact)}
     log: [],
+    dataset: null,       // the DatasetReport
     lastSequence: 0,
-    dirty: { charts: true, gallery: true, files: true, log: true },
+    dirty: { charts: true, gallery: true, files: true, log: true, dataset: true },
   };
 }
 
@@ -209,6 +210,9 @@ function applyEvent(v, ev) {
     if (!group) v.validations.set(step, (group = { step, prompt: val.prompt || "", images: new Map() }));
     for (const img of val.images || []) if (img.name) group.images.set(img.name, img);
     v.dirty.gallery = true;
+  } else if (ev.dataset) {
+    v.dataset = ev.dataset;
+    v.dirty.dataset = true;
   } else if (ev.log) {
     const t = ev.time ? new Date(ev.time).toLocaleTimeString() : "";
     v.log.push(`${t} ${String(ev.log.level || "").replace("LOG_LEVEL_", "")} ${ev.log.message || ""}`);
@@ -353,6 +357,46 @@ function renderFiles(v) {
   );
 }
 
+/** Where a run's captions came from, as people say it. */
+const CAPTION_SOURCES = {
+  CAPTION_SOURCE_METADATA_JSONL: "metadata.jsonl",
+  CAPTION_SOURCE_METADATA_CSV: "metadata.csv",
+  CAPTION_SOURCE_SIDECAR_TXT: ".txt files beside the images",
+  CAPTION_SOURCE_INSTANCE_PROMPT: "the instance prompt",
+  CAPTION_SOURCE_HUB: "the hub data set's caption column",
+};
+
+/** The data set report: images used and skipped (with the reason each), the sizes, buckets and caches. */
+function renderDataset(v) {
+  const r = v.dataset;
+  $("no-dataset").hidden = !!r;
+  $("dataset").hidden = !r;
+  if (!r) return;
+  const skippedTotal = int(r.skippedTotal);
+  const cached = [
+    int(r.latentsCached) ? `VAE latents of ${int(r.latentsCached)} images${r.latentsCachedFlipped ? " (both orientations)" : ""}` : "",
+    r.textEmbeddingsCached ? "text embeddings" : "",
+  ].filter(Boolean);
+  $("ds-summary").textContent =
+    `${int(r.imagesUsed)} of ${int(r.imagesFound)} images used, ${skippedTotal} skipped; captions from ` +
+    `${CAPTION_SOURCES[r.captionSource] || readableValue("captionSource", r.captionSource || "")}; cached: ${cached.join(", ") || "nothing"}`;
+  const reason = (x) => readableValue("skipReason", x || "").replace("_", " ");
+  $("ds-skipped").replaceChildren(
+    ...(r.skipped || []).map((s) => el("tr", {}, el("td", {}, s.name || ""), el("td", { class: "reason" }, reason(s.reason)), el("td", {}, s.detail || ""))),
+  );
+  $("ds-skipped-wrap").hidden = !skippedTotal;
+  $("ds-more-skipped").textContent = skippedTotal > (r.skipped || []).length ? `and ${skippedTotal - r.skipped.length} more` : "";
+  const bar = (n, total) => el("span", { class: "bar", style: `width:${total ? Math.max(2, Math.round((100 * n) / total)) : 0}%` });
+  const used = int(r.imagesUsed);
+  $("ds-sizes").replaceChildren(
+    ...(r.sizes || []).map((x) => el("tr", {}, el("td", {}, `${int(x.width)}×${int(x.height)}`), el("td", {}, String(int(x.images))), el("td", { class: "hist" }, bar(int(x.images), used)))),
+    ...(int(r.otherSizes) ? [el("tr", {}, el("td", {}, "other"), el("td", {}, String(int(r.otherSizes))), el("td", {}))] : []),
+  );
+  $("ds-buckets").replaceChildren(
+    ...(r.buckets || []).map((b) => el("tr", {}, el("td", {}, `${int(b.width)}×${int(b.height)}`), el("td", {}, String(int(b.images))), el("td", {}, String(int(b.batches))), el("td", { class: "hist" }, bar(int(b.images), used)))),
+  );
+}
+
 function renderSpec(job) {
   const spec = (job && job.spec) || {};
   $("spec").replaceChildren(
@@ -379,6 +423,7 @@ function render() {
   }
   if (v.dirty.gallery) { renderGallery(v); v.dirty.gallery = false; }
   if (v.dirty.files) { renderFiles(v); v.dirty.files = false; }
+  if (v.dirty.dataset) { renderDataset(v); v.dirty.dataset = false; }
   if (v.dirty.log) {
     const pre = $("log");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;

@@ -135,6 +135,137 @@ export function artifactKindToJSON(object: ArtifactKind): string {
   }
 }
 
+/** SkipReason says why an image is left out of a run. */
+export enum SkipReason {
+  /** SKIP_REASON_UNSPECIFIED - Never used; a zero value required by proto3. */
+  SKIP_REASON_UNSPECIFIED = 0,
+  /** SKIP_REASON_CORRUPT - The file does not decode as an image. */
+  SKIP_REASON_CORRUPT = 1,
+  /** SKIP_REASON_TOO_SMALL - The shorter side is below min_image_side. */
+  SKIP_REASON_TOO_SMALL = 2,
+  /**
+   * SKIP_REASON_UNREADABLE - The file cannot be read (missing, no permission) or leads outside the
+   * data set's folder.
+   */
+  SKIP_REASON_UNREADABLE = 3,
+  /** SKIP_REASON_NO_CAPTION - The image has no caption (no .txt sidecar) and no instance_prompt is set. */
+  SKIP_REASON_NO_CAPTION = 4,
+  /** SKIP_REASON_TOO_LARGE - More pixels than the engine decodes (a decompression-bomb guard). */
+  SKIP_REASON_TOO_LARGE = 5,
+  UNRECOGNIZED = -1,
+}
+
+export function skipReasonFromJSON(object: any): SkipReason {
+  switch (object) {
+    case 0:
+    case "SKIP_REASON_UNSPECIFIED":
+      return SkipReason.SKIP_REASON_UNSPECIFIED;
+    case 1:
+    case "SKIP_REASON_CORRUPT":
+      return SkipReason.SKIP_REASON_CORRUPT;
+    case 2:
+    case "SKIP_REASON_TOO_SMALL":
+      return SkipReason.SKIP_REASON_TOO_SMALL;
+    case 3:
+    case "SKIP_REASON_UNREADABLE":
+      return SkipReason.SKIP_REASON_UNREADABLE;
+    case 4:
+    case "SKIP_REASON_NO_CAPTION":
+      return SkipReason.SKIP_REASON_NO_CAPTION;
+    case 5:
+    case "SKIP_REASON_TOO_LARGE":
+      return SkipReason.SKIP_REASON_TOO_LARGE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return SkipReason.UNRECOGNIZED;
+  }
+}
+
+export function skipReasonToJSON(object: SkipReason): string {
+  switch (object) {
+    case SkipReason.SKIP_REASON_UNSPECIFIED:
+      return "SKIP_REASON_UNSPECIFIED";
+    case SkipReason.SKIP_REASON_CORRUPT:
+      return "SKIP_REASON_CORRUPT";
+    case SkipReason.SKIP_REASON_TOO_SMALL:
+      return "SKIP_REASON_TOO_SMALL";
+    case SkipReason.SKIP_REASON_UNREADABLE:
+      return "SKIP_REASON_UNREADABLE";
+    case SkipReason.SKIP_REASON_NO_CAPTION:
+      return "SKIP_REASON_NO_CAPTION";
+    case SkipReason.SKIP_REASON_TOO_LARGE:
+      return "SKIP_REASON_TOO_LARGE";
+    case SkipReason.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** CaptionSource says where a run's captions came from. */
+export enum CaptionSource {
+  /** CAPTION_SOURCE_UNSPECIFIED - Never used; a zero value required by proto3. */
+  CAPTION_SOURCE_UNSPECIFIED = 0,
+  /** CAPTION_SOURCE_METADATA_JSONL - metadata.jsonl. */
+  CAPTION_SOURCE_METADATA_JSONL = 1,
+  /** CAPTION_SOURCE_METADATA_CSV - metadata.csv. */
+  CAPTION_SOURCE_METADATA_CSV = 2,
+  /** CAPTION_SOURCE_SIDECAR_TXT - A .txt file next to each image. */
+  CAPTION_SOURCE_SIDECAR_TXT = 3,
+  /** CAPTION_SOURCE_INSTANCE_PROMPT - instance_prompt, for every image. */
+  CAPTION_SOURCE_INSTANCE_PROMPT = 4,
+  /** CAPTION_SOURCE_HUB - A Hugging Face hub data set's caption column. */
+  CAPTION_SOURCE_HUB = 5,
+  UNRECOGNIZED = -1,
+}
+
+export function captionSourceFromJSON(object: any): CaptionSource {
+  switch (object) {
+    case 0:
+    case "CAPTION_SOURCE_UNSPECIFIED":
+      return CaptionSource.CAPTION_SOURCE_UNSPECIFIED;
+    case 1:
+    case "CAPTION_SOURCE_METADATA_JSONL":
+      return CaptionSource.CAPTION_SOURCE_METADATA_JSONL;
+    case 2:
+    case "CAPTION_SOURCE_METADATA_CSV":
+      return CaptionSource.CAPTION_SOURCE_METADATA_CSV;
+    case 3:
+    case "CAPTION_SOURCE_SIDECAR_TXT":
+      return CaptionSource.CAPTION_SOURCE_SIDECAR_TXT;
+    case 4:
+    case "CAPTION_SOURCE_INSTANCE_PROMPT":
+      return CaptionSource.CAPTION_SOURCE_INSTANCE_PROMPT;
+    case 5:
+    case "CAPTION_SOURCE_HUB":
+      return CaptionSource.CAPTION_SOURCE_HUB;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CaptionSource.UNRECOGNIZED;
+  }
+}
+
+export function captionSourceToJSON(object: CaptionSource): string {
+  switch (object) {
+    case CaptionSource.CAPTION_SOURCE_UNSPECIFIED:
+      return "CAPTION_SOURCE_UNSPECIFIED";
+    case CaptionSource.CAPTION_SOURCE_METADATA_JSONL:
+      return "CAPTION_SOURCE_METADATA_JSONL";
+    case CaptionSource.CAPTION_SOURCE_METADATA_CSV:
+      return "CAPTION_SOURCE_METADATA_CSV";
+    case CaptionSource.CAPTION_SOURCE_SIDECAR_TXT:
+      return "CAPTION_SOURCE_SIDECAR_TXT";
+    case CaptionSource.CAPTION_SOURCE_INSTANCE_PROMPT:
+      return "CAPTION_SOURCE_INSTANCE_PROMPT";
+    case CaptionSource.CAPTION_SOURCE_HUB:
+      return "CAPTION_SOURCE_HUB";
+    case CaptionSource.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** LogLevel is a log line's severity. */
 export enum LogLevel {
   /** LOG_LEVEL_UNSPECIFIED - Never used; a zero value required by proto3. */
@@ -289,7 +420,82 @@ export interface JobEvent {
     | //
     /** A log line from the engine or the worker. */
     { $case: "log"; log: LogLine }
+    | //
+    /** What the engine found in the data set, before the first step. */
+    { $case: "dataset"; dataset: DatasetReport }
     | undefined;
+}
+
+/**
+ * DatasetReport says what a run trains on, sent once before its first step
+ * (and before it fails when no image is usable): the images used and those
+ * skipped with the reason for each, their sizes, the training buckets and
+ * what is cached.
+ */
+export interface DatasetReport {
+  /** Images (or metadata rows) the data set names. */
+  imagesFound: number;
+  /** Images the run trains on (after max_train_samples). */
+  imagesUsed: number;
+  /**
+   * Images left out, each with its reason; at most 200 listed (see
+   * skipped_total).
+   */
+  skipped: SkippedImage[];
+  /** How many images were skipped in all. */
+  skippedTotal: number;
+  /** Where the captions came from. */
+  captionSource: CaptionSource;
+  /**
+   * The used images' original sizes (after EXIF rotation), most common first;
+   * at most 100 listed, the rest counted in other_sizes.
+   */
+  sizes: ImageSizeCount[];
+  /** Used images whose size is not in `sizes`. */
+  otherSizes: number;
+  /**
+   * The training sizes: one bucket (resolution × resolution) without
+   * aspect_ratio_buckets, else every bucket that holds an image.
+   */
+  buckets: BucketCount[];
+  /** Images whose VAE latents are cached (encoded once, on first use). */
+  latentsCached: number;
+  /** Whether cached latents are kept for both orientations (random_flip). */
+  latentsCachedFlipped: boolean;
+  /** Whether text embeddings are cached (the text encoder is frozen). */
+  textEmbeddingsCached: boolean;
+}
+
+/** SkippedImage is one image a run leaves out. */
+export interface SkippedImage {
+  /** The image's file name relative to the data set's folder (or its row). */
+  name: string;
+  /** Why it is left out. */
+  reason: SkipReason;
+  /** The detail, e.g. the decoder's error or the image's size. */
+  detail: string;
+}
+
+/** ImageSizeCount is one original image size and how many images have it. */
+export interface ImageSizeCount {
+  /** Width in pixels. */
+  width: number;
+  /** Height in pixels. */
+  height: number;
+  /** Images of this size. */
+  images: number;
+}
+
+/** BucketCount is one training size and how much of the data set it holds. */
+export interface BucketCount {
+  /** Width in pixels. */
+  width: number;
+  /** Height in pixels. */
+  height: number;
+  /** Images in the bucket. */
+  images: number;
+  /** Batches it forms per epoch. */
+  batches: number;
 }
 
 /** StateChanged reports a job's new state. */
@@ -817,6 +1023,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       case "log":
         LogLine.encode(message.payload.log, writer.uint32(114).fork()).join();
         break;
+      case "dataset":
+        DatasetReport.encode(message.payload.dataset, writer.uint32(122).fork()).join();
+        break;
     }
     return writer;
   },
@@ -898,6 +1107,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.payload = { $case: "log", log: LogLine.decode(reader, reader.uint32()) };
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.payload = { $case: "dataset", dataset: DatasetReport.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -929,6 +1146,8 @@ export const JobEvent: MessageFns<JobEvent> = {
         ? { $case: "validation", validation: ValidationImages.fromJSON(object.validation) }
         : isSet(object.log)
         ? { $case: "log", log: LogLine.fromJSON(object.log) }
+        : isSet(object.dataset)
+        ? { $case: "dataset", dataset: DatasetReport.fromJSON(object.dataset) }
         : undefined,
     };
   },
@@ -954,6 +1173,8 @@ export const JobEvent: MessageFns<JobEvent> = {
       obj.validation = ValidationImages.toJSON(message.payload.validation);
     } else if (message.payload?.$case === "log") {
       obj.log = LogLine.toJSON(message.payload.log);
+    } else if (message.payload?.$case === "dataset") {
+      obj.dataset = DatasetReport.toJSON(message.payload.dataset);
     }
     return obj;
   },
@@ -1000,7 +1221,607 @@ export const JobEvent: MessageFns<JobEvent> = {
         }
         break;
       }
+      case "dataset": {
+        if (object.payload?.dataset !== undefined && object.payload?.dataset !== null) {
+          message.payload = { $case: "dataset", dataset: DatasetReport.fromPartial(object.payload.dataset) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseDatasetReport(): DatasetReport {
+  return {
+    imagesFound: 0,
+    imagesUsed: 0,
+    skipped: [],
+    skippedTotal: 0,
+    captionSource: 0,
+    sizes: [],
+    otherSizes: 0,
+    buckets: [],
+    latentsCached: 0,
+    latentsCachedFlipped: false,
+    textEmbeddingsCached: false,
+  };
+}
+
+export const DatasetReport: MessageFns<DatasetReport> = {
+  encode(message: DatasetReport, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.imagesFound !== 0) {
+      writer.uint32(8).int32(message.imagesFound);
+    }
+    if (message.imagesUsed !== 0) {
+      writer.uint32(16).int32(message.imagesUsed);
+    }
+    for (const v of message.skipped) {
+      SkippedImage.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.skippedTotal !== 0) {
+      writer.uint32(32).int32(message.skippedTotal);
+    }
+    if (message.captionSource !== 0) {
+      writer.uint32(40).int32(message.captionSource);
+    }
+    for (const v of message.sizes) {
+      ImageSizeCount.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.otherSizes !== 0) {
+      writer.uint32(56).int32(message.otherSizes);
+    }
+    for (const v of message.buckets) {
+      BucketCount.encode(v!, writer.uint32(66).fork()).join();
+    }
+    if (message.latentsCached !== 0) {
+      writer.uint32(72).int32(message.latentsCached);
+    }
+    if (message.latentsCachedFlipped !== false) {
+      writer.uint32(80).bool(message.latentsCachedFlipped);
+    }
+    if (message.textEmbeddingsCached !== false) {
+      writer.uint32(88).bool(message.textEmbeddingsCached);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DatasetReport {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDatasetReport();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.imagesFound = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.imagesUsed = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.skipped.push(SkippedImage.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.skippedTotal = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.captionSource = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.sizes.push(ImageSizeCount.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.otherSizes = reader.int32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.buckets.push(BucketCount.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.latentsCached = reader.int32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.latentsCachedFlipped = reader.bool();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.textEmbeddingsCached = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DatasetReport {
+    return {
+      imagesFound: isSet(object.imagesFound)
+        ? globalThis.Number(object.imagesFound)
+        : isSet(object.images_found)
+        ? globalThis.Number(object.images_found)
+        : 0,
+      imagesUsed: isSet(object.imagesUsed)
+        ? globalThis.Number(object.imagesUsed)
+        : isSet(object.images_used)
+        ? globalThis.Number(object.images_used)
+        : 0,
+      skipped: globalThis.Array.isArray(object?.skipped)
+        ? object.skipped.map((e: any) => SkippedImage.fromJSON(e))
+        : [],
+      skippedTotal: isSet(object.skippedTotal)
+        ? globalThis.Number(object.skippedTotal)
+        : isSet(object.skipped_total)
+        ? globalThis.Number(object.skipped_total)
+        : 0,
+      captionSource: isSet(object.captionSource)
+        ? captionSourceFromJSON(object.captionSource)
+        : isSet(object.caption_source)
+        ? captionSourceFromJSON(object.caption_source)
+        : 0,
+      sizes: globalThis.Array.isArray(object?.sizes) ? object.sizes.map((e: any) => ImageSizeCount.fromJSON(e)) : [],
+      otherSizes: isSet(object.otherSizes)
+        ? globalThis.Number(object.otherSizes)
+        : isSet(object.other_sizes)
+        ? globalThis.Number(object.other_sizes)
+        : 0,
+      buckets: globalThis.Array.isArray(object?.buckets) ? object.buckets.map((e: any) => BucketCount.fromJSON(e)) : [],
+      latentsCached: isSet(object.latentsCached)
+        ? globalThis.Number(object.latentsCached)
+        : isSet(object.latents_cached)
+        ? globalThis.Number(object.latents_cached)
+        : 0,
+      latentsCachedFlipped: isSet(object.latentsCachedFlipped)
+        ? globalThis.Boolean(object.latentsCachedFlipped)
+        : isSet(object.latents_cached_flipped)
+        ? globalThis.Boolean(object.latents_cached_flipped)
+        : false,
+      textEmbeddingsCached: isSet(object.textEmbeddingsCached)
+        ? globalThis.Boolean(object.textEmbeddingsCached)
+        : isSet(object.text_embeddings_cached)
+        ? globalThis.Boolean(object.text_embeddings_cached)
+        : false,
+    };
+  },
+
+  toJSON(message: DatasetReport): unknown {
+    const obj: any = {};
+    if (message.imagesFound !== 0) {
+      obj.imagesFound = Math.round(message.imagesFound);
+    }
+    if (message.imagesUsed !== 0) {
+      obj.imagesUsed = Math.round(message.imagesUsed);
+    }
+    if (message.skipped?.length) {
+      obj.skipped = message.skipped.map((e) => SkippedImage.toJSON(e));
+    }
+    if (message.skippedTotal !== 0) {
+      obj.skippedTotal = Math.round(message.skippedTotal);
+    }
+    if (message.captionSource !== 0) {
+      obj.captionSource = captionSourceToJSON(message.captionSource);
+    }
+    if (message.sizes?.length) {
+      obj.sizes = message.sizes.map((e) => ImageSizeCount.toJSON(e));
+    }
+    if (message.otherSizes !== 0) {
+      obj.otherSizes = Math.round(message.otherSizes);
+    }
+    if (message.buckets?.length) {
+      obj.buckets = message.buckets.map((e) => BucketCount.toJSON(e));
+    }
+    if (message.latentsCached !== 0) {
+      obj.latentsCached = Math.round(message.latentsCached);
+    }
+    if (message.latentsCachedFlipped !== false) {
+      obj.latentsCachedFlipped = message.latentsCachedFlipped;
+    }
+    if (message.textEmbeddingsCached !== false) {
+      obj.textEmbeddingsCached = message.textEmbeddingsCached;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DatasetReport>, I>>(base?: I): DatasetReport {
+    return DatasetReport.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DatasetReport>, I>>(object: I): DatasetReport {
+    const message = createBaseDatasetReport();
+    message.imagesFound = object.imagesFound ?? 0;
+    message.imagesUsed = object.imagesUsed ?? 0;
+    message.skipped = object.skipped?.map((e) => SkippedImage.fromPartial(e)) || [];
+    message.skippedTotal = object.skippedTotal ?? 0;
+    message.captionSource = object.captionSource ?? 0;
+    message.sizes = object.sizes?.map((e) => ImageSizeCount.fromPartial(e)) || [];
+    message.otherSizes = object.otherSizes ?? 0;
+    message.buckets = object.buckets?.map((e) => BucketCount.fromPartial(e)) || [];
+    message.latentsCached = object.latentsCached ?? 0;
+    message.latentsCachedFlipped = object.latentsCachedFlipped ?? false;
+    message.textEmbeddingsCached = object.textEmbeddingsCached ?? false;
+    return message;
+  },
+};
+
+function createBaseSkippedImage(): SkippedImage {
+  return { name: "", reason: 0, detail: "" };
+}
+
+export const SkippedImage: MessageFns<SkippedImage> = {
+  encode(message: SkippedImage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.reason !== 0) {
+      writer.uint32(16).int32(message.reason);
+    }
+    if (message.detail !== "") {
+      writer.uint32(26).string(message.detail);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SkippedImage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSkippedImage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.reason = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SkippedImage {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      reason: isSet(object.reason) ? skipReasonFromJSON(object.reason) : 0,
+      detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
+    };
+  },
+
+  toJSON(message: SkippedImage): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.reason !== 0) {
+      obj.reason = skipReasonToJSON(message.reason);
+    }
+    if (message.detail !== "") {
+      obj.detail = message.detail;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SkippedImage>, I>>(base?: I): SkippedImage {
+    return SkippedImage.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SkippedImage>, I>>(object: I): SkippedImage {
+    const message = createBaseSkippedImage();
+    message.name = object.name ?? "";
+    message.reason = object.reason ?? 0;
+    message.detail = object.detail ?? "";
+    return message;
+  },
+};
+
+function createBaseImageSizeCount(): ImageSizeCount {
+  return { width: 0, height: 0, images: 0 };
+}
+
+export const ImageSizeCount: MessageFns<ImageSizeCount> = {
+  encode(message: ImageSizeCount, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.width !== 0) {
+      writer.uint32(8).int32(message.width);
+    }
+    if (message.height !== 0) {
+      writer.uint32(16).int32(message.height);
+    }
+    if (message.images !== 0) {
+      writer.uint32(24).int32(message.images);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageSizeCount {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageSizeCount();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.width = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.height = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.images = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageSizeCount {
+    return {
+      width: isSet(object.width) ? globalThis.Number(object.width) : 0,
+      height: isSet(object.height) ? globalThis.Number(object.height) : 0,
+      images: isSet(object.images) ? globalThis.Number(object.images) : 0,
+    };
+  },
+
+  toJSON(message: ImageSizeCount): unknown {
+    const obj: any = {};
+    if (message.width !== 0) {
+      obj.width = Math.round(message.width);
+    }
+    if (message.height !== 0) {
+      obj.height = Math.round(message.height);
+    }
+    if (message.images !== 0) {
+      obj.images = Math.round(message.images);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImageSizeCount>, I>>(base?: I): ImageSizeCount {
+    return ImageSizeCount.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageSizeCount>, I>>(object: I): ImageSizeCount {
+    const message = createBaseImageSizeCount();
+    message.width = object.width ?? 0;
+    message.height = object.height ?? 0;
+    message.images = object.images ?? 0;
+    return message;
+  },
+};
+
+function createBaseBucketCount(): BucketCount {
+  return { width: 0, height: 0, images: 0, batches: 0 };
+}
+
+export const BucketCount: MessageFns<BucketCount> = {
+  encode(message: BucketCount, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.width !== 0) {
+      writer.uint32(8).int32(message.width);
+    }
+    if (message.height !== 0) {
+      writer.uint32(16).int32(message.height);
+    }
+    if (message.images !== 0) {
+      writer.uint32(24).int32(message.images);
+    }
+    if (message.batches !== 0) {
+      writer.uint32(32).int32(message.batches);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BucketCount {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBucketCount();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.width = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.height = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.images = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.batches = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BucketCount {
+    return {
+      width: isSet(object.width) ? globalThis.Number(object.width) : 0,
+      height: isSet(object.height) ? globalThis.Number(object.height) : 0,
+      images: isSet(object.images) ? globalThis.Number(object.images) : 0,
+      batches: isSet(object.batches) ? globalThis.Number(object.batches) : 0,
+    };
+  },
+
+  toJSON(message: BucketCount): unknown {
+    const obj: any = {};
+    if (message.width !== 0) {
+      obj.width = Math.round(message.width);
+    }
+    if (message.height !== 0) {
+      obj.height = Math.round(message.height);
+    }
+    if (message.images !== 0) {
+      obj.images = Math.round(message.images);
+    }
+    if (message.batches !== 0) {
+      obj.batches = Math.round(message.batches);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<BucketCount>, I>>(base?: I): BucketCount {
+    return BucketCount.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<BucketCount>, I>>(object: I): BucketCount {
+    const message = createBaseBucketCount();
+    message.width = object.width ?? 0;
+    message.height = object.height ?? 0;
+    message.images = object.images ?? 0;
+    message.batches = object.batches ?? 0;
     return message;
   },
 };

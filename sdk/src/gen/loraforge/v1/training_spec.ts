@@ -318,11 +318,12 @@ export interface TrainingSpec {
     | //
     /**
      * A folder on the server host, for operators who place data sets there:
-     * images with either a `metadata.jsonl` (one JSON object per line with
+     * images with a `metadata.jsonl` (one JSON object per line with
      * `file_name` and `text`, the keys named by image_column and
-     * caption_column) or a same-named `.txt` caption next to every image. An
-     * absolute path inside the server's data roots, holding at least one
-     * captioned image.
+     * caption_column), a `metadata.csv` (a header row naming the same
+     * columns), a same-named `.txt` caption next to each image, or no
+     * captions at all with instance_prompt. An absolute path inside the
+     * server's data roots, holding at least one captioned image.
      */
     { $case: "datasetDir"; datasetDir: string }
     | //
@@ -451,15 +452,17 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Column holding the image: in metadata.jsonl the image's file name (default
-   * "file_name"), in a hub data set the image itself (default "image").
+   * Column holding the image: in metadata.jsonl or metadata.csv the image's
+   * file name (default "file_name"), in a hub data set the image itself
+   * (default "image").
    * Non-empty when set; at most 200 characters.
    */
   imageColumn?:
     | string
     | undefined;
   /**
-   * Column holding the caption, in metadata.jsonl or a hub data set.
+   * Column holding the caption, in metadata.jsonl, metadata.csv or a hub data
+   * set.
    * Default "text"; non-empty, at most 200 characters.
    */
   captionColumn?:
@@ -481,10 +484,89 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
+   * One caption for every image (DreamBooth's instance prompt, e.g. "a photo
+   * of sks dog"): when set, the data set needs no captions and any it has
+   * (metadata file, .txt sidecars) are not read. Unset: captions come from
+   * metadata.jsonl, else metadata.csv, else a same-named .txt next to each
+   * image. Non-blank, at most 2000 characters.
+   */
+  instancePrompt?:
+    | string
+    | undefined;
+  /**
+   * Shuffle a caption's comma-separated tags each epoch (kohya's
+   * shuffle_caption), keeping the first keep_tags in place. The order is a
+   * function of the seed, the epoch and the image, so a resumed run sees the
+   * same captions. Turns the text-embedding cache off. Default false.
+   */
+  shuffleTags?:
+    | boolean
+    | undefined;
+  /**
+   * With shuffle_tags: how many leading tags stay in place (kohya's
+   * keep_tokens), e.g. 1 keeps a trigger word first. Default 0; 0..1000.
+   */
+  keepTags?:
+    | number
+    | undefined;
+  /**
    * Resampling filter used to resize images to resolution. Unspecified:
    * lanczos (the reference recipe's).
    */
   interpolation: Interpolation;
+  /**
+   * Images whose shorter side is below this many pixels are skipped and
+   * reported as too small in the job's data set report (instead of being
+   * upscaled). Default 8; 1..4096.
+   */
+  minImageSide?:
+    | number
+    | undefined;
+  /**
+   * Aspect-ratio bucketing (as kohya's sd-scripts, SimpleTuner): instead of
+   * one square resolution × resolution crop, each image goes to the bucket
+   * (a width × height of about resolution² pixels, both sides multiples of
+   * bucket_step within bucket_min_side..bucket_max_side, aspect ratio at
+   * most bucket_max_aspect) whose aspect ratio is nearest its own, and is
+   * resized to cover it and cropped as little as possible (centre or random
+   * crop by center_crop). Each batch draws from one bucket; a bucket with
+   * fewer images left than train_batch_size forms a shorter batch, as
+   * kohya's does (the job's log says which). Default false: square crops,
+   * the reference recipe.
+   */
+  aspectRatioBuckets?:
+    | boolean
+    | undefined;
+  /**
+   * Bucket sides are multiples of this many pixels. Default 64; 8..1024 and
+   * a multiple of 8. The base model may need more (a UNet that downsamples
+   * latents k times needs sides that are multiples of 8 × 2^k; the job fails
+   * at its start saying so).
+   */
+  bucketStep?:
+    | number
+    | undefined;
+  /**
+   * Smallest bucket side in pixels. Default resolution / 2, rounded down to
+   * bucket_step (at least bucket_step); 8..8192.
+   */
+  bucketMinSide?:
+    | number
+    | undefined;
+  /**
+   * Largest bucket side in pixels; at least bucket_min_side. Default
+   * resolution × 2; 8..8192.
+   */
+  bucketMaxSide?:
+    | number
+    | undefined;
+  /**
+   * Largest aspect ratio (long side / short side) of a bucket. Default 4;
+   * 1..16.
+   */
+  bucketMaxAspect?:
+    | number
+    | undefined;
   /**
    * Multiply learning_rate by train_batch_size × gradient_accumulation_steps
    * (× number of processes). Default false.
@@ -670,7 +752,16 @@ function createBaseTrainingSpec(): TrainingSpec {
     captionColumn: undefined,
     maxTrainSamples: undefined,
     captionDropout: undefined,
+    instancePrompt: undefined,
+    shuffleTags: undefined,
+    keepTags: undefined,
     interpolation: 0,
+    minImageSide: undefined,
+    aspectRatioBuckets: undefined,
+    bucketStep: undefined,
+    bucketMinSide: undefined,
+    bucketMaxSide: undefined,
+    bucketMaxAspect: undefined,
     scaleLr: undefined,
     lrNumCycles: undefined,
     lrPower: undefined,
@@ -785,8 +876,35 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.captionDropout !== undefined) {
       writer.uint32(217).double(message.captionDropout);
     }
+    if (message.instancePrompt !== undefined) {
+      writer.uint32(466).string(message.instancePrompt);
+    }
+    if (message.shuffleTags !== undefined) {
+      writer.uint32(472).bool(message.shuffleTags);
+    }
+    if (message.keepTags !== undefined) {
+      writer.uint32(480).int32(message.keepTags);
+    }
     if (message.interpolation !== 0) {
       writer.uint32(440).int32(message.interpolation);
+    }
+    if (message.minImageSide !== undefined) {
+      writer.uint32(488).int32(message.minImageSide);
+    }
+    if (message.aspectRatioBuckets !== undefined) {
+      writer.uint32(496).bool(message.aspectRatioBuckets);
+    }
+    if (message.bucketStep !== undefined) {
+      writer.uint32(504).int32(message.bucketStep);
+    }
+    if (message.bucketMinSide !== undefined) {
+      writer.uint32(512).int32(message.bucketMinSide);
+    }
+    if (message.bucketMaxSide !== undefined) {
+      writer.uint32(520).int32(message.bucketMaxSide);
+    }
+    if (message.bucketMaxAspect !== undefined) {
+      writer.uint32(529).double(message.bucketMaxAspect);
     }
     if (message.scaleLr !== undefined) {
       writer.uint32(232).bool(message.scaleLr);
@@ -1097,12 +1215,84 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.captionDropout = reader.double();
             continue;
           }
+          case 58: {
+            if (tag !== 466) {
+              break;
+            }
+
+            message.instancePrompt = reader.string();
+            continue;
+          }
+          case 59: {
+            if (tag !== 472) {
+              break;
+            }
+
+            message.shuffleTags = reader.bool();
+            continue;
+          }
+          case 60: {
+            if (tag !== 480) {
+              break;
+            }
+
+            message.keepTags = reader.int32();
+            continue;
+          }
           case 55: {
             if (tag !== 440) {
               break;
             }
 
             message.interpolation = reader.int32() as any;
+            continue;
+          }
+          case 61: {
+            if (tag !== 488) {
+              break;
+            }
+
+            message.minImageSide = reader.int32();
+            continue;
+          }
+          case 62: {
+            if (tag !== 496) {
+              break;
+            }
+
+            message.aspectRatioBuckets = reader.bool();
+            continue;
+          }
+          case 63: {
+            if (tag !== 504) {
+              break;
+            }
+
+            message.bucketStep = reader.int32();
+            continue;
+          }
+          case 64: {
+            if (tag !== 512) {
+              break;
+            }
+
+            message.bucketMinSide = reader.int32();
+            continue;
+          }
+          case 65: {
+            if (tag !== 520) {
+              break;
+            }
+
+            message.bucketMaxSide = reader.int32();
+            continue;
+          }
+          case 66: {
+            if (tag !== 529) {
+              break;
+            }
+
+            message.bucketMaxAspect = reader.double();
             continue;
           }
           case 29: {
@@ -1429,7 +1619,52 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.caption_dropout)
         ? globalThis.Number(object.caption_dropout)
         : undefined,
+      instancePrompt: isSet(object.instancePrompt)
+        ? globalThis.String(object.instancePrompt)
+        : isSet(object.instance_prompt)
+        ? globalThis.String(object.instance_prompt)
+        : undefined,
+      shuffleTags: isSet(object.shuffleTags)
+        ? globalThis.Boolean(object.shuffleTags)
+        : isSet(object.shuffle_tags)
+        ? globalThis.Boolean(object.shuffle_tags)
+        : undefined,
+      keepTags: isSet(object.keepTags)
+        ? globalThis.Number(object.keepTags)
+        : isSet(object.keep_tags)
+        ? globalThis.Number(object.keep_tags)
+        : undefined,
       interpolation: isSet(object.interpolation) ? interpolationFromJSON(object.interpolation) : 0,
+      minImageSide: isSet(object.minImageSide)
+        ? globalThis.Number(object.minImageSide)
+        : isSet(object.min_image_side)
+        ? globalThis.Number(object.min_image_side)
+        : undefined,
+      aspectRatioBuckets: isSet(object.aspectRatioBuckets)
+        ? globalThis.Boolean(object.aspectRatioBuckets)
+        : isSet(object.aspect_ratio_buckets)
+        ? globalThis.Boolean(object.aspect_ratio_buckets)
+        : undefined,
+      bucketStep: isSet(object.bucketStep)
+        ? globalThis.Number(object.bucketStep)
+        : isSet(object.bucket_step)
+        ? globalThis.Number(object.bucket_step)
+        : undefined,
+      bucketMinSide: isSet(object.bucketMinSide)
+        ? globalThis.Number(object.bucketMinSide)
+        : isSet(object.bucket_min_side)
+        ? globalThis.Number(object.bucket_min_side)
+        : undefined,
+      bucketMaxSide: isSet(object.bucketMaxSide)
+        ? globalThis.Number(object.bucketMaxSide)
+        : isSet(object.bucket_max_side)
+        ? globalThis.Number(object.bucket_max_side)
+        : undefined,
+      bucketMaxAspect: isSet(object.bucketMaxAspect)
+        ? globalThis.Number(object.bucketMaxAspect)
+        : isSet(object.bucket_max_aspect)
+        ? globalThis.Number(object.bucket_max_aspect)
+        : undefined,
       scaleLr: isSet(object.scaleLr)
         ? globalThis.Boolean(object.scaleLr)
         : isSet(object.scale_lr)
@@ -1632,8 +1867,35 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.captionDropout !== undefined) {
       obj.captionDropout = floatToJson(message.captionDropout);
     }
+    if (message.instancePrompt !== undefined) {
+      obj.instancePrompt = message.instancePrompt;
+    }
+    if (message.shuffleTags !== undefined) {
+      obj.shuffleTags = message.shuffleTags;
+    }
+    if (message.keepTags !== undefined) {
+      obj.keepTags = Math.round(message.keepTags);
+    }
     if (message.interpolation !== 0) {
       obj.interpolation = interpolationToJSON(message.interpolation);
+    }
+    if (message.minImageSide !== undefined) {
+      obj.minImageSide = Math.round(message.minImageSide);
+    }
+    if (message.aspectRatioBuckets !== undefined) {
+      obj.aspectRatioBuckets = message.aspectRatioBuckets;
+    }
+    if (message.bucketStep !== undefined) {
+      obj.bucketStep = Math.round(message.bucketStep);
+    }
+    if (message.bucketMinSide !== undefined) {
+      obj.bucketMinSide = Math.round(message.bucketMinSide);
+    }
+    if (message.bucketMaxSide !== undefined) {
+      obj.bucketMaxSide = Math.round(message.bucketMaxSide);
+    }
+    if (message.bucketMaxAspect !== undefined) {
+      obj.bucketMaxAspect = floatToJson(message.bucketMaxAspect);
     }
     if (message.scaleLr !== undefined) {
       obj.scaleLr = message.scaleLr;
@@ -1757,7 +2019,16 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.captionColumn = object.captionColumn ?? undefined;
     message.maxTrainSamples = object.maxTrainSamples ?? undefined;
     message.captionDropout = object.captionDropout ?? undefined;
+    message.instancePrompt = object.instancePrompt ?? undefined;
+    message.shuffleTags = object.shuffleTags ?? undefined;
+    message.keepTags = object.keepTags ?? undefined;
     message.interpolation = object.interpolation ?? 0;
+    message.minImageSide = object.minImageSide ?? undefined;
+    message.aspectRatioBuckets = object.aspectRatioBuckets ?? undefined;
+    message.bucketStep = object.bucketStep ?? undefined;
+    message.bucketMinSide = object.bucketMinSide ?? undefined;
+    message.bucketMaxSide = object.bucketMaxSide ?? undefined;
+    message.bucketMaxAspect = object.bucketMaxAspect ?? undefined;
     message.scaleLr = object.scaleLr ?? undefined;
     message.lrNumCycles = object.lrNumCycles ?? undefined;
     message.lrPower = object.lrPower ?? undefined;
