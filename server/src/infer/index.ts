@@ -288,6 +288,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
           throw err;
         }
       }
+      // The session inputs of this combination of files and scales: built by the first request that uses it, then reused.
+      const combo = loras.combination(model.manifest.model_hash, model.slots, parsed.map((file, i) => ({ file, scale: mapped[i].scale })));
       loraMs += performance.now() - t;
 
       releaseMemory = await memory.acquire(plan.bytes, cancelled);
@@ -318,6 +320,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
           numImages: Math.min(plan.perGroup, v.numImages - start),
           scheduler: v.scheduler,
           loras: mapped,
+          feeds: combo.feeds,
           cancelled: () => cancelled() || closed,
         });
         pngs.push(...group.pngs);
