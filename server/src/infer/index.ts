@@ -59,7 +59,7 @@ export interface InferenceOptions extends RuntimeOptions {
   maxQueued?: number;
   /** Characters allowed in each prompt (default DEFAULTS.promptChars). */
   maxPromptChars?: number;
-  /** Bytes of decoded LoRA tensors kept between requests; a bigger LoRA is refused (default 2 GiB). */
+  /** Bytes of decoded LoRA tensors and built LoRA combinations kept between requests; a bigger LoRA is refused (default 2 GiB). */
   loraCacheBytes?: number;
   /**
    * Working memory all running requests may use together, by the estimate of memory.ts (default: a

@@ -94,29 +94,35 @@ export class SlotIndex {
 
 type Part = "down" | "up" | "alpha";
 
+// The key forms, tried in this order: plain suffixes first (endsWith is cheaper than a regex, and a file has
+// thousands of names), then the forms with a variable part.
+const SUFFIXES: [string, Part][] = [
+  [".lora.down.weight", "down"],
+  [".lora.up.weight", "up"],
+  [".lora_linear_layer.down.weight", "down"],
+  [".lora_linear_layer.up.weight", "up"],
+];
+const PROCESSOR = /^(.*\.processor\.to_(?:q|k|v|out)_lora)\.(down|up)\.weight$/;
+const PEFT = /^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$/;
+const KOHYA: [string, Part][] = [
+  [".lora_down.weight", "down"],
+  [".lora_up.weight", "up"],
+  [".alpha", "alpha"],
+];
+
 /** Splits a tensor name into (layer stem, part), or null for a name that is not LoRA weight. */
 function parseKey(name: string): { stem: string; part: Part } | null {
-  const forms: [RegExp, Part][] = [
-    [/^(.*)\.lora\.down\.weight$/, "down"],
-    [/^(.*)\.lora\.up\.weight$/, "up"],
-    [/^(.*)\.lora_linear_layer\.down\.weight$/, "down"],
-    [/^(.*)\.lora_linear_layer\.up\.weight$/, "up"],
-    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.down\.weight$/, "down"],
-    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.up\.weight$/, "up"],
-    [/^(.*)\.lora_A(?:\.[^.]+)?\.weight$/, "down"],
-    [/^(.*)\.lora_B(?:\.[^.]+)?\.weight$/, "up"],
-    [/^(.*)\.lora_down\.weight$/, "down"],
-    [/^(.*)\.lora_up\.weight$/, "up"],
-    [/^(.*)\.alpha$/, "alpha"],
-  ];
-  for (const [re, part] of forms) {
-    const m = name.match(re);
-    if (m) {
-      // diffusers' old attention-processor form: <attn>.processor.to_q_lora → <attn>.to_q
-      const stem = m[1].replace(/\.processor\.(to_q|to_k|to_v)_lora$/, ".$1").replace(/\.processor\.to_out_lora$/, ".to_out.0");
-      return { stem, part };
-    }
-  }
+  const found = (stem: string, part: Part) => ({
+    // diffusers' old attention-processor form: <attn>.processor.to_q_lora → <attn>.to_q
+    stem: stem.includes(".processor.") ? stem.replace(/\.processor\.(to_q|to_k|to_v)_lora$/, ".$1").replace(/\.processor\.to_out_lora$/, ".to_out.0") : stem,
+    part,
+  });
+  for (const [suffix, part] of SUFFIXES) if (name.endsWith(suffix)) return found(name.slice(0, -suffix.length), part);
+  let m = name.includes(".processor.") ? PROCESSOR.exec(name) : null;
+  if (m) return found(m[1], m[2] === "down" ? "down" : "up");
+  m = name.includes(".lora_") ? PEFT.exec(name) : null;
+  if (m) return found(m[1], m[2] === "A" ? "down" : "up");
+  for (const [suffix, part] of KOHYA) if (name.endsWith(suffix)) return found(name.slice(0, -suffix.length), part);
   return null;
 }
 
