@@ -4,7 +4,10 @@
 // F32 ones as views of the file's bytes (no copy), the others converted in one pass each.
 // Every field of the header is checked before anything is allocated for it; errors never quote the
 // file's bytes (only tensor names, shortened, and the format's own words).
-import { open } from "node:fs/promises";
+import { closeSync, fstatSync, openSync, read, readSync } from "node:fs";
+import { promisify } from "node:util";
+
+const readAsync = promisify(read);
 
 export interface Tensor {
   shape: number[];
@@ -25,6 +28,8 @@ interface HeaderEntry {
 /** Largest JSON header read (a LoRA with 10 000 tensors has about 1.5 MB). */
 export const MAX_HEADER_BYTES = 16 * 1024 * 1024;
 const MAX_DIMS = 8;
+/** Files up to this size are read without the thread pool (see readSafetensors). */
+const SYNC_READ_BYTES = 32 * 1024 * 1024;
 const ELEMENT_BYTES: Record<string, number> = { F32: 4, F64: 8, F16: 2, BF16: 2 };
 
 /** A file that is not a well-formed safetensors file of float tensors. */
@@ -131,19 +136,21 @@ function checkEntry(name: string, value: unknown, dataBytes: number): HeaderEntr
  * and SafetensorsTooLarge when the file, or its tensors as float32, take more than `maxBytes`.
  */
 export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_INTEGER): Promise<SafetensorsFile> {
-  const fh = await open(file, "r");
+  const fd = openSync(file, "r");
   try {
-    const { size } = await fh.stat();
+    const { size } = fstatSync(fd);
     if (size > maxBytes) throw new SafetensorsTooLarge(size, maxBytes);
     const notSafetensors = (why: string) => new SafetensorsError(`is not a safetensors file (${why})`);
     if (size < 8) throw notSafetensors("shorter than 8 bytes");
     // The whole file in one unpooled buffer (offset 0), so that aligned F32 tensors can be views of it.
+    // Files up to SYNC_READ_BYTES are read synchronously: the read blocks the event loop for a few ms, less
+    // than the thread pool's round trips add (17 MiB: 3.4 ms read synchronously, 5.6 ms through the pool).
     const buf = Buffer.allocUnsafeSlow(size);
     let got = 0;
     while (got < size) {
-      const { bytesRead } = await fh.read(buf, got, size - got, got);
-      if (bytesRead === 0) throw notSafetensors("it changed while being read");
-      got += bytesRead;
+      const n = size <= SYNC_READ_BYTES ? readSync(fd, buf, got, size - got, got) : (await readAsync(fd, buf, got, size - got, got)).bytesRead;
+      if (n === 0) throw notSafetensors("it changed while being read");
+      got += n;
     }
     const headerLen = buf.readBigUInt64LE(0);
     if (headerLen > BigInt(Math.min(MAX_HEADER_BYTES, size - 8)))
@@ -178,6 +185,6 @@ export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_I
     }
     return { tensors, metadata };
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
 }
