@@ -126,7 +126,10 @@ export function readManifest(dir: string): Manifest | null {
 }
 
 export interface RuntimeOptions {
-  /** Threads per onnxruntime operator (default: min(4, CPU count)). */
+  /**
+   * Threads per onnxruntime operator (default: every core the process may use, LORAFORGE_INFER_THREADS overrides):
+   * bench/infer measured all cores ahead of one thread on both sides (bench/RESULTS.md).
+   */
   intraOpThreads?: number;
   /** Execution providers in order of preference (default: cuda when its provider library is installed, then cpu). */
   providers?: string[];
@@ -179,7 +182,7 @@ export class LoadedModel {
   ) {}
 
   static async open(dir: string, manifest: Manifest, opts: RuntimeOptions): Promise<LoadedModel> {
-    const threads = opts.intraOpThreads ?? Math.max(1, Math.min(4, os.availableParallelism()));
+    const threads = opts.intraOpThreads ?? Math.max(1, os.availableParallelism());
     let providers = opts.providers ?? defaultProviders();
     const options = (eps: string[]): ort.InferenceSession.SessionOptions => ({
       executionProviders: eps,
