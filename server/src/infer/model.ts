@@ -128,7 +128,8 @@ export function readManifest(dir: string): Manifest | null {
 export interface RuntimeOptions {
   /**
    * Threads per onnxruntime operator (default: every core the process may use, LORAFORGE_INFER_THREADS overrides):
-   * bench/infer measured all cores ahead of one thread on both sides (bench/RESULTS.md).
+   * at SD-1.5 widths bench/infer measured all cores well ahead of one thread (bench/RESULTS.md); only the tiny
+   * test model, bound by per-operator overhead, ran faster on one.
    */
   intraOpThreads?: number;
   /** Execution providers in order of preference (default: cuda when its provider library is installed, then cpu). */
