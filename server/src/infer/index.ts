@@ -59,7 +59,7 @@ export interface InferenceOptions extends RuntimeOptions {
   maxQueued?: number;
   /** Characters allowed in each prompt (default DEFAULTS.promptChars). */
   maxPromptChars?: number;
-  /** Bytes of decoded LoRA tensors kept between requests; a bigger LoRA is refused (default 2 GiB). */
+  /** Bytes of decoded LoRA tensors and built LoRA combinations kept between requests; a bigger LoRA is refused (default 2 GiB). */
   loraCacheBytes?: number;
   /**
    * Working memory all running requests may use together, by the estimate of memory.ts (default: a
@@ -288,6 +288,8 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
           throw err;
         }
       }
+      // The session inputs of this combination of files and scales: built by the first request that uses it, then reused.
+      const combo = loras.combination(model.manifest.model_hash, model.slots, parsed.map((file, i) => ({ file, scale: mapped[i].scale })));
       loraMs += performance.now() - t;
 
       releaseMemory = await memory.acquire(plan.bytes, cancelled);
@@ -318,6 +320,7 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
           numImages: Math.min(plan.perGroup, v.numImages - start),
           scheduler: v.scheduler,
           loras: mapped,
+          feeds: combo.feeds,
           cancelled: () => cancelled() || closed,
         });
         pngs.push(...group.pngs);

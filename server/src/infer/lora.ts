@@ -1,6 +1,7 @@
 // LoRA files → the exported graphs' slot inputs. A file is read once (cached by path, size and
 // mtime) and mapped onto a model's slots: per slot A [r, in] and B [out, r] with alpha / r
-// folded into B. A request's LoRAs are then concatenated along r, each B times its scale.
+// folded into B. A request's LoRAs are then concatenated along r, each B times its scale; those
+// session inputs are built once per combination (files and scales) and kept for the next request.
 //
 // Key forms understood (all as diffusers' load_lora_weights reads them):
 //   unet.<module>.lora.down.weight / .lora.up.weight            diffusers (our trainer's output)
@@ -15,7 +16,7 @@
 // 1x1 convolution layers (SD-1.x's proj_in/proj_out) carry [r, in, 1, 1] / [out, r, 1, 1] weights: read as 2-D.
 // alpha: a `<stem>.alpha` tensor, else diffusers' `lora_adapter_metadata` (lora_alpha, r, alpha_pattern,
 // rank_pattern, use_rslora), else alpha = r (scale 1), as load_lora_weights does.
-import { realpath, stat } from "node:fs/promises";
+import { realpathSync, statSync } from "node:fs";
 import ort from "onnxruntime-node";
 import { floatTensor } from "./half.js";
 import { readSafetensors, shownName, type SafetensorsFile, type Tensor } from "./safetensors.js";
@@ -93,29 +94,35 @@ export class SlotIndex {
 
 type Part = "down" | "up" | "alpha";
 
+// The key forms, tried in this order: plain suffixes first (endsWith is cheaper than a regex, and a file has
+// thousands of names), then the forms with a variable part.
+const SUFFIXES: [string, Part][] = [
+  [".lora.down.weight", "down"],
+  [".lora.up.weight", "up"],
+  [".lora_linear_layer.down.weight", "down"],
+  [".lora_linear_layer.up.weight", "up"],
+];
+const PROCESSOR = /^(.*\.processor\.to_(?:q|k|v|out)_lora)\.(down|up)\.weight$/;
+const PEFT = /^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$/;
+const KOHYA: [string, Part][] = [
+  [".lora_down.weight", "down"],
+  [".lora_up.weight", "up"],
+  [".alpha", "alpha"],
+];
+
 /** Splits a tensor name into (layer stem, part), or null for a name that is not LoRA weight. */
 function parseKey(name: string): { stem: string; part: Part } | null {
-  const forms: [RegExp, Part][] = [
-    [/^(.*)\.lora\.down\.weight$/, "down"],
-    [/^(.*)\.lora\.up\.weight$/, "up"],
-    [/^(.*)\.lora_linear_layer\.down\.weight$/, "down"],
-    [/^(.*)\.lora_linear_layer\.up\.weight$/, "up"],
-    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.down\.weight$/, "down"],
-    [/^(.*\.processor\.to_(?:q|k|v|out)_lora)\.up\.weight$/, "up"],
-    [/^(.*)\.lora_A(?:\.[^.]+)?\.weight$/, "down"],
-    [/^(.*)\.lora_B(?:\.[^.]+)?\.weight$/, "up"],
-    [/^(.*)\.lora_down\.weight$/, "down"],
-    [/^(.*)\.lora_up\.weight$/, "up"],
-    [/^(.*)\.alpha$/, "alpha"],
-  ];
-  for (const [re, part] of forms) {
-    const m = name.match(re);
-    if (m) {
-      // diffusers' old attention-processor form: <attn>.processor.to_q_lora → <attn>.to_q
-      const stem = m[1].replace(/\.processor\.(to_q|to_k|to_v)_lora$/, ".$1").replace(/\.processor\.to_out_lora$/, ".to_out.0");
-      return { stem, part };
-    }
-  }
+  const found = (stem: string, part: Part) => ({
+    // diffusers' old attention-processor form: <attn>.processor.to_q_lora → <attn>.to_q
+    stem: stem.includes(".processor.") ? stem.replace(/\.processor\.(to_q|to_k|to_v)_lora$/, ".$1").replace(/\.processor\.to_out_lora$/, ".to_out.0") : stem,
+    part,
+  });
+  for (const [suffix, part] of SUFFIXES) if (name.endsWith(suffix)) return found(name.slice(0, -suffix.length), part);
+  let m = name.includes(".processor.") ? PROCESSOR.exec(name) : null;
+  if (m) return found(m[1], m[2] === "down" ? "down" : "up");
+  m = name.includes(".lora_") ? PEFT.exec(name) : null;
+  if (m) return found(m[1], m[2] === "A" ? "down" : "up");
+  for (const [suffix, part] of KOHYA) if (name.endsWith(suffix)) return found(name.slice(0, -suffix.length), part);
   return null;
 }
 
@@ -148,6 +155,13 @@ function as2d(t: Tensor): [number, number] | null {
   if (s.length === 2) return [s[0], s[1]];
   if (s.length === 4 && s[2] === 1 && s[3] === 1) return [s[0], s[1]];
   return null;
+}
+
+/** `data` times `scale`, in a new array (a plain loop: TypedArray.map calls a function per element, ~10× slower). */
+function scaled(data: Float32Array, scale: number): Float32Array {
+  const out = new Float32Array(data.length);
+  for (let i = 0; i < data.length; i++) out[i] = data[i] * scale;
+  return out;
 }
 
 /** Maps one parsed LoRA file onto a model's slots, checking every shape. */
@@ -204,7 +218,7 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
     }
     if (!Number.isFinite(scale)) throw new LoraInvalid(`${file}: layer ${stem}'s alpha / rank is not a finite number`);
     if (out.a.has(slot)) throw new LoraMismatch(stem, `${file}: layer ${stem} appears twice`);
-    const b = scale === 1 ? g.up.data : g.up.data.map((v) => v * scale);
+    const b = scale === 1 ? g.up.data : scaled(g.up.data, scale);
     out.rank.set(slot, r);
     out.a.set(slot, g.down.data);
     out.b.set(slot, b);
@@ -214,6 +228,8 @@ export function mapLora(file: string, tensors: Map<string, Tensor>, metadata: Re
 
 /** A parsed LoRA file; `bytes` counts its decoded tensors and the mapped copies made from them. */
 export interface LoraFile {
+  /** Unique per parse: a file read again after it changed gets a new id, so nothing built from the old content is reused. */
+  id: number;
   real: string;
   signature: string;
   parsed: SafetensorsFile;
@@ -226,38 +242,88 @@ export const DEFAULT_LORA_CACHE_BYTES = 2 * 1024 * 1024 * 1024;
 
 const tensorBytes = (t: Map<string, Tensor>) => [...t.values()].reduce((n, x) => n + x.data.byteLength, 0);
 
+export type Component = SlotInfo["component"];
+export type FeedDtype = "float32" | "float16";
+
 /**
- * Parsed LoRA files keyed by real path (one file behind many links is held once), kept while size
- * and mtime are unchanged, least recently used out once they hold more than `maxBytes` of decoded
- * tensors (or more than `maxEntries` files). Only files that mapped onto a model are kept: a file
- * refused for any reason is never cached. A file larger than `maxBytes` is refused outright.
+ * One request's LoRAs with their scales on one model: the session inputs of each component, built on
+ * first use and kept (in the LoraCache that made it) for the next request with the same combination.
+ */
+export class LoraCombo {
+  private readonly built = new Map<string, Record<string, ort.Tensor>>();
+  /** Bytes of feed data this combination holds beyond the mapped LoRAs' own arrays. */
+  bytes = 0;
+  tick = 0;
+  constructor(
+    readonly key: string,
+    readonly fileIds: number[],
+    private readonly index: SlotIndex,
+    private readonly loras: { lora: MappedLora; scale: number }[],
+    private readonly grew: (combo: LoraCombo, bytes: number) => void,
+  ) {}
+
+  /** The slot inputs of `component` (rank 0 where no LoRA of the combination touches a slot). */
+  feeds = (component: Component, dtype: FeedDtype = "float32"): Record<string, ort.Tensor> => {
+    const k = `${component}/${dtype}`;
+    let f = this.built.get(k);
+    if (!f) {
+      f = slotFeeds(this.index, component, this.loras, dtype);
+      this.built.set(k, f);
+      const own = new Set<ArrayBufferView>(this.loras.flatMap(({ lora }) => [...lora.a.values(), ...lora.b.values()]));
+      const extra = Object.values(f).reduce((n, t) => n + (own.has(t.data as ArrayBufferView) ? 0 : (t.data as ArrayBufferView).byteLength), 0);
+      this.bytes += extra;
+      this.grew(this, extra);
+    }
+    return f;
+  };
+}
+
+/**
+ * Parsed LoRA files keyed by real path (one file behind many links is held once), kept while the
+ * file's inode, size, mtime and ctime are unchanged; and the session inputs of the LoRA combinations
+ * requests used (LoraCombo), keyed by model, the files' parses and the scales. Both share one byte
+ * budget: once they hold more than `maxBytes` (or more than `maxEntries` files, or combinations), the
+ * least recently used entry goes, files or combinations alike; a file going takes its combinations
+ * with it. Only files that mapped onto a model are kept: a file refused for any reason is never
+ * cached. A file larger than `maxBytes` is refused outright.
  */
 export class LoraCache {
   private readonly entries = new Map<string, LoraFile>();
+  private readonly lastUse = new Map<string, number>();
+  private readonly combos = new Map<string, LoraCombo>();
   private used = 0;
+  private clock = 0;
+  private nextId = 1;
   constructor(
     readonly maxBytes = DEFAULT_LORA_CACHE_BYTES,
     private readonly maxEntries = 256,
   ) {}
 
-  /** Bytes the cached files take (decoded tensors and mapped copies). */
+  /** Bytes the cache holds: decoded tensors, mapped copies and the combinations' feed data. */
   get bytes(): number {
     return this.used;
   }
 
+  /** Files held. */
   get size(): number {
     return this.entries.size;
   }
 
+  /** Combinations held. */
+  get comboCount(): number {
+    return this.combos.size;
+  }
+
   /** The file at `file` (links followed: the key is its real path): cached if unchanged, else parsed (and cached once it maps). */
   async file(file: string): Promise<LoraFile> {
-    const real = await realpath(file);
-    const st = await stat(real);
-    const signature = `${st.size}:${st.mtimeMs}`;
+    // Synchronous: a realpath and a stat take microseconds, less than a trip through libuv's thread pool.
+    const real = realpathSync(file);
+    const st = statSync(real);
+    const signature = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
     const hit = this.entries.get(real);
     if (hit && hit.signature === signature) return hit;
     const parsed = await readSafetensors(real, this.maxBytes);
-    return { real, signature, parsed, mapped: new Map(), bytes: tensorBytes(parsed.tensors) };
+    return { id: this.nextId++, real, signature, parsed, mapped: new Map(), bytes: tensorBytes(parsed.tensors) };
   }
 
   /** `f` mapped onto the model whose slots `index` describes (model key: its hash). */
@@ -287,23 +353,88 @@ export class LoraCache {
     return this.map(await this.file(file), modelKey, index);
   }
 
+  /**
+   * The combination of `items` (files with their scales, in order) on a model: the one a request made
+   * before when the files are the same parses and the scales the same numbers, else a new one.
+   * Maps each file first (throwing as map() does). LoRAs of scale 0 are left out, as they add nothing.
+   */
+  combination(modelKey: string, index: SlotIndex, items: { file: LoraFile; scale: number }[]): LoraCombo {
+    const used = items.filter((it) => it.scale !== 0);
+    const mapped = used.map((it) => ({ lora: this.map(it.file, modelKey, index), scale: it.scale }));
+    const key = `${modelKey}|${used.map((it) => `${it.file.id}*${it.scale}`).join(",")}`;
+    let combo = this.combos.get(key);
+    if (!combo) {
+      combo = new LoraCombo(
+        key,
+        used.map((it) => it.file.id),
+        index,
+        mapped,
+        (c, extra) => {
+          if (this.combos.get(c.key) !== c) return;
+          this.used += extra;
+          this.evict(c.key);
+        },
+      );
+      this.combos.set(key, combo);
+    }
+    // Most recently used last; its files are used with it.
+    this.combos.delete(key);
+    this.combos.set(key, combo);
+    combo.tick = ++this.clock;
+    for (const it of used) this.touch(it.file.real);
+    this.evict(key);
+    return combo;
+  }
+
+  private touch(real: string) {
+    if (!this.entries.has(real)) return;
+    this.lastUse.set(real, ++this.clock);
+    const e = this.entries.get(real)!;
+    this.entries.delete(real);
+    this.entries.set(real, e);
+  }
+
   private drop(real: string) {
     const e = this.entries.get(real);
     if (!e) return;
     this.entries.delete(real);
+    this.lastUse.delete(real);
     this.used -= e.bytes;
+    // Combinations built from this parse go with it (their arrays may be views of its tensors).
+    for (const [k, c] of this.combos) if (c.fileIds.includes(e.id)) this.dropCombo(k);
+  }
+
+  private dropCombo(key: string) {
+    const c = this.combos.get(key);
+    if (!c) return;
+    this.combos.delete(key);
+    this.used -= c.bytes;
   }
 
   private keep(f: LoraFile) {
     if (this.entries.get(f.real) !== f) {
       this.drop(f.real);
+      this.entries.set(f.real, f);
       this.used += f.bytes;
     }
-    // Most recently used last.
-    this.entries.delete(f.real);
-    this.entries.set(f.real, f);
-    while (this.entries.size > 0 && (this.used > this.maxBytes || this.entries.size > this.maxEntries))
-      this.drop(this.entries.keys().next().value!);
+    this.touch(f.real);
+    this.evict();
+  }
+
+  /** Least recently used entries out (files or combinations) until within budget; `spare` (a combination in use) goes last. */
+  private evict(spare?: string) {
+    const over = () => this.used > this.maxBytes || this.entries.size > this.maxEntries || this.combos.size > this.maxEntries;
+    while (over()) {
+      const oldFile = this.entries.keys().next().value as string | undefined;
+      let oldCombo = this.combos.keys().next().value as string | undefined;
+      if (oldCombo === spare) oldCombo = [...this.combos.keys()][1];
+      const fileTick = oldFile === undefined ? Infinity : this.lastUse.get(oldFile)!;
+      const comboTick = oldCombo === undefined ? Infinity : this.combos.get(oldCombo)!.tick;
+      if (oldCombo !== undefined && (comboTick < fileTick || this.combos.size > this.maxEntries)) this.dropCombo(oldCombo);
+      else if (oldFile !== undefined) this.drop(oldFile);
+      else if (spare !== undefined && this.combos.has(spare)) this.dropCombo(spare);
+      else break;
+    }
   }
 }
 
@@ -312,13 +443,14 @@ const EMPTY = new Float32Array(0);
 /**
  * The slot feeds of one component for a list of (LoRA, scale): per slot the A matrices stacked
  * along r, and the B matrices side by side along r with their scale applied; rank 0 where no LoRA
- * touches the slot.
+ * touches the slot. A slot that one LoRA alone touches reuses its arrays (A always, B at scale 1)
+ * instead of copying them (float32 only).
  */
 export function slotFeeds(
   index: SlotIndex,
-  component: SlotInfo["component"],
+  component: Component,
   loras: { lora: MappedLora; scale: number }[],
-  dtype: "float32" | "float16" = "float32",
+  dtype: FeedDtype = "float32",
 ): Record<string, ort.Tensor> {
   const tensor = (data: Float32Array, dims: number[]) => (dtype === "float32" ? new ort.Tensor("float32", data, dims) : floatTensor(data, dims, dtype));
   const feeds: Record<string, ort.Tensor> = {};
@@ -329,6 +461,13 @@ export function slotFeeds(
     if (total === 0) {
       feeds[s.input_a] = tensor(EMPTY, [0, s.in_features]);
       feeds[s.input_b] = tensor(EMPTY, [s.out_features, 0]);
+      return;
+    }
+    if (parts.length === 1) {
+      const { lora, scale } = parts[0];
+      const src = lora.b.get(i)!;
+      feeds[s.input_a] = tensor(lora.a.get(i)!, [total, s.in_features]);
+      feeds[s.input_b] = tensor(scale === 1 ? src : scaled(src, scale), [s.out_features, total]);
       return;
     }
     const a = new Float32Array(total * s.in_features);

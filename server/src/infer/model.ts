@@ -126,7 +126,11 @@ export function readManifest(dir: string): Manifest | null {
 }
 
 export interface RuntimeOptions {
-  /** Threads per onnxruntime operator (default: min(4, CPU count)). */
+  /**
+   * Threads per onnxruntime operator (default: every core the process may use, LORAFORGE_INFER_THREADS overrides):
+   * at SD-1.5 widths bench/infer measured all cores well ahead of one thread (bench/RESULTS.md); only the tiny
+   * test model, bound by per-operator overhead, ran faster on one.
+   */
   intraOpThreads?: number;
   /** Execution providers in order of preference (default: cuda when its provider library is installed, then cpu). */
   providers?: string[];
@@ -179,7 +183,7 @@ export class LoadedModel {
   ) {}
 
   static async open(dir: string, manifest: Manifest, opts: RuntimeOptions): Promise<LoadedModel> {
-    const threads = opts.intraOpThreads ?? Math.max(1, Math.min(4, os.availableParallelism()));
+    const threads = opts.intraOpThreads ?? Math.max(1, os.availableParallelism());
     let providers = opts.providers ?? defaultProviders();
     const options = (eps: string[]): ort.InferenceSession.SessionOptions => ({
       executionProviders: eps,

@@ -6,7 +6,7 @@ import ort from "onnxruntime-node";
 import sharp from "sharp";
 import type { LoadedModel, Manifest } from "./model.js";
 import { floatData, floatTensor } from "./half.js";
-import { slotFeeds, type MappedLora } from "./lora.js";
+import { slotFeeds, type Component, type FeedDtype, type MappedLora } from "./lora.js";
 import { initialLatents } from "./rng.js";
 import { makeScheduler, type SchedulerName } from "./schedulers.js";
 
@@ -28,6 +28,8 @@ export interface RenderParams {
   numImages: number;
   scheduler: SchedulerName;
   loras: { lora: MappedLora; scale: number }[];
+  /** The slot inputs of `loras` per component, when the caller keeps them built (LoraCombo.feeds); unset: built here. */
+  feeds?: (component: Component, dtype: FeedDtype) => Record<string, ort.Tensor>;
   /** Checked before every denoising step; when it returns true the run stops with RenderCancelled. */
   cancelled?: () => boolean;
   /** Initial latents (unit Gaussian, [n, c, h/8, w/8]) instead of the seeded ones. */
@@ -51,6 +53,10 @@ export class RenderCancelled extends Error {
 }
 
 const now = () => performance.now();
+
+/** The request's LoRA inputs for one component: the caller's built ones, else built from its LoRAs now. */
+const loraFeeds = (model: LoadedModel, p: RenderParams, component: Component, dtype: FeedDtype) =>
+  p.feeds ? p.feeds(component, dtype) : slotFeeds(model.slots, component, p.loras, dtype);
 
 /** Rows [i] of a [rows, ...] float tensor, repeated: out = rows[pick[0]], rows[pick[1]], … */
 function gatherRows(data: Float32Array, rowSize: number, pick: number[]): Float32Array {
@@ -91,7 +97,7 @@ async function encodeText(model: LoadedModel, p: RenderParams, cfg: boolean): Pr
     const hidden = m.text_encoder.hidden_size;
     const te = await model.textEncoder.run({
       input_ids: idsTensor(model.tokenizer, texts, seqLen),
-      ...slotFeeds(model.slots, "text_encoder", p.loras, io("text_encoder")),
+      ...loraFeeds(model, p, "text_encoder", io("text_encoder")),
     });
     const embeds = floatData(te[model.textEncoder.outputNames[0]]);
     return { ehs: gatherRows(embeds, seqLen * hidden, pick), dims: [pick.length, seqLen, hidden] };
@@ -109,11 +115,11 @@ async function encodeText(model: LoadedModel, p: RenderParams, cfg: boolean): Pr
   const [o1, o2] = await Promise.all([
     model.textEncoder.run({
       input_ids: idsTensor(model.tokenizer, texts, seqLen),
-      ...slotFeeds(model.slots, "text_encoder", p.loras, io("text_encoder")),
+      ...loraFeeds(model, p, "text_encoder", io("text_encoder")),
     }),
     te2.run({
       input_ids: idsTensor(model.tokenizer2!, texts2, m.text_encoder_2!.max_length),
-      ...slotFeeds(model.slots, "text_encoder_2", p.loras, io("text_encoder_2")),
+      ...loraFeeds(model, p, "text_encoder_2", io("text_encoder_2")),
     }),
   ]);
   const e1 = floatData(o1.penultimate_hidden_state);
@@ -176,7 +182,7 @@ export async function render(model: LoadedModel, p: RenderParams): Promise<{ png
   const sched = makeScheduler(p.scheduler, m.scheduler_config, p.steps);
   const noise = p.latents ?? initialLatents(p.seed, n, c, lh, lw);
   let latents: Float32Array = noise.map((v) => v * sched.initNoiseSigma);
-  const unetSlots = slotFeeds(model.slots, "unet", p.loras, unetIo);
+  const unetSlots = loraFeeds(model, p, "unet", unetIo);
   for (let i = 0; i < sched.timesteps.length; i++) {
     if (p.cancelled?.()) throw new RenderCancelled(i, sched.timesteps.length);
     const input = cfg ? new Float32Array(2 * n * per) : new Float32Array(n * per);

@@ -1,9 +1,13 @@
 // A minimal safetensors reader: an 8-byte little-endian header length, a JSON header
 // ({name: {dtype, shape, data_offsets}} plus optional "__metadata__" of strings), then
-// the raw little-endian tensor bytes. Tensors come back as float32, whatever they were stored as.
+// the raw little-endian tensor bytes. Tensors come back as float32, whatever they were stored as:
+// F32 ones as views of the file's bytes (no copy), the others converted in one pass each.
 // Every field of the header is checked before anything is allocated for it; errors never quote the
 // file's bytes (only tensor names, shortened, and the format's own words).
-import { open } from "node:fs/promises";
+import { closeSync, fstatSync, openSync, read, readSync } from "node:fs";
+import { promisify } from "node:util";
+
+const readAsync = promisify(read);
 
 export interface Tensor {
   shape: number[];
@@ -24,6 +28,8 @@ interface HeaderEntry {
 /** Largest JSON header read (a LoRA with 10 000 tensors has about 1.5 MB). */
 export const MAX_HEADER_BYTES = 16 * 1024 * 1024;
 const MAX_DIMS = 8;
+/** Files up to this size are read without the thread pool (see readSafetensors). */
+const SYNC_READ_BYTES = 32 * 1024 * 1024;
 const ELEMENT_BYTES: Record<string, number> = { F32: 4, F64: 8, F16: 2, BF16: 2 };
 
 /** A file that is not a well-formed safetensors file of float tensors. */
@@ -42,39 +48,57 @@ export class SafetensorsTooLarge extends Error {
 /** A tensor name as errors show it: quoted, at most 120 characters. */
 export const shownName = (name: string) => JSON.stringify(name.length > 120 ? name.slice(0, 120) + "…" : name);
 
-/** fp16 bits → number (IEEE 754 binary16). */
-function halfToFloat(h: number): number {
-  const sign = h & 0x8000 ? -1 : 1;
-  const exp = (h >> 10) & 0x1f;
-  const frac = h & 0x3ff;
-  if (exp === 0) return sign * frac * 2 ** -24;
-  if (exp === 31) return frac ? NaN : sign * Infinity;
-  return sign * (1 + frac / 1024) * 2 ** (exp - 15);
+// fp16 bits → float32, for all 65 536 bit patterns: one table lookup per element (built on first use, 256 KiB).
+let halfTable: Float32Array | null = null;
+function halfToFloatTable(): Float32Array {
+  if (halfTable) return halfTable;
+  const t = new Float32Array(65536);
+  for (let h = 0; h < 65536; h++) {
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const frac = h & 0x3ff;
+    t[h] = exp === 0 ? sign * frac * 2 ** -24 : exp === 31 ? (frac ? NaN : sign * Infinity) : sign * (1 + frac / 1024) * 2 ** (exp - 15);
+  }
+  return (halfTable = t);
 }
 
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/**
+ * `bytes` as a typed array of `Type`: a view of the same memory when it is aligned for it (no copy),
+ * else a copy into fresh, aligned memory. The data is little-endian, as the host's must be.
+ */
+function view<T>(bytes: Buffer, size: number, Type: new (buf: ArrayBufferLike, offset: number, length: number) => T): T {
+  if (bytes.byteOffset % size === 0) return new Type(bytes.buffer, bytes.byteOffset, bytes.length / size);
+  const copy = new Uint8Array(bytes.length);
+  copy.set(bytes);
+  return new Type(copy.buffer, 0, bytes.length / size);
+}
+
+/**
+ * A tensor's bytes as float32. F32 data is a view of the file's buffer where aligned (safetensors
+ * pads its header to 8 bytes, so it usually is); F16, BF16 and F64 are converted in one pass.
+ */
 function decode(dtype: string, bytes: Buffer, name: string): Float32Array {
-  const n = (bytesPer: number) => bytes.length / bytesPer;
-  const out = (count: number) => new Float32Array(count);
+  if (!LITTLE_ENDIAN) throw new SafetensorsError("safetensors data is little-endian; this host is not");
   switch (dtype) {
-    case "F32": {
-      const o = out(n(4));
-      for (let i = 0; i < o.length; i++) o[i] = bytes.readFloatLE(i * 4);
-      return o;
-    }
-    case "F64": {
-      const o = out(n(8));
-      for (let i = 0; i < o.length; i++) o[i] = bytes.readDoubleLE(i * 8);
-      return o;
-    }
+    case "F32":
+      return view(bytes, 4, Float32Array);
+    case "F64":
+      return Float32Array.from(view(bytes, 8, Float64Array));
     case "F16": {
-      const o = out(n(2));
-      for (let i = 0; i < o.length; i++) o[i] = halfToFloat(bytes.readUInt16LE(i * 2));
+      const h = view(bytes, 2, Uint16Array);
+      const table = halfToFloatTable();
+      const o = new Float32Array(h.length);
+      for (let i = 0; i < h.length; i++) o[i] = table[h[i]];
       return o;
     }
     case "BF16": {
-      const o = out(n(2));
+      // bf16 is the top half of a float32: shift the bits into place.
+      const h = view(bytes, 2, Uint16Array);
+      const o = new Float32Array(h.length);
       const u = new Uint32Array(o.buffer);
-      for (let i = 0; i < o.length; i++) u[i] = bytes.readUInt16LE(i * 2) << 16;
+      for (let i = 0; i < h.length; i++) u[i] = h[i] << 16;
       return o;
     }
     default:
@@ -112,18 +136,25 @@ function checkEntry(name: string, value: unknown, dataBytes: number): HeaderEntr
  * and SafetensorsTooLarge when the file, or its tensors as float32, take more than `maxBytes`.
  */
 export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_INTEGER): Promise<SafetensorsFile> {
-  const fh = await open(file, "r");
+  const fd = openSync(file, "r");
   try {
-    const { size } = await fh.stat();
+    const { size } = fstatSync(fd);
     if (size > maxBytes) throw new SafetensorsTooLarge(size, maxBytes);
     const notSafetensors = (why: string) => new SafetensorsError(`is not a safetensors file (${why})`);
     if (size < 8) throw notSafetensors("shorter than 8 bytes");
-    const prefix = Buffer.alloc(8);
-    await fh.read(prefix, 0, 8, 0);
-    const headerLen = prefix.readBigUInt64LE(0);
+    // The whole file in one unpooled buffer (offset 0), so that aligned F32 tensors can be views of it.
+    // Files up to SYNC_READ_BYTES are read synchronously: the read blocks the event loop for a few ms, less
+    // than the thread pool's round trips add (17 MiB: 3.4 ms read synchronously, 5.6 ms through the pool).
+    const buf = Buffer.allocUnsafeSlow(size);
+    let got = 0;
+    while (got < size) {
+      const n = size <= SYNC_READ_BYTES ? readSync(fd, buf, got, size - got, got) : (await readAsync(fd, buf, got, size - got, got)).bytesRead;
+      if (n === 0) throw notSafetensors("it changed while being read");
+      got += n;
+    }
+    const headerLen = buf.readBigUInt64LE(0);
     if (headerLen > BigInt(Math.min(MAX_HEADER_BYTES, size - 8)))
       throw notSafetensors(`its first 8 bytes do not give a header length of at most ${MAX_HEADER_BYTES} bytes within the file`);
-    const buf = await fh.readFile();
     const dataStart = 8 + Number(headerLen);
     if (buf.length < dataStart) throw notSafetensors("it changed while being read");
     let header: unknown;
@@ -154,6 +185,6 @@ export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_I
     }
     return { tensors, metadata };
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
 }
