@@ -77,6 +77,7 @@ class Example:
     path: Path | None  # a file; None for an image held in memory (Hugging Face data set)
     caption: str
     image: Any = None  # PIL image when path is None
+    root: Path | None = None  # the set's real folder: what is opened must lie inside it
 
     @property
     def name(self) -> str:
@@ -159,7 +160,7 @@ def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
             if not path.is_file():
                 skipped.append(Skipped(name, UNREADABLE, f"{source} line {lineno} names it; it does not exist"))
                 continue
-            examples.append(Example(path, text))
+            examples.append(Example(path, text, root=real_root))
     else:
         for path in sorted(root.iterdir()):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
@@ -169,7 +170,7 @@ def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
                 skipped.append(Skipped(path.name, UNREADABLE, "a symbolic link leading outside the data set"))
                 continue
             if instance_prompt:
-                examples.append(Example(path, instance_prompt))
+                examples.append(Example(path, instance_prompt, root=real_root))
                 continue
             if not sidecar.is_file():
                 skipped.append(Skipped(path.name, NO_CAPTION, f"no caption file {sidecar.name}"))
@@ -178,7 +179,12 @@ def discover(dataset_dir: str | os.PathLike, image_column: str | None = None,
                 skipped.append(Skipped(sidecar.name, UNREADABLE, "a symbolic link leading outside the data set"))
                 continue
             try:
-                examples.append(Example(path, sidecar.read_text(encoding="utf-8").strip()))
+                with open(sidecar, "rb") as cf:
+                    if not opened_inside(cf, real_root):
+                        skipped.append(Skipped(sidecar.name, UNREADABLE, "a symbolic link leading outside the data set"))
+                        continue
+                    text = cf.read().decode("utf-8").strip()
+                examples.append(Example(path, text, root=real_root))
             except (OSError, UnicodeDecodeError) as e:
                 skipped.append(Skipped(path.name, NO_CAPTION, f"caption file {sidecar.name} unreadable: {e}"))
     if not examples and require_some:
@@ -241,11 +247,24 @@ def dataset_fingerprint(examples: list[Example]) -> str:
     for ex in examples:
         h.update(ex.caption.encode("utf-8") + b"\0")
         if ex.path is not None:
-            h.update(ex.path.read_bytes())
+            with open(ex.path, "rb") as f:
+                if ex.root is not None and not opened_inside(f, ex.root):
+                    raise DataError(f"{ex.path.name} became a symbolic link leading outside the data set")
+                h.update(f.read())
         else:
             h.update(np.asarray(ex.image.convert("RGB")).tobytes())
         h.update(b"\1")
     return h.hexdigest()
+
+
+def opened_inside(f: Any, real_root: Path) -> bool:
+    """Whether the file object `f` opened lies inside `real_root`, judged on what was opened (Linux:
+    /proc/self/fd), so a name changed into a link after discover() checked it cannot lead out."""
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+    except OSError:
+        real = Path(f.name).resolve()
+    return real_root in real.parents
 
 
 def open_rgb(example: Example | Path) -> Image.Image:
@@ -258,6 +277,10 @@ def open_rgb(example: Example | Path) -> Image.Image:
         f = open(path, "rb")
     except OSError as e:
         raise ImageError(path, UNREADABLE, f"cannot be read: {e.strerror or type(e).__name__}") from None
+    root = example.root if isinstance(example, Example) else None
+    if root is not None and not opened_inside(f, root):
+        f.close()
+        raise ImageError(path, UNREADABLE, "a symbolic link leading outside the data set")
     try:
         with f, Image.open(f) as img:
             w, h = img.size

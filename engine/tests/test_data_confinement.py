@@ -82,3 +82,23 @@ def test_metadata_link_leading_out_is_refused(sets, tmp_path):
     os.symlink(private / "metadata.jsonl", data / "metadata.jsonl")
     with pytest.raises(DataError, match="symbolic link leading outside the data set"):
         discover(data)
+
+
+def test_image_swapped_for_a_link_after_discovery_is_refused_when_opened(sets):
+    """The race the name check alone leaves open: an image replaced by a link leading out after discover()
+    checked it is refused by open_rgb() and the fingerprint, which judge the file they opened."""
+    from loraforge_engine.data import ImageError, dataset_fingerprint, open_rgb
+
+    data, private = sets
+    ex = discover(data)
+    assert open_rgb(ex[1]).size == (16, 16)
+    (data / "1.png").unlink()
+    os.symlink(private / "secret.png", data / "1.png")
+    with pytest.raises(ImageError) as err:
+        open_rgb(ex[1])
+    assert err.value.reason == "unreadable"
+    assert "outside the data set" in str(err.value)
+    with pytest.raises(DataError, match="outside the data set"):
+        dataset_fingerprint(ex)
+    # A folder of the set's own (reached through a link to the set) is still inside.
+    assert open_rgb(ex[0]).size == (16, 16)

@@ -4,7 +4,8 @@
 import { realpathSync, statSync } from "node:fs";
 import path from "node:path";
 
-const realOr = (p: string) => {
+/** The real path of `p`, or `p` resolved when it does not exist. */
+export const realOr = (p: string) => {
   try {
     return realpathSync(p);
   } catch {

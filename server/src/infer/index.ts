@@ -33,13 +33,13 @@ import { ArtifactStore } from "../jobs/artifacts.js";
 import { JOB_ID_PATTERN } from "../core/ids.js";
 import { log } from "../core/log.js";
 import type { JobStore } from "../jobs/store.js";
-import { hostPath } from "../core/paths.js";
+import { hostPath, realOr, withinRoots } from "../core/paths.js";
 import { ruleViolations } from "../core/rules.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
 import { defaultMemoryBudget, MemoryBudget, planRequest, readMemoryShape, type MemoryShape } from "./memory.js";
 import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
 import { render, RenderCancelled } from "./pipeline.js";
-import { SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
+import { OutsideRoots, SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
 import type { SchedulerName } from "./schedulers.js";
 import { Semaphore } from "./queue.js";
 
@@ -178,6 +178,9 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   let closed = false;
   let artifacts: Promise<ArtifactStore> | null = null;
 
+  /** Whether a real path (not resolved again) lies inside the data roots' own real paths (always, without roots). */
+  const insideRoots = (real: string) => withinRoots(real, config.dataRoots.map(realOr));
+
   /** A LoRA reference as a file on this host (a job's LoRA is fetched from the artifact store once). */
   async function loraFile(ref: InferRequest["loras"][number], i: number): Promise<string> {
     const src = ref.source!;
@@ -239,8 +242,10 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       for (const [i, f] of files.entries()) {
         const field = req.loras[i].source!.$case === "path" ? `loras[${i}].path` : `loras[${i}].job_id`;
         try {
-          parsed.push(await loras.file(f));
+          parsed.push(await loras.file(f, req.loras[i].source!.$case === "path" ? insideRoots : undefined));
         } catch (err) {
+          if (err instanceof OutsideRoots)
+            throw invalidInferRequest([{ field, description: `leads outside the server's data roots through a symbolic link (${config.dataRoots.join(", ")})` }]);
           if (err instanceof SafetensorsError) throw invalidLora(field, err.message);
           if (err instanceof SafetensorsTooLarge) throw loraTooLarge(field, err.bytes, err.limit);
           throw err;

@@ -314,15 +314,18 @@ export class LoraCache {
     return this.combos.size;
   }
 
-  /** The file at `file` (links followed: the key is its real path): cached if unchanged, else parsed (and cached once it maps). */
-  async file(file: string): Promise<LoraFile> {
+  /**
+   * The file at `file` (links followed: the key is its real path): cached if unchanged, else parsed (and
+   * cached once it maps); `confined` judges the real path of the file actually opened.
+   */
+  async file(file: string, confined?: (real: string) => boolean): Promise<LoraFile> {
     // Synchronous: a realpath and a stat take microseconds, less than a trip through libuv's thread pool.
     const real = realpathSync(file);
     const st = statSync(real);
     const signature = `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
     const hit = this.entries.get(real);
     if (hit && hit.signature === signature) return hit;
-    const parsed = await readSafetensors(real, this.maxBytes);
+    const parsed = await readSafetensors(real, this.maxBytes, confined);
     return { id: this.nextId++, real, signature, parsed, mapped: new Map(), bytes: tensorBytes(parsed.tensors) };
   }
 

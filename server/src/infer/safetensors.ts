@@ -4,7 +4,7 @@
 // F32 ones as views of the file's bytes (no copy), the others converted in one pass each.
 // Every field of the header is checked before anything is allocated for it; errors never quote the
 // file's bytes (only tensor names, shortened, and the format's own words).
-import { closeSync, fstatSync, openSync, read, readSync } from "node:fs";
+import { closeSync, fstatSync, openSync, read, readlinkSync, readSync, realpathSync } from "node:fs";
 import { promisify } from "node:util";
 
 const readAsync = promisify(read);
@@ -34,6 +34,18 @@ const ELEMENT_BYTES: Record<string, number> = { F32: 4, F64: 8, F16: 2, BF16: 2 
 
 /** A file that is not a well-formed safetensors file of float tensors. */
 export class SafetensorsError extends Error {}
+
+/** The file opened is not where the caller allows (a path was changed into a link after it was checked). */
+export class OutsideRoots extends Error {}
+
+/** The real path of open file `fd` (Linux: /proc/self/fd); elsewhere the real path of `file` now. */
+function openedPath(fd: number, file: string): string {
+  try {
+    return readlinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return realpathSync(file);
+  }
+}
 
 /** A file whose size, or size once decoded to float32, is over the caller's limit. */
 export class SafetensorsTooLarge extends Error {
@@ -135,9 +147,11 @@ function checkEntry(name: string, value: unknown, dataBytes: number): HeaderEntr
  * Reads every tensor of a safetensors file as float32. Throws SafetensorsError on a malformed file,
  * and SafetensorsTooLarge when the file, or its tensors as float32, take more than `maxBytes`.
  */
-export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_INTEGER): Promise<SafetensorsFile> {
+export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_INTEGER, confined?: (real: string) => boolean): Promise<SafetensorsFile> {
   const fd = openSync(file, "r");
   try {
+    // Checked on what was opened, not on the name: a link swapped in after the caller's check is caught.
+    if (confined && !confined(openedPath(fd, file))) throw new OutsideRoots();
     const { size } = fstatSync(fd);
     if (size > maxBytes) throw new SafetensorsTooLarge(size, maxBytes);
     const notSafetensors = (why: string) => new SafetensorsError(`is not a safetensors file (${why})`);
