@@ -83,11 +83,35 @@ def _write_sd15(out: Path) -> None:
                                        scheduler=DDPMScheduler(**SD15_SCHEDULER), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(out, safe_serialization=True)
+        _write_tokenizer_files(out / "tokenizer", os.path.join(tmp, "tok"))
+
+
+def _write_tokenizer_files(dest: Path, src: str) -> None:
+    """save_pretrained writes only tokenizer.json for a fast tokenizer (transformers 5); real SD folders, the
+    exporter and the server's TypeScript tokenizer read the CLIP BPE pair vocab.json + merges.txt."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(src, name), dest / name)
+
+
+def _repair_tokenizer(folder: Path, subs=("tokenizer",)) -> None:
+    """A folder made before the BPE files were written gets them (the tokenizer is deterministic), instead of
+    rebuilding gigabytes of weights."""
+    from loraforge_engine.tiny import make_tokenizer
+
+    missing = [sub for sub in subs if not all((folder / sub / n).is_file() for n in ("vocab.json", "merges.txt"))]
+    if not missing:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tokenizer(os.path.join(tmp, "tok"))
+        for sub in missing:
+            _write_tokenizer_files(folder / sub, os.path.join(tmp, "tok"))
 
 
 def make_sd15(folder: Path) -> Path:
     """The SD-1.5-shaped model (random weights) in `folder`, made on first use."""
-    return _write_once(Path(folder), _write_sd15)
+    folder = _write_once(Path(folder), _write_sd15)
+    _repair_tokenizer(folder)
+    return folder
 
 
 def tiny_model(work: Path) -> Path:

@@ -316,11 +316,69 @@ def _export_target(model_dir, out_root, dtype: str) -> tuple[Path, Path, str, Pa
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = Path(model_dir).absolute()
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    check_inputs(model_dir)
     out_root = Path(out_root).absolute()
     digest = model_hash(model_dir)
     return model_dir, out_root, digest, out_root / export_dir_name(digest, dtype)
+
+
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    if not path.is_file():
+        problems.append(f"{path.parent.name}/{path.name} is missing")
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(f"{path.parent.name}/{path.name} is not valid JSON ({e})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path.parent.name}/{path.name} is not a JSON object")
+        return None
+    return value
+
+
+def _check_weights(folder: Path, problems: list[str]) -> None:
+    """A component folder needs safetensors weights (one file or a sharded index); pickles are refused."""
+    if not folder.is_dir():
+        problems.append(f"{folder.name}/ is missing")
+        return
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
+        problems.append(f"{folder.name}/ has only pickle weights (.bin/.ckpt); convert them to safetensors")
+    else:
+        problems.append(f"{folder.name}/ has no .safetensors weights")
+
+
+def check_inputs(model_dir: Path) -> str:
+    """Everything the export reads, checked before any heavy work (hashing gigabytes, loading weights, tracing):
+    configs that parse, safetensors weights for each component, the CLIP BPE tokenizer files, the scheduler
+    config, a supported UNet. Raises FileNotFoundError / ValueError naming every problem; returns "sd" or "sdxl"."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    problems: list[str] = []
+    _read_json(model_dir / "model_index.json", problems)
+    unet_cfg = _read_json(model_dir / "unet" / "config.json", problems)
+    add_type = (unet_cfg or {}).get("addition_embed_type")
+    xl = add_type == "text_time"
+    if add_type is not None and not xl:
+        problems.append(f"unet/config.json: addition_embed_type {add_type!r} is not exported (SD-1.x/2.x and SDXL are)")
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if xl else [])
+    for part in parts:
+        if part != "unet":
+            _read_json(model_dir / part / "config.json", problems)
+        _check_weights(model_dir / part, problems)
+    _read_json(model_dir / "scheduler" / "scheduler_config.json", problems)
+    for sub in ["tokenizer"] + (["tokenizer_2"] if xl else []):
+        missing = [n for n in ("vocab.json", "merges.txt") if not (model_dir / sub / n).is_file()]
+        if missing:
+            problems.append(f"{sub}/ lacks {' and '.join(missing)} (the CLIP BPE files the runtime tokenizes with)")
+    if problems:
+        kind = FileNotFoundError if all("missing" in p or "lacks" in p or "has no" in p for p in problems) \
+            else ValueError
+        raise kind(f"{model_dir} cannot be exported: " + "; ".join(problems))
+    return "sdxl" if xl else "sd"
 
 
 @dataclass
@@ -570,6 +628,11 @@ def is_complete(export_dir: Path) -> bool:
 def cmd_export_onnx(args) -> int:
     from .__main__ import _quiet_libraries
 
+    try:
+        check_inputs(Path(args.model_dir).absolute())  # a bad folder is refused in a second, before torch loads
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export-onnx: {e}", file=sys.stderr, flush=True)
+        return 2
     _quiet_libraries()
     import torch
 

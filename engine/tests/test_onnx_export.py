@@ -132,6 +132,28 @@ sys.exit(code)
 """
 
 
+def test_bad_inputs_are_refused_before_any_heavy_work(tiny_model, tmp_path):
+    """A folder without the tokenizer's BPE files (or with a broken config) fails at once, naming every problem,
+    and leaves nothing in the cache: no hash read, no weights loaded, no graph traced."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "tokenizer" / "vocab.json").unlink()
+    (bad / "tokenizer" / "merges.txt").unlink()
+    (bad / "vae" / "config.json").write_text("{not json")
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "export-onnx", str(bad), "--out", str(cache)],
+                          capture_output=True, text=True, env=engine_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "tokenizer/ lacks vocab.json and merges.txt" in proc.stderr
+    assert "vae/config.json is not valid JSON" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "heavy imports: []"  # refused before torch was imported
+    assert not cache.exists()
+    with pytest.raises(FileNotFoundError, match="tokenizer/ lacks merges.txt"):
+        (bad / "vae" / "config.json").write_text((tiny_model / "vae" / "config.json").read_text())
+        (bad / "tokenizer" / "vocab.json").write_text((tiny_model / "tokenizer" / "vocab.json").read_text())
+        export_model(bad, cache)
+
+
 def test_one_base_model_identity(exported, dataset, tmp_path):
     """What `model-hash` prints is the ONNX export's cache key and the hash training records in the LoRA file."""
     import io
