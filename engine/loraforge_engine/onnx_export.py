@@ -314,9 +314,12 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
         written[0] += 1
         progress("save", f"writing weights {written[0]}/{info.total}", written[0] / max(info.total, 1))
 
-    # The initializers still share the PyTorch parameters' memory: each is copied only while it is written.
+    # The initializers still share the PyTorch parameters' memory: each is copied only while it is written, one at
+    # a time. Tensors over 1 MiB start at 64 KiB offsets: onnxruntime's CPU provider then maps them from the file
+    # instead of reading them into memory of its own (page-aligned external data is used in place).
     progress("save", "writing weights")
-    ir.save(program.model, path, external_data=f"{path.name}.data", callback=saved, max_workers=1)
+    ir.save(program.model, path, external_data=f"{path.name}.data", callback=saved, max_workers=1,
+            alignment=1 << 16)
     del program
 
 

@@ -26,13 +26,36 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
+EXPORT_LOG: list[str] = []  # what the module's export logged (its progress lines among them)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     model = tiny_model
-    out, digest, fresh = export_model(model, root / "cache")
+    out, digest, fresh = export_model(model, root / "cache", log=EXPORT_LOG.append)
     assert fresh
     return model, out, digest, root
+
+
+def test_export_reports_progress_and_writes_weights_beside_the_graphs(exported):
+    """Progress lines with percentages: every component, per-tensor steps inside the UNet, never going back,
+    ending at 100%. Each graph's weights are in <graph>.onnx.data, which onnxruntime finds on its own."""
+    import re
+
+    _, out, _, _ = exported
+    progress = [re.fullmatch(r"progress +(\d+)% (.*)", line) for line in EXPORT_LOG]
+    progress = [(int(m[1]), m[2]) for m in progress if m]
+    assert [p for p, _ in progress] == sorted(p for p, _ in progress)
+    assert progress[-1] == (100, "done")
+    for component in ("text_encoder", "unet", "vae"):
+        steps = [step for _, step in progress if step.startswith(component + ":")]
+        assert f"{component}: loading weights" in steps and f"{component}: running onnxruntime on the example inputs" in steps
+    assert any(re.fullmatch(r"unet: writing weights \d+/\d+", step) for _, step in progress)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for component, graph in manifest["files"].items():
+        data = out / manifest["external_data"][component]
+        assert data.name == graph + ".data" and data.stat().st_size > (out / graph).stat().st_size
 
 
 def save_random_lora(pipe, parts, out_dir, seed: int, rank: int, alpha: float):
