@@ -6,7 +6,10 @@ onnxruntime inference.
 writes CACHE_ROOT/<model hash>/ (fp16: CACHE_ROOT/<model hash>-fp16/) with text_encoder.onnx, unet.onnx,
 vae_decoder.onnx, the tokenizer files and manifest.json — for SDXL also text_encoder_2.onnx and tokenizer_2/
 — and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is already there and
-complete is not redone. The model hash is the base model's identity (fingerprint.py), the hash that
+complete is not redone. Each graph's weights are in <graph>.onnx.data beside it. The inputs are checked before
+any heavy work; the components are exported one at a time, each freed before the next, so that the peak memory is
+about the largest component's (the UNet's), not the whole model's; `progress NN% <component>: <step>` lines on
+stderr say how far it is (the server logs them). The model hash is the base model's identity (fingerprint.py), the hash that
 `python -m loraforge_engine model-hash` prints and that training records in every LoRA file.
 
 LoRA "slots": every layer a LoRA may adapt in the places LoRA trainers put them — in the UNet every Linear
@@ -320,6 +323,11 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
     progress("save", "writing weights")
     ir.save(program.model, path, external_data=f"{path.name}.data", callback=saved, max_workers=1,
             alignment=1 << 16)
+    # Something past this call keeps the exported graph alive (seen: the parameters outlived the module); cut its
+    # links to the weights so that they are freed with the module.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.exported_program = None
     del program
 
 
