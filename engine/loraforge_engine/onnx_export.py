@@ -251,6 +251,32 @@ def _release_memory() -> None:
         pass  # not glibc: the allocator keeps its pages, which costs memory, not correctness
 
 
+def _drop_file_pages(folder: Path) -> int:
+    """Drop this process's resident pages of the safetensors files in `folder` (once their module is freed);
+    returns the bytes of mappings advised. The weights are loaded as private mappings of those files, and after
+    torch.onnx.export a mapping outlives every tensor that used it (the export keeps a reference we could not
+    find), holding the whole component resident. MADV_DONTNEED on a private file mapping that was only read is
+    safe: the pages are the file's, and a later read would fault them back in from the file."""
+    import ctypes
+
+    files = {str(f.resolve()) for f in folder.glob("*.safetensors")}
+    if not files:
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in files and fields[1].endswith("p"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # 4: MADV_DONTNEED
+                advised += hi - lo
+    return advised
+
+
 def _limit_malloc_caching() -> None:
     """glibc raises its mmap threshold each time a large block is freed, after which tensors of up to 32 MiB come
     from the heap and stay in the process when freed; a fixed threshold keeps every weight-sized block mmapped, so
@@ -380,7 +406,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         cfg = _Configs.read(model_dir)
         parts = ["text_encoder"] + (["text_encoder_2"] if cfg.xl else []) + ["unet", "vae"]
         progress = Progress({p: _component_bytes(model_dir, p) for p in parts}, log)
-        run = _ExportRun(tmp, dtype, check, log, progress, int(cfg.text_encoder["max_position_embeddings"]))
+        run = _ExportRun(tmp, model_dir, dtype, check, log, progress, int(cfg.text_encoder["max_position_embeddings"]))
         slots = _export_text_encoders(run, model_dir, cfg)
         slots += _export_unet(run, model_dir, cfg)
         vae_dtype = _export_vae_decoder(run, model_dir, cfg)
@@ -517,11 +543,12 @@ class _ExportRun:
     """What every graph's export shares: the folder being written, the precision, whether to check each graph
     against PyTorch, progress, the batch axis, and the graph files written so far (component -> file name)."""
 
-    def __init__(self, tmp: Path, dtype: str, check: bool, log, progress: Progress, max_len: int):
+    def __init__(self, tmp: Path, model_dir: Path, dtype: str, check: bool, log, progress: Progress, max_len: int):
         import torch
         from torch.export import Dim
 
         self.tmp, self.dtype, self.check, self.log, self.max_len = tmp, dtype, check, log, max_len
+        self.model_dir = model_dir
         self.progress = progress
         self.half = dtype == "fp16"
         self.fdt = torch.float16 if self.half else torch.float32  # dtype of the graphs' float inputs and outputs
@@ -558,6 +585,7 @@ class _ExportRun:
             del out
         holder.clear()
         _release_memory()
+        _drop_file_pages(self.model_dir / part)
         if self.check:
             step("check", "running onnxruntime on the example inputs", 0.5)
             _check(path, expected, args, names, atol)
