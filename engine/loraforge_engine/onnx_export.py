@@ -6,7 +6,10 @@ onnxruntime inference.
 writes CACHE_ROOT/<model hash>/ (fp16: CACHE_ROOT/<model hash>-fp16/) with text_encoder.onnx, unet.onnx,
 vae_decoder.onnx, the tokenizer files and manifest.json — for SDXL also text_encoder_2.onnx and tokenizer_2/
 — and prints one JSON line ({"dir", "model_hash", "exported"}) on stdout. An export that is already there and
-complete is not redone. The model hash is the base model's identity (fingerprint.py), the hash that
+complete is not redone. Each graph's weights are in <graph>.onnx.data beside it. The inputs are checked before
+any heavy work; the components are exported one at a time, each freed before the next, so that the peak memory is
+about the largest component's (the UNet's), not the whole model's; `progress NN% <component>: <step>` lines on
+stderr say how far it is (the server logs them). The model hash is the base model's identity (fingerprint.py), the hash that
 `python -m loraforge_engine model-hash` prints and that training records in every LoRA file.
 
 LoRA "slots": every layer a LoRA may adapt in the places LoRA trainers put them — in the UNet every Linear
@@ -235,9 +238,97 @@ def slot_dynamic_shapes(slots: list[Slot]):
 # ------------------------------------------------------------------------------------------------ export
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def _release_memory() -> None:
+    """Collect freed modules and hand glibc's free pages back to the system, so that the next component's peak
+    starts from the last one's floor rather than on top of it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps its pages, which costs memory, not correctness
+
+
+def _drop_file_pages(folder: Path) -> int:
+    """Drop this process's resident pages of the safetensors files in `folder` (once their module is freed);
+    returns the bytes of mappings advised. The weights are loaded as private mappings of those files, and after
+    torch.onnx.export a mapping outlives every tensor that used it (the export keeps a reference we could not
+    find), holding the whole component resident. MADV_DONTNEED on a private file mapping that was only read is
+    safe: the pages are the file's, and a later read would fault them back in from the file."""
+    import ctypes
+
+    files = {str(f.resolve()) for f in folder.glob("*.safetensors")}
+    if not files:
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in files and fields[1].endswith("p"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # 4: MADV_DONTNEED
+                advised += hi - lo
+    return advised
+
+
+def _limit_malloc_caching() -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which tensors of up to 32 MiB come
+    from the heap and stay in the process when freed; a fixed threshold keeps every weight-sized block mmapped, so
+    freeing a component returns its memory."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (also stops its adjustment)
+    except (OSError, AttributeError):
+        pass
+
+
+class Progress:
+    """Progress lines on stderr, `progress NN% <component>: <step>`, for the server to forward. Each component
+    counts for its share of the weights (safetensors bytes), and within one: loading 10%, tracing and converting
+    50%, writing the weights 20% (per tensor), checking 20%."""
+
+    PHASES = {"load": (0.0, 0.1), "trace": (0.1, 0.6), "save": (0.6, 0.8), "check": (0.8, 1.0)}
+
+    def __init__(self, shares: dict[str, float], log):
+        total = sum(shares.values()) or 1.0
+        self.shares = {k: v / total for k, v in shares.items()}
+        self.log = log
+        self.done = 0.0  # sum of the shares of finished components
+        self.last: tuple[int, str] | None = None
+
+    def __call__(self, component: str, phase: str, what: str, fraction: float = 0.0) -> None:
+        lo, hi = self.PHASES[phase]
+        pct = int(100 * (self.done + self.shares[component] * (lo + (hi - lo) * min(max(fraction, 0.0), 1.0))))
+        line = f"{component}: {what}"
+        if self.last is not None and self.last[0] == pct and phase == "save":
+            return  # per-tensor updates only when the percentage moves
+        self.last = (pct, line)
+        self.log(f"progress {pct:3d}% {line}")
+
+    def finished(self, component: str) -> None:
+        self.done += self.shares[component]
+
+    def end(self) -> None:
+        self.log("progress 100% done")
+
+
+def _component_bytes(model_dir: Path, part: str) -> int:
+    return sum(f.stat().st_size for f in (model_dir / part).glob("*.safetensors"))
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, progress) -> None:
+    """Trace `module` to ONNX and write it with its weights in `<file>.data` beside it, tensor by tensor (always:
+    one code path, no 2 GB protobuf limit, and the runtime can map the weights instead of parsing them)."""
     import warnings
 
+    import onnx_ir as ir
     import torch
 
     with warnings.catch_warnings():
@@ -246,28 +337,39 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
         program = torch.onnx.export(module, tuple(args), dynamo=True, opset_version=OPSET,
                                     input_names=list(input_names), output_names=list(output_names),
                                     dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-    program.save(str(path), external_data=_needs_external_data(module))
+    written = [0]
+
+    def saved(tensor, info) -> None:
+        written[0] += 1
+        progress("save", f"writing weights {written[0]}/{info.total}", written[0] / max(info.total, 1))
+
+    # The initializers still share the PyTorch parameters' memory: each is copied only while it is written, one at
+    # a time. Tensors over 1 MiB start at 64 KiB offsets: onnxruntime's CPU provider then maps them from the file
+    # instead of reading them into memory of its own (page-aligned external data is used in place).
+    progress("save", "writing weights")
+    ir.save(program.model, path, external_data=f"{path.name}.data", callback=saved, max_workers=1,
+            alignment=1 << 16)
+    # Something past this call keeps the exported graph alive (seen: the parameters outlived the module); cut its
+    # links to the weights so that they are freed with the module.
+    for value in program.model.graph.initializers.values():
+        value.const_value = None
+    program.exported_program = None
+    del program
 
 
-def _needs_external_data(module) -> bool:
-    """Weights over ~1.5 GB go beside the graph (protobuf's 2 GB limit); small models stay one file."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) > 1_500_000_000
-
-
-def _check(path: Path, module, args, names, atol: float) -> float:
-    """Run the exported graph on the example inputs with onnxruntime; every output must agree with PyTorch
-    (relative to the output's magnitude)."""
+def _check(path: Path, expected, args, names, atol: float) -> float:
+    """Run the exported graph on the example inputs with onnxruntime; every output must agree with PyTorch's
+    (`expected`, computed before the PyTorch model was freed), relative to the output's magnitude."""
     import numpy as np
     import onnxruntime as ort
-    import torch
 
-    with torch.no_grad():
-        expected = module(*args)
-    expected = [e.float().numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    # Pre-packing copies every MatMul weight into a second layout: a one-off run does not need it.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    del sess
     worst = 0.0
     for g, e in zip(got, expected, strict=True):
         err = float(np.abs(g.astype(np.float32) - e).max())
@@ -286,25 +388,31 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
                  dtype: str = "fp32",
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[Path, str, bool]:
     """Export `model_dir` into out_root/<hash>/ (fp16: <hash>-fp16/) unless a complete export is there.
-    Returns (dir, hash, exported now). The steps: find the target, load the model, export each graph (checked
-    against PyTorch), write the manifest, publish the folder atomically."""
+    Returns (dir, hash, exported now). The steps: check the inputs, find the target, then one component at a time
+    (text encoder(s), UNet, VAE decoder) load it, export its graph, check it against PyTorch and free it, so that
+    the peak memory is the largest component's rather than the whole model's; write the manifest, publish the
+    folder atomically."""
     model_dir, out_root, digest, final = _export_target(model_dir, out_root, dtype)
     if is_complete(final):
         return final, digest, False
 
     import torch
 
+    _limit_malloc_caching()
     torch.manual_seed(0)  # the example inputs the graphs are traced and checked with
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_root))
     try:
-        models = _load_models(model_dir)
-        run = _ExportRun(tmp, dtype, check, log, int(models.text_encoder.config.max_position_embeddings))
-        te_slots = _export_text_encoders(run, models)
-        unet_slots = _export_unet(run, models)
-        vae_dtype = _export_vae_decoder(run, models)
-        _write_manifest(run, models, model_dir, digest, te_slots + unet_slots, vae_dtype)
+        cfg = _Configs.read(model_dir)
+        parts = ["text_encoder"] + (["text_encoder_2"] if cfg.xl else []) + ["unet", "vae"]
+        progress = Progress({p: _component_bytes(model_dir, p) for p in parts}, log)
+        run = _ExportRun(tmp, model_dir, dtype, check, log, progress, int(cfg.text_encoder["max_position_embeddings"]))
+        slots = _export_text_encoders(run, model_dir, cfg)
+        slots += _export_unet(run, model_dir, cfg)
+        vae_dtype = _export_vae_decoder(run, model_dir, cfg)
+        _write_manifest(run, cfg, model_dir, digest, slots, vae_dtype)
         _publish(tmp, final, out_root)
+        progress.end()
         return final, digest, True
     finally:
         if tmp.exists():
@@ -316,56 +424,132 @@ def _export_target(model_dir, out_root, dtype: str) -> tuple[Path, Path, str, Pa
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = Path(model_dir).absolute()
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    check_inputs(model_dir)
     out_root = Path(out_root).absolute()
     digest = model_hash(model_dir)
     return model_dir, out_root, digest, out_root / export_dir_name(digest, dtype)
 
 
+def _read_json(path: Path, problems: list[str]) -> dict | None:
+    if not path.is_file():
+        problems.append(f"{path.parent.name}/{path.name} is missing")
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        problems.append(f"{path.parent.name}/{path.name} is not valid JSON ({e})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path.parent.name}/{path.name} is not a JSON object")
+        return None
+    return value
+
+
+def _check_weights(folder: Path, problems: list[str]) -> None:
+    """A component folder needs safetensors weights (one file or a sharded index); pickles are refused."""
+    if not folder.is_dir():
+        problems.append(f"{folder.name}/ is missing")
+        return
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.ckpt")):
+        problems.append(f"{folder.name}/ has only pickle weights (.bin/.ckpt); convert them to safetensors")
+    else:
+        problems.append(f"{folder.name}/ has no .safetensors weights")
+
+
+def check_inputs(model_dir: Path) -> str:
+    """Everything the export reads, checked before any heavy work (hashing gigabytes, loading weights, tracing):
+    configs that parse, safetensors weights for each component, the CLIP BPE tokenizer files, the scheduler
+    config, a supported UNet. Raises FileNotFoundError / ValueError naming every problem; returns "sd" or "sdxl"."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    problems: list[str] = []
+    _read_json(model_dir / "model_index.json", problems)
+    unet_cfg = _read_json(model_dir / "unet" / "config.json", problems)
+    add_type = (unet_cfg or {}).get("addition_embed_type")
+    xl = add_type == "text_time"
+    if add_type is not None and not xl:
+        problems.append(f"unet/config.json: addition_embed_type {add_type!r} is not exported (SD-1.x/2.x and SDXL are)")
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if xl else [])
+    for part in parts:
+        if part != "unet":
+            _read_json(model_dir / part / "config.json", problems)
+        _check_weights(model_dir / part, problems)
+    _read_json(model_dir / "scheduler" / "scheduler_config.json", problems)
+    for sub in ["tokenizer"] + (["tokenizer_2"] if xl else []):
+        missing = [n for n in ("vocab.json", "merges.txt") if not (model_dir / sub / n).is_file()]
+        if missing:
+            problems.append(f"{sub}/ lacks {' and '.join(missing)} (the CLIP BPE files the runtime tokenizes with)")
+    if problems:
+        kind = FileNotFoundError if all("missing" in p or "lacks" in p or "has no" in p for p in problems) \
+            else ValueError
+        raise kind(f"{model_dir} cannot be exported: " + "; ".join(problems))
+    return "sdxl" if xl else "sd"
+
+
 @dataclass
-class _Models:
-    """The base model's parts the graphs are made of, in fp32."""
+class _Configs:
+    """The base model's configs (read from its JSON files, so that no component needs to stay loaded for the
+    manifest)."""
     model_index: dict
-    unet: object
-    vae: object
-    text_encoder: object
-    text_encoder_2: object | None  # SDXL only
+    unet: dict
+    vae: dict
+    text_encoder: dict
+    text_encoder_2: dict | None  # SDXL only
     xl: bool
 
+    @staticmethod
+    def read(model_dir: Path) -> _Configs:
+        """Each config with the class's defaults for keys the file leaves out, as from_pretrained fills them
+        (an SD-1.5 vae/config.json has no force_upcast; AutoencoderKL's default is True)."""
+        import inspect
 
-def _load_models(model_dir: Path) -> _Models:
-    """Load UNet, VAE and text encoder(s); refuse what is neither SD-1.x/2.x nor SDXL."""
-    import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig
+
+        def js(rel: str) -> dict:
+            return json.loads((model_dir / rel).read_text())
+
+        def diffusers_config(cls, rel: str) -> dict:
+            defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+            return {**defaults, **js(rel)}
+
+        def clip_config(rel: str) -> dict:
+            return CLIPTextConfig.from_dict(js(rel)).to_dict()
+
+        unet = diffusers_config(UNet2DConditionModel, "unet/config.json")
+        xl = unet.get("addition_embed_type") == "text_time"
+        return _Configs(js("model_index.json"), unet, diffusers_config(AutoencoderKL, "vae/config.json"),
+                        clip_config("text_encoder/config.json"),
+                        clip_config("text_encoder_2/config.json") if xl else None, xl)
+
+
+def _load(model_dir: Path, part: str, dtype):
+    """One component, in `dtype` (fp16 exports load half precision directly: half the memory of loading fp32 and
+    casting, and the same values)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    load = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **load).eval()
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **load).eval()
-    add_type = unet.config.addition_embed_type
-    xl = add_type == "text_time"
-    if add_type is not None and not xl:
-        raise ValueError(f"UNets with addition_embed_type {add_type!r} are not exported (SD-1.x/2.x and SDXL are)")
-    if xl and not (model_dir / "text_encoder_2").is_dir():
-        raise ValueError("an SDXL UNet (text_time conditioning) needs text_encoder_2; refiner-only models "
-                         "are not exported")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **load).eval()
-    text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **load)
-                      .eval() if xl else None)
-    model_index = json.loads((model_dir / "model_index.json").read_text())
-    return _Models(model_index, unet, vae, text_encoder, text_encoder_2, xl)
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+           "text_encoder_2": CLIPTextModelWithProjection}[part]
+    return cls.from_pretrained(model_dir, subfolder=part, use_safetensors=True, local_files_only=True,
+                               torch_dtype=dtype).eval()
 
 
 class _ExportRun:
     """What every graph's export shares: the folder being written, the precision, whether to check each graph
-    against PyTorch, the batch axis, and the graph files written so far (component -> file name)."""
+    against PyTorch, progress, the batch axis, and the graph files written so far (component -> file name)."""
 
-    def __init__(self, tmp: Path, dtype: str, check: bool, log, max_len: int):
+    def __init__(self, tmp: Path, model_dir: Path, dtype: str, check: bool, log, progress: Progress, max_len: int):
         import torch
         from torch.export import Dim
 
         self.tmp, self.dtype, self.check, self.log, self.max_len = tmp, dtype, check, log, max_len
+        self.model_dir = model_dir
+        self.progress = progress
         self.half = dtype == "fp16"
         self.fdt = torch.float16 if self.half else torch.float32  # dtype of the graphs' float inputs and outputs
         self.atol = 2e-2 if self.half else 1e-4
@@ -377,64 +561,92 @@ class _ExportRun:
     def slot_args(self, slots: list[Slot], seed: int) -> list:
         return [t.to(self.fdt) for t in example_slot_tensors(slots, seed=seed)]
 
-    def write(self, component: str, module, args, names, output_names, dynamic_shapes, atol: float) -> None:
-        """Export one graph to <component>.onnx and, unless told not to, check it against PyTorch."""
+    def load(self, model_dir: Path, part: str, dtype):
+        self.progress(part, "load", "loading weights")
+        return _load(model_dir, part, dtype)
+
+    def write(self, component: str, part: str, holder: list, args, names, output_names, dynamic_shapes,
+              atol: float) -> None:
+        """Export one graph to <component>.onnx (+ .data), then, unless told not to, check it against PyTorch.
+        `holder` holds the only reference to the wrapped module: it is emptied (the weights freed) once
+        PyTorch's outputs are known, before onnxruntime loads the graph's copy of them."""
+        import torch
+
         path = self.tmp / f"{component}.onnx"
-        _export(module, args, path, names, output_names, dynamic_shapes)
+        step = lambda phase, what, fraction=0.0: self.progress(part, phase, what, fraction)  # noqa: E731
+        step("trace", "tracing and converting to ONNX")
+        _export(holder[0], args, path, names, output_names, dynamic_shapes, step)
+        expected = None
         if self.check:
-            _check(path, module, args, names, atol)
+            step("check", "running PyTorch on the example inputs")
+            with torch.no_grad():
+                out = holder[0](*args)
+            expected = [e.float().numpy() for e in (out if isinstance(out, tuple) else (out,))]
+            del out
+        holder.clear()
+        _release_memory()
+        _drop_file_pages(self.model_dir / part)
+        if self.check:
+            step("check", "running onnxruntime on the example inputs", 0.5)
+            _check(path, expected, args, names, atol)
+        _release_memory()
         self.files[component] = path.name
+        self.progress.finished(part)
 
 
 def _slot_names(slots: list[Slot]) -> list[str]:
     return [n for s in slots for n in (s.input_a, s.input_b)]
 
 
-def _export_text_encoders(run: _ExportRun, m: _Models) -> list[Slot]:
+def _export_text_encoders(run: _ExportRun, model_dir: Path, cfg: _Configs) -> list[Slot]:
     """SD: the last hidden state; SDXL: both encoders' penultimate hidden states and the second's pooled
-    projection (as StableDiffusionXLPipeline reads them). Returns their LoRA slots."""
+    projection (as StableDiffusionXLPipeline reads them). One at a time. Returns their LoRA slots."""
     import torch
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-    def one(model, component, outputs, output_names, seed):
+    def one(component, outputs, output_names, seed):
+        model = run.load(model_dir, component, run.fdt)
         feed = run.SlotFeed()
         slots = insert_slots(model, component, CLIPEncoderLayer, feed, run.SlottedLayer)
-        te = run.SlottedTextEncoder(model, feed, outputs).eval().to(run.fdt)
+        holder = [run.SlottedTextEncoder(model, feed, outputs).eval()]
         ids = torch.randint(0, model.config.vocab_size, (2, run.max_len), dtype=torch.int64)
+        del model
         run.log(f"exporting {component} ({len(slots)} LoRA slots)")
-        run.write(component, te, [ids, *run.slot_args(slots, seed)], ["input_ids", *_slot_names(slots)],
-                  output_names, ({0: run.batch}, slot_dynamic_shapes(slots)), run.atol)
+        run.write(component, component, holder, [ids, *run.slot_args(slots, seed)],
+                  ["input_ids", *_slot_names(slots)], output_names,
+                  ({0: run.batch}, slot_dynamic_shapes(slots)), run.atol)
         return slots
 
-    if not m.xl:
-        return one(m.text_encoder, "text_encoder", "last", ["last_hidden_state"], 1)
-    return (one(m.text_encoder, "text_encoder", "penultimate", ["penultimate_hidden_state"], 1)
-            + one(m.text_encoder_2, "text_encoder_2", "penultimate+pooled",
-                  ["penultimate_hidden_state", "text_embeds"], 3))
+    if not cfg.xl:
+        return one("text_encoder", "last", ["last_hidden_state"], 1)
+    return (one("text_encoder", "penultimate", ["penultimate_hidden_state"], 1)
+            + one("text_encoder_2", "penultimate+pooled", ["penultimate_hidden_state", "text_embeds"], 3))
 
 
-def _example_side(unet) -> int:
-    """Latent side of the example inputs: the model's sample size, a multiple of the UNet's downsampling."""
-    factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    sample_size = int(unet.config.sample_size)
-    return max(2 * factor, sample_size - sample_size % factor)
+def _example_side(unet_cfg: dict) -> int:
+    """Latent side of the example inputs: a multiple of the UNet's downsampling, at most 4 of them (a 512 px
+    model traces at 256 px: the graph's spatial axes are dynamic anyway, and the check's attention maps at full
+    size would cost gigabytes)."""
+    factor = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    sample_size = int(unet_cfg["sample_size"])
+    return max(2 * factor, min(sample_size - sample_size % factor, 4 * factor))
 
 
-def _export_unet(run: _ExportRun, m: _Models) -> list[Slot]:
+def _export_unet(run: _ExportRun, model_dir: Path, cfg: _Configs) -> list[Slot]:
     """The UNet with its LoRA slots, latent height and width dynamic (multiples of its downsampling); SDXL's
     also takes the pooled text embeds and the size/crop time ids. Returns its slots."""
     import torch
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from torch.export import Dim
 
-    unet, fdt = m.unet, run.fdt
+    fdt = run.fdt
+    unet = run.load(model_dir, "unet", fdt)
     feed = run.SlotFeed()
     slots = insert_slots(unet, "unet", Transformer2DModel, feed, run.SlottedLayer, unet.config.layers_per_block)
-    su = (run.SlottedUNetXL if m.xl else run.SlottedUNet)(unet, feed).eval().to(fdt)
     factor = 2 ** (len(unet.config.block_out_channels) - 1)
     lat_h = Dim("latent_h_div", min=1, max=4096 // factor)
     lat_w = Dim("latent_w_div", min=1, max=4096 // factor)
-    ex_side = _example_side(unet)
+    ex_side = _example_side(cfg.unet)
     # The timestep (and SDXL's time ids) stay float32 in fp16 exports: the UNet turns them into sinusoidal
     # embeddings in float32 and casts those.
     args = [torch.randn(2, unet.config.in_channels, ex_side, ex_side).to(fdt),
@@ -442,8 +654,8 @@ def _export_unet(run: _ExportRun, m: _Models) -> list[Slot]:
             torch.randn(2, run.max_len, unet.config.cross_attention_dim).to(fdt)]
     names = ["sample", "timestep", "encoder_hidden_states"]
     shapes = [{0: run.batch, 2: factor * lat_h, 3: factor * lat_w}, {0: run.batch}, {0: run.batch}]
-    if m.xl:
-        pooled_dim = int(m.text_encoder_2.config.projection_dim)
+    if cfg.xl:
+        pooled_dim = int(cfg.text_encoder_2["projection_dim"])
         n_time_ids = (unet.add_embedding.linear_1.in_features - pooled_dim) // unet.config.addition_time_embed_dim
         args += [torch.randn(2, pooled_dim).to(fdt),
                  torch.tensor([[float(ex_side * 8), ex_side * 8.0, 0.0, 0.0, ex_side * 8.0, ex_side * 8.0]] * 2)
@@ -452,25 +664,29 @@ def _export_unet(run: _ExportRun, m: _Models) -> list[Slot]:
         shapes += [{0: run.batch}, {0: run.batch}]
     args += run.slot_args(slots, 2)
     names += _slot_names(slots)
+    holder = [(run.SlottedUNetXL if cfg.xl else run.SlottedUNet)(unet, feed).eval()]
+    del unet
     run.log(f"exporting the UNet ({len(slots)} LoRA slots)")
-    run.write("unet", su, args, names, ["noise_pred"], (*shapes, slot_dynamic_shapes(slots)), run.atol)
+    run.write("unet", "unet", holder, args, names, ["noise_pred"], (*shapes, slot_dynamic_shapes(slots)), run.atol)
     return slots
 
 
-def _export_vae_decoder(run: _ExportRun, m: _Models):
+def _export_vae_decoder(run: _ExportRun, model_dir: Path, cfg: _Configs):
     """The VAE decoder: float32 in fp16 exports when the config asks for upcasting (SDXL's VAE overflows in half
     precision), as the diffusers pipelines do. Returns the dtype it was exported in."""
     import torch
     from torch.export import Dim
 
-    vae = m.vae
-    force_upcast = bool(getattr(vae.config, "force_upcast", False))
+    force_upcast = bool(cfg.vae.get("force_upcast", False))
     vae_dt = torch.float32 if (not run.half or force_upcast) else torch.float16
-    dec = run.VaeDecoder(vae).eval().to(vae_dt)
-    ex_side = _example_side(m.unet)
+    vae = run.load(model_dir, "vae", vae_dt)
+    vae.encoder = None  # only the decoder is exported: the encoder's weights go now
+    holder = [run.VaeDecoder(vae).eval()]
+    ex_side = _example_side(cfg.unet)
     args = [torch.randn(2, vae.config.latent_channels, ex_side, ex_side).to(vae_dt)]
+    del vae
     run.log("exporting the VAE decoder")
-    run.write("vae_decoder", dec, args, ["latent"], ["image"],
+    run.write("vae_decoder", "vae", holder, args, ["latent"], ["image"],
               ({0: run.batch, 2: Dim("vae_h", min=1, max=4096), 3: Dim("vae_w", min=1, max=4096)},),
               run.atol if vae_dt == torch.float16 else 1e-4)
     return vae_dt
@@ -490,12 +706,12 @@ def _copy_tokenizer(run: _ExportRun, model_dir: Path, sub: str) -> dict:
     return {"dir": sub, "files": copied, "max_length": run.max_len}
 
 
-def _write_manifest(run: _ExportRun, m: _Models, model_dir: Path, digest: str, slots: list[Slot], vae_dt) -> None:
+def _write_manifest(run: _ExportRun, cfg: _Configs, model_dir: Path, digest: str, slots: list[Slot], vae_dt) -> None:
     """manifest.json: what the runtime needs besides the graphs (shapes, scheduler, VAE scaling, tokenizers,
     every LoRA slot); `complete: true` marks a finished export."""
     import torch
 
-    unet, vae, text_encoder = m.unet, m.vae, m.text_encoder
+    unet, vae, text_encoder = cfg.unet, cfg.vae, cfg.text_encoder
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     io = "float16" if run.half else "float32"
     manifest = {
@@ -504,36 +720,38 @@ def _write_manifest(run: _ExportRun, m: _Models, model_dir: Path, digest: str, s
         "source": str(model_dir),
         "complete": True,
         "opset": OPSET,
-        "arch": "sdxl" if m.xl else "sd",
+        "arch": "sdxl" if cfg.xl else "sd",
         "dtype": run.dtype,
         # Element type of each graph's float inputs/outputs (timestep and time_ids are always float32).
         "io_dtype": {**{k: io for k in run.files},
                      "vae_decoder": "float32" if vae_dt == torch.float32 else "float16"},
         "files": run.files,
+        # Each graph's weights, in <file>.data beside it (onnxruntime finds them by the graph's own reference).
+        "external_data": {k: f"{f}.data" for k, f in run.files.items()},
         "tokenizer": _copy_tokenizer(run, model_dir, "tokenizer"),
         "scheduler_config": scheduler_config,
-        "vae": {"scaling_factor": vae.config.scaling_factor, "latent_channels": vae.config.latent_channels,
-                "shift_factor": getattr(vae.config, "shift_factor", None),
-                "latents_mean": getattr(vae.config, "latents_mean", None),
-                "latents_std": getattr(vae.config, "latents_std", None),
-                "force_upcast": bool(getattr(vae.config, "force_upcast", False))},
-        "unet": {"in_channels": unet.config.in_channels, "sample_size": int(unet.config.sample_size),
-                 "cross_attention_dim": unet.config.cross_attention_dim,
-                 "latent_multiple": 2 ** (len(unet.config.block_out_channels) - 1),
-                 "vae_factor": 2 ** (len(vae.config.block_out_channels) - 1), "max_batch": MAX_BATCH,
-                 "time_cond_proj_dim": unet.config.time_cond_proj_dim,
-                 "addition_embed_type": unet.config.addition_embed_type},
-        "text_encoder": {"hidden_size": text_encoder.config.hidden_size, "max_length": run.max_len},
+        "vae": {"scaling_factor": vae["scaling_factor"], "latent_channels": vae["latent_channels"],
+                "shift_factor": vae.get("shift_factor"),
+                "latents_mean": vae.get("latents_mean"),
+                "latents_std": vae.get("latents_std"),
+                "force_upcast": bool(vae.get("force_upcast", False))},
+        "unet": {"in_channels": unet["in_channels"], "sample_size": int(unet["sample_size"]),
+                 "cross_attention_dim": unet["cross_attention_dim"],
+                 "latent_multiple": 2 ** (len(unet["block_out_channels"]) - 1),
+                 "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1), "max_batch": MAX_BATCH,
+                 "time_cond_proj_dim": unet["time_cond_proj_dim"],
+                 "addition_embed_type": unet["addition_embed_type"]},
+        "text_encoder": {"hidden_size": text_encoder["hidden_size"], "max_length": run.max_len},
         "slots": [s.manifest() for s in slots],
     }
-    if m.xl:
+    if cfg.xl:
         manifest["tokenizer_2"] = _copy_tokenizer(run, model_dir, "tokenizer_2")
-        manifest["text_encoder_2"] = {"hidden_size": m.text_encoder_2.config.hidden_size, "max_length": run.max_len,
-                                      "projection_dim": int(m.text_encoder_2.config.projection_dim)}
-        manifest["unet"]["addition_time_embed_dim"] = unet.config.addition_time_embed_dim
+        manifest["text_encoder_2"] = {"hidden_size": cfg.text_encoder_2["hidden_size"], "max_length": run.max_len,
+                                      "projection_dim": int(cfg.text_encoder_2["projection_dim"])}
+        manifest["unet"]["addition_time_embed_dim"] = unet["addition_time_embed_dim"]
         # StableDiffusionXLPipeline: an absent negative prompt gives zero negative embeddings (and zero
         # negative pooled embeddings) when the model says so, instead of encoding "".
-        manifest["force_zeros_for_empty_prompt"] = bool(m.model_index.get("force_zeros_for_empty_prompt", True))
+        manifest["force_zeros_for_empty_prompt"] = bool(cfg.model_index.get("force_zeros_for_empty_prompt", True))
     (run.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -570,6 +788,11 @@ def is_complete(export_dir: Path) -> bool:
 def cmd_export_onnx(args) -> int:
     from .__main__ import _quiet_libraries
 
+    try:
+        check_inputs(Path(args.model_dir).absolute())  # a bad folder is refused in a second, before torch loads
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export-onnx: {e}", file=sys.stderr, flush=True)
+        return 2
     _quiet_libraries()
     import torch
 

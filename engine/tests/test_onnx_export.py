@@ -26,13 +26,41 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
+EXPORT_LOG: list[str] = []  # what the module's export logged (its progress lines among them)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     model = tiny_model
-    out, digest, fresh = export_model(model, root / "cache")
+    out, digest, fresh = export_model(model, root / "cache", log=EXPORT_LOG.append)
     assert fresh
     return model, out, digest, root
+
+
+def test_export_reports_progress_and_writes_weights_beside_the_graphs(exported):
+    """Progress lines with percentages: every component, per-tensor steps inside the UNet, never going back,
+    ending at 100%. Each graph's weights are in <graph>.onnx.data, which onnxruntime finds on its own."""
+    import re
+
+    _, out, _, _ = exported
+    progress = [re.fullmatch(r"progress +(\d+)% (.*)", line) for line in EXPORT_LOG]
+    progress = [(int(m[1]), m[2]) for m in progress if m]
+    assert [p for p, _ in progress] == sorted(p for p, _ in progress)
+    assert progress[-1] == (100, "done")
+    for component in ("text_encoder", "unet", "vae"):
+        steps = [step for _, step in progress if step.startswith(component + ":")]
+        assert f"{component}: loading weights" in steps and f"{component}: running onnxruntime on the example inputs" in steps
+    assert any(re.fullmatch(r"unet: writing weights \d+/\d+", step) for _, step in progress)
+    model = exported[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for component, graph in manifest["files"].items():
+        data = out / manifest["external_data"][component]
+        assert data.name == graph + ".data" and data.stat().st_size > 0
+    # The text encoder's and the UNet's weights are all in their .data files (the VAE decoder is part of its file).
+    for component in ("text_encoder", "unet"):
+        weights = sum(f.stat().st_size for f in (model / component).glob("*.safetensors"))
+        assert (out / f"{component}.onnx.data").stat().st_size >= 0.9 * weights
 
 
 def save_random_lora(pipe, parts, out_dir, seed: int, rank: int, alpha: float):
@@ -130,6 +158,28 @@ except SystemExit as e:
 print("heavy imports:", sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules), file=sys.stderr)
 sys.exit(code)
 """
+
+
+def test_bad_inputs_are_refused_before_any_heavy_work(tiny_model, tmp_path):
+    """A folder without the tokenizer's BPE files (or with a broken config) fails at once, naming every problem,
+    and leaves nothing in the cache: no hash read, no weights loaded, no graph traced."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "tokenizer" / "vocab.json").unlink()
+    (bad / "tokenizer" / "merges.txt").unlink()
+    (bad / "vae" / "config.json").write_text("{not json")
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "export-onnx", str(bad), "--out", str(cache)],
+                          capture_output=True, text=True, env=engine_env(), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "tokenizer/ lacks vocab.json and merges.txt" in proc.stderr
+    assert "vae/config.json is not valid JSON" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "heavy imports: []"  # refused before torch was imported
+    assert not cache.exists()
+    with pytest.raises(FileNotFoundError, match="tokenizer/ lacks merges.txt"):
+        (bad / "vae" / "config.json").write_text((tiny_model / "vae" / "config.json").read_text())
+        (bad / "tokenizer" / "vocab.json").write_text((tiny_model / "tokenizer" / "vocab.json").read_text())
+        export_model(bad, cache)
 
 
 def test_one_base_model_identity(exported, dataset, tmp_path):

@@ -2,7 +2,8 @@
 // under <stateDir>/onnx/<hash>/) and its onnxruntime sessions (text encoder, SDXL's second text
 // encoder, UNet, VAE decoder), kept warm per model.
 import { spawn } from "node:child_process";
-import { existsSync, readdirSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { readdir, realpath, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -57,25 +58,44 @@ export interface Manifest {
 }
 
 /**
- * A cheap signature of every file under a model folder (names, sizes, mtimes; symbolic links
- * followed, as in a Hugging Face cache snapshot): the model's hash is computed again only when it
- * changes. It covers more files than the hash does, which can only cost an extra hash.
+ * The entries of a model folder its content hash covers (HASHED_ENTRIES in
+ * engine/loraforge_engine/fingerprint.py; a test keeps the two lists equal).
  */
-function statSignature(root: string): string {
+export const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
+
+/**
+ * A cheap signature of the files the model's hash covers (names, sizes, mtimes, ctimes and inode
+ * numbers; symbolic links followed, as in a Hugging Face cache snapshot): the hash is computed again
+ * only when it changes. A file replaced in place or by a rename changes its ctime or inode even when
+ * size and mtime are kept. Asynchronous: a request's stats do not block the event loop, and only the
+ * few dozen files that feed the hash are looked at, not the whole folder.
+ */
+export async function statSignature(root: string): Promise<string> {
   const parts: string[] = [];
   const seen = new Set<string>();
-  const walk = (dir: string, rel: string) => {
-    const real = realpathSync(dir);
+  const sig = (rel: string, st: { size: number; mtimeMs: number; ctimeMs: number; ino: number }) =>
+    `${rel}:${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
+  const walk = async (dir: string, rel: string): Promise<void> => {
+    const real = await realpath(dir);
     if (seen.has(real)) return;
     seen.add(real);
-    for (const name of readdirSync(dir).sort()) {
-      const st = statSync(path.join(dir, name), { throwIfNoEntry: false });
+    // Names starting with "." are not hashed (fingerprint.hashed_files skips them).
+    const names = (await readdir(dir)).filter((n) => !n.startsWith(".")).sort();
+    const stats = await Promise.all(names.map((n) => stat(path.join(dir, n)).catch(() => null)));
+    for (let i = 0; i < names.length; i++) {
+      const st = stats[i];
       if (!st) continue;
-      if (st.isDirectory()) walk(path.join(dir, name), `${rel}${name}/`);
-      else parts.push(`${rel}${name}:${st.size}:${st.mtimeMs}`);
+      if (st.isDirectory()) await walk(path.join(dir, names[i]), `${rel}${names[i]}/`);
+      else parts.push(sig(`${rel}${names[i]}`, st));
     }
   };
-  walk(root, "");
+  for (const entry of HASHED_ENTRIES) {
+    const p = path.join(root, entry);
+    const st = await stat(p).catch(() => null);
+    if (!st) continue;
+    if (st.isDirectory()) await walk(p, `${entry}/`);
+    else parts.push(sig(entry, st));
+  }
   return parts.join("|");
 }
 
@@ -83,7 +103,13 @@ function statSignature(root: string): string {
  * Runs `python -m loraforge_engine <args>`; resolves with its stdout. `pythonPath` defaults to the
  * engine's folder before any inherited PYTHONPATH (the exporter's); the worker's is the folder alone.
  */
-function runEngineCommand(cfg: ExporterConfig, args: string[], what: string, pythonPath?: string): Promise<string> {
+function runEngineCommand(
+  cfg: ExporterConfig,
+  args: string[],
+  what: string,
+  pythonPath?: string,
+  onLine?: (line: string) => void,
+): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cfg.python, ["-m", "loraforge_engine", ...args], {
       env: childEnv({ PYTHONPATH: pythonPath ?? cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
@@ -91,10 +117,16 @@ function runEngineCommand(cfg: ExporterConfig, args: string[], what: string, pyt
     });
     let out = "";
     let err = "";
+    let partial = ""; // the stderr line not yet ended, for onLine
     child.stdout.on("data", (d: Buffer) => (out += d.toString()));
     child.stderr.on("data", (d: Buffer) => {
-      err += d.toString();
+      const text = d.toString();
+      err += text;
       if (err.length > 1 << 20) err = err.slice(-(1 << 19));
+      if (!onLine) return;
+      const lines = (partial + text).split("\n");
+      partial = lines.pop()!.slice(-(1 << 16));
+      for (const line of lines) onLine(line);
     });
     child.on("error", reject);
     child.on("close", (code) => {
@@ -232,9 +264,20 @@ export interface ExporterConfig {
 /** The export folder name for a hash and precision (the engine's export_dir_name). */
 export const exportDirName = (hash: string, dtype: "fp32" | "fp16") => (dtype === "fp32" ? hash : `${hash}-${dtype}`);
 
-/** Runs the engine's exporter; resolves with the export folder it reports. */
+/** `progress NN% <component>: <step>`, the exporter's progress lines on stderr (onnx_export.Progress). */
+const PROGRESS_LINE = /^progress +(\d{1,3})% (.*)$/;
+
+/**
+ * Runs the engine's exporter; resolves with the export folder it reports. Its progress lines go to
+ * the server log as they come, so that a first Infer that exports for minutes is seen working.
+ */
 async function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
-  const out = await runEngineCommand(cfg, ["export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype], `exporting ${modelDir} to ONNX`);
+  const onLine = (line: string) => {
+    const m = PROGRESS_LINE.exec(line.trim());
+    if (m) log("info", `ONNX export ${m[1]}%: ${m[2]}`, { model: modelDir, dtype });
+  };
+  const args = ["export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype];
+  const out = await runEngineCommand(cfg, args, `exporting ${modelDir} to ONNX`, undefined, onLine);
   try {
     const last = out.trim().split("\n").pop()!;
     return (JSON.parse(last) as { dir: string }).dir;
@@ -277,7 +320,7 @@ export class ModelRegistry {
 
   /** The model's content hash, from the engine; cached per folder until a file's size or mtime changes. */
   async hashOf(modelDir: string): Promise<string> {
-    const signature = statSignature(modelDir);
+    const signature = await statSignature(modelDir);
     let known = this.byPath.get(modelDir);
     if (!known || known.signature !== signature) {
       const hash = engineModelHash(this.exporter, modelDir);
