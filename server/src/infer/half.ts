@@ -38,6 +38,21 @@ export function fromHalf(h: number): number {
   return sign * (1 + m / 1024) * 2 ** (e - 15);
 }
 
+// fp16 bits → float32 for all 65 536 bit patterns (fromHalf of each), built on first use (256 KiB):
+// one table lookup per element wherever half-precision data is read.
+let halfTable: Float32Array | null = null;
+
+/** Half-precision bits as float32 values. */
+export function halfsToFloats(h: Uint16Array): Float32Array {
+  if (!halfTable) {
+    halfTable = new Float32Array(65536);
+    for (let i = 0; i < 65536; i++) halfTable[i] = fromHalf(i);
+  }
+  const out = new Float32Array(h.length);
+  for (let i = 0; i < h.length; i++) out[i] = halfTable[h[i]];
+  return out;
+}
+
 /** A float tensor in the element type the graph takes (`float16` for fp16 exports). */
 export function floatTensor(data: Float32Array, dims: number[], dtype: "float32" | "float16" = "float32"): ort.Tensor {
   if (dtype === "float32") return new ort.Tensor("float32", data, dims);
@@ -49,9 +64,6 @@ export function floatTensor(data: Float32Array, dims: number[], dtype: "float32"
 /** A graph's float output as float32. */
 export function floatData(t: ort.Tensor): Float32Array {
   if (t.type === "float32") return t.data as Float32Array;
-  const h = t.data as Uint16Array;
-  const out = new Float32Array(h.length);
-  for (let i = 0; i < h.length; i++) out[i] = fromHalf(h[i]);
-  return out;
+  return halfsToFloats(t.data as Uint16Array);
 }
 

@@ -163,7 +163,12 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   function shapeOf(dir: string): MemoryShape {
     const files = [path.join(dir, "unet", "config.json"), path.join(dir, "vae", "config.json")];
     try {
-      const signature = files.map((f) => `${statSync(f).size}:${statSync(f).mtimeMs}`).join("/");
+      const signature = files
+        .map((f) => {
+          const st = statSync(f);
+          return `${st.size}:${st.mtimeMs}`;
+        })
+        .join("/");
       const hit = shapes.get(dir);
       if (hit?.signature === signature) return hit.shape;
       const shape = readMemoryShape(dir);

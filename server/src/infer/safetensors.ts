@@ -6,6 +6,7 @@
 // file's bytes (only tensor names, shortened, and the format's own words).
 import { closeSync, fstatSync, openSync, read, readlinkSync, readSync, realpathSync } from "node:fs";
 import { promisify } from "node:util";
+import { halfsToFloats } from "./half.js";
 
 const readAsync = promisify(read);
 
@@ -60,20 +61,6 @@ export class SafetensorsTooLarge extends Error {
 /** A tensor name as errors show it: quoted, at most 120 characters. */
 export const shownName = (name: string) => JSON.stringify(name.length > 120 ? name.slice(0, 120) + "…" : name);
 
-// fp16 bits → float32, for all 65 536 bit patterns: one table lookup per element (built on first use, 256 KiB).
-let halfTable: Float32Array | null = null;
-function halfToFloatTable(): Float32Array {
-  if (halfTable) return halfTable;
-  const t = new Float32Array(65536);
-  for (let h = 0; h < 65536; h++) {
-    const sign = h & 0x8000 ? -1 : 1;
-    const exp = (h >> 10) & 0x1f;
-    const frac = h & 0x3ff;
-    t[h] = exp === 0 ? sign * frac * 2 ** -24 : exp === 31 ? (frac ? NaN : sign * Infinity) : sign * (1 + frac / 1024) * 2 ** (exp - 15);
-  }
-  return (halfTable = t);
-}
-
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /**
@@ -98,13 +85,8 @@ function decode(dtype: string, bytes: Buffer, name: string): Float32Array {
       return view(bytes, 4, Float32Array);
     case "F64":
       return Float32Array.from(view(bytes, 8, Float64Array));
-    case "F16": {
-      const h = view(bytes, 2, Uint16Array);
-      const table = halfToFloatTable();
-      const o = new Float32Array(h.length);
-      for (let i = 0; i < h.length; i++) o[i] = table[h[i]];
-      return o;
-    }
+    case "F16":
+      return halfsToFloats(view(bytes, 2, Uint16Array));
     case "BF16": {
       // bf16 is the top half of a float32: shift the bits into place.
       const h = view(bytes, 2, Uint16Array);
