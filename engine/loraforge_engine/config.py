@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "noise_offset": 0.0,
     "lora_dropout": 0.0, "validation_epochs": 0, "lora_format": "diffusers", "cache_latents": True,
     "shuffle_tags": False, "keep_tags": 0, "min_image_side": 8, "aspect_ratio_buckets": False, "bucket_step": 64,
-    "bucket_max_aspect": 4.0,
+    "bucket_max_aspect": 4.0, "num_devices": 1, "min_device_memory_mb": 0,
 }
 
 _DESCRIPTOR = training_spec_pb2.TrainingSpec.DESCRIPTOR

@@ -289,6 +289,49 @@ export function loraFormatToJSON(object: LoraFormat): string {
   }
 }
 
+/** DeviceKind is the kind of device a job trains on. */
+export enum DeviceKind {
+  /** DEVICE_KIND_UNSPECIFIED - Not given: the worker's own (CUDA where it has GPUs, else CPU). */
+  DEVICE_KIND_UNSPECIFIED = 0,
+  /** DEVICE_KIND_CPU - CPU processes (gloo between them when num_devices > 1). */
+  DEVICE_KIND_CPU = 1,
+  /** DEVICE_KIND_CUDA - NVIDIA GPUs (NCCL between them when num_devices > 1). */
+  DEVICE_KIND_CUDA = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function deviceKindFromJSON(object: any): DeviceKind {
+  switch (object) {
+    case 0:
+    case "DEVICE_KIND_UNSPECIFIED":
+      return DeviceKind.DEVICE_KIND_UNSPECIFIED;
+    case 1:
+    case "DEVICE_KIND_CPU":
+      return DeviceKind.DEVICE_KIND_CPU;
+    case 2:
+    case "DEVICE_KIND_CUDA":
+      return DeviceKind.DEVICE_KIND_CUDA;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DeviceKind.UNRECOGNIZED;
+  }
+}
+
+export function deviceKindToJSON(object: DeviceKind): string {
+  switch (object) {
+    case DeviceKind.DEVICE_KIND_UNSPECIFIED:
+      return "DEVICE_KIND_UNSPECIFIED";
+    case DeviceKind.DEVICE_KIND_CPU:
+      return "DEVICE_KIND_CPU";
+    case DeviceKind.DEVICE_KIND_CUDA:
+      return "DEVICE_KIND_CUDA";
+    case DeviceKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /**
  * TrainingSpec is everything a LoRA training run needs: the base model, the data
  * set and every knob of the reference recipe (diffusers' text-to-image LoRA
@@ -722,6 +765,27 @@ export interface TrainingSpec {
    * Default false.
    */
   torchCompile: boolean;
+  /**
+   * How many devices of one worker train this job together, data parallel
+   * (torch.distributed: NCCL on CUDA, gloo on CPU, where each device is one
+   * process). The effective batch is train_batch_size × num_devices ×
+   * gradient_accumulation_steps. Only a worker with at least this many
+   * devices of the right kind takes the job. Default 1; 1..64.
+   */
+  numDevices?:
+    | number
+    | undefined;
+  /**
+   * The kind of device the job needs. Unspecified: whatever the worker has
+   * (CUDA where it has GPUs, else CPU).
+   */
+  deviceKind: DeviceKind;
+  /**
+   * Memory each device must have, in MiB (GPU memory on CUDA, the host's
+   * memory on CPU). Only a worker whose devices have at least this much
+   * takes the job. Default 0 (no requirement); 0..16777216.
+   */
+  minDeviceMemoryMb?: number | undefined;
 }
 
 function createBaseTrainingSpec(): TrainingSpec {
@@ -785,6 +849,9 @@ function createBaseTrainingSpec(): TrainingSpec {
     loraFormat: 0,
     cacheLatents: undefined,
     torchCompile: false,
+    numDevices: undefined,
+    deviceKind: 0,
+    minDeviceMemoryMb: undefined,
   };
 }
 
@@ -974,6 +1041,15 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.torchCompile !== false) {
       writer.uint32(408).bool(message.torchCompile);
+    }
+    if (message.numDevices !== undefined) {
+      writer.uint32(536).int32(message.numDevices);
+    }
+    if (message.deviceKind !== 0) {
+      writer.uint32(544).int32(message.deviceKind);
+    }
+    if (message.minDeviceMemoryMb !== undefined) {
+      writer.uint32(552).int32(message.minDeviceMemoryMb);
     }
     return writer;
   },
@@ -1479,6 +1555,30 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.torchCompile = reader.bool();
             continue;
           }
+          case 67: {
+            if (tag !== 536) {
+              break;
+            }
+
+            message.numDevices = reader.int32();
+            continue;
+          }
+          case 68: {
+            if (tag !== 544) {
+              break;
+            }
+
+            message.deviceKind = reader.int32() as any;
+            continue;
+          }
+          case 69: {
+            if (tag !== 552) {
+              break;
+            }
+
+            message.minDeviceMemoryMb = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1780,6 +1880,21 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.torch_compile)
         ? globalThis.Boolean(object.torch_compile)
         : false,
+      numDevices: isSet(object.numDevices)
+        ? globalThis.Number(object.numDevices)
+        : isSet(object.num_devices)
+        ? globalThis.Number(object.num_devices)
+        : undefined,
+      deviceKind: isSet(object.deviceKind)
+        ? deviceKindFromJSON(object.deviceKind)
+        : isSet(object.device_kind)
+        ? deviceKindFromJSON(object.device_kind)
+        : 0,
+      minDeviceMemoryMb: isSet(object.minDeviceMemoryMb)
+        ? globalThis.Number(object.minDeviceMemoryMb)
+        : isSet(object.min_device_memory_mb)
+        ? globalThis.Number(object.min_device_memory_mb)
+        : undefined,
     };
   },
 
@@ -1966,6 +2081,15 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.torchCompile !== false) {
       obj.torchCompile = message.torchCompile;
     }
+    if (message.numDevices !== undefined) {
+      obj.numDevices = Math.round(message.numDevices);
+    }
+    if (message.deviceKind !== 0) {
+      obj.deviceKind = deviceKindToJSON(message.deviceKind);
+    }
+    if (message.minDeviceMemoryMb !== undefined) {
+      obj.minDeviceMemoryMb = Math.round(message.minDeviceMemoryMb);
+    }
     return obj;
   },
 
@@ -2052,6 +2176,9 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.loraFormat = object.loraFormat ?? 0;
     message.cacheLatents = object.cacheLatents ?? undefined;
     message.torchCompile = object.torchCompile ?? false;
+    message.numDevices = object.numDevices ?? undefined;
+    message.deviceKind = object.deviceKind ?? 0;
+    message.minDeviceMemoryMb = object.minDeviceMemoryMb ?? undefined;
     return message;
   },
 };
