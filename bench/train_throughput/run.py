@@ -3,7 +3,7 @@ its users run it, on the same model, data and settings.
 
     PYTHONPATH=engine engine/.venv/bin/python bench/train_throughput/run.py [--model tiny|sd15] [--steps N]
         [--warmup N] [--rounds 3] [--specs default,center_crop] [--conditions alone,shared] [--batch 4]
-        [--resolution 64] [--images 64] [--precision no|bf16] [--reference-script PATH] [--work DIR]
+        [--resolution 64] [--images 64] [--precision no|bf16] [--bucket-step 16] [--reference-script PATH] [--work DIR]
 
 upstream  diffusers' examples/text_to_image/train_text_to_image_lora.py, unmodified (--reference-script; default
           ../shared/reference/diffusers/train_text_to_image_lora.py beside the repository), run with a
@@ -16,7 +16,11 @@ engine    `python -m loraforge_engine train --spec spec.json --output-dir DIR`, 
           are the moments this bench reads each metrics event from its stdout.
 
 Both sides: rank 4, lr 1e-3 constant, random flip, random crop ("default", the spec's default) or centre crop
-("center_crop"), batch --batch at --resolution px, --steps optimizer steps, --precision, seed 0, no validation,
+("center_crop"), or "buckets": a data set of mixed sizes and aspect ratios (square, 3:2, 2:3, 2:1, 1:2; the
+shorter side --resolution), on which the engine trains with aspect-ratio buckets (sides in steps of --bucket-step)
+and its caches (centre crop within each bucket, both orientations cached) and the script as it always does, each
+image resized and cropped to a --resolution square (--center_crop); the report then also says what each side
+trained on (the training sizes, how much of each image survived the crop, samples per step). Batch --batch at --resolution px, --steps optimizer steps, --precision, seed 0, no validation,
 no checkpoint (both default to one every 500 steps). Each run starts clean: a fresh output folder, a fresh HF_HOME
 (so the script's datasets cache is built as on a user's first run, as the engine builds its own caches).
 
@@ -60,7 +64,8 @@ REF_NO_DEPS = ("torchvision==0.29.2",)
 RANK, LEARNING_RATE, SEED = 4, 1e-3, 0
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SIDES = ("upstream", "engine")
-SPECS = ("default", "center_crop")
+SPECS = ("default", "center_crop", "buckets")
+DEFAULT_SPECS = ("default", "center_crop")
 CONDITIONS = ("alone", "shared")
 DEFAULT_STEPS = {"tiny": (200, 10), "sd15": (12, 2)}  # model: (steps, warm-up steps)
 
@@ -82,6 +87,7 @@ class Settings:
     precision: str  # "no", "fp16" or "bf16", given alike to both sides
     center_crop: bool
     seed: int = SEED
+    bucket_step: int = 0  # > 0: the engine trains with aspect-ratio buckets in steps of this many pixels
 
 
 # ------------------------------------------------------------------------------------------ environments
@@ -284,7 +290,8 @@ def engine_spec(s: Settings) -> dict:
     return {"baseModel": s.model, "datasetDir": s.data, "resolution": s.resolution, "trainBatchSize": s.batch,
             "rank": RANK, "learningRate": LEARNING_RATE, "lrScheduler": "LR_SCHEDULER_CONSTANT", "randomFlip": True,
             "centerCrop": s.center_crop, "maxTrainSteps": s.steps,
-            "mixedPrecision": f"MIXED_PRECISION_{s.precision.upper()}", "seed": s.seed}
+            "mixedPrecision": f"MIXED_PRECISION_{s.precision.upper()}", "seed": s.seed,
+            **({"aspectRatioBuckets": True, "bucketStep": s.bucket_step} if s.bucket_step else {})}
 
 
 def _metrics_step(raw: bytes) -> int | None:
@@ -394,6 +401,65 @@ def prepare(a, engine_python: str) -> tuple[Path, Path]:
     return model, data
 
 
+def prepare_mixed(a) -> Path:
+    """The "buckets" spec's data set: the engine's mixed-size generator (tiny.make_dataset(mixed=True)) without
+    the two files it adds for the skip tests (a 4 px image and a corrupt one): both sides must train on the same,
+    valid images."""
+    data = Path(a.work) / f"data-mixed-{a.images}-{a.resolution}"
+    if not (data / "metadata.jsonl").is_file():
+        sys.path.insert(0, str(ENGINE_DIR))
+        from loraforge_engine.tiny import make_dataset  # PIL and numpy only
+
+        tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=a.work))
+        make_dataset(tmp, count=a.images, size=a.resolution, seed=0, mixed=True)
+        drop = {"tiny.png", "corrupt.png"}
+        rows = [r for r in (tmp / "metadata.jsonl").read_text().splitlines() if json.loads(r)["file_name"] not in drop]
+        (tmp / "metadata.jsonl").write_text("".join(r + "\n" for r in rows))
+        for name in drop:
+            (tmp / name).unlink()
+        shutil.rmtree(data, ignore_errors=True)
+        os.replace(tmp, data)
+    return data
+
+
+def trained_on(data: Path, resolution: int, bucket_step: int, batch: int) -> dict:
+    """What each side makes of the data set's images. The script: every image resized so its shorter side is
+    `resolution`, then a centred `resolution` square. The engine: each image to its nearest bucket (the engine's
+    own make_buckets / nearest_bucket / resized_size, with the spec's default sides and aspect limit), resized
+    to cover it and cropped to it. Per side: training sizes (w x h: images), the share of each image's area that
+    survives the crop (mean and least), pixels per sample, and samples per optimizer step over one epoch (a
+    bucket's images left over after whole batches form a shorter batch; the script's last batch may be short)."""
+    sys.path.insert(0, str(ENGINE_DIR))
+    from PIL import Image
+
+    from loraforge_engine.data import make_buckets, nearest_bucket, resized_size
+
+    sizes = []
+    for row in (data / "metadata.jsonl").read_text().splitlines():
+        with Image.open(data / json.loads(row)["file_name"]) as img:
+            sizes.append(img.size)
+    buckets = make_buckets(resolution, bucket_step, max(bucket_step, resolution // 2 // bucket_step * bucket_step),
+                           resolution * 2, 4.0)
+
+    def side(targets: list[tuple[int, int]]) -> dict:
+        kept = []
+        for size, (tw, th) in zip(sizes, targets):
+            rw, rh = resized_size(size, (tw, th))
+            kept.append(tw * th / (rw * rh))
+        counts: dict[str, int] = {}
+        for tw, th in targets:
+            counts[f"{tw}x{th}"] = counts.get(f"{tw}x{th}", 0) + 1
+        steps = sum(-(-n // batch) for n in counts.values())
+        return {"sizes": dict(sorted(counts.items())), "kept_mean": statistics.mean(kept), "kept_min": min(kept),
+                "pixels_per_sample": statistics.mean(w * h for w, h in targets),
+                "samples_per_step": len(targets) / steps}
+
+    upstream = side([(resolution, resolution)] * len(sizes))
+    upstream["samples_per_step"] = len(sizes) / -(-len(sizes) // batch)  # one loader over all images
+    return {"images": len(sizes), "upstream": upstream,
+            "engine": side([buckets[nearest_bucket(size, buckets)] for size in sizes])}
+
+
 def med(rounds: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
@@ -419,13 +485,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per run (tiny: 200, sd15: 12)")
     p.add_argument("--warmup", type=int, help="first steps left out of the step time (tiny: 10, sd15: 2)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each side per cell, alternating which goes first")
-    p.add_argument("--specs", default=",".join(SPECS), help="default (random crop) and/or center_crop")
+    p.add_argument("--specs", default=",".join(DEFAULT_SPECS),
+                   help="default (random crop), center_crop and/or buckets (a mixed-size data set; see above)")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
                    help="alone (nothing else started) and/or shared (a busy loop per usable core beside each run)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--images", type=int, default=64, help="synthetic captioned images in the data set")
     p.add_argument("--precision", choices=("no", "fp16", "bf16"), default="no", help="given alike to both sides")
+    p.add_argument("--bucket-step", type=int, default=16,
+                   help="the buckets spec's bucket_step (the tiny UNet takes multiples of 16, SD 1.5 of 64)")
     p.add_argument("--reference-script", default=str(DEFAULT_REFERENCE_SCRIPT),
                    help="diffusers' train_text_to_image_lora.py (an unmodified copy)")
     p.add_argument("--engine-python", default=str(DEFAULT_ENGINE_PYTHON), help="the engine's interpreter")
@@ -449,6 +518,7 @@ def main() -> None:
           f"constant, random flip, precision {a.precision}, {a.steps} steps ({a.warmup} warm-up), {a.rounds} rounds",
           flush=True)
     model, data = prepare(a, a.engine_python)
+    mixed = prepare_mixed(a) if "buckets" in specs else None
     ref_python = ensure_refvenv(a.engine_python)
     runs = Path(a.work) / "runs"
     rounds: dict = {c: {s: {side: [] for side in SIDES} for s in specs} for c in conditions}
@@ -456,7 +526,8 @@ def main() -> None:
         order = SIDES if round_ % 2 == 0 else SIDES[::-1]
         for cond in conditions:
             for spec in specs:
-                s = Settings(str(model), str(data), a.resolution, a.batch, a.steps, a.precision, spec == "center_crop")
+                s = Settings(str(model), str(mixed if spec == "buckets" else data), a.resolution, a.batch, a.steps,
+                             a.precision, spec != "default", bucket_step=a.bucket_step if spec == "buckets" else 0)
                 load_before = {"loadavg1": os.getloadavg()[0], "busy_share": busy_share()} if cond == "alone" else {}
                 if load_before and load_before["loadavg1"] > 0.5:
                     say(f"warning: 1-minute load average {load_before['loadavg1']:.2f} before an 'alone' round "
@@ -491,11 +562,19 @@ def main() -> None:
             results.setdefault(cond, {})[spec] = cell
     print("medians over rounds:")
     report(results)
+    what = trained_on(mixed, a.resolution, a.bucket_step, a.batch) if mixed else None
+    if what:
+        print(f"buckets spec, what each side trained on ({what['images']} images of mixed sizes):")
+        for side in SIDES:
+            w = what[side]
+            print(f"  {side:<8} sizes {', '.join(f'{k}: {v}' for k, v in w['sizes'].items())}; image area kept "
+                  f"{w['kept_mean']:.0%} on average, {w['kept_min']:.0%} at least; {w['pixels_per_sample']:.0f} px "
+                  f"per sample, {w['samples_per_step']:.2f} samples per step")
     print(json.dumps({"command": shlex.join([sys.executable, *sys.argv]), "machine": host, "python": info["python"],
                       "versions": info["versions"], "model": a.model, "images": a.images,
                       "resolution": a.resolution, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
                       "rounds": a.rounds, "precision": a.precision, "reference_script": a.reference_script,
-                      "results": results}))
+                      "bucket_step": a.bucket_step, "trained_on": what, "results": results}))
 
 
 if __name__ == "__main__":

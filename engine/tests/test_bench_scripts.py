@@ -40,3 +40,22 @@ def test_train_throughput_runs_both_paths(tmp_path):
         assert cell["step_rate_ratio"] == up["step_ms"] / en["step_ms"]
         assert cell["wall_ratio"] == up["wall_s"] / en["wall_s"]
         assert cell["first_step_ratio"] == up["first_step_s"] / en["first_step_s"]
+
+
+@needs_reference
+def test_train_throughput_buckets_spec_reports_what_each_side_trained_on(tmp_path):
+    # The mixed-size data set: the engine with aspect-ratio buckets against the script's square crops.
+    out = run_script("train_throughput/run.py", "--steps", "4", "--warmup", "1", "--rounds", "1", "--specs",
+                     "buckets", "--conditions", "alone", "--images", "10", "--work", str(tmp_path))
+    cell = out["results"]["alone"]["buckets"]
+    assert cell["upstream"]["step_ms"] > 0 and cell["engine"]["step_ms"] > 0
+    what = out["trained_on"]
+    assert what["images"] == 10  # the generator's tiny and corrupt files are left out
+    up, en = what["upstream"], what["engine"]
+    assert up["sizes"] == {"64x64": 10} and up["pixels_per_sample"] == 64 * 64
+    # Squares lose the long side's overhang (a 2:1 image keeps half); buckets keep more of every image.
+    assert up["kept_min"] == 0.5 and en["kept_min"] > up["kept_min"] and en["kept_mean"] > up["kept_mean"]
+    assert sum(en["sizes"].values()) == 10 and len(en["sizes"]) > 1
+    for size in en["sizes"]:
+        w, h = map(int, size.split("x"))
+        assert w % 16 == 0 and h % 16 == 0 and w * h <= 64 * 64
