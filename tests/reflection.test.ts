@@ -14,6 +14,9 @@ import { after, before, describe, it } from "node:test";
 import { REPO, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
 
 const BUF = path.join(REPO, "node_modules", ".bin", "buf");
+// grpcurl is not one of the project's dependencies (a Go program): its test runs where one is
+// installed — LORAFORGE_GRPCURL names it, or `grpcurl` on the PATH.
+const GRPCURL = process.env.LORAFORGE_GRPCURL ?? (spawnSync("grpcurl", ["-version"]).status === 0 ? "grpcurl" : "");
 const DESCRIPTORS = path.join(REPO, "proto", "loraforge.binpb");
 
 function buf(args: string[]) {
@@ -146,6 +149,21 @@ describe("gRPC reflection and health (buf curl, no --schema)", () => {
     assert.deepEqual(decoded["google.rpc.ErrorInfo"], { reason: "INVALID_SPEC", domain: "loraforge.dev" });
     const violations = (decoded["google.rpc.BadRequest"] as { fieldViolations: { field: string }[] }).fieldViolations;
     assert.ok(violations.some((v) => v.field === "spec.rank"), JSON.stringify(decoded["google.rpc.BadRequest"]));
+  });
+
+  it("grpcurl prints an error's details as JSON through reflection", { skip: GRPCURL ? false : "grpcurl is not installed (set LORAFORGE_GRPCURL)" }, () => {
+    const r = spawnSync(
+      GRPCURL,
+      ["-plaintext", "-H", "authorization: Bearer reflect-t0ken", "-format-error", "-d", '{"spec": {"rank": 0}}', srv.address, "loraforge.v1.TrainerService/Train"],
+      { encoding: "utf8", timeout: 60_000 },
+    );
+    assert.notEqual(r.status, 0);
+    const err = JSON.parse(r.stdout + r.stderr) as { code: number; details: Record<string, unknown>[] };
+    assert.equal(err.code, 3, "INVALID_ARGUMENT");
+    const info = err.details.find((d) => d["@type"] === "type.googleapis.com/google.rpc.ErrorInfo");
+    assert.deepEqual(info, { "@type": "type.googleapis.com/google.rpc.ErrorInfo", reason: "INVALID_SPEC", domain: "loraforge.dev" });
+    const bad = err.details.find((d) => d["@type"] === "type.googleapis.com/google.rpc.BadRequest") as { fieldViolations: { field: string }[] } | undefined;
+    assert.ok(bad?.fieldViolations.some((v) => v.field === "spec.rank"), r.stdout + r.stderr);
   });
 
   it("calls the API; an error's ErrorInfo decodes with proto/loraforge.binpb", () => {
