@@ -4,7 +4,8 @@
 #   - the engine's Python environment, kept outside the clone under
 #     ${LORAFORGE_CACHE:-~/.cache/loraforge}/venv-<hash of engine/requirements.txt + python version>
 #     so clones share it, and linked as engine/.venv;
-#   - node_modules (npm ci) and the TypeScript build.
+#   - the Python subscriber example's small environment (nats-py, protobuf), linked as examples/python/.venv;
+#   - node_modules (npm ci), the TypeScript build, and examples/node_modules (the SDK's packed tarball).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,12 +43,28 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 ln -sfn "$venv" engine/.venv
 
+# 2b. The Python subscriber example's environment (examples/python/requirements.txt) ----
+subhash=$( (cat examples/python/requirements.txt; echo "$pyver") | sha256sum | cut -c1-12)
+subvenv="$cache/subscriber-venv-$subhash"
+if [ ! -f "$subvenv/.complete" ]; then
+  say "creating the Python subscriber example's environment in $subvenv"
+  rm -rf "$subvenv"
+  mkdir -p "$cache"
+  "$PYTHON" -m venv "$subvenv"
+  "$subvenv/bin/python" -m pip install -q -r examples/python/requirements.txt
+  touch "$subvenv/.complete"
+fi
+ln -sfn "$subvenv" examples/python/.venv
+
 # 3. Node dependencies and build -----------------------------------------------
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing node modules"
   ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error
 fi
 say "building TypeScript"
-npx tsc -b sdk server tests examples
+npx tsc -b sdk server tests
+# examples/ is a project of its own that installs the SDK from its npm pack tarball, as another team does.
+bash scripts/install-examples-sdk.sh
+npx tsc -b examples
 chmod +x server/dist/cli/main.js   # the `loraforge` bin (npx loraforge) is linked before it is built
 say "ready"

@@ -1,10 +1,11 @@
 // @loraforge/sdk as another team installs it: `npm pack` of sdk/, the tarball installed
 // into an empty project outside the repo (its dependencies from npm), a strict TypeScript
 // client compiled against the installed typings and run against a real server, and
-// CommonJS `require()` of the ESM-only package.
+// CommonJS `require()` of the ESM-only package. examples/ is such a project too
+// (scripts/install-examples-sdk.sh); sdk.test.ts runs its example against a server.
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from "node:fs";
+import { existsSync, lstatSync, mkdirSync, readFileSync, realpathSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { fixtures, REPO, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
@@ -91,9 +92,12 @@ describe("@loraforge/sdk as an npm package", () => {
     await srv?.stop();
   });
 
+  let packedTarball = "";
+
   it("packs, installs into an empty project, compiles a strict TypeScript client and runs it against a server", { timeout: 240_000 }, () => {
     const work = tmpDir("sdk-pack");
     const packed = JSON.parse(run("npm", ["pack", "--json", "--pack-destination", work], path.join(REPO, "sdk"))) as { filename: string; files: { path: string }[] }[];
+    packedTarball = path.join(work, packed[0]!.filename);
     const files = packed[0]!.files.map((x) => x.path);
     for (const needed of ["package.json", "README.md", "dist/index.js", "dist/index.d.ts", "dist/gen/loraforge/v1/job.js"]) assert.ok(files.includes(needed), `the tarball has ${needed}`);
     assert.ok(!files.some((x) => x.endsWith(".tsbuildinfo")), "no build state in the tarball");
@@ -130,5 +134,20 @@ describe("@loraforge/sdk as an npm package", () => {
     // ESM-only, and a CommonJS file can still require() it (Node's require(esm), Node >= 20.19).
     writeFileSync(path.join(project, "check.cjs"), 'const sdk = require("@loraforge/sdk"); console.log(typeof sdk.createClient, typeof sdk.subscribe);\n');
     assert.equal(run(process.execPath, [path.join(project, "check.cjs")], project).trim(), "function function");
+  });
+
+  it("examples/ installs the SDK the same way: from the packed tarball, not the workspace", () => {
+    const examples = path.join(REPO, "examples");
+    const pkg = JSON.parse(readFileSync(path.join(examples, "package.json"), "utf8")) as { dependencies: Record<string, string> };
+    assert.equal(pkg.dependencies["@loraforge/sdk"], "file:.sdk/loraforge-sdk.tgz");
+    const installed = path.join(examples, "node_modules", "@loraforge", "sdk");
+    assert.ok(existsSync(installed), "examples/node_modules has the SDK (scripts/setup.sh installs it)");
+    assert.ok(!lstatSync(installed).isSymbolicLink(), "a copy unpacked from the tarball, not a link to sdk/");
+    // Installed from the tarball of the current sdk/ (npm pack is reproducible).
+    assert.ok(packedTarball, "the pack test ran first");
+    assert.ok(readFileSync(path.join(examples, ".sdk", "loraforge-sdk.tgz")).equals(readFileSync(packedTarball)), "examples/.sdk holds the current SDK's tarball");
+    // What the example imports at run time is that copy.
+    const resolved = run(process.execPath, ["--input-type=module", "-e", 'console.log(import.meta.resolve("@loraforge/sdk"))'], examples).trim();
+    assert.equal(resolved, `file://${realpathSync(installed)}/dist/index.js`);
   });
 });
