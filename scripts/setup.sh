@@ -56,6 +56,22 @@ if [ ! -f "$subvenv/.complete" ]; then
 fi
 ln -sfn "$subvenv" examples/python/.venv
 
+# 2c. grpcurl, for the test that an error's details read as JSON through reflection ----
+# A test tool only (a Go program, from the Go module proxy), built once into the cache where Go is installed;
+# without Go that one test is skipped and says why.
+grpcurl_version=v1.9.3
+grpcurl_bin="$cache/grpcurl-$grpcurl_version/grpcurl"
+if [ ! -x "$grpcurl_bin" ] && command -v go >/dev/null 2>&1; then
+  say "building grpcurl $grpcurl_version (test tool)"
+  if GOBIN="$cache/grpcurl-$grpcurl_version" GOFLAGS=-mod=mod go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$grpcurl_version" >/dev/null 2>&1; then
+    :
+  else
+    say "could not build grpcurl; its test will be skipped"
+  fi
+fi
+mkdir -p .tools
+if [ -x "$grpcurl_bin" ]; then ln -sfn "$grpcurl_bin" .tools/grpcurl; fi
+
 # 3. Node dependencies and build -----------------------------------------------
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing node modules"

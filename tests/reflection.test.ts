@@ -8,15 +8,18 @@ import { createFileRegistry, fromBinary, toJson, type JsonValue } from "@bufbuil
 import { FileDescriptorProtoSchema, type FileDescriptorProto } from "@bufbuild/protobuf/wkt";
 import { BinaryReader, BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { credentials, makeGenericClientConstructor, Metadata } from "@grpc/grpc-js";
-import { writeFileSync } from "node:fs";
+import { existsSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { REPO, startServer, tmpDir, type ServerProcess } from "./lib/harness.js";
 
 const BUF = path.join(REPO, "node_modules", ".bin", "buf");
-// grpcurl is not one of the project's dependencies (a Go program): its test runs where one is
-// installed — LORAFORGE_GRPCURL names it, or `grpcurl` on the PATH.
-const GRPCURL = process.env.LORAFORGE_GRPCURL ?? (spawnSync("grpcurl", ["-version"]).status === 0 ? "grpcurl" : "");
+// grpcurl is a test tool (a Go program) that scripts/setup.sh builds into .tools/ where Go is installed;
+// LORAFORGE_GRPCURL names another, else `grpcurl` on the PATH; without any, its test is skipped.
+const BUILT_GRPCURL = path.join(REPO, ".tools", "grpcurl");
+const GRPCURL =
+  process.env.LORAFORGE_GRPCURL ??
+  (existsSync(BUILT_GRPCURL) ? BUILT_GRPCURL : spawnSync("grpcurl", ["-version"]).status === 0 ? "grpcurl" : "");
 const DESCRIPTORS = path.join(REPO, "proto", "loraforge.binpb");
 
 function buf(args: string[]) {
