@@ -481,3 +481,40 @@ describe("the data set quota", () => {
     assert.deepEqual(scratch(), []);
   });
 });
+
+describe("the disk bound on finished jobs' outputs", () => {
+  let f: Fixtures;
+  let srv: ServerProcess;
+
+  before(async () => {
+    f = fixtures();
+    // Bound 0: a host keeps no finished job's folder but the newest one's.
+    srv = await startServer({ env: { LORAFORGE_JOB_OUTPUTS_MAX_MB: "0", LORAFORGE_DASHBOARD_ADDRESS: "off" } });
+  });
+
+  after(async () => {
+    await srv?.stop();
+  });
+
+  it("removes the least recently finished job's local folder once another ends; its artifacts stay in the store", async () => {
+    const jobsDir = path.join(srv.stateDir, "jobs");
+    const first = await (await srv.client.train(quickSpec(f, { maxTrainSteps: 2, checkpointingSteps: 1 }))).result();
+    assert.equal(first.state, JobState.JOB_STATE_SUCCEEDED);
+    assert.ok(existsSync(path.join(jobsDir, first.id)), "the newest finished job's folder stays");
+    const second = await (await srv.client.train(quickSpec(f, { maxTrainSteps: 2, checkpointingSteps: 1 }))).result();
+    assert.equal(second.state, JobState.JOB_STATE_SUCCEEDED);
+    assert.deepEqual(readdirSync(jobsDir), [second.id]);
+    assert.match(srv.stderr.join(""), /removed local copies to stay within the disk bound/);
+    // Nothing was lost: the first job's LoRA and checkpoint still download by name.
+    const dir = tmpDir("probe-disk");
+    const lora = await srv.client.artifacts.download(first.artifacts.find((a) => a.name.includes("/lora/"))!, { file: path.join(dir, "lora.safetensors") });
+    assert.equal(statSync(path.join(dir, "lora.safetensors")).size, lora.sizeBytes);
+    const ckpt = first.artifacts.find((a) => a.name.includes("/checkpoint-"))!;
+    await srv.client.artifacts.download(ckpt, { file: path.join(dir, "ckpt.tar") });
+    assert.ok(statSync(path.join(dir, "ckpt.tar")).size > 0);
+  });
+
+  it("refuses a bound that is not a whole number of MiB at start", async () => {
+    await assert.rejects(startServer({ env: { LORAFORGE_JOB_OUTPUTS_MAX_MB: "lots", LORAFORGE_DASHBOARD_ADDRESS: "off" } }), /LORAFORGE_JOB_OUTPUTS_MAX_MB/);
+  });
+});

@@ -12,6 +12,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { TrainerServiceService } from "@loraforge/sdk/gen/loraforge/v1/trainer_service";
 import { ArtifactStore } from "./jobs/artifacts.js";
 import { DatasetStore, limitsFromEnv, type DatasetLimits } from "./jobs/datasets.js";
+import { diskBounds } from "./jobs/disk.js";
 import { tokenInterceptor } from "./api/auth.js";
 import { addReflection } from "./api/contract.js";
 import { addInferenceService } from "./infer/index.js";
@@ -69,6 +70,7 @@ export interface ServerConfig {
 export function configFromEnv(env = process.env): ServerConfig {
   const venvPython = path.join(REPO_ROOT, "engine", ".venv", "bin", "python");
   const num = (v: string | undefined, d: number) => (v && Number.isFinite(Number(v)) ? Number(v) : d);
+  diskBounds(env); // a bad LORAFORGE_*_MAX_MB bound is refused at start, not when a job ends
   return {
     address: env.LORAFORGE_ADDRESS ?? "127.0.0.1:50051",
     stateDir: path.resolve(env.LORAFORGE_STATE_DIR ?? ".state"),

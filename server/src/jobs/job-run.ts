@@ -19,6 +19,7 @@ import { log } from "../core/log.js";
 import { telemetry } from "../core/telemetry.js";
 import { ArtifactStore, jobOfArtifact } from "./artifacts.js";
 import { DatasetMissing, type DatasetStore } from "./datasets.js";
+import { diskBounds, pruneFolders, touch } from "./disk.js";
 import { ENGINE_EXIT, EngineRun, type EngineExit, type EngineOptions } from "./engine.js";
 import { checkpointArtifact } from "./spec-checks.js";
 import type { JobEventPublisher } from "./events.js";
@@ -405,7 +406,32 @@ export class JobRun {
     await this.events.flush();
     telemetry.jobFinished(outcome.state);
     log("info", "job finished", { job: this.job.id, state: JobState[outcome.state], error: outcome.error?.message ?? "" });
+    await this.pruneOutputs();
     return "ack";
+  }
+
+  /**
+   * Keeps this host's job output folders within LORAFORGE_JOB_OUTPUTS_MAX_MB: the least recently
+   * finished go (their artifacts are in the object store), never this job's nor one that has not ended
+   * (a later attempt here resumes from the checkpoints it left).
+   */
+  private async pruneOutputs(): Promise<void> {
+    const root = path.dirname(this.outputDir);
+    touch(this.outputDir);
+    try {
+      await pruneFolders(root, diskBounds().jobOutputsBytes, async (id) => {
+        if (id === this.job.id) return true;
+        let rec: JobRecord | null;
+        try {
+          rec = await this.host.store.get(id);
+        } catch {
+          return true; // the store cannot say: keep it
+        }
+        return rec !== null && !isFinal(rec.job.state);
+      });
+    } catch (err) {
+      log("warn", "could not prune finished jobs' output folders", { root, err: String(err) });
+    }
   }
 }
 
