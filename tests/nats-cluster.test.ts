@@ -20,7 +20,7 @@ const USER = "loraforge";
 const PASS = randomBytes(16).toString("hex");
 const SYS_PASS = randomBytes(16).toString("hex");
 // Every stream loraforge creates (the job bucket and the object store are streams too).
-const STREAMS = ["LORAFORGE_EVENTS", "LORAFORGE_QUEUE", "KV_loraforge_jobs", "OBJ_loraforge_artifacts"];
+const STREAMS = ["LORAFORGE_EVENTS", "LORAFORGE_QUEUE", "KV_loraforge_jobs", "KV_loraforge_workers", "OBJ_loraforge_artifacts"];
 
 interface Node {
   name: string;

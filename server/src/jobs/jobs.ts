@@ -23,6 +23,8 @@ export const MAX_PAGE_SIZE = 1000;
 export const DEFAULT_PAGE_SIZE = 50;
 /** How long one read of the worker registry serves queued reasons (a job list reads it once). */
 const WORKERS_CACHE_MS = 1000;
+/** A registry slower than this (NATS in trouble) leaves reasons out rather than holding up GetJob. */
+const WORKERS_DEADLINE_MS = 2000;
 
 export interface ListOptions {
   /** Only jobs in this state; UNSPECIFIED for all. */
@@ -54,9 +56,14 @@ export class Jobs {
   private workersRead: { at: number; workers: Promise<LiveWorker[] | null> } | null = null;
 
   async get(jobId: string): Promise<Job> {
+    return this.withReason(await this.find(jobId), await this.liveWorkers());
+  }
+
+  /** The job's record, or NOT_FOUND (for calls that need no queued reason). */
+  private async find(jobId: string): Promise<JobRecord> {
     const cur = JOB_ID_PATTERN.test(jobId) ? await this.store.get(jobId) : null;
     if (!cur) throw jobNotFound(jobId);
-    return this.withReason(cur, await this.liveWorkers());
+    return cur;
   }
 
   /** The live workers, read at most once per WORKERS_CACHE_MS; null when the registry cannot be read. */
@@ -65,7 +72,7 @@ export class Jobs {
     if (!this.workersRead || now - this.workersRead.at > WORKERS_CACHE_MS)
       this.workersRead = {
         at: now,
-        workers: this.store.liveWorkers().catch((err) => {
+        workers: this.store.liveWorkers(WORKERS_DEADLINE_MS).catch((err) => {
           log("debug", "reading the worker registry failed; queued reasons left out", { err: String(err) });
           return null;
         }),
@@ -175,7 +182,7 @@ export class Jobs {
 
   /** Cancels a queued job at once, or asks the worker of a running one to stop. */
   async cancel(jobId: string, reason = "cancelled by a client"): Promise<Job> {
-    await this.get(jobId);
+    await this.find(jobId);
     let cancelledWhileQueued = false;
     const updated = await this.store.update(jobId, (rec) => {
       const job = rec.job;
@@ -201,7 +208,7 @@ export class Jobs {
       }
       return rec;
     });
-    if (!updated) return this.get(jobId);
+    if (!updated) return (await this.find(jobId)).job;
     if (cancelledWhileQueued) {
       await this.store.publishEvent(
         JobEvent.fromPartial({
@@ -222,7 +229,7 @@ export class Jobs {
    * is yielded once and in order, also across a NATS restart.
    */
   async *follow(jobId: string, afterSequence: number, signal?: AbortSignal): AsyncGenerator<JobEvent> {
-    await this.get(jobId);
+    await this.find(jobId);
     // `delivered` guarantees nothing is yielded twice even if the stream replays.
     let delivered = afterSequence;
     // The stream sequence of the last message seen: a replacement consumer starts after it.
@@ -289,7 +296,7 @@ export class Jobs {
   async artifact(name: string): Promise<{ artifact: Artifact; bytes: AsyncGenerator<Uint8Array> }> {
     const jobId = jobOfArtifact(name);
     if (!jobId) throw jobNotFound(name);
-    const job = await this.get(jobId);
+    const { job } = await this.find(jobId);
     const artifact = job.artifacts.find(
       (a) => a.name === name || (a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.name === name + "/"),
     );

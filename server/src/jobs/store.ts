@@ -209,8 +209,8 @@ export class JobStore {
     await this.workers.delete(workerKey(id));
   }
 
-  /** The live workers: those whose entry was refreshed within WORKER_TTL_MS. */
-  async liveWorkers(): Promise<LiveWorker[]> {
+  /** The live workers: those whose entry was refreshed within WORKER_TTL_MS. UNAVAILABLE after `deadlineMs`. */
+  async liveWorkers(deadlineMs = STORE_DEADLINE_MS): Promise<LiveWorker[]> {
     const out: LiveWorker[] = [];
     let keys: { stop(): void } | undefined;
     await withDeadline(
@@ -224,7 +224,7 @@ export class JobStore {
           if (e?.operation === "PUT" && e.value.length > 0) out.push(JSON.parse(e.string()) as LiveWorker);
         }
       })(),
-      STORE_DEADLINE_MS,
+      deadlineMs,
       () => keys?.stop(),
     );
     return out;
