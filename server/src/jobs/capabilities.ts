@@ -162,8 +162,8 @@ export function resolveCapabilities(
   return { caps: { kind, devices: overrides.devices ?? base.devices, memoryMb: overrides.memoryMb ?? base.memoryMb }, warnings };
 }
 
-/** Asks the engine once what this host has (torch's view: GPUs, else the CPU). */
-export function detectDevices(engine: EngineOptions, timeoutMs = 120_000): Promise<Capabilities> {
+/** Asks the engine once what this host has (torch's view: GPUs, else the CPU); `signal` kills the question. */
+export function detectDevices(engine: EngineOptions, signal?: AbortSignal, timeoutMs = 120_000): Promise<Capabilities> {
   return new Promise((resolve, reject) => {
     const child = spawn(engine.python, ["-m", "loraforge_engine", "devices"], {
       env: childEnv({ PYTHONPATH: engine.engineDir, PYTHONUNBUFFERED: "1" }),
@@ -174,13 +174,17 @@ export function detectDevices(engine: EngineOptions, timeoutMs = 120_000): Promi
     child.stdout.on("data", (d: Buffer) => (out += d.toString()));
     child.stderr.on("data", (d: Buffer) => (err = (err + d.toString()).slice(-2000)));
     const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    const abort = () => child.kill("SIGKILL");
+    signal?.addEventListener("abort", abort);
     child.on("error", (e) => {
       clearTimeout(timer);
+      signal?.removeEventListener("abort", abort);
       reject(e);
     });
-    child.on("close", (code, signal) => {
+    child.on("close", (code, killedBy) => {
       clearTimeout(timer);
-      if (code !== 0) return reject(new Error(`the engine's devices command ${signal ? `was killed by ${signal}` : `exited with code ${code}`}: ${err.trim().split("\n").at(-1) ?? ""}`));
+      signal?.removeEventListener("abort", abort);
+      if (code !== 0) return reject(new Error(`the engine's devices command ${killedBy ? `was killed by ${killedBy}` : `exited with code ${code}`}: ${err.trim().split("\n").at(-1) ?? ""}`));
       try {
         resolve(parseDevices(out));
       } catch (e) {

@@ -74,6 +74,8 @@ export class Worker {
   /** The job this worker runs, "" while idle (announced in the registry). */
   private busy = "";
   private announcer: NodeJS.Timeout | null = null;
+  /** Stops a device detection still running when the worker is stopped. */
+  private readonly detecting = new AbortController();
   /** The latest registry write; stop() waits for it so that a late write cannot outlive the withdrawal. */
   private announcing: Promise<void> = Promise.resolve();
 
@@ -93,8 +95,9 @@ export class Worker {
   private async findCapabilities(): Promise<Capabilities> {
     const o = this.opts.devices;
     const ask = !(o.kind === "cpu" || (o.kind && o.devices !== undefined && o.memoryMb !== undefined));
-    const detected = ask ? await detectDevices(this.opts.engine).catch((err: Error) => err) : hostCpu();
+    const detected = ask ? await detectDevices(this.opts.engine, this.detecting.signal).catch((err: Error) => err) : hostCpu();
     const { caps, warnings } = resolveCapabilities(detected, o, hostCpu());
+    if (this.stopping) return caps; // stopped while asking: nothing to report
     for (const w of warnings) log("warn", `worker: ${w}`, { worker: this.id });
     log("info", "worker devices", { worker: this.id, kind: caps.kind, devices: caps.devices, memory_mb: caps.memoryMb, overridden: Object.keys(o).join(",") });
     return caps;
@@ -127,6 +130,7 @@ export class Worker {
     const kind = this.opts.onStop;
     this.stopRequest = { kind, error: jobError(status.CANCELLED, kind === "cancel" ? "SERVER_SHUTDOWN" : "WORKER_STOPPED", reason) };
     this.current?.requestStop(this.stopRequest);
+    this.detecting.abort();
     await this.loop;
     if (this.announcer) clearInterval(this.announcer);
     // Gone from the registry at once, so jobs only it could run show why they wait.
@@ -135,7 +139,9 @@ export class Worker {
   }
 
   private async run(): Promise<void> {
-    this.capabilities = await this.findCapabilities();
+    const caps = await this.findCapabilities();
+    if (this.stopping) return;
+    this.capabilities = caps;
     await this.announce();
     this.announcer = setInterval(() => void this.announce(), WORKER_HEARTBEAT_MS);
     let consumer: Consumer | null = null;
