@@ -275,4 +275,18 @@ describe("dashboard", () => {
     // The page shows why, from the job's google.rpc.Status, in words.
     await page.waitForFunction(() => /cancelled from the dashboard/.test(document.getElementById("job-error")?.textContent ?? ""), undefined, WAIT);
   });
+
+  it("shows why a job no worker can run is waiting, in the list and above its progress, until it is cancelled", async () => {
+    const job = await stack.client.train(quickSpec(f, { minDeviceMemoryMb: 16777216 }) as never);
+    await page.goto(`${stack.url}#${job.id}`);
+    const reason = /^no worker can run this job: it needs 1 device with ≥ 16777216 MiB; live workers: 1 \((cpu|cuda) × \d+, \d+ MiB\)$/;
+    await page.waitForFunction((re) => new RegExp(re).test(document.getElementById("job-waiting")?.textContent ?? ""), reason.source, WAIT);
+    assert.equal(await visible(page, "#job-waiting"), true);
+    assert.match((await page.textContent(`#job-list a[data-job-id="${job.id}"] .waiting`)) ?? "", reason);
+    await page.screenshot({ path: artifactPath("dashboard-waiting.png") });
+    await stack.client.cancelJob(job.id);
+    await page.waitForFunction(() => document.getElementById("job-state")?.dataset.state === "CANCELLED", undefined, WAIT);
+    await page.waitForSelector("#job-waiting", { state: "hidden", timeout: WAIT.timeout });
+    await page.waitForFunction((id) => !document.querySelector(`#job-list a[data-job-id="${id}"] .waiting`), job.id, WAIT);
+  });
 });

@@ -1,4 +1,4 @@
-"""Command line: python -m loraforge_engine {train, model-hash, export-onnx, make-tiny-model, make-dataset}.
+"""Command line: python -m loraforge_engine {train, model-hash, devices, export-onnx, make-tiny-model, make-dataset}.
 
 `train` speaks to its supervisor through stdout (JobEvents, one JSON per line) and the exit code:
 0 success, 2 invalid spec, 3 bad data, 4 stopped by SIGTERM/SIGINT, 1 anything else. Before exiting 1, 2 or 3
@@ -11,6 +11,7 @@ must not pay for torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -176,6 +177,13 @@ def cmd_model_hash(args) -> int:
     return EXIT_OK
 
 
+def cmd_devices(args) -> int:
+    from .devices import detect
+
+    print(json.dumps(detect()), flush=True)
+    return EXIT_OK
+
+
 def cmd_make_tiny_model(args) -> int:
     _quiet_libraries()
     from .tiny import make_tiny_model
@@ -210,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "and the ONNX export cache uses (fast: no torch)")
     p.add_argument("model_dir", help="diffusers-layout model folder")
     p.set_defaults(func=cmd_model_hash)
+
+    p = sub.add_parser("devices", help="print this host's training devices as JSON: kind (cuda or cpu), count, "
+                                       "memory_mb per device (what a worker advertises; devices.py)")
+    p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("make-tiny-model", help="write a deterministic tiny SD-1.x or SDXL model (diffusers layout)")
     p.add_argument("dir")

@@ -47,7 +47,7 @@ export {
   ImageSizeCount,
   BucketCount,
 } from "./gen/loraforge/v1/job.js";
-export { TrainingSpec, LrScheduler, MixedPrecision, Interpolation, PredictionType, LoraFormat } from "./gen/loraforge/v1/training_spec.js";
+export { TrainingSpec, LrScheduler, MixedPrecision, Interpolation, PredictionType, LoraFormat, DeviceKind } from "./gen/loraforge/v1/training_spec.js";
 export { Sampler } from "./gen/loraforge/v1/inference_service.js";
 export type { Status } from "./gen/google/rpc/status.js";
 export type { Dataset } from "./gen/loraforge/v1/dataset_service.js";

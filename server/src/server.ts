@@ -26,6 +26,7 @@ import { EVENTS_STREAM, eventSubject, JobStore, QUEUE_STREAM, WORKERS_CONSUMER }
 import { telemetry } from "./core/telemetry.js";
 
 import { Worker } from "./jobs/worker.js";
+import { overridesFromEnv, type DeviceOverrides } from "./jobs/capabilities.js";
 
 /** The server package's version, as GetServerInfo reports it. */
 const VERSION: string = JSON.parse(readFileSync(fileURLToPath(new URL("../package.json", import.meta.url)), "utf8")).version;
@@ -64,6 +65,8 @@ export interface ServerConfig {
   dashboardToken?: string;
   /** Limits of one data set upload (LORAFORGE_UPLOAD_*). */
   uploadLimits?: DatasetLimits;
+  /** The worker's device overrides (LORAFORGE_WORKER_DEVICE_KIND, _DEVICES, _DEVICE_MEMORY_MB); unset ones are detected. */
+  workerDevices?: DeviceOverrides;
 }
 
 /** Configuration from LORAFORGE_* environment variables, with defaults. */
@@ -88,6 +91,7 @@ export function configFromEnv(env = process.env): ServerConfig {
     dashboardAddress: (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080") === "off" ? undefined : (env.LORAFORGE_DASHBOARD_ADDRESS ?? "127.0.0.1:8080"),
     dashboardToken: env.LORAFORGE_DASHBOARD_TOKEN || env.LORAFORGE_API_TOKEN || undefined,
     uploadLimits: limitsFromEnv(env),
+    workerDevices: overridesFromEnv(env),
   };
 }
 
@@ -164,6 +168,7 @@ function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStor
     maxAttempts: cfg.maxAttempts,
     heartbeatMs: Math.max(200, Math.floor(cfg.ackWaitMs / 4)),
     onStop,
+    devices: cfg.workerDevices,
   });
 }
 

@@ -10,7 +10,7 @@ export const USER = "loraforge";
 export const PASS = randomBytes(16).toString("hex");
 export const SYS_PASS = randomBytes(16).toString("hex");
 // Every stream loraforge creates (the job bucket and the object store are streams too).
-export const STREAMS = ["LORAFORGE_EVENTS", "LORAFORGE_QUEUE", "KV_loraforge_jobs", "OBJ_loraforge_artifacts"];
+export const STREAMS = ["LORAFORGE_EVENTS", "LORAFORGE_QUEUE", "KV_loraforge_jobs", "KV_loraforge_workers", "OBJ_loraforge_artifacts"];
 
 export interface Node {
   name: string;

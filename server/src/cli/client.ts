@@ -485,7 +485,9 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
 function printJob(job: Job, json: boolean) {
   if (json) return printJson(protoJson(Job, "loraforge.v1.Job", job));
   const steps = job.totalSteps ? `${job.currentStep}/${job.totalSteps}` : "-";
-  process.stdout.write(`${job.id}  ${stateName(job.state).padEnd(10)} ${steps.padEnd(11)} ${job.createTime?.toISOString() ?? ""}${job.error ? "  " + errorMessage(job) : ""}\n`);
+  // Last: why it failed, or why it is still waiting for a worker (Job.queued_reason).
+  const why = job.error ? errorMessage(job) : job.queuedReason;
+  process.stdout.write(`${job.id}  ${stateName(job.state).padEnd(10)} ${steps.padEnd(11)} ${job.createTime?.toISOString() ?? ""}${why ? "  " + why : ""}\n`);
 }
 
 function parseLoraRef(v: string, kind: "jobId" | "path") {
@@ -523,7 +525,7 @@ export async function runClient(command: string, argv: string[]): Promise<number
           printJob(job.job, json);
           return EXIT.OK;
         }
-        if (!json) process.stdout.write(`job ${job.id} queued\n`);
+        if (!json) process.stdout.write(`job ${job.id} queued${job.job.queuedReason ? ` (${job.job.queuedReason})` : ""}\n`);
         return await follow(client, job.id, 0, json);
       }
       case "jobs": {

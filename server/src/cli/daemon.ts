@@ -29,6 +29,8 @@ Telemetry: the standard OTEL_* variables, e.g. OTEL_TRACES_EXPORTER=otlp
       (scrape :9464/metrics). Unset: no telemetry is exported.
 Jobs: LORAFORGE_ACK_WAIT_MS (60000) — a silent worker's job is redelivered after this;
       LORAFORGE_MAX_ATTEMPTS (3) — starts of a job before a retryable failure is final.
+Devices a worker advertises (it pulls only jobs that fit): LORAFORGE_WORKER_DEVICE_KIND (cpu|cuda),
+      LORAFORGE_WORKER_DEVICES (count), LORAFORGE_WORKER_DEVICE_MEMORY_MB (per device); detected when unset.
 Limits (docs/security.md): LORAFORGE_UPLOAD_MAX_MB (2048), LORAFORGE_UPLOAD_MAX_FILE_MB (32),
       LORAFORGE_UPLOAD_MAX_FILES (50000), LORAFORGE_UPLOAD_MAX_IMAGE_SIDE (8192),
       LORAFORGE_INFER_MAX_PROMPT_CHARS (4096), LORAFORGE_INFER_LORA_CACHE_MB (2048).

@@ -39,6 +39,8 @@ export interface JobSummary {
   endTime: string | null;
   /** Why it failed or was cancelled (Job.error's message); "" otherwise. */
   error: string;
+  /** Why it waits for a worker (Job.queued_reason); "" otherwise. */
+  queuedReason: string;
   validationPrompt: string;
 }
 
@@ -51,6 +53,7 @@ export function summarize(job: Job): JobSummary {
     createTime: job.createTime?.toISOString() ?? null,
     endTime: job.endTime?.toISOString() ?? null,
     error: errorMessage(job),
+    queuedReason: job.queuedReason,
     validationPrompt: job.spec?.validationPrompt ?? "",
   };
 }

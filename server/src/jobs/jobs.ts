@@ -15,11 +15,16 @@ import { retryFor } from "../core/retry.js";
 import { ruleViolations } from "../core/rules.js";
 import { hostViolations } from "./spec-checks.js";
 import { DeliverPolicy } from "@nats-io/jetstream";
-import { EVENTS_STREAM, isFinal, JobStore } from "./store.js";
+import { EVENTS_STREAM, isFinal, JobStore, type JobRecord } from "./store.js";
+import { queuedReason, requirementOf, type LiveWorker } from "./capabilities.js";
 import { telemetry } from "../core/telemetry.js";
 
 export const MAX_PAGE_SIZE = 1000;
 export const DEFAULT_PAGE_SIZE = 50;
+/** How long one read of the worker registry serves queued reasons (a job list reads it once). */
+const WORKERS_CACHE_MS = 1000;
+/** A registry slower than this (NATS in trouble) leaves reasons out rather than holding up GetJob. */
+const WORKERS_DEADLINE_MS = 2000;
 
 export interface ListOptions {
   /** Only jobs in this state; UNSPECIFIED for all. */
@@ -48,10 +53,41 @@ export class Jobs {
     private readonly roots: string[] = [],
   ) {}
 
+  private workersRead: { at: number; workers: Promise<LiveWorker[] | null> } | null = null;
+
   async get(jobId: string): Promise<Job> {
+    return this.withReason(await this.find(jobId), await this.liveWorkers());
+  }
+
+  /** The job's record, or NOT_FOUND (for calls that need no queued reason). */
+  private async find(jobId: string): Promise<JobRecord> {
     const cur = JOB_ID_PATTERN.test(jobId) ? await this.store.get(jobId) : null;
     if (!cur) throw jobNotFound(jobId);
-    return cur.job;
+    return cur;
+  }
+
+  /** The live workers, read at most once per WORKERS_CACHE_MS; null when the registry cannot be read. */
+  private liveWorkers(): Promise<LiveWorker[] | null> {
+    const now = Date.now();
+    if (!this.workersRead || now - this.workersRead.at > WORKERS_CACHE_MS)
+      this.workersRead = {
+        at: now,
+        workers: this.store.liveWorkers(WORKERS_DEADLINE_MS).catch((err) => {
+          log("debug", "reading the worker registry failed; queued reasons left out", { err: String(err) });
+          return null;
+        }),
+      };
+    return this.workersRead.workers;
+  }
+
+  /**
+   * The job as clients see it: a job no worker runs (QUEUED, or RUNNING handed back to the queue)
+   * carries why it waits, worked out from the live workers now, so it is never stale.
+   */
+  private withReason(rec: JobRecord, workers: LiveWorker[] | null): Job {
+    const waiting = rec.job.state === JobState.JOB_STATE_QUEUED || (rec.job.state === JobState.JOB_STATE_RUNNING && rec.worker === "");
+    if (!waiting || !workers) return rec.job;
+    return { ...rec.job, queuedReason: queuedReason(requirementOf(rec.job.spec), workers) };
   }
 
   /**
@@ -96,15 +132,16 @@ export class Jobs {
       }),
     );
     await this.store.enqueue(id, telemetry.inject());
-    log("info", "job queued", { job: id });
-    return job;
+    const answer = this.withReason({ job, attempts: 0, worker: "" }, await this.liveWorkers());
+    log("info", "job queued", { job: id, ...(answer.queuedReason ? { waiting: answer.queuedReason } : {}) });
+    return answer;
   }
 
   /** The job a concurrent submit with the same request_id is creating. */
   private async waitForRecord(jobId: string): Promise<Job> {
     for (let i = 0; i < 100; i++) {
       const cur = await this.store.get(jobId);
-      if (cur) return cur.job;
+      if (cur) return this.withReason(cur, await this.liveWorkers());
       await new Promise((r) => setTimeout(r, 50));
     }
     throw new ApiError(status.UNAVAILABLE, "REQUEST_IN_FLIGHT", `the job for this request_id (${jobId}) is still being created; retry`);
@@ -119,6 +156,7 @@ export class Jobs {
       ]);
     const size = opts.pageSize || DEFAULT_PAGE_SIZE;
     const ids = (await this.store.jobIds()).filter((id) => !opts.pageToken || id < opts.pageToken);
+    const workers = await this.liveWorkers();
     const jobs: Job[] = [];
     let nextPageToken = "";
     for (const id of ids) {
@@ -128,7 +166,7 @@ export class Jobs {
         nextPageToken = jobs[jobs.length - 1].id;
         break;
       }
-      jobs.push(cur.job);
+      jobs.push(this.withReason(cur, workers));
     }
     return { jobs, nextPageToken };
   }
@@ -144,7 +182,7 @@ export class Jobs {
 
   /** Cancels a queued job at once, or asks the worker of a running one to stop. */
   async cancel(jobId: string, reason = "cancelled by a client"): Promise<Job> {
-    await this.get(jobId);
+    await this.find(jobId);
     let cancelledWhileQueued = false;
     const updated = await this.store.update(jobId, (rec) => {
       const job = rec.job;
@@ -170,7 +208,7 @@ export class Jobs {
       }
       return rec;
     });
-    if (!updated) return this.get(jobId);
+    if (!updated) return (await this.find(jobId)).job;
     if (cancelledWhileQueued) {
       await this.store.publishEvent(
         JobEvent.fromPartial({
@@ -191,7 +229,7 @@ export class Jobs {
    * is yielded once and in order, also across a NATS restart.
    */
   async *follow(jobId: string, afterSequence: number, signal?: AbortSignal): AsyncGenerator<JobEvent> {
-    await this.get(jobId);
+    await this.find(jobId);
     // `delivered` guarantees nothing is yielded twice even if the stream replays.
     let delivered = afterSequence;
     // The stream sequence of the last message seen: a replacement consumer starts after it.
@@ -258,7 +296,7 @@ export class Jobs {
   async artifact(name: string): Promise<{ artifact: Artifact; bytes: AsyncGenerator<Uint8Array> }> {
     const jobId = jobOfArtifact(name);
     if (!jobId) throw jobNotFound(name);
-    const job = await this.get(jobId);
+    const { job } = await this.find(jobId);
     const artifact = job.artifacts.find(
       (a) => a.name === name || (a.kind === ArtifactKind.ARTIFACT_KIND_CHECKPOINT && a.name === name + "/"),
     );

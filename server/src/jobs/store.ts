@@ -2,7 +2,11 @@
 //   - KV bucket `loraforge_jobs`: job records (`jobs.<id>`: the public Job plus the worker-internal
 //     attempts and owner, see JobRecord) and idempotency keys (`requests.<sha256 of request_id>`),
 //     changed only by compare-and-set;
-//   - stream LORAFORGE_QUEUE (work queue): one message per job to run, id = job id;
+//   - stream LORAFORGE_QUEUE (work queue): one message per job to run, id = job id; a worker that
+//     cannot run a job (capabilities.ts) hands its message back with a delay (nak), so nothing
+//     counts deliveries against it (no max_deliver) and the job's record is not touched;
+//   - KV bucket `loraforge_workers`: the live workers and their devices (`w.<worker id>`), refreshed
+//     every WORKER_HEARTBEAT_MS; an entry not refreshed for WORKER_TTL_MS (a dead worker's) expires;
 //   - stream LORAFORGE_EVENTS: every JobEvent on `loraforge.v1.jobs.<id>.<kind>`.
 import { createHash } from "node:crypto";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -23,12 +27,23 @@ import { retryFor } from "../core/retry.js";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { status } from "@grpc/grpc-js";
 import { Job, JobEvent, JobState } from "@loraforge/sdk/gen/loraforge/v1/job";
+import type { LiveWorker } from "./capabilities.js";
 
 export const JOBS_BUCKET = "loraforge_jobs";
 export const EVENTS_STREAM = "LORAFORGE_EVENTS";
 export const QUEUE_STREAM = "LORAFORGE_QUEUE";
 export const QUEUE_SUBJECT = "loraforge.v1.queue.train";
 export const WORKERS_CONSUMER = "workers";
+export const WORKERS_BUCKET = "loraforge_workers";
+/** How often a worker refreshes its registry entry, and how long an entry lives without that. */
+export const WORKER_HEARTBEAT_MS = 10_000;
+export const WORKER_TTL_MS = 30_000;
+/**
+ * Unacked messages the queue consumer may have out at once. Declined jobs (nobody can run them)
+ * count here while they wait for redelivery; when the limit is reached the consumer hands out no new
+ * message, so it is far above any real backlog (NATS's default is 1000).
+ */
+export const QUEUE_MAX_ACK_PENDING = 100_000;
 export const eventSubject = (jobId: string, kind: string) => `loraforge.v1.jobs.${jobId}.${kind}`;
 
 /** How long a store read that has no timeout of its own may take before the call answers UNAVAILABLE. */
@@ -129,6 +144,8 @@ export class JobStore {
     readonly js: JetStreamClient,
     readonly jsm: JetStreamManager,
     readonly kv: KV,
+    /** The worker registry (WORKERS_BUCKET). */
+    readonly workers: KV,
   ) {}
 
   /**
@@ -166,14 +183,51 @@ export class JobStore {
         deliver_policy: DeliverPolicy.All,
         // A worker that stops sending in-progress acks for this long is presumed dead.
         ack_wait: ackWait,
-        max_ack_pending: 1000,
+        max_ack_pending: QUEUE_MAX_ACK_PENDING,
+        // Unlimited deliveries: a job declined by workers that cannot run it must never be dropped;
+        // retries of a failing job are counted in its record (attempts), not here.
+        max_deliver: -1,
         num_replicas: replicas,
       });
-    } else if (ackWaitMs !== undefined && existing.config.ack_wait !== ackWait) {
-      await jsm.consumers.update(QUEUE_STREAM, WORKERS_CONSUMER, { ack_wait: ackWait });
+    } else if (ackWaitMs !== undefined && (existing.config.ack_wait !== ackWait || (existing.config.max_ack_pending ?? 0) < QUEUE_MAX_ACK_PENDING)) {
+      // A queue made by an older version had NATS's default limit of 1000.
+      await jsm.consumers.update(QUEUE_STREAM, WORKERS_CONSUMER, { ack_wait: ackWait, max_ack_pending: QUEUE_MAX_ACK_PENDING });
     }
-    const kv = await new Kvm(nc).create(JOBS_BUCKET, { history: 1, storage: StorageType.File, replicas });
-    return new JobStore(nc, jetstream(nc), jsm, kv);
+    const kvm = new Kvm(nc);
+    const kv = await kvm.create(JOBS_BUCKET, { history: 1, storage: StorageType.File, replicas });
+    const workers = await kvm.create(WORKERS_BUCKET, { history: 1, ttl: WORKER_TTL_MS, storage: StorageType.File, replicas });
+    return new JobStore(nc, jetstream(nc), jsm, kv, workers);
+  }
+
+  /** Puts (or refreshes) a worker's registry entry. */
+  async announceWorker(w: LiveWorker): Promise<void> {
+    await this.workers.put(workerKey(w.id), new TextEncoder().encode(JSON.stringify(w)));
+  }
+
+  /** Removes a stopping worker's entry at once (a dead one's expires after WORKER_TTL_MS). */
+  async withdrawWorker(id: string): Promise<void> {
+    await this.workers.delete(workerKey(id));
+  }
+
+  /** The live workers: those whose entry was refreshed within WORKER_TTL_MS. UNAVAILABLE after `deadlineMs`. */
+  async liveWorkers(deadlineMs = STORE_DEADLINE_MS): Promise<LiveWorker[]> {
+    const out: LiveWorker[] = [];
+    let keys: { stop(): void } | undefined;
+    await withDeadline(
+      (async () => {
+        const iter = await this.workers.keys("w.>");
+        keys = iter;
+        const names: string[] = [];
+        for await (const k of iter) names.push(k);
+        for (const k of names) {
+          const e = await this.workers.get(k);
+          if (e?.operation === "PUT" && e.value.length > 0) out.push(JSON.parse(e.string()) as LiveWorker);
+        }
+      })(),
+      deadlineMs,
+      () => keys?.stop(),
+    );
+    return out;
   }
 
   async get(jobId: string): Promise<Versioned | null> {
@@ -278,6 +332,9 @@ export class JobStore {
     return Object.values(info.state.subjects ?? {}).reduce((a, b) => a + b, 0);
   }
 }
+
+/** A worker's registry key: its id with anything a NATS subject token may not hold replaced. */
+const workerKey = (id: string) => `w.${id.replace(/[^-/_=a-zA-Z0-9]/g, "_")}`;
 
 async function ensureStream(jsm: JetStreamManager, cfg: Parameters<JetStreamManager["streams"]["add"]>[0]) {
   try {

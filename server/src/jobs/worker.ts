@@ -7,6 +7,12 @@
 // job. Every later write is a compare-and-set that checks ownership, so a worker that was
 // presumed dead (its message redelivered to another) notices, stops its engine, and never
 // acks — a late ack cannot remove the message from under the new owner.
+//
+// Capabilities: before pulling, the worker finds out what devices it has (capabilities.ts) and
+// announces them in the worker registry, with whether it is busy, every WORKER_HEARTBEAT_MS. A
+// job it cannot run is declined: its message goes back to the queue with a delay (nak), untouched
+// by this worker, for one that can; the queue keeps offering it, so it waits, never fails, while
+// nobody fits.
 import { hostname } from "node:os";
 import { randomBytes } from "node:crypto";
 import { status } from "@grpc/grpc-js";
@@ -19,7 +25,18 @@ import { type EngineOptions } from "./engine.js";
 import { JobEventPublisher } from "./events.js";
 import { JobRun, LostOwnership, type RunHost, type Settle, type StopRequest } from "./job-run.js";
 import { log } from "../core/log.js";
-import { isFinal, JobStore, QUEUE_STREAM, WORKERS_CONSUMER, type JobRecord } from "./store.js";
+import { isFinal, JobStore, QUEUE_STREAM, WORKER_HEARTBEAT_MS, WORKERS_CONSUMER, type JobRecord } from "./store.js";
+import {
+  declineDelayMs,
+  describeRequirement,
+  detectDevices,
+  fits,
+  hostCpu,
+  requirementOf,
+  resolveCapabilities,
+  type Capabilities,
+  type DeviceOverrides,
+} from "./capabilities.js";
 import { telemetry } from "../core/telemetry.js";
 
 export interface WorkerOptions {
@@ -40,6 +57,8 @@ export interface WorkerOptions {
   onStop?: "cancel" | "requeue";
   /** In-progress acks are sent this often. Default 10 s (the consumer's ack wait is 60 s). */
   heartbeatMs?: number;
+  /** The operator's device overrides (LORAFORGE_WORKER_DEVICE_*); the rest is detected. Default none. */
+  devices?: DeviceOverrides;
 }
 
 export class Worker {
@@ -50,6 +69,15 @@ export class Worker {
   private current: JobRun | null = null;
   private loop: Promise<void> | null = null;
   private readonly opts: Required<WorkerOptions>;
+  /** What this worker advertises and runs; set before the first pull. */
+  capabilities: Capabilities | null = null;
+  /** The job this worker runs, "" while idle (announced in the registry). */
+  private busy = "";
+  private announcer: NodeJS.Timeout | null = null;
+  /** Stops a device detection still running when the worker is stopped. */
+  private readonly detecting = new AbortController();
+  /** The latest registry write; stop() waits for it so that a late write cannot outlive the withdrawal. */
+  private announcing: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly store: JobStore,
@@ -57,7 +85,39 @@ export class Worker {
     private readonly datasets: DatasetStore,
     opts: WorkerOptions,
   ) {
-    this.opts = { stopGraceMs: 60_000, maxAttempts: 3, retryBackoffMs: 2000, onStop: "cancel", heartbeatMs: 10_000, ...opts };
+    this.opts = { stopGraceMs: 60_000, maxAttempts: 3, retryBackoffMs: 2000, onStop: "cancel", heartbeatMs: 10_000, devices: {}, ...opts };
+  }
+
+  /**
+   * Works out the devices to advertise: the engine is asked unless the operator's overrides already
+   * say everything (kind cpu, or kind, count and memory); a failed answer falls back to the CPU.
+   */
+  private async findCapabilities(): Promise<Capabilities> {
+    const o = this.opts.devices;
+    const ask = !(o.kind === "cpu" || (o.kind && o.devices !== undefined && o.memoryMb !== undefined));
+    const detected = ask ? await detectDevices(this.opts.engine, this.detecting.signal).catch((err: Error) => err) : hostCpu();
+    const { caps, warnings } = resolveCapabilities(detected, o, hostCpu());
+    if (this.stopping) return caps; // stopped while asking: nothing to report
+    for (const w of warnings) log("warn", `worker: ${w}`, { worker: this.id });
+    log("info", "worker devices", { worker: this.id, kind: caps.kind, devices: caps.devices, memory_mb: caps.memoryMb, overridden: Object.keys(o).join(",") });
+    return caps;
+  }
+
+  /** Puts this worker's entry in the registry; a failure is retried by the next heartbeat. */
+  private announce(): Promise<void> {
+    if (!this.capabilities || this.stopping) return this.announcing;
+    const entry = { id: this.id, ...this.capabilities, busy: this.busy };
+    this.announcing = this.announcing.then(() =>
+      this.store.announceWorker(entry).catch((err) => {
+        log("debug", "worker: announcing to the registry failed; retried at the next heartbeat", { err: String(err) });
+      }),
+    );
+    return this.announcing;
+  }
+
+  private setBusy(jobId: string): void {
+    this.busy = jobId;
+    void this.announce();
   }
 
   start(): void {
@@ -70,10 +130,20 @@ export class Worker {
     const kind = this.opts.onStop;
     this.stopRequest = { kind, error: jobError(status.CANCELLED, kind === "cancel" ? "SERVER_SHUTDOWN" : "WORKER_STOPPED", reason) };
     this.current?.requestStop(this.stopRequest);
+    this.detecting.abort();
     await this.loop;
+    if (this.announcer) clearInterval(this.announcer);
+    // Gone from the registry at once, so jobs only it could run show why they wait.
+    const withdraw = this.announcing.then(() => this.store.withdrawWorker(this.id)).catch(() => {});
+    await Promise.race([withdraw, new Promise((r) => setTimeout(r, 2000).unref())]);
   }
 
   private async run(): Promise<void> {
+    const caps = await this.findCapabilities();
+    if (this.stopping) return;
+    this.capabilities = caps;
+    await this.announce();
+    this.announcer = setInterval(() => void this.announce(), WORKER_HEARTBEAT_MS);
     let consumer: Consumer | null = null;
     while (!this.stopping) {
       try {
@@ -109,6 +179,15 @@ export class Worker {
     if (!cur || isFinal(cur.job.state) || cur.job.state === JobState.JOB_STATE_CANCELLING) {
       // Cancelled while queued, or finished by a worker whose ack was lost: nothing to run.
       m.ack();
+      return;
+    }
+    const need = requirementOf(cur.job.spec);
+    if (!fits(need, this.capabilities!)) {
+      // Not for this worker: back to the queue, after a delay, for one that can run it. The record
+      // (state, attempts) stays as it is; API servers explain the wait from the registry.
+      const delay = declineDelayMs(m.info.deliveryCount);
+      log("debug", "declined a job this worker cannot run", { job: jobId, needs: describeRequirement(need), retry_in_ms: delay });
+      m.nak(delay);
       return;
     }
     // RUNNING here means an earlier worker died or its engine failed in a retryable way.
@@ -154,6 +233,7 @@ export class Worker {
       updateOwned: (id, a, change) => this.updateOwned(id, a, change),
       takenOver: (w, attempts, a) => this.takenOver(w, attempts, a),
     };
+    this.setBusy(jobId);
     const run = (this.current = new JobRun(started.job, attempt, events, host));
     // A shutdown that began while this job was being claimed.
     if (this.stopRequest) run.requestStop(this.stopRequest);
@@ -172,6 +252,7 @@ export class Worker {
     } finally {
       clearInterval(heartbeat);
       this.current = null;
+      this.setBusy("");
     }
     if (settle === "ack") m.ack();
     else if (settle === "retry") m.nak(Math.min(this.opts.retryBackoffMs * 2 ** (attempt - 1), 5 * 60_000));

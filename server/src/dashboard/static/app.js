@@ -102,6 +102,7 @@ function renderJobList() {
         el("div", { class: "row" }, el("span", { class: "id", title: j.id }, shortId(j.id)), el("span", { class: "state", "data-state": j.state }, j.state)),
         el("div", { class: "meta" }, [progress, when].filter(Boolean).join(" · ")),
         j.validationPrompt ? el("div", { class: "meta", title: j.validationPrompt }, `“${j.validationPrompt}”`) : null,
+        j.queuedReason ? el("div", { class: "meta waiting", title: j.queuedReason }, j.queuedReason) : null,
       );
       return el("li", {}, a);
     }),
@@ -121,6 +122,8 @@ function connectJobList() {
     listJobs = JSON.parse(e.data);
     listLoaded = true;
     renderJobList();
+    // The selected job's queued reason comes with the list, which the server keeps current.
+    if (view) scheduleRender();
     // With nothing chosen, follow the newest job.
     if (!selectedId && listJobs.length > 0) {
       history.replaceState(null, "", `#${encodeURIComponent(listJobs[0].id)}`);
@@ -313,6 +316,12 @@ function renderHead(v) {
   const err = $("job-error");
   err.hidden = !v.error;
   err.textContent = v.error;
+  // Why a job no worker runs is waiting (Job.queued_reason): the polled list's is the newest.
+  const listed = listJobs.find((x) => x.id === v.jobId);
+  const reason = (listed ? listed.queuedReason : v.job && v.job.queuedReason) || "";
+  const waiting = $("job-waiting");
+  waiting.hidden = !reason || FINAL.has(v.state) || v.state === "CANCELLING";
+  waiting.textContent = reason;
 }
 
 function renderGallery(v) {

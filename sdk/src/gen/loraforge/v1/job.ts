@@ -366,6 +366,16 @@ export interface Job {
   artifacts: Artifact[];
   /** Sequence number of the newest event published for this job. */
   lastSequence: number;
+  /**
+   * Why the job is waiting, while no worker runs it (QUEUED, or a RUNNING job
+   * handed back to the queue to resume): "no worker can run this job: …" when
+   * no live worker has the devices its spec asks for (device_kind, num_devices,
+   * min_device_memory_mb; the message names what it needs and what the live
+   * workers have), or "waiting for a free worker: …" when every worker that can
+   * run it is busy. Empty while a free worker that can run it exists, and once
+   * a worker runs the job. Worked out from the live workers at each read.
+   */
+  queuedReason: string;
 }
 
 /** Artifact is one file a job produced. */
@@ -577,6 +587,7 @@ function createBaseJob(): Job {
     totalSteps: 0,
     artifacts: [],
     lastSequence: 0,
+    queuedReason: "",
   };
 }
 
@@ -617,6 +628,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       writer.uint32(96).int64(message.lastSequence);
+    }
+    if (message.queuedReason !== "") {
+      writer.uint32(162).string(message.queuedReason);
     }
     return writer;
   },
@@ -730,6 +744,14 @@ export const Job: MessageFns<Job> = {
             message.lastSequence = longToNumber(reader.int64());
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.queuedReason = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -786,6 +808,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.last_sequence)
         ? globalThis.Number(object.last_sequence)
         : 0,
+      queuedReason: isSet(object.queuedReason)
+        ? globalThis.String(object.queuedReason)
+        : isSet(object.queued_reason)
+        ? globalThis.String(object.queued_reason)
+        : "",
     };
   },
 
@@ -827,6 +854,9 @@ export const Job: MessageFns<Job> = {
     if (message.lastSequence !== 0) {
       obj.lastSequence = Math.round(message.lastSequence);
     }
+    if (message.queuedReason !== "") {
+      obj.queuedReason = message.queuedReason;
+    }
     return obj;
   },
 
@@ -851,6 +881,7 @@ export const Job: MessageFns<Job> = {
     message.totalSteps = object.totalSteps ?? 0;
     message.artifacts = object.artifacts?.map((e) => Artifact.fromPartial(e)) || [];
     message.lastSequence = object.lastSequence ?? 0;
+    message.queuedReason = object.queuedReason ?? "";
     return message;
   },
 };
