@@ -549,7 +549,10 @@ export interface StepMetrics {
   totalSteps: number;
   /** Epoch the step belongs to, 0-based. */
   epoch: number;
-  /** Mean diffusion loss (MSE) over the step's micro-batches. */
+  /**
+   * Mean diffusion loss (MSE) over the step's micro-batches; with prior
+   * preservation, the instance loss + prior_loss_weight × the class images' loss.
+   */
   loss: number;
   /** Learning rate used for this step. */
   learningRate: number;
