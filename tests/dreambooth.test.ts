@@ -8,7 +8,7 @@ import { copyFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { status } from "@grpc/grpc-js";
 import { after, before, describe, it } from "node:test";
-import { ArtifactKind, JobEvent, LoraforgeError, stateName, type ClassImageProgress } from "@loraforge/sdk";
+import { ArtifactKind, InvalidSpecError, JobEvent, LoraforgeError, stateName, type ClassImageProgress } from "@loraforge/sdk";
 import { assertNoHostPaths, collect, download, fixtures, quickSpec, startServer, tmpDir, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const CLASS_PROMPT = "a photo of a shape";
@@ -46,6 +46,13 @@ describe("DreamBooth", () => {
       assert.equal(err.code, status.FAILED_PRECONDITION);
       assert.equal(err.reason, "DATASET_UNCAPTIONED");
       assert.match(err.message, /no captions.*instance_prompt/);
+      return true;
+    });
+
+    // Prior preservation needs a class prompt: refused at Train, naming the field.
+    await assert.rejects(srv.client.train(quickSpec(f, { datasetId: instances.id, instancePrompt: "x", withPriorPreservation: true })), (err: unknown) => {
+      assert.ok(err instanceof InvalidSpecError, String(err));
+      assert.deepEqual(err.violations.map((v) => v.field), ["spec.class_prompt"]);
       return true;
     });
 
