@@ -259,6 +259,27 @@ describe("dashboard", () => {
     assert.equal(await page.$('img[src="y-injected"]'), null);
   });
 
+  it("shows a DreamBooth job's class images: given, cached, generated, ready", { timeout: 300_000 }, async () => {
+    const job = await stack.client.train(
+      quickSpec(f, {
+        instancePrompt: "a photo of sks shape",
+        withPriorPreservation: true,
+        classPrompt: "a photo of a <b>shape</b>",
+        numClassImages: 2,
+        classInferenceSteps: 1,
+        classSampleBatchSize: 1,
+        maxTrainSteps: 1,
+      }) as never,
+    );
+    assert.equal(stateName((await job.result()).state), "SUCCEEDED");
+    await page.goto(`${stack.url}?token=${TOKEN}`);
+    await page.goto(`${stack.url}#${job.id}`);
+    await page.waitForFunction(() => /ready/.test(document.getElementById("ci-summary")?.textContent ?? ""), undefined, WAIT);
+    assert.equal(await page.isVisible("#class-images"), true);
+    assert.equal(await page.textContent("#ci-summary"), "2 class images of “a photo of a <b>shape</b>”: 0 given, 0 from the cache, 2 of 2 generated — ready");
+    assert.equal(await page.$eval("#ci-progress", (e) => (e as HTMLProgressElement).value), 2);
+  });
+
   it("cancels a running job from the cancel button", { timeout: 300_000 }, async () => {
     const job = await stack.client.train(quickSpec(f, { maxTrainSteps: 2000, checkpointingSteps: 1000 }) as never);
     await page.goto(`${stack.url}#${job.id}`);

@@ -222,6 +222,15 @@ describe("SDK", () => {
     await bad(folderWith("notes.png", Buffer.from("just some text, not an image")), /^notes\.png$/);
     await bad(folderWith("cut.png", good.subarray(0, Math.floor(good.length / 2))), /^cut\.png$/);
     await bad(folderWith("huge.png", pngHeader(50_000, 50_000)), /^huge\.png$/);
+    // A set with no captions at all is an uncaptioned set (for instance_prompt); one with some is a mistake.
+    await bad((dir) => {
+      const d = path.join(dir, "partly");
+      mkdirSync(d);
+      writeFileSync(path.join(d, "a.png"), good);
+      writeFileSync(path.join(d, "a.txt"), "a caption");
+      writeFileSync(path.join(d, "b.png"), good);
+      return d;
+    }, /^b\.png$/);
     const zipWith = (entries: Record<string, Uint8Array>) => (dir: string) => {
       const z = path.join(dir, "evil.zip");
       writeFileSync(z, zipSync(entries));

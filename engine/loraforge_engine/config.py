@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.0, "validation_epochs": 0, "lora_format": "diffusers", "cache_latents": True,
     "shuffle_tags": False, "keep_tags": 0, "min_image_side": 8, "aspect_ratio_buckets": False, "bucket_step": 64,
     "bucket_max_aspect": 4.0, "num_devices": 1, "min_device_memory_mb": 0,
+    "prior_loss_weight": 1.0, "num_class_images": 100, "class_sample_batch_size": 4, "class_inference_steps": 50,
 }
 
 _DESCRIPTOR = training_spec_pb2.TrainingSpec.DESCRIPTOR
@@ -82,6 +83,8 @@ class TrainingSpec:
             m.base_model = os.path.abspath(m.base_model)
         if m.WhichOneof("dataset") == "dataset_dir":
             m.dataset_dir = os.path.abspath(m.dataset_dir)
+        if m.WhichOneof("class_data") == "class_data_dir":
+            m.class_data_dir = os.path.abspath(m.class_data_dir)
         self.message = m
         self._values = {f.name: _read_field(m, f) for f in _DESCRIPTOR.fields}
 
@@ -199,6 +202,8 @@ def rule_violations(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, 
     for v in validator().collect_violations(message):
         field = _field_path(v.proto.field)
         text = v.proto.message or v.proto.rule_id
+        if not field and "." in v.proto.rule_id:  # a rule across fields: named by the field its id starts with
+            field = v.proto.rule_id.split(".")[0]
         oneof = _DESCRIPTOR.oneofs_by_name.get(field)
         if oneof is not None:
             text += f" ({', '.join(f.name for f in oneof.fields)})"
@@ -216,6 +221,10 @@ def _engine_checks(message: training_spec_pb2.TrainingSpec) -> list[tuple[str, s
     if message.WhichOneof("dataset") == "dataset_id":
         errors.append(("dataset_id", f"{message.dataset_id!r}: the engine trains from a folder; the worker fetches "
                                      "an uploaded data set and hands the engine dataset_dir instead"))
+    if message.WhichOneof("class_data") == "class_dataset_id":
+        errors.append(("class_dataset_id", f"{message.class_dataset_id!r}: the engine reads class images from a "
+                                           "folder; the worker fetches an uploaded data set and hands the engine "
+                                           "class_data_dir instead"))
     if (message.HasField("bucket_min_side") and message.HasField("bucket_max_side")
             and message.bucket_min_side > message.bucket_max_side):
         errors.append(("bucket_max_side", f"must be at least bucket_min_side ({message.bucket_min_side}), "

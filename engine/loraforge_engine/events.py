@@ -113,6 +113,15 @@ class EventWriter:
         note(f"[loraforge] data set: {report.images_used} of {report.images_found} images used, "
              f"{report.skipped_total} skipped")
 
+    def class_images(self, *, class_prompt: str, total: int, given: int, cached: int, generated: int,
+                     to_generate: int, done: bool) -> None:
+        """Prior preservation: how many class images are ready, while the missing ones are generated."""
+        self.emit(job_pb2.JobEvent(class_images=job_pb2.ClassImageProgress(
+            class_prompt=class_prompt, total=total, given=given, cached=cached, generated=generated,
+            to_generate=to_generate, done=done)))
+        note(f"[loraforge] class images: {given} given, {cached} cached, {generated} of {to_generate} generated"
+             f"{' (ready)' if done else ''}")
+
     def checkpoint(self, step: int, folder: str | os.PathLike, *, root: str | os.PathLike) -> None:
         art = folder_artifact(job_pb2.ARTIFACT_KIND_CHECKPOINT, root, folder, step)
         self.emit(job_pb2.JobEvent(checkpoint=job_pb2.CheckpointSaved(step=step, artifact=art)))

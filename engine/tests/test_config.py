@@ -42,6 +42,8 @@ def test_defaults_follow_the_proto():
     assert (s.lora_format, s.cache_latents, s.torch_compile) == ("diffusers", True, False)
     assert (s.instance_prompt, s.shuffle_tags, s.keep_tags, s.min_image_side) == (None, False, 0, 8)
     assert (s.aspect_ratio_buckets, s.bucket_step, s.bucket_max_aspect, s.bucket_sides) == (False, 64, 4.0, (256, 1024))
+    assert (s.with_prior_preservation, s.class_prompt, s.class_data_dir, s.prior_loss_weight, s.num_class_images,
+            s.class_sample_batch_size, s.class_inference_steps) == (False, None, None, 1.0, 100, 4, 50)
     assert parse_spec({**BASE, "resolution": 64}).bucket_sides == (64, 128)  # the minimum is at least one step
     assert parse_spec({**BASE, "bucketMinSide": 320, "bucketMaxSide": 640}).bucket_sides == (320, 640)
 
@@ -118,6 +120,12 @@ def test_camel_and_snake_case_and_int64_strings():
     ({"baseModel": ""}, "base_model", "''"),
     ({"instancePrompt": "   "}, "instance_prompt", "'   '"),
     ({"keepTags": -1}, "keep_tags", "-1"),
+    ({"withPriorPreservation": True, "classPrompt": " "}, "class_prompt", "' '"),
+    ({"priorLossWeight": 0}, "prior_loss_weight", "0"),
+    ({"numClassImages": 0}, "num_class_images", "0"),
+    ({"classSampleBatchSize": 0}, "class_sample_batch_size", "0"),
+    ({"classInferenceSteps": 1001}, "class_inference_steps", "1001"),
+    ({"classDataDir": ""}, "class_data_dir", "''"),
     ({"minImageSide": 0}, "min_image_side", "0"),
     ({"bucketStep": 12}, "bucket_step", "12"),
     ({"bucketMinSide": 4}, "bucket_min_side", "4"),

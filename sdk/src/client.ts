@@ -93,7 +93,17 @@ export type DatasetSource =
  * (unset: the server's documented default). Enum fields take the generated enums, e.g.
  * `lrScheduler: LrScheduler.LR_SCHEDULER_COSINE`. A whole `TrainingSpec` message fits too.
  */
-export type SpecInput = Omit<Partial<TrainingSpec>, "baseModel" | "dataset"> & { baseModel: string } & DatasetSource;
+export type SpecInput = Omit<Partial<TrainingSpec>, "baseModel" | "dataset" | "classData"> & { baseModel: string } & DatasetSource & ClassDataSource;
+
+/**
+ * DreamBooth's class images you already have (optional, with `withPriorPreservation`; TrainingSpec's
+ * `class_data` oneof): `classDatasetId`, an uploaded set; `classDataDir`, a folder on the server host;
+ * or the oneof itself, `classData: { $case: "classDataDir", classDataDir }`. Missing ones are generated.
+ */
+export type ClassDataSource =
+  | { classDatasetId?: string; classDataDir?: never; classData?: never }
+  | { classDataDir?: string; classDatasetId?: never; classData?: never }
+  | { classData?: TrainingSpec["classData"]; classDatasetId?: never; classDataDir?: never };
 
 /** An Infer request as the SDK accepts it: only the prompt and base model are required. */
 export type InferInput = DeepPartial<InferRequest> & Pick<InferRequest, "prompt" | "baseModel">;
@@ -106,15 +116,29 @@ const DATASET_KEYS = ["datasetId", "datasetDir", "datasetName"] as const;
  * (`spec.dataset`).
  */
 export function trainingSpec(input: SpecInput): TrainingSpec {
-  const { datasetId, datasetDir, datasetName, dataset, ...rest } = input as Partial<Record<(typeof DATASET_KEYS)[number], string>> &
-    Omit<SpecInput, (typeof DATASET_KEYS)[number] | "dataset"> & { dataset?: TrainingSpec["dataset"] };
+  const { datasetId, datasetDir, datasetName, dataset, classDatasetId, classDataDir, classData, ...rest } = input as Partial<
+    Record<(typeof DATASET_KEYS)[number] | "classDatasetId" | "classDataDir", string>
+  > &
+    Omit<SpecInput, (typeof DATASET_KEYS)[number] | "dataset" | "classDatasetId" | "classDataDir" | "classData"> & {
+      dataset?: TrainingSpec["dataset"];
+      classData?: TrainingSpec["classData"];
+    };
   const flat = { datasetId, datasetDir, datasetName };
   const given = DATASET_KEYS.filter((k) => flat[k] !== undefined);
   if (given.length + (dataset ? 1 : 0) > 1)
     throw new TypeError(`a spec takes one data set source, got ${[...given, ...(dataset ? ["dataset"] : [])].join(" and ")}`);
   const k = given[0];
   const source = dataset ?? (k === "datasetId" ? { $case: k, datasetId: flat[k]! } : k === "datasetDir" ? { $case: k, datasetDir: flat[k]! } : k === "datasetName" ? { $case: k, datasetName: flat[k]! } : undefined);
-  return TrainingSpec.fromPartial({ ...rest, dataset: source });
+  const classGiven = [classDatasetId !== undefined, classDataDir !== undefined, classData !== undefined].filter(Boolean).length;
+  if (classGiven > 1) throw new TypeError("a spec takes one class image source (classDatasetId, classDataDir or classData)");
+  const classSource: TrainingSpec["classData"] =
+    classData ??
+    (classDatasetId !== undefined
+      ? { $case: "classDatasetId", classDatasetId }
+      : classDataDir !== undefined
+        ? { $case: "classDataDir", classDataDir }
+        : undefined);
+  return TrainingSpec.fromPartial({ ...rest, dataset: source, classData: classSource });
 }
 
 /** The job id in an artifact name ("jobs/<job id>/…"); "" when the name has none. */

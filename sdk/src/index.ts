@@ -41,6 +41,7 @@ export {
   ValidationImages,
   LogLine,
   DatasetReport,
+  ClassImageProgress,
   SkippedImage,
   SkipReason,
   CaptionSource,

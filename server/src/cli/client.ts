@@ -11,6 +11,7 @@ import {
   artifactFileName,
   ArtifactKind,
   createClient,
+  ClassImageProgress,
   DatasetReport,
   SkipReason,
   errorMessage,
@@ -428,6 +429,11 @@ export function datasetLine(r: DatasetReport): string {
   return `data set: ${r.imagesUsed} of ${r.imagesFound} images used${skipped}; sizes ${buckets || "–"}; cached: ${caches.join(", ") || "nothing"}`;
 }
 
+/** Prior preservation's class images: given, cached, generated so far. */
+export function classImagesLine(c: ClassImageProgress): string {
+  return `class images (${JSON.stringify(c.classPrompt)}): ${c.given} given, ${c.cached} cached, ${c.generated} of ${c.toGenerate} generated${c.done ? "; ready" : ""}`;
+}
+
 /** One line of --json output. */
 const printJson = (value: unknown) => void process.stdout.write(JSON.stringify(value) + "\n");
 
@@ -467,7 +473,9 @@ async function follow(client: LoraforgeClient, jobId: string, after: number, jso
                 ? p.log.message
                 : p?.$case === "dataset"
                   ? datasetLine(p.dataset)
-                  : "";
+                  : p?.$case === "classImages"
+                    ? classImagesLine(p.classImages)
+                    : "";
       if (text) process.stdout.write(`${tty ? "\r\x1b[K" : ""}${text}\n`);
     }
     if (p?.$case === "state") final = p.state.state;
@@ -610,7 +618,7 @@ export async function runClient(command: string, argv: string[]): Promise<number
             ? await client.datasets.delete(a.positional[1])
             : await client.datasets.upload(path.resolve(a.positional[1]), { name: one(a, "name") });
         if (json) printJson(protoJson(Dataset, "loraforge.v1.Dataset", ds));
-        else process.stdout.write(`${ds.id}  ${ds.imageCount} images  ${ds.sizeBytes} bytes\n`);
+        else process.stdout.write(`${ds.id}  ${ds.imageCount} images${ds.uncaptioned ? " (uncaptioned: train with --instance-prompt)" : ""}  ${ds.sizeBytes} bytes\n`);
         return EXIT.OK;
       }
       default:

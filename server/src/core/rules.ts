@@ -18,9 +18,30 @@ export function ruleViolations<T>(codec: Encoder<T>, typeName: string, message: 
   // "error" is a rule the validator cannot evaluate: a broken contract, not a bad request.
   if (result.kind === "error") throw result.error;
   return result.violations.map((v) => {
-    const got = shownValue(reflect(desc, m), v.field);
-    return { field: pathToString(v.field), description: got === undefined ? v.message : `${v.message}, got ${got}` };
+    const root = reflect(desc, m);
+    const got = shownValue(root, v.field);
+    const at = pathToString(v.field);
+    const across = crossFieldName(root, v.field, v.ruleId);
+    const field = across ? (at ? `${at}.${across}` : across) : at;
+    return { field, description: got === undefined ? v.message : `${v.message}, got ${got}` };
   });
+}
+
+/**
+ * A message's rule across its fields (a CEL rule on the message, whose violation points at the
+ * message) is named by the field its id starts with: "class_prompt.required_with_prior_preservation"
+ * on the spec → "spec.class_prompt", as the engine names it.
+ */
+function crossFieldName(root: ReflectMessage, path: Path, ruleId: string): string | undefined {
+  if (!ruleId.includes(".")) return undefined;
+  let cur: unknown = root;
+  for (const step of path) {
+    if (step.kind === "field" && isReflectMessage(cur)) cur = cur.get(step);
+    else return undefined;
+  }
+  if (!isReflectMessage(cur)) return undefined;
+  const name = ruleId.split(".")[0];
+  return cur.desc.fields.some((f) => f.name === name) ? name : undefined;
 }
 
 /** The value at `path` as a short text for a message ("0", "\"to q\""), or undefined for messages, lists and bytes. */

@@ -74,6 +74,8 @@ interface DatasetManifest {
   name: string;
   imageCount: number;
   files: { name: string; size: number }[];
+  /** No image has a caption (absent in manifests from before uncaptioned sets were taken: captioned). */
+  uncaptioned?: boolean;
 }
 
 /**
@@ -91,11 +93,11 @@ export class DatasetStore {
   private static manifestName = (id: string) => `datasets/${id}.json`;
 
   /** Stores the checked set in `dir` under `id`; the manifest goes last. */
-  async put(id: string, name: string, dir: string, imageCount: number): Promise<void> {
+  async put(id: string, name: string, dir: string, imageCount: number, uncaptioned = false): Promise<void> {
     const files = readdirSync(dir).sort().map((f) => ({ name: f, size: statSync(path.join(dir, f)).size }));
     try {
       for (const f of files) await this.objects.putFile(`datasets/${id}/${f.name}`, path.join(dir, f.name));
-      const manifest: DatasetManifest = { id, name, imageCount, files };
+      const manifest: DatasetManifest = { id, name, imageCount, files, ...(uncaptioned ? { uncaptioned } : {}) };
       await this.objects.os.putBlob({ name: DatasetStore.manifestName(id) }, new TextEncoder().encode(JSON.stringify(manifest)));
     } catch (err) {
       for (const f of files) await this.objects.os.delete(`datasets/${id}/${f.name}`).catch(() => undefined);
@@ -146,7 +148,13 @@ export class DatasetStore {
     await this.objects.os.delete(DatasetStore.manifestName(id));
     for (const f of manifest.files) await this.objects.os.delete(`datasets/${id}/${f.name}`).catch(() => undefined);
     rmSync(path.join(this.cacheRoot, id), { recursive: true, force: true });
-    return { id, name: manifest.name, imageCount: manifest.imageCount, sizeBytes: manifest.files.reduce((a, f) => a + f.size, 0) };
+    return { id, name: manifest.name, imageCount: manifest.imageCount, sizeBytes: manifest.files.reduce((a, f) => a + f.size, 0), uncaptioned: !!manifest.uncaptioned };
+  }
+
+  /** Whether stored set `id` has no captions (false for an unknown set or one cached from before manifests). */
+  async uncaptioned(id: string): Promise<boolean> {
+    if (!DATASET_ID_PATTERN.test(id)) return false;
+    return !!(await this.manifest(id))?.uncaptioned;
   }
 
   /** Whether a set with this id was uploaded (or, from before sets were stored, is in this host's cache). */
@@ -315,8 +323,12 @@ export function imageSize(buf: Buffer): { width: number; height: number } | null
   return null;
 }
 
-/** Checks a finished set folder; returns the number of captioned images or throws INVALID_DATASET. */
-async function checkSet(dir: string, limits: DatasetLimits): Promise<number> {
+/**
+ * Checks a finished set folder; returns the number of images (captioned, or all of an uncaptioned
+ * set: one with no .txt and no metadata.jsonl) or throws INVALID_DATASET. A set where some images
+ * have captions and others not is refused: that is a mistake in it.
+ */
+async function checkSet(dir: string, limits: DatasetLimits): Promise<{ count: number; uncaptioned: boolean }> {
   const names = readdirSync(dir).sort();
   const bad: FieldViolation[] = [];
   const images = names.filter((n) => IMAGE_EXTENSIONS.includes(path.extname(n).toLowerCase()));
@@ -358,13 +370,16 @@ async function checkSet(dir: string, limits: DatasetLimits): Promise<number> {
   } else {
     for (const img of images) if (names.includes(img.slice(0, -path.extname(img).length) + ".txt")) captioned.add(img);
   }
-  for (const img of images) if (!captioned.has(img)) bad.push({ field: img, description: "has no caption (a same-named .txt, or a metadata.jsonl line)" });
+  // No caption source at all: an uncaptioned set (DreamBooth photos, class images), for instance_prompt.
+  const uncaptioned = !names.includes("metadata.jsonl") && !names.some((n) => n.endsWith(".txt")) && images.length > 0;
+  if (!uncaptioned)
+    for (const img of images) if (!captioned.has(img)) bad.push({ field: img, description: "has no caption (a same-named .txt, or a metadata.jsonl line)" });
   for (const n of names.filter((n) => n.endsWith(".txt"))) {
     const text = readFileSync(path.join(dir, n));
     if (!isUtf8(text)) bad.push({ field: n, description: "is not UTF-8 text" });
   }
   if (bad.length > 0) throw invalidDataset(bad);
-  return captioned.size;
+  return uncaptioned ? { count: images.length, uncaptioned } : { count: captioned.size, uncaptioned };
 }
 
 const isUtf8 = (b: Buffer) => {
@@ -460,15 +475,15 @@ export class DatasetUpload {
         await this.extract(this.zip.file);
         rmSync(this.zip.file);
       }
-      const count = await checkSet(this.tmp, this.limits);
+      const { count, uncaptioned } = await checkSet(this.tmp, this.limits);
       const sizeBytes = readdirSync(this.tmp).reduce((a, n) => a + statSync(path.join(this.tmp, n)).size, 0);
       // Read again: other servers may have stored sets meanwhile.
       this.stored = await this.store.storedBytes();
       this.store.charge(this.id, sizeBytes, this.stored, this.limits.maxStoredBytes);
-      await this.store.put(this.id, this.name, this.tmp, count);
+      await this.store.put(this.id, this.name, this.tmp, count, uncaptioned);
       renameSync(this.tmp, path.join(this.store.cacheRoot, this.id));
       this.store.release(this.id);
-      return { id: this.id, name: this.name, imageCount: count, sizeBytes };
+      return { id: this.id, name: this.name, imageCount: count, sizeBytes, uncaptioned };
     } catch (err) {
       this.abort();
       throw err;

@@ -134,6 +134,16 @@ export class JobRun {
         return { error: jobError(status.FAILED_PRECONDITION, "DATASET_NOT_FOUND", err.message, { dataset_id: id }) };
       }
     }
+    if (spec.classData?.$case === "classDatasetId") {
+      // DreamBooth class images from an uploaded set: a folder on this host, as the data set.
+      const id = spec.classData.classDatasetId;
+      try {
+        spec.classData = { $case: "classDataDir", classDataDir: await this.host.datasets.localFolder(id) };
+      } catch (err) {
+        if (!(err instanceof DatasetMissing)) throw err;
+        return { error: jobError(status.FAILED_PRECONDITION, "DATASET_NOT_FOUND", err.message, { class_dataset_id: id }) };
+      }
+    }
     const named = spec.resumeFromCheckpoint !== undefined && spec.resumeFromCheckpoint !== "latest" ? spec.resumeFromCheckpoint : undefined;
     if (named) spec.resumeFromCheckpoint = undefined;
     // A retry continues from this job's own newest checkpoint when it has one.
@@ -257,6 +267,8 @@ export class JobRun {
         // torch.compile's kernels and graphs outlive the job here, so that only the first compiling job on a
         // machine pays the full compile (measured on the tiny model: 81 s cold, 7.6 s from this cache).
         ...(process.env.TORCHINDUCTOR_CACHE_DIR ? {} : { TORCHINDUCTOR_CACHE_DIR: path.join(this.host.stateDir, "cache", "torch-compile") }),
+        // The engine's own caches (DreamBooth class images) outlive the job here too.
+        ...(process.env.LORAFORGE_CACHE_DIR ? {} : { LORAFORGE_CACHE_DIR: path.join(this.host.stateDir, "cache") }),
       },
     );
     this.engine = engine;
@@ -308,6 +320,10 @@ export class JobRun {
         break;
       case "dataset":
         // The data set report: images used and skipped (named relative to the set), sizes, buckets, caches.
+        this.events.emit(p, ev.time);
+        break;
+      case "classImages":
+        // Prior preservation: class images given, cached and generated so far.
         this.events.emit(p, ev.time);
         break;
     }

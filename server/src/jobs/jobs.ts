@@ -104,6 +104,7 @@ export class Jobs {
       violations.push(...(await hostViolations(spec, { roots: this.roots, datasets: this.datasets, store: this.store }, flagged)));
     }
     if (violations.length > 0) throw invalidSpec(violations);
+    await this.checkCaptions(spec!);
 
     const id = newJobId();
     if (requestId) {
@@ -135,6 +136,23 @@ export class Jobs {
     const answer = this.withReason({ job, attempts: 0, worker: "" }, await this.liveWorkers());
     log("info", "job queued", { job: id, ...(answer.queuedReason ? { waiting: answer.queuedReason } : {}) });
     return answer;
+  }
+
+  /**
+   * An uploaded set without captions trains only with instance_prompt: without one the job could
+   * only fail, so Train refuses it (FAILED_PRECONDITION, DATASET_UNCAPTIONED) saying what to do.
+   */
+  private async checkCaptions(spec: TrainingSpec): Promise<void> {
+    const ds = spec.dataset;
+    if (ds?.$case !== "datasetId" || spec.instancePrompt !== undefined) return;
+    if (!(await this.datasets.uncaptioned(ds.datasetId))) return;
+    throw new ApiError(
+      status.FAILED_PRECONDITION,
+      "DATASET_UNCAPTIONED",
+      `data set ${ds.datasetId} has no captions (it was uploaded without .txt files or metadata.jsonl); set instance_prompt to caption every image, or upload it with captions`,
+      [],
+      { dataset_id: ds.datasetId },
+    );
   }
 
   /** The job a concurrent submit with the same request_id is creating. */
@@ -175,7 +193,10 @@ export class Jobs {
   async datasetUser(datasetId: string): Promise<string | null> {
     for (const id of await this.store.jobIds()) {
       const cur = await this.store.get(id);
-      if (cur && !isFinal(cur.job.state) && cur.job.spec?.dataset?.$case === "datasetId" && cur.job.spec.dataset.datasetId === datasetId) return id;
+      const spec = cur?.job.spec;
+      if (!cur || isFinal(cur.job.state) || !spec) continue;
+      if (spec.dataset?.$case === "datasetId" && spec.dataset.datasetId === datasetId) return id;
+      if (spec.classData?.$case === "classDatasetId" && spec.classData.classDatasetId === datasetId) return id;
     }
     return null;
   }

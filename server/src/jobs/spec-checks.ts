@@ -1,6 +1,6 @@
 // What the contract's rules cannot check about a TrainingSpec, because only this host knows:
 // that its folders exist inside the data roots and hold a diffusers model or captioned images,
-// that an uploaded set it names was stored, and that a checkpoint it resumes from exists.
+// that an uploaded set it names (data or class images) was stored, and that a checkpoint it resumes from exists.
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
@@ -49,6 +49,17 @@ export async function hostViolations(spec: TrainingSpec, host: SpecHost, flagged
   if (ds?.$case === "datasetId")
     await check("spec.dataset_id", async () =>
       (await host.datasets.exists(ds.datasetId)) ? null : `no uploaded data set has id ${JSON.stringify(ds.datasetId)} (DatasetService.UploadDataset returns one)`,
+    );
+  // DreamBooth class images: a host folder confined like dataset_dir (it may hold none: they are generated), or a stored set.
+  const cd = spec.classData;
+  if (cd?.$case === "classDataDir")
+    await check("spec.class_data_dir", () => {
+      const where = hostPath(cd.classDataDir, host.roots, "folder");
+      return "problem" in where ? where.problem : null;
+    });
+  if (cd?.$case === "classDatasetId")
+    await check("spec.class_dataset_id", async () =>
+      (await host.datasets.exists(cd.classDatasetId)) ? null : `no uploaded data set has id ${JSON.stringify(cd.classDatasetId)} (DatasetService.UploadDataset returns one)`,
     );
   const resume = spec.resumeFromCheckpoint;
   if (resume !== undefined && resume !== "latest")

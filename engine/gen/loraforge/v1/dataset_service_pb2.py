@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"loraforge/v1/dataset_service.proto\x12\x0cloraforge.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\"\x8b\x01\n\x07\x44\x61taset\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12%\n\x0bimage_count\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03R\nimageCount\x12#\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\tsizeBytesJ\x04\x08\x03\x10\x04R\x04path\"\xb7\x01\n\x14UploadDatasetRequest\x12;\n\x06header\x18\x01 \x01(\x0b\x32!.loraforge.v1.UploadDatasetHeaderH\x00R\x06header\x12\x34\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x1e.loraforge.v1.DatasetFileChunkH\x00R\x04\x66ile\x12\x1d\n\tzip_chunk\x18\x03 \x01(\x0cH\x00R\x08zipChunkB\r\n\x04part\x12\x05\xbaH\x02\x08\x01\"5\n\x13UploadDatasetHeader\x12\x1e\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x04name\"\\\n\x10\x44\x61tasetFileChunk\x12)\n\x04name\x18\x01 \x01(\tB\x15\xbaH\x12r\x10\x10\x01\x18\xff\x01\x32\t^[^/\\\\]+$R\x04name\x12\x1d\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@R\x04\x64\x61ta\"H\n\x15UploadDatasetResponse\x12/\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.loraforge.v1.DatasetR\x07\x64\x61taset\"Q\n\x14\x44\x65leteDatasetRequest\x12\x39\n\ndataset_id\x18\x01 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^ds-[a-z0-9]{1,64}$R\tdatasetId\"H\n\x15\x44\x65leteDatasetResponse\x12/\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.loraforge.v1.DatasetR\x07\x64\x61taset2\xc6\x01\n\x0e\x44\x61tasetService\x12Z\n\rUploadDataset\x12\".loraforge.v1.UploadDatasetRequest\x1a#.loraforge.v1.UploadDatasetResponse(\x01\x12X\n\rDeleteDataset\x12\".loraforge.v1.DeleteDatasetRequest\x1a#.loraforge.v1.DeleteDatasetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"loraforge/v1/dataset_service.proto\x12\x0cloraforge.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\"\xb3\x01\n\x07\x44\x61taset\x12\x14\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03R\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12%\n\x0bimage_count\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03R\nimageCount\x12#\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03R\tsizeBytes\x12&\n\x0buncaptioned\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x03R\x0buncaptionedJ\x04\x08\x03\x10\x04R\x04path\"\xb7\x01\n\x14UploadDatasetRequest\x12;\n\x06header\x18\x01 \x01(\x0b\x32!.loraforge.v1.UploadDatasetHeaderH\x00R\x06header\x12\x34\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x1e.loraforge.v1.DatasetFileChunkH\x00R\x04\x66ile\x12\x1d\n\tzip_chunk\x18\x03 \x01(\x0cH\x00R\x08zipChunkB\r\n\x04part\x12\x05\xbaH\x02\x08\x01\"5\n\x13UploadDatasetHeader\x12\x1e\n\x04name\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01R\x04name\"\\\n\x10\x44\x61tasetFileChunk\x12)\n\x04name\x18\x01 \x01(\tB\x15\xbaH\x12r\x10\x10\x01\x18\xff\x01\x32\t^[^/\\\\]+$R\x04name\x12\x1d\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@R\x04\x64\x61ta\"H\n\x15UploadDatasetResponse\x12/\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.loraforge.v1.DatasetR\x07\x64\x61taset\"Q\n\x14\x44\x65leteDatasetRequest\x12\x39\n\ndataset_id\x18\x01 \x01(\tB\x1a\xbaH\x17r\x15\x32\x13^ds-[a-z0-9]{1,64}$R\tdatasetId\"H\n\x15\x44\x65leteDatasetResponse\x12/\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.loraforge.v1.DatasetR\x07\x64\x61taset2\xc6\x01\n\x0e\x44\x61tasetService\x12Z\n\rUploadDataset\x12\".loraforge.v1.UploadDatasetRequest\x1a#.loraforge.v1.UploadDatasetResponse(\x01\x12X\n\rDeleteDataset\x12\".loraforge.v1.DeleteDatasetRequest\x1a#.loraforge.v1.DeleteDatasetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASET'].fields_by_name['image_count']._serialized_options = b'\342A\001\003'
   _globals['_DATASET'].fields_by_name['size_bytes']._loaded_options = None
   _globals['_DATASET'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['uncaptioned']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['uncaptioned']._serialized_options = b'\342A\001\003'
   _globals['_UPLOADDATASETREQUEST'].oneofs_by_name['part']._loaded_options = None
   _globals['_UPLOADDATASETREQUEST'].oneofs_by_name['part']._serialized_options = b'\272H\002\010\001'
   _globals['_UPLOADDATASETHEADER'].fields_by_name['name']._loaded_options = None
@@ -50,19 +52,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEDATASETREQUEST'].fields_by_name['dataset_id']._loaded_options = None
   _globals['_DELETEDATASETREQUEST'].fields_by_name['dataset_id']._serialized_options = b'\272H\027r\0252\023^ds-[a-z0-9]{1,64}$'
   _globals['_DATASET']._serialized_start=115
-  _globals['_DATASET']._serialized_end=254
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=257
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=440
-  _globals['_UPLOADDATASETHEADER']._serialized_start=442
-  _globals['_UPLOADDATASETHEADER']._serialized_end=495
-  _globals['_DATASETFILECHUNK']._serialized_start=497
-  _globals['_DATASETFILECHUNK']._serialized_end=589
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=591
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=663
-  _globals['_DELETEDATASETREQUEST']._serialized_start=665
-  _globals['_DELETEDATASETREQUEST']._serialized_end=746
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=748
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=820
-  _globals['_DATASETSERVICE']._serialized_start=823
-  _globals['_DATASETSERVICE']._serialized_end=1021
+  _globals['_DATASET']._serialized_end=294
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=297
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=480
+  _globals['_UPLOADDATASETHEADER']._serialized_start=482
+  _globals['_UPLOADDATASETHEADER']._serialized_end=535
+  _globals['_DATASETFILECHUNK']._serialized_start=537
+  _globals['_DATASETFILECHUNK']._serialized_end=629
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=631
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=703
+  _globals['_DELETEDATASETREQUEST']._serialized_start=705
+  _globals['_DELETEDATASETREQUEST']._serialized_end=786
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=788
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=860
+  _globals['_DATASETSERVICE']._serialized_start=863
+  _globals['_DATASETSERVICE']._serialized_end=1061
 # @@protoc_insertion_point(module_scope)

@@ -154,8 +154,9 @@ function newView(jobId) {
     validations: new Map(), // step → {step, prompt, images: Map(artifact name → artifact)}
     log: [],
     dataset: null,       // the DatasetReport
+    classImages: null,   // the newest ClassImageProgress (prior preservation)
     lastSequence: 0,
-    dirty: { charts: true, gallery: true, files: true, log: true, dataset: true },
+    dirty: { charts: true, gallery: true, files: true, log: true, dataset: true, classImages: true },
   };
 }
 
@@ -216,6 +217,9 @@ function applyEvent(v, ev) {
   } else if (ev.dataset) {
     v.dataset = ev.dataset;
     v.dirty.dataset = true;
+  } else if (ev.classImages) {
+    v.classImages = ev.classImages;
+    v.dirty.classImages = true;
   } else if (ev.log) {
     const t = ev.time ? new Date(ev.time).toLocaleTimeString() : "";
     v.log.push(`${t} ${String(ev.log.level || "").replace("LOG_LEVEL_", "")} ${ev.log.message || ""}`);
@@ -406,6 +410,21 @@ function renderDataset(v) {
   );
 }
 
+/** Prior preservation: the class images given, cached and generated so far, with a bar while they are made. */
+function renderClassImages(v) {
+  const c = v.classImages;
+  $("class-images").hidden = !c;
+  if (!c) return;
+  const generated = int(c.generated), toGenerate = int(c.toGenerate);
+  $("ci-summary").textContent =
+    `${int(c.total)} class images of “${c.classPrompt || ""}”: ${int(c.given)} given, ${int(c.cached)} from the cache, ` +
+    `${generated} of ${toGenerate} generated` + (c.done ? " — ready" : " — generating with the base model…");
+  const bar = $("ci-progress");
+  bar.max = Math.max(1, toGenerate);
+  bar.value = toGenerate ? generated : 1;
+  bar.dataset.generated = String(generated);
+}
+
 function renderSpec(job) {
   const spec = (job && job.spec) || {};
   $("spec").replaceChildren(
@@ -433,6 +452,7 @@ function render() {
   if (v.dirty.gallery) { renderGallery(v); v.dirty.gallery = false; }
   if (v.dirty.files) { renderFiles(v); v.dirty.files = false; }
   if (v.dirty.dataset) { renderDataset(v); v.dirty.dataset = false; }
+  if (v.dirty.classImages) { renderClassImages(v); v.dirty.classImages = false; }
   if (v.dirty.log) {
     const pre = $("log");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;

@@ -34,10 +34,19 @@ export interface Dataset {
   id: string;
   /** The client's name for it (from the header). */
   name: string;
-  /** Captioned images in the set. */
+  /** Captioned images in the set (every image of an uncaptioned set). */
   imageCount: number;
   /** Bytes stored. */
   sizeBytes: number;
+  /**
+   * True when no image of the set has a caption (no .txt, no
+   * metadata.jsonl), as DreamBooth instance photos or class images usually
+   * come: train on it with TrainingSpec.instance_prompt (or use it as
+   * class_dataset_id); a job without instance_prompt is refused
+   * (FAILED_PRECONDITION, reason DATASET_UNCAPTIONED). image_count then
+   * counts every image.
+   */
+  uncaptioned: boolean;
 }
 
 /** UploadDatasetRequest is one message of an upload stream. */
@@ -92,7 +101,7 @@ export interface DeleteDatasetResponse {
 }
 
 function createBaseDataset(): Dataset {
-  return { id: "", name: "", imageCount: 0, sizeBytes: 0 };
+  return { id: "", name: "", imageCount: 0, sizeBytes: 0, uncaptioned: false };
 }
 
 export const Dataset: MessageFns<Dataset> = {
@@ -108,6 +117,9 @@ export const Dataset: MessageFns<Dataset> = {
     }
     if (message.sizeBytes !== 0) {
       writer.uint32(40).int64(message.sizeBytes);
+    }
+    if (message.uncaptioned !== false) {
+      writer.uint32(48).bool(message.uncaptioned);
     }
     return writer;
   },
@@ -157,6 +169,14 @@ export const Dataset: MessageFns<Dataset> = {
             message.sizeBytes = longToNumber(reader.int64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.uncaptioned = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -183,6 +203,7 @@ export const Dataset: MessageFns<Dataset> = {
         : isSet(object.size_bytes)
         ? globalThis.Number(object.size_bytes)
         : 0,
+      uncaptioned: isSet(object.uncaptioned) ? globalThis.Boolean(object.uncaptioned) : false,
     };
   },
 
@@ -200,6 +221,9 @@ export const Dataset: MessageFns<Dataset> = {
     if (message.sizeBytes !== 0) {
       obj.sizeBytes = Math.round(message.sizeBytes);
     }
+    if (message.uncaptioned !== false) {
+      obj.uncaptioned = message.uncaptioned;
+    }
     return obj;
   },
 
@@ -212,6 +236,7 @@ export const Dataset: MessageFns<Dataset> = {
     message.name = object.name ?? "";
     message.imageCount = object.imageCount ?? 0;
     message.sizeBytes = object.sizeBytes ?? 0;
+    message.uncaptioned = object.uncaptioned ?? false;
     return message;
   },
 };
@@ -707,7 +732,8 @@ export const DeleteDatasetResponse: MessageFns<DeleteDatasetResponse> = {
  * DatasetService receives captioned image sets from clients that do not share a
  * file system with the server. Every file is checked before anything is kept:
  * names (no paths, no traversal), types, sizes, image headers (dimensions read
- * before decoding), full decoding, and a caption for every image.
+ * before decoding), full decoding, and a caption for every image, or for
+ * none (an uncaptioned set, for instance_prompt).
  */
 export type DatasetServiceService = typeof DatasetServiceService;
 export const DatasetServiceService = {

@@ -785,7 +785,70 @@ export interface TrainingSpec {
    * memory on CPU). Only a worker whose devices have at least this much
    * takes the job. Default 0 (no requirement); 0..16777216.
    */
-  minDeviceMemoryMb?: number | undefined;
+  minDeviceMemoryMb?:
+    | number
+    | undefined;
+  /**
+   * DreamBooth's prior-preservation loss (Ruiz et al. 2022; diffusers'
+   * train_dreambooth_lora*.py): every batch of instance images (usually a few
+   * photos captioned by instance_prompt, e.g. "a photo of sks dog") trains
+   * together with as many class images captioned by class_prompt ("a photo of
+   * a dog"), and the loss is the instance loss + prior_loss_weight × the class
+   * images' loss, so the model keeps what it knew of the class. Class images
+   * come from class_dataset_id / class_data_dir; when these hold fewer than
+   * num_class_images (or none is given), the missing ones are generated with
+   * the base model at the job's start (ClassImageProgress events) and cached
+   * on the worker for later jobs with the same model, prompt and settings.
+   * Requires class_prompt. Default false.
+   */
+  withPriorPreservation: boolean;
+  /**
+   * The class images' caption, e.g. "a photo of a dog". Required with
+   * with_prior_preservation. Non-blank, at most 2000 characters.
+   */
+  classPrompt?:
+    | string
+    | undefined;
+  /**
+   * Class images you already have (optional; any captions they carry are
+   * not read, class_prompt captions them all). Images beyond
+   * num_class_images are not used.
+   */
+  classData:
+    | //
+    /** An uploaded data set (DatasetService.UploadDataset), captioned or not. */
+    { $case: "classDatasetId"; classDatasetId: string }
+    | //
+    /**
+     * A folder of images on the server host, an absolute path inside the
+     * server's data roots. Nothing is written into it.
+     */
+    { $case: "classDataDir"; classDataDir: string }
+    | undefined;
+  /** Weight of the class images' loss. Default 1.0; > 0 and ≤ 1000. */
+  priorLossWeight?:
+    | number
+    | undefined;
+  /**
+   * Class images the run trains with: those given first, the rest generated.
+   * Default 100 (diffusers'); 1..100000.
+   */
+  numClassImages?:
+    | number
+    | undefined;
+  /**
+   * Images generated per pipeline call when making class images. Default 4;
+   * 1..256.
+   */
+  classSampleBatchSize?:
+    | number
+    | undefined;
+  /**
+   * Denoising steps per generated class image, with the base model's own
+   * scheduler and its pipeline's default guidance (7.5 for SD 1.x/2.x, 5.0
+   * for SDXL), at resolution × resolution. Default 50; 1..1000.
+   */
+  classInferenceSteps?: number | undefined;
 }
 
 function createBaseTrainingSpec(): TrainingSpec {
@@ -852,6 +915,13 @@ function createBaseTrainingSpec(): TrainingSpec {
     numDevices: undefined,
     deviceKind: 0,
     minDeviceMemoryMb: undefined,
+    withPriorPreservation: false,
+    classPrompt: undefined,
+    classData: undefined,
+    priorLossWeight: undefined,
+    numClassImages: undefined,
+    classSampleBatchSize: undefined,
+    classInferenceSteps: undefined,
   };
 }
 
@@ -1050,6 +1120,32 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     }
     if (message.minDeviceMemoryMb !== undefined) {
       writer.uint32(552).int32(message.minDeviceMemoryMb);
+    }
+    if (message.withPriorPreservation !== false) {
+      writer.uint32(560).bool(message.withPriorPreservation);
+    }
+    if (message.classPrompt !== undefined) {
+      writer.uint32(570).string(message.classPrompt);
+    }
+    switch (message.classData?.$case) {
+      case "classDatasetId":
+        writer.uint32(578).string(message.classData.classDatasetId);
+        break;
+      case "classDataDir":
+        writer.uint32(586).string(message.classData.classDataDir);
+        break;
+    }
+    if (message.priorLossWeight !== undefined) {
+      writer.uint32(593).double(message.priorLossWeight);
+    }
+    if (message.numClassImages !== undefined) {
+      writer.uint32(600).int32(message.numClassImages);
+    }
+    if (message.classSampleBatchSize !== undefined) {
+      writer.uint32(608).int32(message.classSampleBatchSize);
+    }
+    if (message.classInferenceSteps !== undefined) {
+      writer.uint32(616).int32(message.classInferenceSteps);
     }
     return writer;
   },
@@ -1579,6 +1675,70 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
             message.minDeviceMemoryMb = reader.int32();
             continue;
           }
+          case 70: {
+            if (tag !== 560) {
+              break;
+            }
+
+            message.withPriorPreservation = reader.bool();
+            continue;
+          }
+          case 71: {
+            if (tag !== 570) {
+              break;
+            }
+
+            message.classPrompt = reader.string();
+            continue;
+          }
+          case 72: {
+            if (tag !== 578) {
+              break;
+            }
+
+            message.classData = { $case: "classDatasetId", classDatasetId: reader.string() };
+            continue;
+          }
+          case 73: {
+            if (tag !== 586) {
+              break;
+            }
+
+            message.classData = { $case: "classDataDir", classDataDir: reader.string() };
+            continue;
+          }
+          case 74: {
+            if (tag !== 593) {
+              break;
+            }
+
+            message.priorLossWeight = reader.double();
+            continue;
+          }
+          case 75: {
+            if (tag !== 600) {
+              break;
+            }
+
+            message.numClassImages = reader.int32();
+            continue;
+          }
+          case 76: {
+            if (tag !== 608) {
+              break;
+            }
+
+            message.classSampleBatchSize = reader.int32();
+            continue;
+          }
+          case 77: {
+            if (tag !== 616) {
+              break;
+            }
+
+            message.classInferenceSteps = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1895,6 +2055,45 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
         : isSet(object.min_device_memory_mb)
         ? globalThis.Number(object.min_device_memory_mb)
         : undefined,
+      withPriorPreservation: isSet(object.withPriorPreservation)
+        ? globalThis.Boolean(object.withPriorPreservation)
+        : isSet(object.with_prior_preservation)
+        ? globalThis.Boolean(object.with_prior_preservation)
+        : false,
+      classPrompt: isSet(object.classPrompt)
+        ? globalThis.String(object.classPrompt)
+        : isSet(object.class_prompt)
+        ? globalThis.String(object.class_prompt)
+        : undefined,
+      classData: isSet(object.classDatasetId)
+        ? { $case: "classDatasetId", classDatasetId: globalThis.String(object.classDatasetId) }
+        : isSet(object.class_dataset_id)
+        ? { $case: "classDatasetId", classDatasetId: globalThis.String(object.class_dataset_id) }
+        : isSet(object.classDataDir)
+        ? { $case: "classDataDir", classDataDir: globalThis.String(object.classDataDir) }
+        : isSet(object.class_data_dir)
+        ? { $case: "classDataDir", classDataDir: globalThis.String(object.class_data_dir) }
+        : undefined,
+      priorLossWeight: isSet(object.priorLossWeight)
+        ? globalThis.Number(object.priorLossWeight)
+        : isSet(object.prior_loss_weight)
+        ? globalThis.Number(object.prior_loss_weight)
+        : undefined,
+      numClassImages: isSet(object.numClassImages)
+        ? globalThis.Number(object.numClassImages)
+        : isSet(object.num_class_images)
+        ? globalThis.Number(object.num_class_images)
+        : undefined,
+      classSampleBatchSize: isSet(object.classSampleBatchSize)
+        ? globalThis.Number(object.classSampleBatchSize)
+        : isSet(object.class_sample_batch_size)
+        ? globalThis.Number(object.class_sample_batch_size)
+        : undefined,
+      classInferenceSteps: isSet(object.classInferenceSteps)
+        ? globalThis.Number(object.classInferenceSteps)
+        : isSet(object.class_inference_steps)
+        ? globalThis.Number(object.class_inference_steps)
+        : undefined,
     };
   },
 
@@ -2090,6 +2289,29 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     if (message.minDeviceMemoryMb !== undefined) {
       obj.minDeviceMemoryMb = Math.round(message.minDeviceMemoryMb);
     }
+    if (message.withPriorPreservation !== false) {
+      obj.withPriorPreservation = message.withPriorPreservation;
+    }
+    if (message.classPrompt !== undefined) {
+      obj.classPrompt = message.classPrompt;
+    }
+    if (message.classData?.$case === "classDatasetId") {
+      obj.classDatasetId = message.classData.classDatasetId;
+    } else if (message.classData?.$case === "classDataDir") {
+      obj.classDataDir = message.classData.classDataDir;
+    }
+    if (message.priorLossWeight !== undefined) {
+      obj.priorLossWeight = floatToJson(message.priorLossWeight);
+    }
+    if (message.numClassImages !== undefined) {
+      obj.numClassImages = Math.round(message.numClassImages);
+    }
+    if (message.classSampleBatchSize !== undefined) {
+      obj.classSampleBatchSize = Math.round(message.classSampleBatchSize);
+    }
+    if (message.classInferenceSteps !== undefined) {
+      obj.classInferenceSteps = Math.round(message.classInferenceSteps);
+    }
     return obj;
   },
 
@@ -2179,6 +2401,26 @@ export const TrainingSpec: MessageFns<TrainingSpec> = {
     message.numDevices = object.numDevices ?? undefined;
     message.deviceKind = object.deviceKind ?? 0;
     message.minDeviceMemoryMb = object.minDeviceMemoryMb ?? undefined;
+    message.withPriorPreservation = object.withPriorPreservation ?? false;
+    message.classPrompt = object.classPrompt ?? undefined;
+    switch (object.classData?.$case) {
+      case "classDatasetId": {
+        if (object.classData?.classDatasetId !== undefined && object.classData?.classDatasetId !== null) {
+          message.classData = { $case: "classDatasetId", classDatasetId: object.classData.classDatasetId };
+        }
+        break;
+      }
+      case "classDataDir": {
+        if (object.classData?.classDataDir !== undefined && object.classData?.classDataDir !== null) {
+          message.classData = { $case: "classDataDir", classDataDir: object.classData.classDataDir };
+        }
+        break;
+      }
+    }
+    message.priorLossWeight = object.priorLossWeight ?? undefined;
+    message.numClassImages = object.numClassImages ?? undefined;
+    message.classSampleBatchSize = object.classSampleBatchSize ?? undefined;
+    message.classInferenceSteps = object.classInferenceSteps ?? undefined;
     return message;
   },
 };
