@@ -488,20 +488,25 @@ describe("the disk bound on finished jobs' outputs", () => {
 
   before(async () => {
     f = fixtures();
-    // Bound 0: a host keeps no finished job's folder but the newest one's.
-    srv = await startServer({ env: { LORAFORGE_JOB_OUTPUTS_MAX_MB: "0", LORAFORGE_DASHBOARD_ADDRESS: "off" } });
+    // Bounds 0: a host keeps no finished job's folder but the newest one's, and no data set copy after a job.
+    srv = await startServer({ env: { LORAFORGE_JOB_OUTPUTS_MAX_MB: "0", LORAFORGE_DATASET_COPIES_MAX_MB: "0", LORAFORGE_DASHBOARD_ADDRESS: "off" } });
   });
 
   after(async () => {
     await srv?.stop();
   });
 
-  it("removes the least recently finished job's local folder once another ends; its artifacts stay in the store", async () => {
+  it("removes the least recently finished job's local folder and the data set copy once a job ends; both come back from the store", async () => {
     const jobsDir = path.join(srv.stateDir, "jobs");
-    const first = await (await srv.client.train(quickSpec(f, { maxTrainSteps: 2, checkpointingSteps: 1 }))).result();
+    const copies = path.join(srv.stateDir, "datasets");
+    const set = await srv.client.datasets.upload(f.dataset);
+    const spec = quickSpec(f, { datasetId: set.id, maxTrainSteps: 2, checkpointingSteps: 1 });
+    const first = await (await srv.client.train(spec)).result();
     assert.equal(first.state, JobState.JOB_STATE_SUCCEEDED);
     assert.ok(existsSync(path.join(jobsDir, first.id)), "the newest finished job's folder stays");
-    const second = await (await srv.client.train(quickSpec(f, { maxTrainSteps: 2, checkpointingSteps: 1 }))).result();
+    assert.deepEqual(readdirSync(copies).filter((n) => !n.startsWith(".")), [], "the data set copy is removed after the job");
+    // The second job on the same set fetches it again from the object store.
+    const second = await (await srv.client.train(spec)).result();
     assert.equal(second.state, JobState.JOB_STATE_SUCCEEDED);
     assert.deepEqual(readdirSync(jobsDir), [second.id]);
     assert.match(srv.stderr.join(""), /removed local copies to stay within the disk bound/);

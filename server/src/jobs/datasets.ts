@@ -14,6 +14,7 @@ import type { Dataset, UploadDatasetRequest } from "@loraforge/sdk/gen/loraforge
 import { ApiError, datasetNotFound, datasetQuotaExceeded, type FieldViolation } from "../core/errors.js";
 import { realPathIn } from "../core/paths.js";
 import type { ArtifactStore } from "./artifacts.js";
+import { touch } from "./disk.js";
 
 /** Image types the engine reads (uploads take all but .bmp). */
 export const IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"];
@@ -169,7 +170,10 @@ export class DatasetStore {
   async localFolder(id: string): Promise<string> {
     if (!DATASET_ID_PATTERN.test(id)) throw new Error(`${JSON.stringify(id)} is not a data set id`);
     const dest = path.join(this.cacheRoot, id);
-    if (existsSync(dest)) return dest;
+    if (existsSync(dest)) {
+      touch(dest); // just used: the disk bound removes others first
+      return dest;
+    }
     const manifest = await this.manifest(id);
     if (!manifest) throw new DatasetMissing(id);
     // Fetched beside the cache and renamed into it, so a half-fetched set is never used.

@@ -427,15 +427,23 @@ export class JobRun {
   }
 
   /**
-   * Keeps this host's job output folders within LORAFORGE_JOB_OUTPUTS_MAX_MB: the least recently
-   * finished go (their artifacts are in the object store), never this job's nor one that has not ended
-   * (a later attempt here resumes from the checkpoints it left).
+   * Keeps this host's local copies within their bounds once a job ends. Job output folders
+   * (LORAFORGE_JOB_OUTPUTS_MAX_MB): the least recently finished go (their artifacts are in the object
+   * store), never this job's nor one that has not ended (a later attempt here resumes from the
+   * checkpoints it left). Data set copies (LORAFORGE_DATASET_COPIES_MAX_MB): least recently used first;
+   * a host runs one job at a time, so none is in use now, and a later job fetches its set again.
    */
   private async pruneOutputs(): Promise<void> {
     const root = path.dirname(this.outputDir);
     touch(this.outputDir);
+    const bounds = diskBounds();
     try {
-      await pruneFolders(root, diskBounds().jobOutputsBytes, async (id) => {
+      await pruneFolders(this.host.datasets.cacheRoot, bounds.datasetCopiesBytes, () => false);
+    } catch (err) {
+      log("warn", "could not prune this host's data set copies", { root: this.host.datasets.cacheRoot, err: String(err) });
+    }
+    try {
+      await pruneFolders(root, bounds.jobOutputsBytes, async (id) => {
         if (id === this.job.id) return true;
         let rec: JobRecord | null;
         try {
