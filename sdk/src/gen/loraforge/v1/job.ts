@@ -366,6 +366,13 @@ export interface Job {
   artifacts: Artifact[];
   /** Sequence number of the newest event published for this job. */
   lastSequence: number;
+  /**
+   * Content hash of the base model's files when Train accepted the job
+   * (engine/loraforge_engine/fingerprint.py, as BaseModel.model_hash); a
+   * worker refuses a same-named model whose hash differs. Empty when the
+   * server could not hash the folder.
+   */
+  baseModelHash: string;
 }
 
 /** Artifact is one file a job produced. */
@@ -577,6 +584,7 @@ function createBaseJob(): Job {
     totalSteps: 0,
     artifacts: [],
     lastSequence: 0,
+    baseModelHash: "",
   };
 }
 
@@ -617,6 +625,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       writer.uint32(96).int64(message.lastSequence);
+    }
+    if (message.baseModelHash !== "") {
+      writer.uint32(130).string(message.baseModelHash);
     }
     return writer;
   },
@@ -730,6 +741,14 @@ export const Job: MessageFns<Job> = {
             message.lastSequence = longToNumber(reader.int64());
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.baseModelHash = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -786,6 +805,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.last_sequence)
         ? globalThis.Number(object.last_sequence)
         : 0,
+      baseModelHash: isSet(object.baseModelHash)
+        ? globalThis.String(object.baseModelHash)
+        : isSet(object.base_model_hash)
+        ? globalThis.String(object.base_model_hash)
+        : "",
     };
   },
 
@@ -827,6 +851,9 @@ export const Job: MessageFns<Job> = {
     if (message.lastSequence !== 0) {
       obj.lastSequence = Math.round(message.lastSequence);
     }
+    if (message.baseModelHash !== "") {
+      obj.baseModelHash = message.baseModelHash;
+    }
     return obj;
   },
 
@@ -851,6 +878,7 @@ export const Job: MessageFns<Job> = {
     message.totalSteps = object.totalSteps ?? 0;
     message.artifacts = object.artifacts?.map((e) => Artifact.fromPartial(e)) || [];
     message.lastSequence = object.lastSequence ?? 0;
+    message.baseModelHash = object.baseModelHash ?? "";
     return message;
   },
 };
