@@ -79,7 +79,7 @@ describe("named base models", () => {
     assert.equal(done.state, JobState.JOB_STATE_SUCCEEDED, errorMessage(done));
     assert.equal(done.spec?.baseModel, "models/tiny", "the job keeps the name");
     assert.match(done.baseModelHash, /^[0-9a-f]{32}$/);
-    assertNoHostPaths(protoJson(Job, "loraforge.v1.Job", await srv.client.jobs.get(done.id)), [], "GetJob");
+    assertNoHostPaths(protoJson(Job, "loraforge.v1.Job", await srv.client.jobs.get(done.id)), [f.dataset], "GetJob (the data set folder is the client's own)");
 
     const models = await srv.client.listModels();
     assertNoHostPaths(protoJson(ListModelsResponse, "loraforge.v1.ListModelsResponse", models), [], "ListModels");
