@@ -176,7 +176,9 @@ export async function startServer(cfg: ServerConfig): Promise<Running> {
   try {
     const jobs = new Jobs(stores.store, stores.artifacts, stores.datasets, cfg.dataRoots, {
       dir: cfg.modelsDir,
-      hasher: new ModelHasher({ python: cfg.python, engineDir: cfg.engineDir }),
+      // A model changed in the last second may be recorded with its old hash; a worker then refuses
+      // the job (MODEL_CHANGED) rather than train on another model.
+      hasher: new ModelHasher({ python: cfg.python, engineDir: cfg.engineDir }, 1000),
     });
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });

@@ -111,11 +111,30 @@ export function engineModelHash(engine: HashEngine, modelDir: string): Promise<s
 /** Content hashes of model folders, each computed once and kept while its statSignature stays the same. */
 export class ModelHasher {
   private readonly byPath = new Map<string, { signature: string; hash: Promise<string> }>();
+  private readonly signatures = new Map<string, { at: number; signature: Promise<string> }>();
 
-  constructor(private readonly engine: HashEngine) {}
+  /**
+   * `reuseSignatureMs`: a folder's signature (~0.6 ms of stats for the tiny model) is reused this long,
+   * so that a burst of Train calls stats it once (0: every call stats; a change is then seen at once).
+   */
+  constructor(
+    private readonly engine: HashEngine,
+    private readonly reuseSignatureMs = 0,
+  ) {}
+
+  private signatureOf(modelDir: string): Promise<string> {
+    if (this.reuseSignatureMs <= 0) return statSignature(modelDir);
+    const now = performance.now();
+    const hit = this.signatures.get(modelDir);
+    if (hit && now - hit.at < this.reuseSignatureMs) return hit.signature;
+    const signature = statSignature(modelDir);
+    this.signatures.set(modelDir, { at: now, signature });
+    signature.catch(() => this.signatures.delete(modelDir));
+    return signature;
+  }
 
   async hashOf(modelDir: string): Promise<string> {
-    const signature = await statSignature(modelDir);
+    const signature = await this.signatureOf(modelDir);
     let known = this.byPath.get(modelDir);
     if (!known || known.signature !== signature) {
       const hash = engineModelHash(this.engine, modelDir);
