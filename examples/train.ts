@@ -1,10 +1,10 @@
 // Trains a LoRA through the SDK, follows it live, downloads the LoRA file (with --lora) and
 // draws an image with it through the Infer RPC (with --image).
-//   node examples/dist/train.js --address 127.0.0.1:50051 --model DIR (--upload DIR | --data DIR | --dataset-id ID)
+//   node examples/dist/train.js --address 127.0.0.1:50051 --model models/NAME|DIR (--upload DIR | --data DIR | --dataset-id ID)
 //        [--steps 60] [--lora lora.safetensors] [--image out.png]
 // --upload sends a local folder to the server first (DatasetService) and trains on the stored set;
 // --data names a folder on the server host; --dataset-id a set uploaded before. The base model is a
-// folder on the server host.
+// model of the server's models folder (models/<name>) or a folder on the server host.
 import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
@@ -24,9 +24,11 @@ const { values } = parseArgs({
 });
 const sources = [values.upload, values.data, values["dataset-id"]].filter((v) => v !== undefined);
 if (!values.model || sources.length !== 1) {
-  console.error("usage: train.js --address HOST:PORT --model MODEL_DIR (--upload DIR | --data DIR | --dataset-id ID) [--steps N] [--lora FILE] [--image FILE]");
+  console.error("usage: train.js --address HOST:PORT --model models/NAME|MODEL_DIR (--upload DIR | --data DIR | --dataset-id ID) [--steps N] [--lora FILE] [--image FILE]");
   process.exit(2);
 }
+// "models/<name>" is a model of the server's models folder; anything else a folder on the server host.
+const baseModel = values.model.startsWith("models/") ? values.model : path.resolve(values.model);
 
 const client = createClient({ address: values.address!, token: process.env.LORAFORGE_API_TOKEN });
 try {
@@ -40,7 +42,7 @@ try {
   else dataset = { datasetId: values["dataset-id"]! };
 
   const job = await client.train({
-    baseModel: path.resolve(values.model),
+    baseModel,
     ...dataset,
     resolution: 64,
     trainBatchSize: 4,
@@ -95,7 +97,7 @@ try {
       const prompt = "a red circle on a blue background";
       const res = await client.infer({
         prompt,
-        baseModel: path.resolve(values.model),
+        baseModel,
         loras: [{ source: { $case: "jobId", jobId: job.id }, scale: 1 }],
         sampler: Sampler.SAMPLER_EULER,
         numInferenceSteps: 20,

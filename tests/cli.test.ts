@@ -202,14 +202,15 @@ describe("loraforge CLI", () => {
 
   it("--help on every command lists its options; train --help lists every TrainingSpec field", () => {
     const expected: Record<string, string[]> = {
-      serve: ["--address", "--state-dir", "--nats", "--data-root", "--no-worker", "--dashboard"],
-      worker: ["--nats", "--state-dir"],
+      serve: ["--address", "--state-dir", "--nats", "--data-root", "--models-dir", "--no-worker", "--dashboard"],
+      worker: ["--nats", "--state-dir", "--models-dir"],
       train: ["--request-id", "--follow", "--json", "--address", "--token"],
       jobs: ["--state", "--limit", "--json"],
       watch: ["--after", "--json"],
       cancel: ["--json", "--token"],
       download: ["-o, --output", "--json"],
       infer: ["--base-model", "--prompt", "--lora", "--lora-file", "--steps", "--sampler", "euler, ddim, dpmpp_2m", "--prompt-2", "--negative-crop", "--negative-target-size", "-o, --output"],
+      models: ["--json"],
       datasets: ["--name", "--json"],
       "export-onnx": ["--out"],
     };

@@ -18,6 +18,7 @@ import { meanAbsDiff, PROMPT, reference, referenceJob, rgb, safetensorsKeys, TOL
 
 describe("InferenceService on SDXL", () => {
   let srv: ServerProcess;
+  let modelHash = "";
   let dir: string;
   let model: string;
   let lora: string;
@@ -50,6 +51,7 @@ describe("InferenceService on SDXL", () => {
       srv.client.infer({ baseModel: model, prompt: PROMPT, numInferenceSteps: 1 } as InferInput),
     ]);
     assert.equal(first.images.length, 1);
+    modelHash = first.modelHash;
   });
 
   after(async () => {
@@ -58,7 +60,9 @@ describe("InferenceService on SDXL", () => {
 
   it("lists the SDXL export with slots on the UNet and both text encoders", async () => {
     const res = await srv.client.listModels();
-    const xl = res.baseModels.find((m) => m.path === path.resolve(model));
+    // A folder given by path is listed by its hash, without the folder (BaseModel.path stays empty).
+    const xl = res.baseModels.find((m) => m.modelHash === modelHash);
+    assert.deepEqual([xl?.name, xl?.path, xl?.exported], ["", "", true], JSON.stringify(res));
     assert.ok(xl, JSON.stringify(res));
     assert.equal(xl.nativeSize, 64);
     const manifest = JSON.parse(readFileSync(path.join(srv.stateDir, "onnx", xl.modelHash, "manifest.json"), "utf8"));

@@ -250,14 +250,18 @@ describe("InferenceService", () => {
     assert.ok(diff <= TOLERANCE, `mean abs diff ${diff.toFixed(3)} > ${TOLERANCE}`);
     const listed = await srv.client.listModels();
     assert.deepEqual(listed.loras.map((l) => [l.jobId, l.artifactName, l.rank]), [[job.id, lora.name, 2]]);
-    // Base models stay server folders (the client named them); LoRAs are named resources, not host paths.
-    assertNoHostPaths(listed.loras, [f.model], "ListModels' LoRAs");
+    // Neither the LoRAs nor the base models name a host folder (this job's spec gave one, and no model of the
+    // server's models folder has its hash: its TrainedLora names the model by hash alone).
+    assertNoHostPaths(listed, [], "ListModels");
+    assert.deepEqual([listed.loras[0].baseModel, listed.loras[0].baseModelHash], ["", res.modelHash]);
   });
 
   it("lists the exported base model", async () => {
     const res = await srv.client.listModels();
-    const tiny = res.baseModels.find((m) => m.path === path.resolve(f.model));
-    assert.ok(tiny, JSON.stringify(res));
+    const exported = res.baseModels.filter((m) => m.exported);
+    assert.equal(exported.length, 1, JSON.stringify(res));
+    const tiny = exported[0];
+    assert.deepEqual([tiny.name, tiny.path], ["", ""], "a folder given by path is listed by its hash alone");
     assert.equal(tiny.nativeSize, 64);
     // UNet: 6 transformers x (proj_in, proj_out, 8 attention projections, 2 feed-forward); text encoder: 3 x 6.
     assert.equal(tiny.loraSlots, 6 * 12 + 3 * 6);

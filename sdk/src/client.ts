@@ -324,7 +324,7 @@ export class LoraforgeClient {
     return this.unary((md, o, cb) => this.raw.trainer.getServerInfo({}, md, o, cb), opts, true);
   }
 
-  /** Base models the server has exported and the LoRAs of its succeeded jobs. */
+  /** The server's base models (named ones of its models folder, exported ones by hash) and the LoRAs of its succeeded jobs. */
   listModels(opts: CallOpts = {}): Promise<ListModelsResponse> {
     return this.unary((md, o, cb) => this.raw.inference.listModels({}, md, o, cb), opts, true);
   }

@@ -18,6 +18,7 @@ import { addReflection } from "./api/contract.js";
 import { addInferenceService } from "./infer/index.js";
 import { startDashboard } from "./dashboard/index.js";
 import { log } from "./core/log.js";
+import { ModelHasher } from "./core/models.js";
 import { ManagedNats } from "./core/nats-managed.js";
 import { Jobs } from "./jobs/jobs.js";
 import { datasetService, trainerService } from "./api/trainer-service.js";
@@ -49,6 +50,8 @@ export interface ServerConfig {
   engineDir: string;
   /** User-supplied paths must lie inside these; empty allows any path. */
   dataRoots: string[];
+  /** Base models by name: each subfolder holding a diffusers model is "models/<subfolder>" (LORAFORGE_MODELS_DIR, default <stateDir>/models). */
+  modelsDir: string;
   /** Run a worker inside this server (default true). */
   worker: boolean;
   /** A worker silent this long (no in-progress ack) is presumed dead; its job is redelivered. Default 60 s. */
@@ -74,15 +77,17 @@ export function configFromEnv(env = process.env): ServerConfig {
   const venvPython = path.join(REPO_ROOT, "engine", ".venv", "bin", "python");
   const num = (v: string | undefined, d: number) => (v && Number.isFinite(Number(v)) ? Number(v) : d);
   diskBounds(env); // a bad LORAFORGE_*_MAX_MB bound is refused at start, not when a job ends
+  const stateDir = path.resolve(env.LORAFORGE_STATE_DIR ?? ".state");
   return {
     address: env.LORAFORGE_ADDRESS ?? "127.0.0.1:50051",
-    stateDir: path.resolve(env.LORAFORGE_STATE_DIR ?? ".state"),
+    stateDir,
     natsUrl: env.LORAFORGE_NATS_URL || undefined,
     natsUser: env.LORAFORGE_NATS_USER || undefined,
     natsPassword: env.LORAFORGE_NATS_PASSWORD || undefined,
     python: env.LORAFORGE_PYTHON ?? (existsSync(venvPython) ? venvPython : "python3"),
     engineDir: env.LORAFORGE_ENGINE_DIR ?? path.join(REPO_ROOT, "engine"),
     dataRoots: (env.LORAFORGE_DATA_ROOTS ?? "").split(":").filter(Boolean).map((p) => path.resolve(p)),
+    modelsDir: path.resolve(env.LORAFORGE_MODELS_DIR || path.join(stateDir, "models")),
     worker: env.LORAFORGE_WORKER !== "0",
     ackWaitMs: num(env.LORAFORGE_ACK_WAIT_MS, 60_000),
     maxAttempts: num(env.LORAFORGE_MAX_ATTEMPTS, 3),
@@ -163,7 +168,7 @@ async function openStores(cfg: ServerConfig) {
 
 function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStores>>, onStop: "cancel" | "requeue") {
   return new Worker(stores.store, stores.artifacts, stores.datasets, {
-    engine: { python: cfg.python, engineDir: cfg.engineDir },
+    engine: { python: cfg.python, engineDir: cfg.engineDir, modelsDir: cfg.modelsDir },
     stateDir: cfg.stateDir,
     maxAttempts: cfg.maxAttempts,
     heartbeatMs: Math.max(200, Math.floor(cfg.ackWaitMs / 4)),
@@ -176,7 +181,12 @@ function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStor
 export async function startServer(cfg: ServerConfig): Promise<Running> {
   const stores = await openStores(cfg);
   try {
-    const jobs = new Jobs(stores.store, stores.artifacts, stores.datasets, cfg.dataRoots);
+    const jobs = new Jobs(stores.store, stores.artifacts, stores.datasets, cfg.dataRoots, {
+      dir: cfg.modelsDir,
+      // A model changed in the last second may be recorded with its old hash; a worker then refuses
+      // the job (MODEL_CHANGED) rather than train on another model.
+      hasher: new ModelHasher({ python: cfg.python, engineDir: cfg.engineDir }, 1000),
+    });
     const dashboard = cfg.dashboardAddress ? await startDashboard(jobs, { address: cfg.dashboardAddress, token: cfg.dashboardToken }) : null;
     const grpcServer = new Server({ interceptors: cfg.apiToken ? [tokenInterceptor(cfg.apiToken)] : [] });
     const info = {

@@ -28,9 +28,10 @@ import {
   type LoraforgeClient,
   type Status,
 } from "@loraforge/sdk";
-import { InferResponse, Sampler, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
+import { BaseModel, InferResponse, Sampler, TrainedLora, type DeepPartial, type SizeConditioning } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { Dataset } from "@loraforge/sdk/gen/loraforge/v1/dataset_service";
 import { childEnv } from "../core/child-env.js";
+import { isModelName } from "../core/models.js";
 import { contractMessage, protoJson } from "../api/contract.js";
 import { configFromEnv } from "../server.js";
 
@@ -96,10 +97,10 @@ const COMMANDS: Record<string, Command> = {
     options: [{ name: "output", alias: "o", arg: "FILE", help: "where to write it (default: the artifact's file name, checkpoint-<step>.tar for a checkpoint)" }],
   },
   infer: {
-    args: "--base-model DIR --prompt TEXT [options]",
+    args: "--base-model models/NAME|DIR --prompt TEXT [options]",
     about: "draw images with a base model and any LoRAs",
     options: [
-      { name: "base-model", arg: "DIR", help: "the base model folder (diffusers layout, on the server host)" },
+      { name: "base-model", arg: "models/NAME|DIR", help: "a model of the server's models folder (loraforge models lists them), or a diffusers folder on the server host" },
       { name: "prompt", arg: "TEXT", help: "what to draw" },
       { name: "negative-prompt", arg: "TEXT", help: "what to steer away from" },
       { name: "lora", arg: "JOB[:SCALE]", help: "a job's final LoRA at a scale (default 1); repeatable" },
@@ -121,6 +122,11 @@ const COMMANDS: Record<string, Command> = {
       { name: "negative-crop", arg: "TOP,LEFT", help: "negative crop-origin size conditioning (SDXL)" },
       { name: "negative-target-size", arg: "WxH", help: WxH("negative target") },
     ],
+  },
+  models: {
+    args: "",
+    about: "list the server's base models (their names for --base-model, content hash, native size, LoRA slots once exported) and the LoRAs of succeeded jobs",
+    options: [],
   },
   datasets: {
     args: "upload FOLDER|ZIP | rm ID",
@@ -388,8 +394,9 @@ export function specFromArgs(a: Args, cwd = process.cwd()): TrainingSpec {
     // e.g. `cannot decode field loraforge.v1.TrainingSpec.rank from JSON: expected number (int32), got "x"`
     throw new SpecFileError(`${file ? `${file}: ` : ""}${(err as Error).message}`);
   }
-  // Paths typed on a command line (or in a file there) are relative to where it was typed.
-  if (spec.baseModel) spec.baseModel = path.resolve(cwd, spec.baseModel);
+  // Paths typed on a command line (or in a file there) are relative to where it was typed; a
+  // model name ("models/<name>") is the server's (a folder of that name here: ./models/<name>).
+  if (spec.baseModel && !isModelName(spec.baseModel)) spec.baseModel = path.resolve(cwd, spec.baseModel);
   if (spec.dataset?.$case === "datasetDir" && spec.dataset.datasetDir) spec.dataset.datasetDir = path.resolve(cwd, spec.dataset.datasetDir);
   return spec;
 }
@@ -548,6 +555,20 @@ export async function runClient(command: string, argv: string[]): Promise<number
         }
         return EXIT.OK;
       }
+      case "models": {
+        const res = await client.listModels();
+        if (json) {
+          for (const m of res.baseModels) printJson({ baseModel: protoJson(BaseModel, "loraforge.v1.BaseModel", m) });
+          for (const l of res.loras) printJson({ lora: protoJson(TrainedLora, "loraforge.v1.TrainedLora", l) });
+          return EXIT.OK;
+        }
+        for (const m of res.baseModels) {
+          const slots = m.exported ? `${m.loraSlots} LoRA slots` : "not exported yet";
+          process.stdout.write(`${m.name || "(by path)"}  ${m.modelHash}  ${m.nativeSize}px  ${slots}\n`);
+        }
+        for (const l of res.loras) process.stdout.write(`lora ${l.jobId}  rank ${l.rank}  on ${l.baseModel || l.baseModelHash || "?"}\n`);
+        return EXIT.OK;
+      }
       case "watch": {
         const id = a.positional[0];
         if (!id) throw new UsageError("watch needs a JOB id");
@@ -581,12 +602,12 @@ export async function runClient(command: string, argv: string[]): Promise<number
       }
       case "infer": {
         const baseModel = one(a, "base-model");
-        if (!baseModel) throw new UsageError("infer needs --base-model DIR");
+        if (!baseModel) throw new UsageError("infer needs --base-model models/NAME or DIR");
         const num = (k: string) => (one(a, k) !== undefined ? Number(one(a, k)) : undefined);
         const res = await client.infer({
           prompt: one(a, "prompt") ?? "",
           negativePrompt: one(a, "negative-prompt") ?? "",
-          baseModel: path.resolve(baseModel),
+          baseModel: isModelName(baseModel) ? baseModel : path.resolve(baseModel),
           loras: [...(a.flags.get("lora") ?? []).map((v) => parseLoraRef(v, "jobId")), ...(a.flags.get("lora-file") ?? []).map((v) => parseLoraRef(v, "path"))],
           numInferenceSteps: num("steps"),
           guidanceScale: num("guidance"),

@@ -2,8 +2,8 @@
 // before the rest of the server is loaded.
 import { startTelemetry } from "../core/otel.js";
 
-export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--no-worker] [--dashboard HOST:PORT|off]
-       loraforge worker --nats URL [--state-dir DIR]
+export const DAEMON_USAGE = `usage: loraforge serve  [--address HOST:PORT] [--state-dir DIR] [--nats URL] [--data-root DIR]... [--models-dir DIR] [--no-worker] [--dashboard HOST:PORT|off]
+       loraforge worker --nats URL [--state-dir DIR] [--models-dir DIR]
 
 serve:  the loraforge gRPC API, a training worker and, unless a NATS URL is given, a
         managed local nats-server whose data lives under the state directory.
@@ -18,6 +18,8 @@ Options (each also settable by environment variable):
                         every node, comma-separated (nats://a:4222,nats://b:4222,…), and set
                         LORAFORGE_NATS_REPLICAS=3 (copies of each stream, bucket and object store)
   --data-root DIR       confine dataset/model paths (repeatable) LORAFORGE_DATA_ROOTS (anywhere)
+  --models-dir DIR      base models by name: each diffusers      LORAFORGE_MODELS_DIR (<state dir>/models)
+                        subfolder <name> is "models/<name>"; each worker resolves names in its own
   --no-worker           API only, no training worker             LORAFORGE_WORKER=0
   --dashboard HOST:PORT|off  live web dashboard                  LORAFORGE_DASHBOARD_ADDRESS (127.0.0.1:8080)
                         protect it with LORAFORGE_DASHBOARD_TOKEN (default: LORAFORGE_API_TOKEN)
@@ -56,6 +58,7 @@ export async function runDaemon(command: "serve" | "worker", rest: string[]): Pr
     else if (flag === "--state-dir") env.LORAFORGE_STATE_DIR = value();
     else if (flag === "--nats") env.LORAFORGE_NATS_URL = value();
     else if (flag === "--data-root") roots.push(value());
+    else if (flag === "--models-dir") env.LORAFORGE_MODELS_DIR = value();
     else if (flag === "--no-worker") env.LORAFORGE_WORKER = "0";
     else if (flag === "--dashboard") env.LORAFORGE_DASHBOARD_ADDRESS = value();
     else if (flag === "--help" || flag === "-h") {

@@ -62,6 +62,9 @@ export function errorReason(s: Status | undefined): string {
 /** nats.js errors (by name) that mean the store is out of reach for now, not that the request is wrong. */
 const NATS_UNREACHABLE = new Set(["TimeoutError", "NoResponders", "RequestError", "ConnectionError", "ClosedConnectionError", "DrainingConnectionError"]);
 
+/** Whether `err` is nats.js saying the store is out of reach (toServiceError makes it UNAVAILABLE). */
+export const isStoreUnreachable = (err: unknown) => err instanceof Error && NATS_UNREACHABLE.has(err.name);
+
 /**
  * Turns any thrown value into the ServiceError grpc-js sends: NATS out of reach (e.g. while a managed
  * nats-server restarts) becomes UNAVAILABLE, which clients retry; other unknown errors become INTERNAL.
@@ -93,10 +96,9 @@ export const invalidInferRequest = (violations: FieldViolation[]) =>
 export const loraNotFound = (field: string, message: string) =>
   new ApiError(status.NOT_FOUND, "LORA_NOT_FOUND", `${field}: ${message}`, [], { field });
 
-export const modelNotFound = (modelPath: string) =>
-  new ApiError(status.NOT_FOUND, "MODEL_NOT_FOUND", `base_model: no diffusers model (model_index.json) at ${modelPath}`, [], {
-    base_model: modelPath,
-  });
+/** An Infer base model that is not there: a path the client gave, or a name (with its own message). */
+export const modelNotFound = (baseModel: string, message = `base_model: no diffusers model (model_index.json) at ${baseModel}`) =>
+  new ApiError(status.NOT_FOUND, "MODEL_NOT_FOUND", message, [], { base_model: baseModel });
 
 /** A LoRA that does not fit the base model (made for another one); `layer` names the first bad layer. */
 export const loraMismatch = (field: string, layer: string, message: string) =>

@@ -11,6 +11,7 @@ import {
   InferRequest,
   ListModelsRequest,
   Sampler,
+  type BaseModel,
   type InferenceServiceServer,
   type InferResponse,
   type ListModelsResponse,
@@ -20,6 +21,7 @@ import {
   inferCancelled,
   inferTooLarge,
   invalidInferRequest,
+  isStoreUnreachable,
   invalidRequest,
   invalidLora,
   loraMismatch,
@@ -33,6 +35,7 @@ import { ArtifactStore } from "../jobs/artifacts.js";
 import { JOB_ID_PATTERN } from "../core/ids.js";
 import { log } from "../core/log.js";
 import type { JobStore } from "../jobs/store.js";
+import { isModelName, listModelFolders, modelFolder } from "../core/models.js";
 import { hostPath, realOr, withinRoots } from "../core/paths.js";
 import { ruleViolations } from "../core/rules.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
@@ -106,7 +109,8 @@ export function validateInfer(
     const where = hostPath(p, roots, kind);
     if ("problem" in where && !where.missing) add(field, where.problem);
   };
-  placed("base_model", req.baseModel, "folder");
+  // A model name is looked up later (an unknown one is NOT_FOUND); a path is placed here.
+  if (!isModelName(req.baseModel)) placed("base_model", req.baseModel, "folder");
   // Bounded before anything tokenizes them.
   for (const [field, text] of [
     ["prompt", req.prompt],
@@ -143,6 +147,8 @@ export interface InferHost {
   engineDir: string;
   stateDir: string;
   dataRoots: string[];
+  /** Where "models/<name>" base models live (core/models.ts); unset: no names. */
+  modelsDir?: string;
 }
 
 export function addInferenceService(server: Server, deps: { store: JobStore; config: InferHost; options?: InferenceOptions }): { close(): Promise<void> } {
@@ -175,9 +181,9 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       shapes.set(dir, { signature, shape });
       return shape;
     } catch (err) {
-      throw invalidInferRequest([
-        { field: "base_model", description: `not a diffusers model folder: unet/config.json or vae/config.json is missing or unreadable (${(err as Error).message.split("\n")[0].slice(0, 200)})` },
-      ]);
+      // The detail names host files: it goes to the log, not to the client.
+      log("warn", "Infer: unreadable model configs", { model: dir, err: String(err) });
+      throw invalidInferRequest([{ field: "base_model", description: "not a diffusers model folder: unet/config.json or vae/config.json is missing or unreadable" }]);
     }
   }
   let closed = false;
@@ -215,13 +221,24 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     return local;
   }
 
+  /** The folder of a base model: a name in the models folder, or a path inside the data roots (its real path). */
+  function baseFolder(baseModel: string): { real: string } {
+    if (isModelName(baseModel)) {
+      const dir = modelFolder(config.modelsDir, baseModel);
+      if (!dir) throw modelNotFound(baseModel, `base_model: no model named ${baseModel} in the server's models folder (ListModels lists them)`);
+      return { real: realOr(dir) };
+    }
+    const base = hostPath(baseModel, config.dataRoots, "folder");
+    if (!("real" in base) || !existsSync(path.join(base.real, "model_index.json"))) throw modelNotFound(baseModel);
+    return base;
+  }
+
   async function infer(req: InferRequest, cancelled: () => boolean): Promise<InferResponse> {
     const tStart = performance.now();
     if (closed) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
     const { v, violations } = validateInfer(req, config.dataRoots, maxPromptChars);
     if (violations.length > 0) throw invalidInferRequest(violations);
-    const base = hostPath(req.baseModel, config.dataRoots, "folder");
-    if (!("real" in base) || !existsSync(path.join(base.real, "model_index.json"))) throw modelNotFound(req.baseModel);
+    const base = baseFolder(req.baseModel);
     // Sized before anything loads: a request that cannot fit costs no export and no queue slot.
     const shape = shapeOf(base.real);
     const width = v.width ?? shape.nativeSize;
@@ -365,19 +382,46 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   async function listModels(req: ListModelsRequest): Promise<ListModelsResponse> {
     const violations = ruleViolations(ListModelsRequest, "loraforge.v1.ListModelsRequest", req);
     if (violations.length > 0) throw invalidRequest("INVALID_REQUEST", "invalid ListModelsRequest", violations);
-    const baseModels = registry.listExports().map(({ manifest }) => ({
-      path: manifest.source,
-      modelHash: manifest.model_hash,
-      nativeSize: manifest.unet.sample_size * manifest.unet.vae_factor,
-      loraSlots: manifest.slots.length,
-    }));
+    // Named models first (hashed once per folder while its files stay the same), with their
+    // export's numbers when one exists; then exports of folders given by path, by hash alone.
+    const exports = new Map(registry.listExports().map(({ manifest }) => [manifest.model_hash, manifest]));
+    const baseModels: BaseModel[] = [];
+    const nameOf = new Map<string, string>();
+    for (const { name, dir } of listModelFolders(config.modelsDir)) {
+      let hash: string;
+      try {
+        hash = await registry.hashOf(dir);
+      } catch (err) {
+        log("warn", "ListModels: a named model could not be hashed; left out", { model: name, err: String(err) });
+        continue;
+      }
+      if (!nameOf.has(hash)) nameOf.set(hash, name);
+      const m = exports.get(hash);
+      let nativeSize = m ? m.unet.sample_size * m.unet.vae_factor : 0;
+      if (!m) {
+        try {
+          nativeSize = shapeOf(dir).nativeSize;
+        } catch {
+          // Left 0: the configs are unreadable, which Infer will report.
+        }
+      }
+      baseModels.push({ path: "", name, modelHash: hash, nativeSize, loraSlots: m?.slots.length ?? 0, exported: !!m });
+    }
+    for (const [hash, m] of exports) {
+      if (nameOf.has(hash)) continue;
+      baseModels.push({ path: "", name: "", modelHash: hash, nativeSize: m.unet.sample_size * m.unet.vae_factor, loraSlots: m.slots.length, exported: true });
+    }
     const trained: ListModelsResponse["loras"] = [];
     for (const id of await store.jobIds()) {
       const cur = await store.get(id);
       if (!cur || cur.job.state !== JobState.JOB_STATE_SUCCEEDED) continue;
       const art = cur.job.artifacts.find((a) => a.kind === ArtifactKind.ARTIFACT_KIND_LORA);
       if (!art) continue;
-      trained.push({ jobId: id, artifactName: art.name, baseModel: cur.job.spec?.baseModel ?? "", rank: cur.job.spec?.rank ?? 4 });
+      // Never the folder a client gave: its name, or the name of a model with the same content.
+      const given = cur.job.spec?.baseModel ?? "";
+      const hash = cur.job.baseModelHash;
+      const baseModel = isModelName(given) ? given : (nameOf.get(hash) ?? "");
+      trained.push({ jobId: id, artifactName: art.name, baseModel, baseModelHash: hash, rank: cur.job.spec?.rank ?? 4 });
     }
     return { baseModels, loras: trained };
   }
@@ -390,14 +434,17 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
         (res) => callback(null, res),
         (err) => {
           if (!(err instanceof ApiError)) log("error", "Infer failed", { err: String(err?.stack ?? err) });
-          callback(toServiceError(err));
+          callback(toServiceError(hideInternals(err)));
         },
       );
     },
     listModels: (call: ServerUnaryCall<ListModelsRequest, ListModelsResponse>, callback: sendUnaryData<ListModelsResponse>) => {
       listModels(call.request).then(
         (res) => callback(null, res),
-        (err) => callback(toServiceError(err)),
+        (err) => {
+          if (!(err instanceof ApiError)) log("error", "ListModels failed", { err: String(err?.stack ?? err) });
+          callback(toServiceError(hideInternals(err)));
+        },
       );
     },
   };
@@ -410,6 +457,16 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
       await registry.close();
     },
   };
+}
+
+/**
+ * An unexpected error as the client sees it: INTERNAL without the detail (an ONNX export's failure
+ * quotes host paths and the exporter's output), which the server log has. ApiErrors and NATS errors
+ * pass unchanged.
+ */
+function hideInternals(err: unknown): unknown {
+  if (err instanceof ApiError || isStoreUnreachable(err)) return err;
+  return new ApiError(status.INTERNAL, "INTERNAL", "internal error while rendering; the server log has the details");
 }
 
 const mib = (n: number | undefined) => (n === undefined ? undefined : n * 1024 * 1024);

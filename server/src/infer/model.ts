@@ -3,7 +3,6 @@
 // encoder, UNet, VAE decoder), kept warm per model.
 import { spawn } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
-import { readdir, realpath, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -13,6 +12,7 @@ import type { SchedulerConfig } from "./schedulers.js";
 import { SlotIndex, type SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
 import { childEnv } from "../core/child-env.js";
+import { HASHED_ENTRIES, ModelHasher, statSignature } from "../core/models.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
 
@@ -57,47 +57,8 @@ export interface Manifest {
   slots: SlotInfo[];
 }
 
-/**
- * The entries of a model folder its content hash covers (HASHED_ENTRIES in
- * engine/loraforge_engine/fingerprint.py; a test keeps the two lists equal).
- */
-export const HASHED_ENTRIES = ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"];
-
-/**
- * A cheap signature of the files the model's hash covers (names, sizes, mtimes, ctimes and inode
- * numbers; symbolic links followed, as in a Hugging Face cache snapshot): the hash is computed again
- * only when it changes. A file replaced in place or by a rename changes its ctime or inode even when
- * size and mtime are kept. Asynchronous: a request's stats do not block the event loop, and only the
- * few dozen files that feed the hash are looked at, not the whole folder.
- */
-export async function statSignature(root: string): Promise<string> {
-  const parts: string[] = [];
-  const seen = new Set<string>();
-  const sig = (rel: string, st: { size: number; mtimeMs: number; ctimeMs: number; ino: number }) =>
-    `${rel}:${st.size}:${st.mtimeMs}:${st.ctimeMs}:${st.ino}`;
-  const walk = async (dir: string, rel: string): Promise<void> => {
-    const real = await realpath(dir);
-    if (seen.has(real)) return;
-    seen.add(real);
-    // Names starting with "." are not hashed (fingerprint.hashed_files skips them).
-    const names = (await readdir(dir)).filter((n) => !n.startsWith(".")).sort();
-    const stats = await Promise.all(names.map((n) => stat(path.join(dir, n)).catch(() => null)));
-    for (let i = 0; i < names.length; i++) {
-      const st = stats[i];
-      if (!st) continue;
-      if (st.isDirectory()) await walk(path.join(dir, names[i]), `${rel}${names[i]}/`);
-      else parts.push(sig(`${rel}${names[i]}`, st));
-    }
-  };
-  for (const entry of HASHED_ENTRIES) {
-    const p = path.join(root, entry);
-    const st = await stat(p).catch(() => null);
-    if (!st) continue;
-    if (st.isDirectory()) await walk(p, `${entry}/`);
-    else parts.push(sig(entry, st));
-  }
-  return parts.join("|");
-}
+// The hash and its cheap signature live in core/models.ts (the job side uses them without onnxruntime).
+export { HASHED_ENTRIES, statSignature };
 
 /**
  * Runs `python -m loraforge_engine <args>`; resolves with its stdout. `pythonPath` defaults to the
@@ -135,15 +96,6 @@ function runEngineCommand(
       reject(new Error(`${what} failed (exit ${code}): ${tail}`));
     });
   });
-}
-
-/** The base model's identity: the engine's content hash (`model-hash`, engine/loraforge_engine/fingerprint.py), one definition for every part. */
-async function engineModelHash(cfg: ExporterConfig, modelDir: string): Promise<string> {
-  // Run as the worker runs the engine (same python, PYTHONPATH the engine's folder), so that the
-  // hash is the one the engine writes into the LoRAs it trains.
-  const out = (await runEngineCommand(cfg, ["model-hash", modelDir], `hashing ${modelDir}`, cfg.engineDir)).trim();
-  if (!/^[0-9a-f]{16,64}$/.test(out)) throw new Error(`the engine's model-hash printed ${JSON.stringify(out.slice(0, 100))} for ${modelDir}`);
-  return out;
 }
 
 export function readManifest(dir: string): Manifest | null {
@@ -289,14 +241,16 @@ async function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" 
 /** Base models by path: hashed, exported when needed, opened once and kept warm (at most `maxLoaded`). */
 export class ModelRegistry {
   /** Each folder's hash, kept while its files' signature stays the same. */
-  private readonly byPath = new Map<string, { signature: string; hash: Promise<string> }>();
+  readonly hasher: ModelHasher;
   private readonly loaded = new Map<string, Promise<LoadedModel>>();
 
   constructor(
     private readonly exporter: ExporterConfig,
     private readonly runtime: RuntimeOptions = {},
     private readonly maxLoaded = 2,
-  ) {}
+  ) {
+    this.hasher = new ModelHasher(exporter);
+  }
 
   /** The model at `modelDir`, exporting it first if its content has no export yet. */
   async get(modelDir: string): Promise<LoadedModel> {
@@ -319,19 +273,8 @@ export class ModelRegistry {
   }
 
   /** The model's content hash, from the engine; cached per folder until a file's size or mtime changes. */
-  async hashOf(modelDir: string): Promise<string> {
-    const signature = await statSignature(modelDir);
-    let known = this.byPath.get(modelDir);
-    if (!known || known.signature !== signature) {
-      const hash = engineModelHash(this.exporter, modelDir);
-      known = { signature, hash };
-      this.byPath.set(modelDir, known);
-      // A failed hash is not kept: the next request tries again.
-      hash.catch(() => {
-        if (this.byPath.get(modelDir) === known) this.byPath.delete(modelDir);
-      });
-    }
-    return known.hash;
+  hashOf(modelDir: string): Promise<string> {
+    return this.hasher.hashOf(modelDir);
   }
 
   /** fp16 exports where CUDA runs them, fp32 elsewhere (see RuntimeOptions.dtype). */

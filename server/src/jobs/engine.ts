@@ -25,6 +25,8 @@ export interface EngineOptions {
   python: string;
   /** The folder holding the `loraforge_engine` package. */
   engineDir: string;
+  /** This host's models folder, where a job's "models/<name>" base model is looked up (core/models.ts); unset: none. */
+  modelsDir?: string;
 }
 
 export class EngineRun {

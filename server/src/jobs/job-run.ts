@@ -9,6 +9,7 @@
 //   5. the record: final (and the final event), or handed back to the queue for a retry.
 import { existsSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { randomBytes } from "node:crypto";
+import { hostname } from "node:os";
 import path from "node:path";
 import { status } from "@grpc/grpc-js";
 import type { Status } from "@loraforge/sdk/gen/google/rpc/status";
@@ -22,6 +23,7 @@ import { DatasetMissing, type DatasetStore } from "./datasets.js";
 import { diskBounds, pruneFolders, touch } from "./disk.js";
 import { ENGINE_EXIT, EngineRun, type EngineExit, type EngineOptions } from "./engine.js";
 import { checkpointArtifact } from "./spec-checks.js";
+import { isModelName, modelFolder, ModelHasher } from "../core/models.js";
 import type { JobEventPublisher } from "./events.js";
 import { isFinal, JobStore, type JobRecord } from "./store.js";
 
@@ -125,6 +127,11 @@ export class JobRun {
    */
   private async prepareInputs(retry: boolean): Promise<{ spec: TrainingSpec; resumeFrom?: string } | { error: Status }> {
     const spec: TrainingSpec = { ...this.job.spec! };
+    if (isModelName(spec.baseModel)) {
+      const model = await resolveNamedModel(spec.baseModel, this.job.baseModelHash, this.host.engine);
+      if ("error" in model) return model;
+      spec.baseModel = model.dir;
+    }
     if (spec.dataset?.$case === "datasetId") {
       const id = spec.dataset.datasetId;
       try {
@@ -506,4 +513,45 @@ function folderBytes(dir: string): number {
   let n = 0;
   for (const e of readdirSync(dir, { withFileTypes: true, recursive: true })) if (e.isFile()) n += statSync(path.join(e.parentPath, e.name)).size;
   return n;
+}
+
+/** One hasher per engine: a worker hashes its copy of a named model once while its files stay the same. */
+const hashers = new Map<string, ModelHasher>();
+
+/**
+ * A job's "models/<name>" base model as a folder in this worker's models folder, or the error that
+ * ends the job: FAILED_PRECONDITION MODEL_NOT_FOUND when this host has no such model, MODEL_CHANGED
+ * when its copy's content hash is not `submittedHash` (the server's copy when the job was submitted).
+ */
+export async function resolveNamedModel(name: string, submittedHash: string, engine: EngineOptions): Promise<{ dir: string } | { error: Status }> {
+  const dir = modelFolder(engine.modelsDir, name);
+  if (!dir)
+    return {
+      error: jobError(
+        status.FAILED_PRECONDITION,
+        "MODEL_NOT_FOUND",
+        `base model ${name} is not in the models folder of worker host ${hostname()}; put the same model there (LORAFORGE_MODELS_DIR) or train on a worker that has it`,
+        { base_model: name, worker_host: hostname() },
+      ),
+    };
+  if (!submittedHash) return { dir };
+  const key = `${engine.python}\0${engine.engineDir}`;
+  let hasher = hashers.get(key);
+  if (!hasher) hashers.set(key, (hasher = new ModelHasher(engine)));
+  let hash: string;
+  try {
+    hash = await hasher.hashOf(dir);
+  } catch (err) {
+    log("warn", "could not hash this worker's copy of a named base model", { model: name, err: String(err) });
+    return { error: jobError(status.FAILED_PRECONDITION, "MODEL_NOT_FOUND", `base model ${name} on worker host ${hostname()} could not be read`, { base_model: name, worker_host: hostname() }) };
+  }
+  if (hash === submittedHash) return { dir };
+  return {
+    error: jobError(
+      status.FAILED_PRECONDITION,
+      "MODEL_CHANGED",
+      `${name} on worker host ${hostname()} is not the model the job was submitted with (content hash ${hash}, submitted ${submittedHash})`,
+      { base_model: name, worker_host: hostname(), model_hash: hash, submitted_hash: submittedHash },
+    ),
+  };
 }

@@ -11,6 +11,7 @@ import type { DatasetStore } from "./datasets.js";
 import { ApiError, invalidSpec, jobError, jobNotFound, requestIdReused } from "../core/errors.js";
 import { JOB_ID_PATTERN, newJobId } from "../core/ids.js";
 import { log } from "../core/log.js";
+import { isModelName, modelFolder, type ModelHasher } from "../core/models.js";
 import { retryFor } from "../core/retry.js";
 import { ruleViolations } from "../core/rules.js";
 import { hostViolations } from "./spec-checks.js";
@@ -18,6 +19,12 @@ import { DeliverPolicy } from "@nats-io/jetstream";
 import { EVENTS_STREAM, isFinal, JobStore, type JobRecord } from "./store.js";
 import { queuedReason, requirementOf, type LiveWorker } from "./capabilities.js";
 import { telemetry } from "../core/telemetry.js";
+
+/** This server's models folder and the hasher of base models (core/models.ts). */
+export interface NamedModels {
+  dir: string;
+  hasher: ModelHasher;
+}
 
 export const MAX_PAGE_SIZE = 1000;
 export const DEFAULT_PAGE_SIZE = 50;
@@ -51,9 +58,28 @@ export class Jobs {
     private readonly datasets: DatasetStore,
     /** Client-named host folders must lie inside these; empty allows any path. */
     private readonly roots: string[] = [],
+    /** Named base models ("models/<name>") and the hasher that records a job's model identity; unset: names are refused. */
+    private readonly models?: NamedModels,
   ) {}
 
   private workersRead: { at: number; workers: Promise<LiveWorker[] | null> } | null = null;
+
+  /**
+   * The content hash of the spec's base model on this host (cached per folder; the first time it
+   * reads the weights, ~1.3 s per GiB), recorded in the job so that a worker can tell that its copy
+   * of a named model is the same model. Empty, with a warning in the log, when it cannot be hashed.
+   */
+  private async baseModelHash(baseModel: string): Promise<string> {
+    if (!this.models) return "";
+    const dir = isModelName(baseModel) ? modelFolder(this.models.dir, baseModel) : baseModel;
+    if (!dir) return "";
+    try {
+      return await this.models.hasher.hashOf(dir);
+    } catch (err) {
+      log("warn", "could not hash the base model; the job records no model hash", { model: baseModel, err: String(err) });
+      return "";
+    }
+  }
 
   async get(jobId: string): Promise<Job> {
     return this.withReason(await this.find(jobId), await this.liveWorkers());
@@ -101,11 +127,12 @@ export class Jobs {
     const violations = ruleViolations(TrainRequest, "loraforge.v1.TrainRequest", { spec, requestId });
     if (spec) {
       const flagged = new Set(violations.map((v) => v.field));
-      violations.push(...(await hostViolations(spec, { roots: this.roots, datasets: this.datasets, store: this.store }, flagged)));
+      violations.push(...(await hostViolations(spec, { roots: this.roots, modelsDir: this.models?.dir, datasets: this.datasets, store: this.store }, flagged)));
     }
     if (violations.length > 0) throw invalidSpec(violations);
     await this.checkCaptions(spec!);
 
+    const baseModelHash = await this.baseModelHash(spec!.baseModel);
     const id = newJobId();
     if (requestId) {
       const owner = await this.store.reserveRequest(requestId, id);
@@ -122,6 +149,7 @@ export class Jobs {
       requestId,
       createTime: new Date(),
       lastSequence: 1,
+      baseModelHash,
     });
     await this.store.create(job);
     await this.store.publishEvent(

@@ -1,11 +1,13 @@
 // What the contract's rules cannot check about a TrainingSpec, because only this host knows:
-// that its folders exist inside the data roots and hold a diffusers model or captioned images,
-// that an uploaded set it names (data or class images) was stored, and that a checkpoint it resumes from exists.
+// that a named base model is in its models folder, that its folders exist inside the data roots and hold a
+// diffusers model or captioned images, that an uploaded set it names (data or class images) was stored, and that a
+// checkpoint it resumes from exists.
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import type { FieldViolation } from "../core/errors.js";
+import { isModelName, modelFolder } from "../core/models.js";
 import { hostPath } from "../core/paths.js";
 import { jobOfArtifact } from "./artifacts.js";
 import { countCaptionedImages, type DatasetStore } from "./datasets.js";
@@ -14,6 +16,8 @@ import type { JobStore } from "./store.js";
 export interface SpecHost {
   /** Client-named folders must lie inside these; empty allows any path. */
   roots: string[];
+  /** Where "models/<name>" base models live on this host; unset: no names. */
+  modelsDir?: string;
   datasets: DatasetStore;
   store: JobStore;
 }
@@ -30,6 +34,8 @@ export async function hostViolations(spec: TrainingSpec, host: SpecHost, flagged
     if (p) bad.push({ field, description: p });
   };
   await check("spec.base_model", () => {
+    if (isModelName(spec.baseModel))
+      return modelFolder(host.modelsDir, spec.baseModel) ? null : `no model named ${JSON.stringify(spec.baseModel)} in the server's models folder (ListModels lists them)`;
     const where = hostPath(spec.baseModel, host.roots, "folder");
     if ("problem" in where) return where.problem;
     return existsSync(path.join(where.real, "model_index.json")) ? null : `folder ${JSON.stringify(spec.baseModel)} is not a diffusers model (no model_index.json)`;

@@ -115,10 +115,13 @@ export interface InferRequest {
    */
   negativePrompt: string;
   /**
-   * Base model: an absolute path to a local diffusers-layout folder with
-   * safetensors weights (SD-1.x/2.x or SDXL). Required. Must lie inside the server's data
-   * roots when the server confines paths. The first request for a model
-   * exports it to ONNX (seconds for a tiny model, minutes for SD-1.5).
+   * Base model, required: "models/<name>", a model in the server's models
+   * folder (see TrainingSpec.base_model and ListModels), or, for operators, an
+   * absolute path to a local diffusers-layout folder with safetensors weights
+   * (SD-1.x/2.x or SDXL) inside the server's data roots when it confines
+   * paths. A name and the folder it denotes draw the same images. The first
+   * request for a model exports it to ONNX (seconds for a tiny model, minutes
+   * for SD-1.5).
    */
   baseModel: string;
   /**
@@ -284,25 +287,40 @@ export interface ListModelsRequest {
 
 /** ListModelsResponse lists base models and LoRAs. */
 export interface ListModelsResponse {
-  /** Base models exported to ONNX on this server. */
+  /**
+   * The models of the server's models folder, by name, then the base models
+   * exported to ONNX from a folder given by path (name empty), by hash.
+   */
   baseModels: BaseModel[];
   /** Final LoRAs of succeeded training jobs, newest first. */
   loras: TrainedLora[];
 }
 
-/** BaseModel is a base model the server has exported. */
+/** BaseModel is a base model the server can render with. */
 export interface BaseModel {
-  /** The folder it was exported from (absolute path on the server host). */
+  /**
+   * Deprecated: always empty (it was the exported folder's host path). A
+   * named model is `name`; any model is identified by `model_hash`.
+   *
+   * @deprecated
+   */
   path: string;
-  /** Content hash of its files (the cache key of the export). */
+  /** Content hash of its files (the cache key of the export; Job.base_model_hash). */
   modelHash: string;
   /** Native image size in pixels (UNet sample_size × 8). */
   nativeSize: number;
   /**
    * Number of LoRA slots (adaptable layers) in the UNet and text encoder(s)
-   * together.
+   * together; 0 while the model has no ONNX export yet (see `exported`).
    */
   loraSlots: number;
+  /**
+   * "models/<name>", what InferRequest.base_model and TrainingSpec.base_model
+   * accept; empty for an export of a folder given by path.
+   */
+  name: string;
+  /** Whether an ONNX export of this content exists (the first Infer makes it). */
+  exported: boolean;
 }
 
 /** TrainedLora is the final LoRA of a succeeded training job. */
@@ -311,10 +329,19 @@ export interface TrainedLora {
   jobId: string;
   /** The LoRA artifact's name, for DownloadArtifact. */
   artifactName: string;
-  /** The base model it was trained on. */
+  /**
+   * The base model it was trained on, never a host path: the job's model name
+   * when its spec named one; for a spec that gave a folder, the name of a
+   * model in the models folder with the same content hash, else empty.
+   */
   baseModel: string;
   /** LoRA rank, as trained (the spec's rank, default 4). */
   rank: number;
+  /**
+   * Content hash of that base model when the job was submitted
+   * (Job.base_model_hash); empty when it could not be computed.
+   */
+  baseModelHash: string;
 }
 
 function createBaseLoraRef(): LoraRef {
@@ -1545,7 +1572,7 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
 };
 
 function createBaseBaseModel(): BaseModel {
-  return { path: "", modelHash: "", nativeSize: 0, loraSlots: 0 };
+  return { path: "", modelHash: "", nativeSize: 0, loraSlots: 0, name: "", exported: false };
 }
 
 export const BaseModel: MessageFns<BaseModel> = {
@@ -1561,6 +1588,12 @@ export const BaseModel: MessageFns<BaseModel> = {
     }
     if (message.loraSlots !== 0) {
       writer.uint32(32).int32(message.loraSlots);
+    }
+    if (message.name !== "") {
+      writer.uint32(42).string(message.name);
+    }
+    if (message.exported !== false) {
+      writer.uint32(48).bool(message.exported);
     }
     return writer;
   },
@@ -1610,6 +1643,22 @@ export const BaseModel: MessageFns<BaseModel> = {
             message.loraSlots = reader.int32();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.exported = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1640,6 +1689,8 @@ export const BaseModel: MessageFns<BaseModel> = {
         : isSet(object.lora_slots)
         ? globalThis.Number(object.lora_slots)
         : 0,
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      exported: isSet(object.exported) ? globalThis.Boolean(object.exported) : false,
     };
   },
 
@@ -1657,6 +1708,12 @@ export const BaseModel: MessageFns<BaseModel> = {
     if (message.loraSlots !== 0) {
       obj.loraSlots = Math.round(message.loraSlots);
     }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.exported !== false) {
+      obj.exported = message.exported;
+    }
     return obj;
   },
 
@@ -1669,12 +1726,14 @@ export const BaseModel: MessageFns<BaseModel> = {
     message.modelHash = object.modelHash ?? "";
     message.nativeSize = object.nativeSize ?? 0;
     message.loraSlots = object.loraSlots ?? 0;
+    message.name = object.name ?? "";
+    message.exported = object.exported ?? false;
     return message;
   },
 };
 
 function createBaseTrainedLora(): TrainedLora {
-  return { jobId: "", artifactName: "", baseModel: "", rank: 0 };
+  return { jobId: "", artifactName: "", baseModel: "", rank: 0, baseModelHash: "" };
 }
 
 export const TrainedLora: MessageFns<TrainedLora> = {
@@ -1690,6 +1749,9 @@ export const TrainedLora: MessageFns<TrainedLora> = {
     }
     if (message.rank !== 0) {
       writer.uint32(32).int32(message.rank);
+    }
+    if (message.baseModelHash !== "") {
+      writer.uint32(50).string(message.baseModelHash);
     }
     return writer;
   },
@@ -1739,6 +1801,14 @@ export const TrainedLora: MessageFns<TrainedLora> = {
             message.rank = reader.int32();
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.baseModelHash = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1769,6 +1839,11 @@ export const TrainedLora: MessageFns<TrainedLora> = {
         ? globalThis.String(object.base_model)
         : "",
       rank: isSet(object.rank) ? globalThis.Number(object.rank) : 0,
+      baseModelHash: isSet(object.baseModelHash)
+        ? globalThis.String(object.baseModelHash)
+        : isSet(object.base_model_hash)
+        ? globalThis.String(object.base_model_hash)
+        : "",
     };
   },
 
@@ -1786,6 +1861,9 @@ export const TrainedLora: MessageFns<TrainedLora> = {
     if (message.rank !== 0) {
       obj.rank = Math.round(message.rank);
     }
+    if (message.baseModelHash !== "") {
+      obj.baseModelHash = message.baseModelHash;
+    }
     return obj;
   },
 
@@ -1798,6 +1876,7 @@ export const TrainedLora: MessageFns<TrainedLora> = {
     message.artifactName = object.artifactName ?? "";
     message.baseModel = object.baseModel ?? "";
     message.rank = object.rank ?? 0;
+    message.baseModelHash = object.baseModelHash ?? "";
     return message;
   },
 };
@@ -1833,8 +1912,9 @@ export const InferenceServiceService = {
     responseDeserialize: (value: Buffer): InferResponse => InferResponse.decode(value),
   },
   /**
-   * ListModels lists the base models the server has exported and the LoRAs of
-   * its succeeded training jobs.
+   * ListModels lists the named base models of the server's models folder,
+   * the other base models it has exported, and the LoRAs of its succeeded
+   * training jobs. It names no host path.
    */
   listModels: {
     path: "/loraforge.v1.InferenceService/ListModels" as const,
@@ -1859,8 +1939,9 @@ export interface InferenceServiceServer extends UntypedServiceImplementation {
    */
   infer: handleUnaryCall<InferRequest, InferResponse>;
   /**
-   * ListModels lists the base models the server has exported and the LoRAs of
-   * its succeeded training jobs.
+   * ListModels lists the named base models of the server's models folder,
+   * the other base models it has exported, and the LoRAs of its succeeded
+   * training jobs. It names no host path.
    */
   listModels: handleUnaryCall<ListModelsRequest, ListModelsResponse>;
 }
@@ -1891,8 +1972,9 @@ export interface InferenceServiceClient extends Client {
     callback: (error: ServiceError | null, response: InferResponse) => void,
   ): ClientUnaryCall;
   /**
-   * ListModels lists the base models the server has exported and the LoRAs of
-   * its succeeded training jobs.
+   * ListModels lists the named base models of the server's models folder,
+   * the other base models it has exported, and the LoRAs of its succeeded
+   * training jobs. It names no host path.
    */
   listModels(
     request: ListModelsRequest,

@@ -376,6 +376,13 @@ export interface Job {
    * a worker runs the job. Worked out from the live workers at each read.
    */
   queuedReason: string;
+  /**
+   * Content hash of the base model's files when Train accepted the job
+   * (engine/loraforge_engine/fingerprint.py, as BaseModel.model_hash); a
+   * worker refuses a same-named model whose hash differs. Empty when the
+   * server could not hash the folder.
+   */
+  baseModelHash: string;
 }
 
 /** Artifact is one file a job produced. */
@@ -622,6 +629,7 @@ function createBaseJob(): Job {
     artifacts: [],
     lastSequence: 0,
     queuedReason: "",
+    baseModelHash: "",
   };
 }
 
@@ -665,6 +673,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.queuedReason !== "") {
       writer.uint32(162).string(message.queuedReason);
+    }
+    if (message.baseModelHash !== "") {
+      writer.uint32(130).string(message.baseModelHash);
     }
     return writer;
   },
@@ -786,6 +797,14 @@ export const Job: MessageFns<Job> = {
             message.queuedReason = reader.string();
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.baseModelHash = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -847,6 +866,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.queued_reason)
         ? globalThis.String(object.queued_reason)
         : "",
+      baseModelHash: isSet(object.baseModelHash)
+        ? globalThis.String(object.baseModelHash)
+        : isSet(object.base_model_hash)
+        ? globalThis.String(object.base_model_hash)
+        : "",
     };
   },
 
@@ -891,6 +915,9 @@ export const Job: MessageFns<Job> = {
     if (message.queuedReason !== "") {
       obj.queuedReason = message.queuedReason;
     }
+    if (message.baseModelHash !== "") {
+      obj.baseModelHash = message.baseModelHash;
+    }
     return obj;
   },
 
@@ -916,6 +943,7 @@ export const Job: MessageFns<Job> = {
     message.artifacts = object.artifacts?.map((e) => Artifact.fromPartial(e)) || [];
     message.lastSequence = object.lastSequence ?? 0;
     message.queuedReason = object.queuedReason ?? "";
+    message.baseModelHash = object.baseModelHash ?? "";
     return message;
   },
 };

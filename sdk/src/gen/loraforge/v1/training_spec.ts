@@ -343,10 +343,19 @@ export function deviceKindToJSON(object: DeviceKind): string {
  */
 export interface TrainingSpec {
   /**
-   * Base model: an absolute path to a local folder in the diffusers layout
-   * (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), with
-   * weights in safetensors. Required. Must lie inside the server's data roots
-   * when the server confines paths.
+   * Base model, required: a model name or, for operators, a host folder.
+   *   - "models/<name>": a model the operator put in the models folder
+   *     (LORAFORGE_MODELS_DIR, default <state dir>/models; one diffusers folder
+   *     per name, symbolic links allowed). <name> is 1..63 of a-z 0-9 . _ -,
+   *     starting with a letter or digit. The server resolves it on its host;
+   *     each worker resolves it again in its own models folder and fails the
+   *     job (FAILED_PRECONDITION, MODEL_NOT_FOUND) when it lacks the model, or
+   *     (MODEL_CHANGED) when its copy's content hash differs from the one
+   *     recorded at submit time (Job.base_model_hash).
+   *   - an absolute path to a folder in the diffusers layout (model_index.json,
+   *     unet/, vae/, text_encoder/, tokenizer/, scheduler/) with safetensors
+   *     weights, on the server's host and every worker's. Must lie inside the
+   *     server's data roots when the server confines paths.
    */
   baseModel: string;
   /** The data set: exactly one source is required. */
