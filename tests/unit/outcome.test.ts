@@ -16,7 +16,8 @@ describe("decideOutcome for a lost rank (engine exit 5)", () => {
     assert.equal(out.state, JobState.JOB_STATE_RUNNING);
     assert.equal(out.error?.code, 14); // UNAVAILABLE
     assert.equal(out.error?.message, said);
-    assert.match(JSON.stringify(out.error?.details), /ENGINE_RANK_LOST/);
+    // The ErrorInfo detail, packed: its reason is in its bytes.
+    assert.match(Buffer.from(out.error!.details[0].value).toString("latin1"), /ENGINE_RANK_LOST/);
   });
   it("fails after the last attempt", () => {
     const out = decideOutcome({ code: ENGINE_EXIT.RANK_LOST, signal: null, stderrTail: [] }, report, null, 3, 3);
