@@ -182,6 +182,39 @@ def test_a_killed_rank_ends_the_job_with_a_retryable_error(tiny_model, dataset, 
     assert (out / "checkpoints" / f"checkpoint-{saved}" / "training_state.json").is_file()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_every_rank_after_the_same_step(tiny_model, dataset, tmp_path):
+    out = tmp_path / "stopped"
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec(tiny_model, dataset, 2, 2, maxTrainSteps=400, checkpointingSteps=1000)))
+    proc = subprocess.Popen(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env())
+    lines, pids = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        ev = json.loads(line)
+        if pids is None and (m := re.search(r"\(pids (\d+), (\d+);", ev.get("log", {}).get("message", ""))):
+            pids = int(m.group(1)), int(m.group(2))
+        if "metrics" in ev:
+            proc.send_signal(signal.SIGTERM)  # as the worker stops a job
+            break
+    lines += proc.stdout.readlines()
+    try:
+        rc = proc.wait(timeout=180)  # a guard against a hang, not a timing assertion
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the engine hung after SIGTERM") from None
+    assert rc == 4, proc.stderr.read()[-3000:]
+    assert not any(_alive(p) for p in pids)
+    events = parse_events("".join(lines))
+    stopped_at = of_kind(events, "metrics")[-1].step
+    assert [c.step for c in of_kind(events, "checkpoint")] == [stopped_at]
+    assert of_kind(events, "log")[-1].message == f"stopped at step {stopped_at}"
+    assert not of_kind(events, "state")
+    state = json.loads((out / "checkpoints" / f"checkpoint-{stopped_at}" / "training_state.json").read_text())
+    assert state["step"] == stopped_at and state["num_devices"] == 2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("devices", [1, 2])
 def test_cuda_without_a_gpu_fails_clearly(tiny_model, dataset, tmp_path, devices):
