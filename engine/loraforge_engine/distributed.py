@@ -155,6 +155,17 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def agree(self, value: int) -> int:
+        """Rank 0's `value` on every rank (a seed drawn at random must be one seed for the whole group)."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
     def broadcast(self, tensors: list) -> None:
         """Rank 0's values of `tensors` on every rank (the start of training: equal LoRA weights everywhere)."""
         if self.world == 1:

@@ -268,7 +268,7 @@ class Trainer:
         elif state is not None:
             seed = int(state["seed"])
         else:
-            seed = secrets.randbits(32)
+            seed = self.dist.agree(secrets.randbits(32))  # data parallel: rank 0's draw on every rank
             self.events.log("info", f"seed not set; using seed {seed}")
         if state is not None and int(state["seed"]) != seed:
             self.events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
@@ -671,15 +671,15 @@ class Trainer:
         text encoder(s) now. The VAE sample uses a per-batch generator either way."""
         ds, c = self.dataset, self.c
         ids = ds.batch_ids(epoch, b, self.batch)
-        total, rows = len(ids), self.dist.shard(len(ids))  # data parallel: this rank's rows of the batch
-        ids = ids[rows]
+        total, shard = len(ids), self.dist.shard(len(ids))  # data parallel: this rank's rows of the batch
+        ids = ids[shard]
         if not ids:
             return None  # a short last batch left this rank nothing
         augs = [ds.augment(epoch, i) for i in ids]
         captions = [ds.caption(epoch, i) for i in ids]
         mean, std = self._latent_moments(ids, augs, epoch)
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 1))
-        sample = torch.randn((total, *mean.shape[1:]), generator=gen, dtype=torch.float32)[rows]
+        sample = torch.randn((total, *mean.shape[1:]), generator=gen, dtype=torch.float32)[shard]
         sample = sample.to(self.device, mean.dtype)
         # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
         latents = (mean + std * sample).float()
@@ -703,7 +703,7 @@ class Trainer:
                 left = a.resized[0] - tw - a.left if a.flip else a.left
                 rows.append(time_ids((h, w), (a.top, left), (th, tw)))
             add_time_ids = torch.tensor(rows, dtype=torch.float32, device=self.device)
-        return MicroBatch(latents, hidden, pooled, add_time_ids, captions, rows, total if self.dist.world > 1 else None)
+        return MicroBatch(latents, hidden, pooled, add_time_ids, captions, shard, total if self.dist.world > 1 else None)
 
     def noise_and_timesteps(self, latents: torch.Tensor, micro_index: int, rows: slice = slice(None),
                             total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
