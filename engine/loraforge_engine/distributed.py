@@ -340,13 +340,17 @@ def launch(spec, spec_text: str, output_dir: str, resume_from: str | None, event
                        f"{spec.gradient_accumulation_steps} accumulation = "
                        f"{spec.train_batch_size * world * spec.gradient_accumulation_steps}")
 
+    def stopped(returncode: int) -> int:
+        """A rank that a relayed stop signal caught before its handler was installed (still starting) stopped."""
+        return EXIT_STOPPED if relayed and returncode in (-signal.SIGTERM, -signal.SIGINT) else returncode
+
     # Wait for every rank; after the first failure, the rest get GRACE_S to end on their own, then SIGKILL.
     failed_at = None
     while any(r.proc.returncode is None for r in ranks):
         for r in ranks:
             if r.proc.returncode is None and r.proc.poll() is not None:
                 r.ended_at = time.monotonic()
-                if r.proc.returncode not in (EXIT_OK, EXIT_STOPPED) and failed_at is None:
+                if stopped(r.proc.returncode) not in (EXIT_OK, EXIT_STOPPED) and failed_at is None:
                     failed_at = r.ended_at
                     note(f"[loraforge] rank {r.index} (pid {r.proc.pid}) ended with "
                          f"{_ending(r.proc.returncode)}; stopping the other ranks")
@@ -359,13 +363,13 @@ def launch(spec, spec_text: str, output_dir: str, resume_from: str | None, event
     for t in readers:  # the rest of each rank's stdout (a grandchild holding the pipe must not block us)
         t.join(timeout=5)
 
-    codes = [r.proc.returncode for r in ranks]
+    codes = [stopped(r.proc.returncode) for r in ranks]
     if all(c == EXIT_OK for c in codes) and ranks[0].state:
         events.forward(ranks[0].state)
         return EXIT_OK
     if all(c in (EXIT_OK, EXIT_STOPPED) for c in codes):
         return EXIT_STOPPED
-    lost = [r for r in ranks if r.proc.returncode < 0 and not r.killed_by_us]
+    lost = [r for r, c in zip(ranks, codes) if c < 0 and not r.killed_by_us]
     if lost:
         names = "; ".join(f"rank {r.index} of {world} (pid {r.proc.pid}) was killed by "
                           f"{signal.Signals(-r.proc.returncode).name}" for r in lost)
@@ -375,7 +379,7 @@ def launch(spec, spec_text: str, output_dir: str, resume_from: str | None, event
         return EXIT_RANK_LOST
     # The cause: a spec or data error (every rank meets it; rank 0's report is the one to pass on), else the rank
     # that failed first (the others most likely failed on the collective it left).
-    bad = [r for r in ranks if r.proc.returncode not in (EXIT_OK, EXIT_STOPPED) and not r.killed_by_us]
+    bad = [r for r, c in zip(ranks, codes) if c not in (EXIT_OK, EXIT_STOPPED) and not r.killed_by_us]
     bad.sort(key=lambda r: (r.proc.returncode not in (EXIT_SPEC, EXIT_DATA), r.ended_at or 0, r.index))
     cause = bad[0] if bad else next(r for r in ranks if r.killed_by_us)
     code = cause.proc.returncode if cause.proc.returncode in (EXIT_SPEC, EXIT_DATA, EXIT_ERROR) else EXIT_ERROR
