@@ -1,7 +1,8 @@
 """Command line: python -m loraforge_engine {train, model-hash, devices, export-onnx, make-tiny-model, make-dataset}.
 
 `train` speaks to its supervisor through stdout (JobEvents, one JSON per line) and the exit code:
-0 success, 2 invalid spec, 3 bad data, 4 stopped by SIGTERM/SIGINT, 1 anything else. Before exiting 1, 2 or 3
+0 success, 2 invalid spec, 3 bad data, 4 stopped by SIGTERM/SIGINT, 5 a data-parallel rank died (retryable: the
+job resumes from its last checkpoint; distributed.py), 1 anything else. Before exiting 1, 2 or 3
 it emits a LOG_LEVEL_ERROR event with a one-line reason and a FAILED state whose error is a google.rpc.Status
 (INTERNAL, INVALID_ARGUMENT, FAILED_PRECONDITION); tracebacks go to stderr.
 `model-hash` prints a base model's identity (fingerprint.py). Imports stay inside the commands: `model-hash`
@@ -134,6 +135,16 @@ def _train(args, events) -> int:
     except OSError as e:
         _fail(events, INVALID_ARGUMENT, f"cannot read spec {args.spec!r}: {e.strerror or e}")
         return EXIT_SPEC
+
+    from . import distributed
+
+    if distributed.in_rank():  # one rank of a data-parallel run: only rank 0 reports events
+        distributed.enter_rank()
+        rank = distributed.Group.from_env().rank
+        if rank != 0:
+            events = distributed.RankEvents(events.stream, rank)
+    elif spec.num_devices > 1:  # data parallel: this process launches the ranks (distributed.py)
+        return distributed.launch(spec, text, args.output_dir, args.resume_from, events)
 
     try:
         _quiet_libraries()

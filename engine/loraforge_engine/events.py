@@ -80,10 +80,17 @@ class EventWriter:
         self._closed = False
         self._lock = threading.RLock()  # re-entrant: a signal handler may log mid-write
 
+    @property
+    def stream(self) -> TextIO:
+        return self._out
+
     def emit(self, event: job_pb2.JobEvent) -> None:
         """Stamp `event` with the current time and write it."""
         event.time.GetCurrentTime()
-        line = json.dumps(json_format.MessageToDict(event), ensure_ascii=False, separators=(",", ":"))
+        self.forward(json.dumps(json_format.MessageToDict(event), ensure_ascii=False, separators=(",", ":")))
+
+    def forward(self, line: str) -> None:
+        """Write one event line as it is (the data-parallel launcher passing on rank 0's events)."""
         with self._lock:
             if self._closed:
                 return

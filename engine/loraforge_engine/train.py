@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +46,7 @@ from . import checkpoint as ckpt
 from . import dreambooth, lora_files
 from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
 from .cpu_threads import core_share, fixed_threads
+from .distributed import Group
 from .data import (CaptionedImages, DataError, ImageError, Skipped, caption_source, dataset_fingerprint, discover,
                    inspect, load_hub_dataset, make_buckets, no_usable_images, resized_size, select_samples,
                    size_histogram, skipped_summary)
@@ -124,6 +125,8 @@ class MicroBatch:
     pooled: torch.Tensor | None  # SDXL: pooled text embedding
     add_time_ids: torch.Tensor | None  # SDXL: size and crop conditioning
     captions: list[str]
+    rows: slice = field(default_factory=lambda: slice(None))  # data parallel: this rank's rows of the global batch
+    total: int | None = None  # data parallel: the global batch's size (None: this batch is all of it)
 
 
 def make_optimizer(spec: TrainingSpec, params: list[torch.Tensor], lr: float, device: torch.device):
@@ -192,6 +195,7 @@ class Trainer:
         self._tune_modules()
         self._set_up_optimizer()
         self._restore(state, tensors)
+        self.dist.broadcast(self.lora_params)  # data parallel: rank 0's LoRA weights on every rank
         del state, tensors
         self.bad_images: set[int] = set()  # images that stopped decoding during the run (see _pixels)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
@@ -206,7 +210,15 @@ class Trainer:
     def _set_up_device(self) -> None:
         """Device, precision (the spec's, or fp16 on CUDA / fp32 on CPU), TF32, and the CPU's threads."""
         spec, events = self.spec, self.events
-        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Data parallel (distributed.py): this process's rank, its device (spec.device_kind), the group joined.
+        self.dist = Group.from_env()
+        self.device = device = self.dist.device(spec)
+        self.dist.start(device)
+        self.batch = spec.train_batch_size * self.dist.world  # the global micro-batch: all ranks' samples
+        self.effective_batch = self.batch * spec.gradient_accumulation_steps  # images per optimizer step
+        if spec.num_devices != self.dist.world:
+            events.log("warning", f"num_devices {spec.num_devices}: this process trains alone (the `train` command "
+                                  "launches the ranks)")
         mixed = spec.mixed_precision or ("fp16" if device.type == "cuda" else "no")
         if device.type == "cpu" and mixed == "fp16":
             # CPU kernels for fp16 training are slow and partly missing; fp32 is the honest fallback.
@@ -258,7 +270,7 @@ class Trainer:
         elif state is not None:
             seed = int(state["seed"])
         else:
-            seed = secrets.randbits(32)
+            seed = self.dist.agree(secrets.randbits(32))  # data parallel: rank 0's draw on every rank
             self.events.log("info", f"seed not set; using seed {seed}")
         if state is not None and int(state["seed"]) != seed:
             self.events.log("warning", f"resuming with seed {seed}, checkpoint was trained with seed {state['seed']}")
@@ -318,7 +330,7 @@ class Trainer:
 
     def _describe_buckets(self) -> None:
         """Say in the log how the images fall into buckets and what happens to a bucket's short last batch."""
-        ds, batch = self.dataset, self.spec.train_batch_size
+        ds, batch = self.dataset, self.batch
         used = [(ds.buckets[b], len(m)) for b, m in ds.members.items()]
         line = ", ".join(f"{w}x{h}: {n}" for (w, h), n in used)
         short = [f"{w}x{h} ({n % batch} of {batch})" for (w, h), n in used if n % batch]
@@ -442,11 +454,11 @@ class Trainer:
         accum = spec.gradient_accumulation_steps
         self.learning_rate = spec.learning_rate
         if spec.scale_lr:
-            self.learning_rate = spec.learning_rate * spec.train_batch_size * accum  # × processes (1)
-            self.events.log("info", f"scale_lr: learning rate {spec.learning_rate:g} x {spec.train_batch_size} x "
+            self.learning_rate = spec.learning_rate * self.batch * accum  # × processes: self.batch counts them
+            self.events.log("info", f"scale_lr: learning rate {spec.learning_rate:g} x {self.batch} x "
                                     f"{accum} = {self.learning_rate:g}")
         self.optimizer = make_optimizer(spec, self.lora_params, self.learning_rate, self.device)
-        self.batches_per_epoch = self.dataset.batches_per_epoch(spec.train_batch_size)
+        self.batches_per_epoch = self.dataset.batches_per_epoch(self.batch)
         # The last optimizer step of an epoch may accumulate fewer batches (the reference's accelerate
         # syncs at the end of the data loader too).
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
@@ -469,6 +481,7 @@ class Trainer:
                      param_names=self.param_names, lr_scheduler=self.lr_scheduler, scaler=self.scaler)
         self.start_step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._say_device_change(state)
         if state.get("dataset_size") != len(self.dataset) or state.get("steps_per_epoch") != self.steps_per_epoch:
             events.log("warning", "the data set or batch settings changed since the checkpoint; "
                                   "data order after resume will differ from the original run")
@@ -477,6 +490,30 @@ class Trainer:
         if changed:
             events.log("warning", f"spec differs from the checkpoint's in: {', '.join(changed)}")
         events.log("info", f"resumed from {self.resume_path} at step {self.start_step}")
+
+    def _say_device_change(self, state) -> None:
+        """A checkpoint trained on another number of devices: what the resume continues and what not (the rule is
+        in engine/README.md). Optimizer steps, the LR schedule and AdamW's moments always carry over."""
+        then_devices, then_effective = int(state.get("num_devices", 1)), state.get("effective_batch")
+        then_batch = state.get("global_batch")
+        if then_devices == self.dist.world and then_effective in (None, self.effective_batch):
+            return
+        was = f"checkpoint trained on {then_devices} device{'s' if then_devices > 1 else ''}, this run has {self.dist.world}"
+        if then_effective == self.effective_batch and then_batch == self.batch:
+            self.events.log("info", f"{was}: same effective batch ({self.effective_batch}) and the same samples and "
+                                    "noise each step; the run continues as the uninterrupted one would (up to float "
+                                    "rounding)")
+        elif then_effective == self.effective_batch:
+            self.events.log("warning", f"{was}: same effective batch ({self.effective_batch}), so steps, schedule and "
+                                       f"optimizer state continue unchanged, but the micro-batches are cut differently "
+                                       f"({self.batch} per pass, was {then_batch}): the data order and noise after the "
+                                       "resume differ from the original run's")
+        else:
+            self.events.log("warning", f"{was}: the effective batch changes from {then_effective} to "
+                                       f"{self.effective_batch} images per optimizer step; steps, learning-rate schedule "
+                                       "and AdamW state continue as they are (counted in optimizer steps), each "
+                                       "remaining step averages over the new batch, and the data order after the "
+                                       "resume differs from the original run's")
 
     def _describe_files(self, data_sha: dict[str, str]) -> None:
         """What every LoRA file carries besides the tensors: peft's adapter config and the provenance."""
@@ -512,7 +549,7 @@ class Trainer:
             skipped_total=len(self.skipped), caption_source=CAPTION_SOURCES[self.caption_source],
             sizes=[job_pb2.ImageSizeCount(width=w, height=h, images=n) for (w, h), n in common], other_sizes=other)
         if ds is not None:
-            batch = spec.train_batch_size
+            batch = self.batch
             for b, members in ds.members.items():
                 w, h = ds.buckets[b] if ds.buckets else (spec.resolution, spec.resolution)
                 report.buckets.add(width=w, height=h, images=len(members), batches=-(-len(members) // batch))
@@ -635,11 +672,15 @@ class Trainer:
         """The b-th batch of `epoch`, encoded: from the caches where they exist, else through the VAE and the
         text encoder(s) now. The VAE sample uses a per-batch generator either way."""
         ds, c = self.dataset, self.c
-        ids = ds.batch_ids(epoch, b, self.spec.train_batch_size)
+        ids = ds.batch_ids(epoch, b, self.batch)
+        total, shard = len(ids), self.dist.shard(len(ids))  # data parallel: this rank's rows of the batch
+        ids = ids[shard]
+        if not ids:
+            return None  # a short last batch left this rank nothing
         augs = [ds.augment(epoch, i) for i in ids]
         captions = [ds.caption(epoch, i) for i in ids]
         mean, std = self._latent_moments(ids, augs, epoch)
-        latents = self.sample_latents(mean, std, micro_index, 1)
+        latents = self.sample_latents(mean, std, micro_index, 1, shard, total)
         if self.text_cache is not None:
             hidden, pooled = self._text_embeddings(captions)
         else:
@@ -657,42 +698,46 @@ class Trainer:
                 left = a.resized[0] - tw - a.left if a.flip else a.left
                 rows.append(time_ids((h, w), (a.top, left), (th, tw)))
             add_time_ids = torch.tensor(rows, dtype=torch.float32, device=self.device)
-        return MicroBatch(latents, hidden, pooled, add_time_ids, captions)
+        return MicroBatch(latents, hidden, pooled, add_time_ids, captions, shard, total if self.dist.world > 1 else None)
 
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, micro_index: int, stream: int) -> torch.Tensor:
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, micro_index: int, stream: int,
+                       rows: slice = slice(None), total: int | None = None) -> torch.Tensor:
         """Scaled latents drawn from the VAE's distribution with a per-batch generator (`stream` tells purposes
-        apart)."""
+        apart). Data parallel: drawn for the whole global batch (`total` rows), this rank's `rows` kept."""
         vae = self.c.vae
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, stream))
-        sample = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(self.device, mean.dtype)
+        sample = torch.randn((total or mean.shape[0], *mean.shape[1:]), generator=gen, dtype=torch.float32)[rows]
+        sample = sample.to(self.device, mean.dtype)
         # Noise arithmetic in fp32 whatever the VAE ran in; the UNet's autocast picks its own dtype.
         latents = (mean + std * sample).float()
         if vae.config.get("shift_factor") is not None:
             latents = latents - vae.config.shift_factor
         return latents * vae.config.scaling_factor
 
-    def noise_and_timesteps(self, latents: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise_and_timesteps(self, latents: torch.Tensor, micro_index: int, rows: slice = slice(None),
+                            total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # Drawn on the CPU from per-batch generators: identical on any device and reproducible after a resume.
+        # Data parallel: drawn for the whole global batch (`total` rows), this rank's `rows` kept.
+        n = total or latents.shape[0]
         gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 2))
-        noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
-        timesteps = torch.randint(0, self.c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen)
+        noise = torch.randn((n, *latents.shape[1:]), generator=gen, dtype=torch.float32)
+        timesteps = torch.randint(0, self.c.noise_scheduler.config.num_train_timesteps, (n,), generator=gen)
         if self.spec.noise_offset:
             # Offset noise (Guttenberg 2023): a per-sample, per-channel constant shifts mean brightness.
             gen = torch.Generator().manual_seed(derived_seed(self.seed, micro_index, 3))
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, dtype=torch.float32)
+            offset = torch.randn((n, latents.shape[1], 1, 1), generator=gen, dtype=torch.float32)
             noise = noise + self.spec.noise_offset * offset
-        return noise.to(self.device, latents.dtype), timesteps.to(self.device)
+        return noise[rows].to(self.device, latents.dtype), timesteps[rows].to(self.device)
 
     def loss(self, mb: MicroBatch, micro_index: int) -> torch.Tensor:
         """The diffusion loss of one micro-batch (with Min-SNR weighting when snr_gamma is set)."""
-        return self.reduce_loss(*self.predict(mb, micro_index))
+        return self.reduce_loss(*self.predict(mb, micro_index), mb.total)
 
     def predict(self, mb: MicroBatch, micro_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The UNet's prediction for one micro-batch, noised with its noise and timesteps: (prediction, target,
         timesteps)."""
         sched = self.c.noise_scheduler
-        noise, timesteps = self.noise_and_timesteps(mb.latents, micro_index)
+        noise, timesteps = self.noise_and_timesteps(mb.latents, micro_index, mb.rows, mb.total)
         noisy = sched.add_noise(mb.latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else sched.get_velocity(mb.latents, noise, timesteps)
         extra = {}
@@ -703,14 +748,19 @@ class Trainer:
                                return_dict=False, **extra)[0]
         return pred, target, timesteps
 
-    def reduce_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """MSE of a prediction, or its Min-SNR weighted mean over samples when snr_gamma is set."""
+    def reduce_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    total: int | None = None) -> torch.Tensor:
+        """MSE of a prediction, or its Min-SNR weighted mean over samples when snr_gamma is set. Data parallel
+        (`total`: the global batch's size): this rank's share of the global batch's mean."""
         sched = self.c.noise_scheduler
-        if self.spec.snr_gamma is None:
+        if self.spec.snr_gamma is None and total is None:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weights(sched.alphas_cumprod, timesteps, self.spec.snr_gamma, self.prediction_type)
-        return (per_sample * weights).mean()
+        if self.spec.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(sched.alphas_cumprod, timesteps, self.spec.snr_gamma,
+                                                      self.prediction_type)
+        # Data parallel: this rank's share of the global batch's mean; the ranks' gradients add up to its gradient.
+        return per_sample.mean() if total is None else per_sample.sum() / total
 
     # ------------------------------------------------------------------------------------------ files
     def _peft_parts(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -744,6 +794,8 @@ class Trainer:
                                "seed": self.seed, "epoch": epoch, "step_in_epoch": step_in_epoch,
                                "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(self.dataset),
                                "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
+                               "num_devices": self.dist.world, "effective_batch": self.effective_batch,
+                               "global_batch": self.batch,
                                "spec": self.spec.to_json_dict()})
         self.events.checkpoint(step, folder, root=self.out)
         if self.spec.checkpoints_total_limit:
@@ -807,12 +859,17 @@ class Trainer:
         for b in batch_ids:
             micro_index = epoch * self.batches_per_epoch + b  # global batch number: the key of its randomness
             mb = self.micro_batch(epoch, b, micro_index)
+            if mb is None:
+                continue  # data parallel: nothing of this batch for this rank (it adds zero gradients)
             # With prior preservation: + prior_loss_weight x the loss of as many class images (dreambooth.py).
             loss = self.prior.loss(self, mb, epoch, b, micro_index) if self.prior else self.loss(mb, micro_index)
             scaled = loss / len(batch_ids)  # mean over the accumulated batches
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.item()
             images += len(mb.captions)
+        # Data parallel: the ranks' gradients (and losses, images) summed, so every rank takes the same step.
+        loss_sum, images = self.dist.sum_gradients(self.lora_params, loss_sum, images)
+        images = round(images)
 
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
@@ -846,12 +903,15 @@ class Trainer:
     def train(self, stop: StopFlag) -> tuple[Path, int]:
         spec, events = self.spec, self.events
         accum = spec.gradient_accumulation_steps
-        events.log("info", f"{self.total_steps} optimizer steps, {self.steps_per_epoch} per epoch; "
-                           f"batch {spec.train_batch_size} x {accum} accumulation; seed {self.seed}")
+        events.log("info", f"{self.total_steps} optimizer steps, {self.steps_per_epoch} per epoch; effective batch "
+                           f"{self.effective_batch} = batch {spec.train_batch_size} x {self.dist.world} "
+                           f"device{'s' if self.dist.world > 1 else ''} x {accum} accumulation; seed {self.seed}")
         step = self.start_step
         recent: deque[tuple[float, int]] = deque(maxlen=20)  # (seconds, images) of recent steps
+        stopping = False
         while step < self.total_steps:
-            if stop.is_set():
+            if self.dist.any(stop.is_set()):  # data parallel: every rank stops after the same step
+                stopping = True
                 break
             self._share_cores()
             t0 = time.perf_counter()
@@ -867,19 +927,22 @@ class Trainer:
                                               if self.device.type == "cuda" else 0),
                            skipped_steps=self.skipped_steps)
 
-            if spec.all_validation_prompts and step < self.total_steps and (
+            if self.dist.is_main and spec.all_validation_prompts and step < self.total_steps and (
                     (spec.validation_steps > 0 and step % spec.validation_steps == 0)
                     or (spec.validation_epochs > 0 and step % self.steps_per_epoch == 0
                         and (step // self.steps_per_epoch) % spec.validation_epochs == 0)):
                 self.validate(step)
-            if step % spec.checkpointing_steps == 0:
+            if step % spec.checkpointing_steps == 0 and self.dist.is_main:
                 self.save_checkpoint(step)
 
-        if stop.is_set() and step < self.total_steps:
-            if not (ckpt.checkpoints_dir(self.out) / f"checkpoint-{step}" / ckpt.STATE_JSON).is_file():
+        if stopping:
+            if self.dist.is_main and not (ckpt.checkpoints_dir(self.out) / f"checkpoint-{step}" / ckpt.STATE_JSON).is_file():
                 self.save_checkpoint(step)
             events.log("info", f"stopped at step {step}")
             raise Stopped(step)
+        if not self.dist.is_main:  # rank 0 writes the LoRA
+            self.dist.close()
+            return self.out / ckpt.LORA_FILE, step
 
         # ---------------------------------------------------------------------------------- save, clean up
         tmp = self.out / f".tmp-final-{os.getpid()}"
@@ -895,6 +958,7 @@ class Trainer:
 
         if spec.all_validation_prompts:
             self.validate(step)
+        self.dist.close()
         return final, step
 
 

@@ -68,6 +68,15 @@ def test_class_prompt_is_required_with_prior_preservation():
                        "classPrompt": "a dog"}).num_class_images == 100  # diffusers' default
 
 
+def test_prior_preservation_is_refused_on_several_devices():
+    # Its class batch is not sharded across data-parallel ranks yet: the rule refuses the combination up front.
+    spec = {"baseModel": "/m", "datasetDir": "/d", "withPriorPreservation": True, "classPrompt": "a dog"}
+    with pytest.raises(SpecError) as e:
+        parse_spec({**spec, "numDevices": 2})
+    assert [f for f, _ in e.value.errors] == ["with_prior_preservation"]
+    assert parse_spec({**spec, "numDevices": 1}).num_devices == 1
+
+
 def test_loss_composition():
     pred, target = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])
     assert prior_loss(pred, target).item() == pytest.approx((1 + 4) / 2)

@@ -19,7 +19,8 @@ export interface EngineExit {
   stderrTail: string[];
 }
 
-export const ENGINE_EXIT = { OK: 0, FAILED: 1, BAD_SPEC: 2, BAD_DATA: 3, STOPPED: 4 } as const;
+/** RANK_LOST: a rank of a data-parallel run (spec.num_devices > 1) died; a retry resumes from the last checkpoint. */
+export const ENGINE_EXIT = { OK: 0, FAILED: 1, BAD_SPEC: 2, BAD_DATA: 3, STOPPED: 4, RANK_LOST: 5 } as const;
 
 export interface EngineOptions {
   python: string;

@@ -495,13 +495,15 @@ export function decideOutcome(
   const meta = { attempt: String(attempt), ...(exit.code !== null ? { exit_code: String(exit.code) } : {}) };
   // The engine said why: its code (3, 9 or 13) and message, our reason for its exit code.
   const reported = report.error?.message || report.lastErrorLog;
-  if (reported && exit.signal === null)
+  // A lost rank of a data-parallel run is retried like a killed engine, with the engine's account of it.
+  const rankLost = exit.code === ENGINE_EXIT.RANK_LOST;
+  if (reported && exit.signal === null && !rankLost)
     return { state: JobState.JOB_STATE_FAILED, error: jobError(report.error?.code || failure.code, failure.reason, reported, meta) };
   // Its last output stays in the worker's log: it names places on the worker's host.
   const how = exit.signal ? `was killed by ${exit.signal}` : exit.code === null ? "could not start" : `exited with code ${exit.code}`;
-  const message = `the engine ${how} (its last output is in the worker's log)`;
-  const retryable = exit.signal !== null || exit.code === null;
-  const reason = exit.signal ? "ENGINE_KILLED" : exit.code === null ? "ENGINE_NOT_STARTED" : failure.reason;
+  const message = rankLost && reported ? reported : `the engine ${how} (its last output is in the worker's log)`;
+  const retryable = exit.signal !== null || exit.code === null || rankLost;
+  const reason = exit.signal ? "ENGINE_KILLED" : exit.code === null ? "ENGINE_NOT_STARTED" : rankLost ? "ENGINE_RANK_LOST" : failure.reason;
   const withSignal = exit.signal ? { ...meta, signal: exit.signal } : meta;
   if (retryable && attempt < maxAttempts) return { state: JobState.JOB_STATE_RUNNING, error: jobError(status.UNAVAILABLE, reason, message, withSignal) };
   const final = retryable ? `${message} (gave up after ${attempt} attempts)` : message;

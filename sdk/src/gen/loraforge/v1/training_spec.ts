@@ -405,13 +405,14 @@ export interface TrainingSpec {
   randomFlip?:
     | boolean
     | undefined;
-  /** Images per forward/backward pass. Default 1; 1..1024. */
+  /** Images per forward/backward pass on each device. Default 1; 1..1024. */
   trainBatchSize?:
     | number
     | undefined;
   /**
    * Batches accumulated into one optimizer step; the effective batch is
-   * train_batch_size × gradient_accumulation_steps. Default 1; 1..1024.
+   * train_batch_size × num_devices × gradient_accumulation_steps. Default 1;
+   * 1..1024.
    */
   gradientAccumulationSteps?:
     | number
@@ -620,8 +621,8 @@ export interface TrainingSpec {
     | number
     | undefined;
   /**
-   * Multiply learning_rate by train_batch_size × gradient_accumulation_steps
-   * (× number of processes). Default false.
+   * Multiply learning_rate by the effective batch (train_batch_size ×
+   * num_devices × gradient_accumulation_steps). Default false.
    */
   scaleLr?:
     | boolean
