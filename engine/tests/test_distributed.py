@@ -169,11 +169,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_a_killed_rank_ends_the_job_with_a_retryable_error(tiny_model, dataset, tmp_path):
-    out = tmp_path / "killed"
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(spec(tiny_model, dataset, 2, 2, maxTrainSteps=400, checkpointingSteps=2)))
+def _interrupt_two_ranks(tiny_model, dataset, out: Path, spec_extra: dict, when: str, act, what: str):
+    """Runs a 2-rank engine until its first `when` event (after it named its ranks' pids), calls act(proc, pids),
+    and waits for it to end. Returns (exit code, stderr, events, rank pids); a hang fails the test."""
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(json.dumps(spec(tiny_model, dataset, 2, 2, maxTrainSteps=400, **spec_extra)))
     proc = subprocess.Popen(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env())
     lines, pids = [], None
@@ -183,19 +183,26 @@ def test_a_killed_rank_ends_the_job_with_a_retryable_error(tiny_model, dataset, 
         if pids is None and (m := re.search(r"data parallel: 2 ranks \(pids (\d+), (\d+);",
                                             ev.get("log", {}).get("message", ""))):
             pids = int(m.group(1)), int(m.group(2))
-        if "checkpoint" in ev:
-            os.kill(pids[1], signal.SIGKILL)  # rank 1, mid-run
+        if when in ev:
+            act(proc, pids)
             break
     lines += proc.stdout.readlines()
     try:
         rc = proc.wait(timeout=180)  # a guard against a hang, not a timing assertion
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the engine hung after one of its ranks was killed") from None
-    stderr = proc.stderr.read()
+        raise AssertionError(f"the engine hung after {what}") from None
+    return rc, proc.stderr.read(), parse_events("".join(lines)), pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_rank_ends_the_job_with_a_retryable_error(tiny_model, dataset, tmp_path):
+    out = tmp_path / "killed"
+    rc, stderr, events, pids = _interrupt_two_ranks(
+        tiny_model, dataset, out, {"checkpointingSteps": 2}, "checkpoint",
+        lambda proc, pids: os.kill(pids[1], signal.SIGKILL), "one of its ranks was killed")  # rank 1, mid-run
     assert rc == EXIT_RANK_LOST, stderr[-3000:]
     assert not _alive(pids[0]), "rank 0 outlived the launcher"
-    events = parse_events("".join(lines))
     [state] = of_kind(events, "state")
     assert state.state == job_pb2.JOB_STATE_FAILED and state.error.code == 14  # UNAVAILABLE: retry
     assert re.search(r"rank 1 of 2 \(pid \d+\) was killed by SIGKILL; .* a retry resumes from the last checkpoint",
@@ -209,28 +216,11 @@ def test_a_killed_rank_ends_the_job_with_a_retryable_error(tiny_model, dataset, 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_sigterm_stops_every_rank_after_the_same_step(tiny_model, dataset, tmp_path):
     out = tmp_path / "stopped"
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(spec(tiny_model, dataset, 2, 2, maxTrainSteps=400, checkpointingSteps=1000)))
-    proc = subprocess.Popen(engine_cmd("train", "--spec", str(spec_path), "--output-dir", str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=engine_env())
-    lines, pids = [], None
-    for line in proc.stdout:
-        lines.append(line)
-        ev = json.loads(line)
-        if pids is None and (m := re.search(r"\(pids (\d+), (\d+);", ev.get("log", {}).get("message", ""))):
-            pids = int(m.group(1)), int(m.group(2))
-        if "metrics" in ev:
-            proc.send_signal(signal.SIGTERM)  # as the worker stops a job
-            break
-    lines += proc.stdout.readlines()
-    try:
-        rc = proc.wait(timeout=180)  # a guard against a hang, not a timing assertion
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("the engine hung after SIGTERM") from None
-    assert rc == 4, proc.stderr.read()[-3000:]
+    rc, stderr, events, pids = _interrupt_two_ranks(
+        tiny_model, dataset, out, {"checkpointingSteps": 1000}, "metrics",
+        lambda proc, pids: proc.send_signal(signal.SIGTERM), "SIGTERM")  # as the worker stops a job
+    assert rc == 4, stderr[-3000:]
     assert not any(_alive(p) for p in pids)
-    events = parse_events("".join(lines))
     stopped_at = of_kind(events, "metrics")[-1].step
     assert [c.step for c in of_kind(events, "checkpoint")] == [stopped_at]
     assert of_kind(events, "log")[-1].message == f"stopped at step {stopped_at}"
