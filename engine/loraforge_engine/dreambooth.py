@@ -140,6 +140,7 @@ class PriorData:
             key = cache_key(settings)
             folder = cache_root() / "class-images" / key
             folder.mkdir(parents=True, exist_ok=True)
+            os.utime(folder)  # just used: the worker's disk bound (LORAFORGE_CLASS_IMAGES_MAX_MB) removes others first
             (folder / "settings.json").write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
             for i in range(need):
                 path = class_file(folder, i)

@@ -54,10 +54,11 @@ describe("the disk bound on local copies", () => {
   });
 
   it("reads its bounds from the environment, refusing values that are not whole MiB", () => {
-    assert.deepEqual(diskBounds({}), { jobOutputsBytes: 20480 * 2 ** 20, datasetCopiesBytes: 20480 * 2 ** 20 });
-    assert.deepEqual(diskBounds({ LORAFORGE_JOB_OUTPUTS_MAX_MB: "0", LORAFORGE_DATASET_COPIES_MAX_MB: "5" }), {
+    assert.deepEqual(diskBounds({}), { jobOutputsBytes: 20480 * 2 ** 20, datasetCopiesBytes: 20480 * 2 ** 20, classImagesBytes: 10240 * 2 ** 20 });
+    assert.deepEqual(diskBounds({ LORAFORGE_JOB_OUTPUTS_MAX_MB: "0", LORAFORGE_DATASET_COPIES_MAX_MB: "5", LORAFORGE_CLASS_IMAGES_MAX_MB: "7" }), {
       jobOutputsBytes: 0,
       datasetCopiesBytes: 5 * 2 ** 20,
+      classImagesBytes: 7 * 2 ** 20,
     });
     assert.throws(() => diskBounds({ LORAFORGE_JOB_OUTPUTS_MAX_MB: "-1" }), /LORAFORGE_JOB_OUTPUTS_MAX_MB/);
     assert.throws(() => diskBounds({ LORAFORGE_DATASET_COPIES_MAX_MB: "1.5" }), /whole number/);

@@ -1,7 +1,8 @@
 // What a host keeps on its own disk beside the object store — finished jobs' output folders
-// (<state dir>/jobs/<id>) and its copies of uploaded data sets (<state dir>/datasets/<id>) — bounded in
-// bytes: past the bound the least recently used folders go, never one still needed. Everything removed
-// here is also in the object store, and is fetched again when a job needs it.
+// (<state dir>/jobs/<id>), its copies of uploaded data sets (<state dir>/datasets/<id>) and DreamBooth's
+// generated class images (<state dir>/cache/class-images/<key>) — bounded in bytes: past the bound the
+// least recently used folders go, never one still needed. Outputs and data sets are also in the object
+// store and are fetched again when a job needs them; class images are generated again.
 import { lstatSync, readdirSync, rmSync, utimesSync } from "node:fs";
 import path from "node:path";
 import { log } from "../core/log.js";
@@ -9,7 +10,7 @@ import { log } from "../core/log.js";
 const MiB = 1024 * 1024;
 
 /** The bounds, from the environment (MiB; 0 keeps nothing that is not in use). */
-export function diskBounds(env: NodeJS.ProcessEnv = process.env): { jobOutputsBytes: number; datasetCopiesBytes: number } {
+export function diskBounds(env: NodeJS.ProcessEnv = process.env): { jobOutputsBytes: number; datasetCopiesBytes: number; classImagesBytes: number } {
   const mb = (name: string, fallback: number) => {
     const v = env[name];
     if (v === undefined || v === "") return fallback * MiB;
@@ -17,7 +18,11 @@ export function diskBounds(env: NodeJS.ProcessEnv = process.env): { jobOutputsBy
     if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a whole number of MiB (0 or more), got ${JSON.stringify(v)}`);
     return n * MiB;
   };
-  return { jobOutputsBytes: mb("LORAFORGE_JOB_OUTPUTS_MAX_MB", 20480), datasetCopiesBytes: mb("LORAFORGE_DATASET_COPIES_MAX_MB", 20480) };
+  return {
+    jobOutputsBytes: mb("LORAFORGE_JOB_OUTPUTS_MAX_MB", 20480),
+    datasetCopiesBytes: mb("LORAFORGE_DATASET_COPIES_MAX_MB", 20480),
+    classImagesBytes: mb("LORAFORGE_CLASS_IMAGES_MAX_MB", 10240),
+  };
 }
 
 /** Bytes of everything under `p` (files as they are on disk; links not followed). */

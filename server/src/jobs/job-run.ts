@@ -437,17 +437,26 @@ export class JobRun {
    * Keeps this host's local copies within their bounds once a job ends. Job output folders
    * (LORAFORGE_JOB_OUTPUTS_MAX_MB): the least recently finished go (their artifacts are in the object
    * store), never this job's nor one that has not ended (a later attempt here resumes from the
-   * checkpoints it left). Data set copies (LORAFORGE_DATASET_COPIES_MAX_MB): least recently used first;
-   * a host runs one job at a time, so none is in use now, and a later job fetches its set again.
+   * checkpoints it left). Data set copies (LORAFORGE_DATASET_COPIES_MAX_MB) and generated class images
+   * (LORAFORGE_CLASS_IMAGES_MAX_MB): least recently used first; a host runs one job at a time, so none is
+   * in use now, and a later job fetches its set again or generates its class images again.
    */
   private async pruneOutputs(): Promise<void> {
     const root = path.dirname(this.outputDir);
     touch(this.outputDir);
     const bounds = diskBounds();
-    try {
-      await pruneFolders(this.host.datasets.cacheRoot, bounds.datasetCopiesBytes, () => false);
-    } catch (err) {
-      log("warn", "could not prune this host's data set copies", { root: this.host.datasets.cacheRoot, err: String(err) });
+    // Class images the engine generated for DreamBooth jobs (its cache under the state dir, unless the
+    // operator moved it with LORAFORGE_CACHE_DIR): a later job with the same settings generates them again.
+    const copies = [
+      { root: this.host.datasets.cacheRoot, bytes: bounds.datasetCopiesBytes },
+      { root: path.join(this.host.stateDir, "cache", "class-images"), bytes: bounds.classImagesBytes },
+    ];
+    for (const { root: dir, bytes } of copies) {
+      try {
+        await pruneFolders(dir, bytes, () => false);
+      } catch (err) {
+        log("warn", "could not prune a local cache", { root: dir, err: String(err) });
+      }
     }
     try {
       await pruneFolders(root, bounds.jobOutputsBytes, async (id) => {
