@@ -52,11 +52,26 @@ node --test tests/dist/unit/
 echo "== deploy: manifests against the Kubernetes schemas, Dockerfiles linted"
 bash scripts/check-deploy.sh
 
-echo "== engine: pytest"
-PYTHONPATH=engine engine/.venv/bin/python -m pytest -q engine/tests
-
-echo "== end to end: node --test"
-LORAFORGE_TEST_FIXTURES=$(mktemp -d -t loraforge-fixtures-XXXXXX)
+# The engine's tests keep the CPU busy while the end-to-end tests spend much of their time waiting on
+# servers, NATS and child processes (about half of two cores): the two suites run side by side, the
+# engine's output kept in a file and shown once it ends. Either one failing fails the run.
+echo "== engine (pytest) and end to end (node --test), side by side"
+work=$(mktemp -d -t loraforge-test-XXXXXX)
+LORAFORGE_TEST_FIXTURES="$work/fixtures"
+mkdir -p "$LORAFORGE_TEST_FIXTURES"
 export LORAFORGE_TEST_FIXTURES
-trap 'rm -rf "$LORAFORGE_TEST_FIXTURES"' EXIT
-node --test --test-concurrency=1 tests/dist/*.test.js
+engine_pid=""
+trap '[ -n "$engine_pid" ] && kill "$engine_pid" 2>/dev/null; rm -rf "$work"' EXIT
+(PYTHONPATH=engine engine/.venv/bin/python -m pytest -q engine/tests >"$work/engine.log" 2>&1) &
+engine_pid=$!
+e2e=0
+node --test --test-concurrency=1 tests/dist/*.test.js || e2e=$?
+engine=0
+wait "$engine_pid" || engine=$?
+engine_pid=""
+echo "== engine: pytest (ran beside the end-to-end tests)"
+cat "$work/engine.log"
+if [ "$e2e" -ne 0 ] || [ "$engine" -ne 0 ]; then
+  echo "failed: end to end exit $e2e, engine exit $engine" >&2
+  exit 1
+fi

@@ -33,7 +33,8 @@ describe("worker capabilities", () => {
 
   before(async () => {
     f = fixtures();
-    srv = await startServer({ env: { LORAFORGE_WORKER_DEVICE_MEMORY_MB: "1000" } });
+    // Kind and count detected by the engine (the harness's default of a CPU worker taken off).
+    srv = await startServer({ env: { LORAFORGE_WORKER_DEVICE_KIND: "", LORAFORGE_WORKER_DEVICE_MEMORY_MB: "1000" } });
   });
   after(async () => {
     await worker?.stop();

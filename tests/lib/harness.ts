@@ -74,7 +74,10 @@ export interface ServerProcess {
  * once `ready(stdout)` holds; rejects if it exits first.
  */
 async function spawnCli(args: string[], env: Record<string, string>, ready: (out: string) => boolean) {
-  const proc = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, LORAFORGE_LOG_LEVEL: "info", ...env }, stdio: ["ignore", "pipe", "pipe"] });
+  // Workers advertise the host's CPU without asking the engine (a torch import per start, seconds of CPU on a
+  // 2-core machine); tests/capabilities.test.ts and engine/tests/test_devices.py exercise the detection.
+  const defaults = { LORAFORGE_LOG_LEVEL: "info", LORAFORGE_WORKER_DEVICE_KIND: process.env.LORAFORGE_WORKER_DEVICE_KIND ?? "cpu" };
+  const proc = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...defaults, ...env }, stdio: ["ignore", "pipe", "pipe"] });
   const stderr: string[] = [];
   proc.stderr!.on("data", (d: Buffer) => {
     stderr.push(d.toString());
