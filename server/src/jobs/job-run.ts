@@ -7,7 +7,7 @@
 //      the output folder to its public name and uploaded before the event announcing it;
 //   4. the end: how the engine ended, classified into the job's next state and error;
 //   5. the record: final (and the final event), or handed back to the queue for a retry.
-import { existsSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { existsSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { hostname } from "node:os";
 import path from "node:path";
@@ -20,7 +20,7 @@ import { log } from "../core/log.js";
 import { telemetry } from "../core/telemetry.js";
 import { ArtifactStore, jobOfArtifact } from "./artifacts.js";
 import { DatasetMissing, type DatasetStore } from "./datasets.js";
-import { diskBounds, pruneFolders, touch } from "./disk.js";
+import { diskBounds, pruneFolders, touch, treeBytes } from "./disk.js";
 import { ENGINE_EXIT, EngineRun, type EngineExit, type EngineOptions } from "./engine.js";
 import { checkpointArtifact } from "./spec-checks.js";
 import { isModelName, modelFolder, ModelHasher } from "../core/models.js";
@@ -133,23 +133,15 @@ export class JobRun {
       spec.baseModel = model.dir;
     }
     if (spec.dataset?.$case === "datasetId") {
-      const id = spec.dataset.datasetId;
-      try {
-        spec.dataset = { $case: "datasetDir", datasetDir: await this.host.datasets.localFolder(id) };
-      } catch (err) {
-        if (!(err instanceof DatasetMissing)) throw err;
-        return { error: jobError(status.FAILED_PRECONDITION, "DATASET_NOT_FOUND", err.message, { dataset_id: id }) };
-      }
+      const dir = await this.localSet(spec.dataset.datasetId, "dataset_id");
+      if (typeof dir !== "string") return dir;
+      spec.dataset = { $case: "datasetDir", datasetDir: dir };
     }
     if (spec.classData?.$case === "classDatasetId") {
       // DreamBooth class images from an uploaded set: a folder on this host, as the data set.
-      const id = spec.classData.classDatasetId;
-      try {
-        spec.classData = { $case: "classDataDir", classDataDir: await this.host.datasets.localFolder(id) };
-      } catch (err) {
-        if (!(err instanceof DatasetMissing)) throw err;
-        return { error: jobError(status.FAILED_PRECONDITION, "DATASET_NOT_FOUND", err.message, { class_dataset_id: id }) };
-      }
+      const dir = await this.localSet(spec.classData.classDatasetId, "class_dataset_id");
+      if (typeof dir !== "string") return dir;
+      spec.classData = { $case: "classDataDir", classDataDir: dir };
     }
     const named = spec.resumeFromCheckpoint !== undefined && spec.resumeFromCheckpoint !== "latest" ? spec.resumeFromCheckpoint : undefined;
     if (named) spec.resumeFromCheckpoint = undefined;
@@ -159,6 +151,16 @@ export class JobRun {
     const folder = await this.checkpointFolder(named);
     if (!folder) return { error: jobError(status.FAILED_PRECONDITION, "CHECKPOINT_NOT_FOUND", `no job has a checkpoint named ${JSON.stringify(named)}`, { name: named }) };
     return { spec, resumeFrom: folder };
+  }
+
+  /** An uploaded set the spec names (by `field`) as a folder on this host, or the error that ends the job when it is gone. */
+  private async localSet(id: string, field: string): Promise<string | { error: Status }> {
+    try {
+      return await this.host.datasets.localFolder(id);
+    } catch (err) {
+      if (!(err instanceof DatasetMissing)) throw err;
+      return { error: jobError(status.FAILED_PRECONDITION, "DATASET_NOT_FOUND", err.message, { [field]: id }) };
+    }
   }
 
   /**
@@ -192,7 +194,7 @@ export class JobRun {
       .sort((a, b) => a - b);
     for (const step of steps.filter((s) => s > storedStep)) {
       const name = `checkpoints/checkpoint-${step}`;
-      const a = this.published({ kind: ArtifactKind.ARTIFACT_KIND_CHECKPOINT, name, sizeBytes: folderBytes(path.join(this.outputDir, name)), sha256: "", step });
+      const a = this.published({ kind: ArtifactKind.ARTIFACT_KIND_CHECKPOINT, name, sizeBytes: treeBytes(path.join(this.outputDir, name)), sha256: "", step });
       if (!a) continue;
       log("info", "announcing a checkpoint an earlier attempt saved but did not upload", { job: this.job.id, step });
       const payload: Payload = { $case: "checkpoint", checkpoint: { step, artifact: a.artifact } };
@@ -517,13 +519,6 @@ export function decideOutcome(
   if (retryable && attempt < maxAttempts) return { state: JobState.JOB_STATE_RUNNING, error: jobError(status.UNAVAILABLE, reason, message, withSignal) };
   const final = retryable ? `${message} (gave up after ${attempt} attempts)` : message;
   return { state: JobState.JOB_STATE_FAILED, error: jobError(retryable ? status.INTERNAL : failure.code, reason, final, withSignal) };
-}
-
-/** Bytes of the files under `dir`, as the engine counts a folder artifact's size. */
-function folderBytes(dir: string): number {
-  let n = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true, recursive: true })) if (e.isFile()) n += statSync(path.join(e.parentPath, e.name)).size;
-  return n;
 }
 
 /** One hasher per engine: a worker hashes its copy of a named model once while its files stay the same. */
