@@ -1,6 +1,7 @@
-// InferenceService over gRPC: validates a request, resolves its LoRAs (jobs or files), waits for
-// a slot in a small queue, and renders on the base model's warm onnxruntime sessions (exporting
-// the model first when this content has never been exported).
+// InferenceService over gRPC: validates a request, sizes it against the memory budget, resolves its
+// LoRAs (jobs or files), waits for a slot in a small queue, and has the Infer process (process.ts,
+// child.ts) render it on the base model's warm onnxruntime sessions, exporting the model first when
+// this content has never been exported. onnxruntime never runs in this process.
 import { createHash, randomInt } from "node:crypto";
 import { existsSync, mkdirSync, renameSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
@@ -23,10 +24,7 @@ import {
   invalidInferRequest,
   isStoreUnreachable,
   invalidRequest,
-  invalidLora,
-  loraMismatch,
   loraNotFound,
-  loraTooLarge,
   modelNotFound,
   toServiceError,
   type FieldViolation,
@@ -36,13 +34,11 @@ import { JOB_ID_PATTERN } from "../core/ids.js";
 import { log } from "../core/log.js";
 import type { JobStore } from "../jobs/store.js";
 import { isModelName, listModelFolders, modelFolder } from "../core/models.js";
-import { hostPath, realOr, withinRoots } from "../core/paths.js";
+import { hostPath, realOr } from "../core/paths.js";
 import { ruleViolations } from "../core/rules.js";
-import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
 import { defaultMemoryBudget, MemoryBudget, planRequest, readMemoryShape, type MemoryShape } from "./memory.js";
-import { ModelRegistry, type LoadedModel, type RuntimeOptions } from "./model.js";
-import { render, RenderCancelled } from "./pipeline.js";
-import { OutsideRoots, SafetensorsError, SafetensorsTooLarge } from "./safetensors.js";
+import { ModelRegistry, type RuntimeOptions } from "./model.js";
+import { InferProcess } from "./process.js";
 import type { SchedulerName } from "./schedulers.js";
 import { Semaphore } from "./queue.js";
 
@@ -70,7 +66,16 @@ export interface InferenceOptions extends RuntimeOptions {
    * single image does not fit is refused with RESOURCE_EXHAUSTED INFER_TOO_LARGE.
    */
   memoryBytes?: number;
+  /**
+   * A request whose estimated working memory is above this many bytes has the Infer process retired
+   * once nothing runs or waits, so that its memory goes back to the system; a fresh process reopens
+   * the models (default 2 GiB, LORAFORGE_INFER_RECYCLE_MB; Infinity: never).
+   */
+  recycleBytes?: number;
 }
+
+/** Default of InferenceOptions.recycleBytes: above the tiny model's and SD-1.5's 256 px requests, below SD-1.5's 512 px one. */
+export const DEFAULT_RECYCLE_BYTES = 2048 * 1024 * 1024;
 
 interface Validated {
   steps: number;
@@ -151,15 +156,25 @@ export interface InferHost {
   modelsDir?: string;
 }
 
-export function addInferenceService(server: Server, deps: { store: JobStore; config: InferHost; options?: InferenceOptions }): { close(): Promise<void> } {
+export function addInferenceService(
+  server: Server,
+  deps: { store: JobStore; config: InferHost; options?: InferenceOptions },
+): { close(): Promise<void>; readonly inferPid: number | undefined } {
   const { store, config } = deps;
   const opts = deps.options ?? {};
   const memArena = opts.memArena ?? process.env.LORAFORGE_INFER_MEM_ARENA !== "0";
-  const registry = new ModelRegistry(
-    { python: config.python, engineDir: config.engineDir, cacheRoot: path.join(config.stateDir, "onnx") },
-    { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers, memArena },
-  );
-  const loras = new LoraCache(opts.loraCacheBytes ?? mib(envInt("LORAFORGE_INFER_LORA_CACHE_MB")) ?? DEFAULT_LORA_CACHE_BYTES);
+  const exporter = { python: config.python, engineDir: config.engineDir, cacheRoot: path.join(config.stateDir, "onnx") };
+  const runtime: RuntimeOptions = { intraOpThreads: opts.intraOpThreads ?? envInt("LORAFORGE_INFER_THREADS"), providers: opts.providers, dtype: opts.dtype, memArena };
+  // Here only for hashes, the export precision and ListModels; the sessions live in the Infer process.
+  const registry = new ModelRegistry(exporter, runtime);
+  const proc = new InferProcess({
+    ...exporter,
+    dataRoots: config.dataRoots,
+    runtime,
+    loraCacheBytes: opts.loraCacheBytes ?? mib(envInt("LORAFORGE_INFER_LORA_CACHE_MB")),
+  });
+  const recycleBytes = opts.recycleBytes ?? recycleFromEnv();
+  const shutdown = new AbortController();
   const maxPromptChars = opts.maxPromptChars ?? envInt("LORAFORGE_INFER_MAX_PROMPT_CHARS") ?? DEFAULTS.promptChars;
   const queue = new Semaphore(opts.concurrency ?? envInt("LORAFORGE_INFER_CONCURRENCY") ?? 1, opts.maxQueued ?? 16);
   const memory = new MemoryBudget(opts.memoryBytes ?? mib(envInt("LORAFORGE_INFER_MEMORY_MB")) ?? defaultMemoryBudget());
@@ -188,9 +203,6 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   }
   let closed = false;
   let artifacts: Promise<ArtifactStore> | null = null;
-
-  /** Whether a real path (not resolved again) lies inside the data roots' own real paths (always, without roots). */
-  const insideRoots = (real: string) => withinRoots(real, config.dataRoots.map(realOr));
 
   /** A LoRA reference as a file on this host (a job's LoRA is fetched from the artifact store once). */
   async function loraFile(ref: InferRequest["loras"][number], i: number): Promise<string> {
@@ -233,9 +245,12 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
     return base;
   }
 
-  async function infer(req: InferRequest, cancelled: () => boolean): Promise<InferResponse> {
+  async function infer(req: InferRequest, callSignal: AbortSignal): Promise<InferResponse> {
     const tStart = performance.now();
     if (closed) throw new ApiError(status.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down; retry on another server");
+    // Cancelled by the client, or by shutdown: either stops the render before its next denoising step.
+    const signal = AbortSignal.any([callSignal, shutdown.signal]);
+    const cancelled = () => signal.aborted;
     const { v, violations } = validateInfer(req, config.dataRoots, maxPromptChars);
     if (violations.length > 0) throw invalidInferRequest(violations);
     const base = baseFolder(req.baseModel);
@@ -255,70 +270,13 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
 
     const release = await queue.acquire(cancelled);
     let releaseMemory = () => {};
+    let sent = false;
     try {
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
-      // LoRA files are read and checked before the model loads: a bad one costs no export.
-      let t = performance.now();
-      const parsed: LoraFile[] = [];
-      for (const [i, f] of files.entries()) {
-        const field = req.loras[i].source!.$case === "path" ? `loras[${i}].path` : `loras[${i}].job_id`;
-        try {
-          parsed.push(await loras.file(f, req.loras[i].source!.$case === "path" ? insideRoots : undefined));
-        } catch (err) {
-          if (err instanceof OutsideRoots)
-            throw invalidInferRequest([{ field, description: `leads outside the server's data roots through a symbolic link (${config.dataRoots.join(", ")})` }]);
-          if (err instanceof SafetensorsError) throw invalidLora(field, err.message);
-          if (err instanceof SafetensorsTooLarge) throw loraTooLarge(field, err.bytes, err.limit);
-          throw err;
-        }
-      }
-      let loraMs = performance.now() - t;
-      t = performance.now();
-      const model: LoadedModel = await registry.get(base.real);
-      const loadModelMs = performance.now() - t;
-
-      const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;
-      const modelBad: FieldViolation[] = [];
-      if (width % multiple !== 0) modelBad.push({ field: "width", description: `must be a multiple of ${multiple} for this base model, got ${width}` });
-      if (height % multiple !== 0) modelBad.push({ field: "height", description: `must be a multiple of ${multiple} for this base model, got ${height}` });
-      if (!model.isXL) {
-        // Fields only a second text encoder and SDXL's added conditioning can honour: refused, not ignored.
-        if (req.prompt2 !== undefined) modelBad.push({ field: "prompt_2", description: "only SDXL base models have a second text encoder" });
-        if (req.negativePrompt2 !== undefined)
-          modelBad.push({ field: "negative_prompt_2", description: "only SDXL base models have a second text encoder" });
-        if (req.sizeConditioning) modelBad.push({ field: "size_conditioning", description: "only SDXL base models take size conditioning" });
-        if (req.negativeSizeConditioning)
-          modelBad.push({ field: "negative_size_conditioning", description: "only SDXL base models take size conditioning" });
-      }
-      if (modelBad.length > 0) throw invalidInferRequest(modelBad);
-      // SDXL's time ids: original (h, w), crop (top, left), target (h, w); unset sizes are the requested size.
-      const ids = (sc: InferRequest["sizeConditioning"]) => [
-        sc?.originalHeight ?? height,
-        sc?.originalWidth ?? width,
-        sc?.cropTop ?? 0,
-        sc?.cropLeft ?? 0,
-        sc?.targetHeight ?? height,
-        sc?.targetWidth ?? width,
-      ];
-      const timeIds = ids(req.sizeConditioning);
-      const negativeTimeIds = req.negativeSizeConditioning ? ids(req.negativeSizeConditioning) : timeIds;
-
-      t = performance.now();
-      const mapped: { lora: MappedLora; scale: number }[] = [];
-      for (const [i, f] of parsed.entries()) {
-        try {
-          mapped.push({ lora: loras.map(f, model.manifest.model_hash, model.slots), scale: req.loras[i].scale ?? 1 });
-        } catch (err) {
-          if (err instanceof LoraMismatch) throw loraMismatch(`loras[${i}]`, err.layer, err.message);
-          if (err instanceof LoraInvalid) throw invalidLora(`loras[${i}]`, err.message);
-          throw err;
-        }
-      }
-      // The session inputs of this combination of files and scales: built by the first request that uses it, then reused.
-      const combo = loras.combination(model.manifest.model_hash, model.slots, parsed.map((file, i) => ({ file, scale: mapped[i].scale })));
-      loraMs += performance.now() - t;
-
+      const t = performance.now();
+      const hash = await registry.hashOf(base.real);
+      const hashMs = performance.now() - t;
       releaseMemory = await memory.acquire(plan.bytes, cancelled);
       if (cancelled()) throw inferCancelled();
       if (plan.perGroup < v.numImages)
@@ -328,54 +286,53 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
           estimateMiB: Math.ceil(plan.bytes / 2 ** 20),
           budgetMiB: Math.floor(memory.total / 2 ** 20),
         });
-      // Image i's noise comes from seed + i, so groups render exactly the images one batch would.
-      const pngs: Buffer[] = [];
-      const timings = { textEncodeMs: 0, denoiseMs: 0, decodeMs: 0, pngMs: 0 };
-      for (let start = 0; start < v.numImages; start += plan.perGroup) {
-        const group = await render(model, {
-          prompt: req.prompt,
-          negativePrompt: req.negativePrompt,
-          prompt2: req.prompt2,
-          negativePrompt2: req.negativePrompt2,
-          timeIds,
-          negativeTimeIds,
+      sent = true;
+      const r = await proc.render(
+        {
+          base: { dir: base.real, hash },
+          req: {
+            prompt: req.prompt,
+            negativePrompt: req.negativePrompt,
+            prompt2: req.prompt2,
+            negativePrompt2: req.negativePrompt2,
+            sizeConditioning: req.sizeConditioning,
+            negativeSizeConditioning: req.negativeSizeConditioning,
+          },
+          loras: req.loras.map((l, i) => {
+            const byPath = l.source!.$case === "path";
+            return { file: files[i], confined: byPath, field: byPath ? `loras[${i}].path` : `loras[${i}].job_id`, scale: l.scale ?? 1 };
+          }),
           steps: v.steps,
-          guidanceScale: v.guidance,
-          seed: v.seed + start,
+          guidance: v.guidance,
+          seed: v.seed,
+          numImages: v.numImages,
+          perGroup: plan.perGroup,
+          scheduler: v.scheduler,
           width,
           height,
-          numImages: Math.min(plan.perGroup, v.numImages - start),
-          scheduler: v.scheduler,
-          loras: mapped,
-          feeds: combo.feeds,
-          cancelled: () => cancelled() || closed,
-        });
-        pngs.push(...group.pngs);
-        for (const k of Object.keys(timings) as (keyof typeof timings)[]) timings[k] += group.timings[k];
-      }
+        },
+        signal,
+      );
       return {
-        images: pngs.map((png, i) => ({ png, seed: v.seed + i, width, height })),
+        images: r.pngs.map((png, i) => ({ png: png as Buffer, seed: v.seed + i, width, height })),
         timings: {
           queueMs,
-          loadModelMs,
-          loraMs,
-          textEncodeMs: timings.textEncodeMs,
-          denoiseMs: timings.denoiseMs,
-          decodeMs: timings.decodeMs,
-          pngMs: timings.pngMs,
+          loadModelMs: hashMs + r.timings.loadModelMs,
+          loraMs: r.timings.loraMs,
+          textEncodeMs: r.timings.textEncodeMs,
+          denoiseMs: r.timings.denoiseMs,
+          decodeMs: r.timings.decodeMs,
+          pngMs: r.timings.pngMs,
           totalMs: performance.now() - tStart,
         },
-        modelHash: model.manifest.model_hash,
+        modelHash: r.modelHash,
       };
-    } catch (err) {
-      if (err instanceof RenderCancelled) {
-        log("info", "inference cancelled", { step: err.step, steps: err.steps });
-        throw inferCancelled();
-      }
-      throw err;
     } finally {
+      // A large request leaves onnxruntime's arenas grown, finished or not: the process goes once idle.
+      if (sent && plan.bytes > recycleBytes) proc.markForRetirement();
       releaseMemory();
       release();
+      if (queue.busy === 0) proc.retireIfMarked();
     }
   }
 
@@ -428,9 +385,10 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
 
   const impl: InferenceServiceServer = {
     infer: (call: ServerUnaryCall<InferRequest, InferResponse>, callback: sendUnaryData<InferResponse>) => {
-      let gone = false;
-      call.on("cancelled", () => (gone = true));
-      infer(call.request, () => gone || call.cancelled).then(
+      const gone = new AbortController();
+      call.on("cancelled", () => gone.abort());
+      if (call.cancelled) gone.abort();
+      infer(call.request, gone.signal).then(
         (res) => callback(null, res),
         (err) => {
           if (!(err instanceof ApiError)) log("error", "Infer failed", { err: String(err?.stack ?? err) });
@@ -450,11 +408,21 @@ export function addInferenceService(server: Server, deps: { store: JobStore; con
   };
   server.addService(InferenceServiceService, impl);
   return {
+    /** Cancels what renders (each stops before its next step), waits up to 10 s, then stops the Infer process. */
     async close() {
       closed = true;
+      shutdown.abort();
       queue.close();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([queue.idle(), new Promise((r) => (timer = setTimeout(r, 10_000)))]);
+      clearTimeout(timer);
+      // A render still running (an export, a long operator) fails INFER_PROCESS_LOST when the process is stopped.
+      await proc.close();
       await queue.idle();
-      await registry.close();
+    },
+    /** The Infer process's pid, if one runs. */
+    get inferPid() {
+      return proc.pid;
     },
   };
 }
@@ -470,6 +438,15 @@ function hideInternals(err: unknown): unknown {
 }
 
 const mib = (n: number | undefined) => (n === undefined ? undefined : n * 1024 * 1024);
+
+/** LORAFORGE_INFER_RECYCLE_MB: MiB (0: after every request), "off": never; unset or invalid: the default. */
+function recycleFromEnv(): number {
+  const v = process.env.LORAFORGE_INFER_RECYCLE_MB?.trim();
+  if (v === "off") return Infinity;
+  const n = Number(v);
+  if (!v || !Number.isInteger(n) || n < 0) return DEFAULT_RECYCLE_BYTES;
+  return n * 1024 * 1024;
+}
 
 function envInt(name: string): number | undefined {
   const v = process.env[name];

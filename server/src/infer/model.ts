@@ -6,7 +6,9 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { createRequire } from "node:module";
-import ort from "onnxruntime-node";
+// Types only: onnxruntime loads when a model opens, so the serve process, which only lists exports
+// and hashes models, never maps it (its sessions live in the Infer child process, infer/child.ts).
+import type * as ort from "onnxruntime-node";
 import { log } from "../core/log.js";
 import type { SchedulerConfig } from "./schedulers.js";
 import { SlotIndex, type SlotInfo } from "./lora.js";
@@ -182,7 +184,8 @@ export class LoadedModel {
     });
     const files = [manifest.files.text_encoder, manifest.files.unet, manifest.files.vae_decoder];
     if (manifest.files.text_encoder_2) files.push(manifest.files.text_encoder_2);
-    const create = (eps: string[]) => Promise.all(files.map((f) => ort.InferenceSession.create(path.join(dir, f), options(eps))));
+    const { InferenceSession } = (await import("onnxruntime-node")).default;
+    const create = (eps: string[]) => Promise.all(files.map((f) => InferenceSession.create(path.join(dir, f), options(eps))));
     let sessions: ort.InferenceSession[];
     try {
       sessions = await create(providers);
@@ -252,9 +255,12 @@ export class ModelRegistry {
     this.hasher = new ModelHasher(exporter);
   }
 
-  /** The model at `modelDir`, exporting it first if its content has no export yet. */
-  async get(modelDir: string): Promise<LoadedModel> {
-    const hash = await this.hashOf(modelDir);
+  /**
+   * The model at `modelDir`, exporting it first if its content has no export yet; `knownHash` is its
+   * content hash when the caller has it (the serve process hashes, its Infer child loads).
+   */
+  async get(modelDir: string, knownHash?: string): Promise<LoadedModel> {
+    const hash = knownHash ?? (await this.hashOf(modelDir));
     let p = this.loaded.get(hash);
     if (!p) {
       p = this.openOrExport(modelDir, hash);

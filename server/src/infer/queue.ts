@@ -49,6 +49,11 @@ export class Semaphore {
     }
   }
 
+  /** Requests running or waiting. */
+  get busy(): number {
+    return this.running + this.waiting.length;
+  }
+
   /** Refuses new waiters from now on. */
   close(): void {
     this.closed = true;
