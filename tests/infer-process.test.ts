@@ -3,21 +3,12 @@
 // INFER_PROCESS_LOST) and leaves the API, the worker and a training job alone; a large request has
 // the process retired once idle (its memory back to the system); and the process dies with serve.
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
 import { cpSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { JobState, UnavailableError, type InferInput } from "@loraforge/sdk";
-import { fixtures, onnxExport, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
-
-/** The Infer process of serve `srv` (its child running infer/child.js), or undefined when none runs. */
-function inferPid(srv: ServerProcess): number | undefined {
-  const r = spawnSync("pgrep", ["-P", String(srv.proc.pid), "-f", "infer/child.js"], { encoding: "utf8" });
-  const pids = r.stdout.split("\n").filter(Boolean).map(Number);
-  assert.ok(pids.length <= 1, `one Infer process at most, found ${pids.join(", ")}`);
-  return pids[0];
-}
+import { fixtures, inferProcess, onnxExport, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const alive = (pid: number) => {
   try {
@@ -64,7 +55,7 @@ describe("the Infer process", () => {
     for await (const ev of job.progress()) if (ev.payload?.$case === "metrics") break; // the engine is training
 
     await infer({}); // starts the Infer process and opens the model
-    const victim = inferPid(srv);
+    const victim = inferProcess(srv.proc.pid!);
     assert.ok(victim, "an Infer process runs, as a child of serve");
     assert.notEqual(victim, srv.proc.pid);
     const idle = cpuTicks(victim);
@@ -82,7 +73,7 @@ describe("the Infer process", () => {
     // A new process serves the next request, and the API answers as before.
     const res = await infer({ seed: 3 });
     assert.equal(res.images.length, 1);
-    const next = inferPid(srv);
+    const next = inferProcess(srv.proc.pid!);
     assert.ok(next && next !== victim, "a new Infer process");
     assert.ok((await srv.client.listModels()).baseModels.length > 0);
     assert.equal((await job.result()).state, JobState.JOB_STATE_SUCCEEDED);
@@ -91,9 +82,9 @@ describe("the Infer process", () => {
 
   it("retires the process after a request above LORAFORGE_INFER_RECYCLE_MB, returning its memory", async () => {
     await infer({});
-    const small = inferPid(srv)!;
+    const small = inferProcess(srv.proc.pid!)!;
     await infer({ seed: 2 });
-    assert.equal(inferPid(srv), small, "a request below the threshold keeps the process");
+    assert.equal(inferProcess(srv.proc.pid!), small, "a request below the threshold keeps the process");
 
     await infer({ width: 256, height: 256, seed: 4 });
     await until(() => !alive(small), 30_000, "the retired Infer process to exit");
@@ -105,7 +96,7 @@ describe("the Infer process", () => {
     // A fresh process, with the model open again, serves the next request with far less memory held.
     const res = await infer({ seed: 5 });
     assert.equal(res.images.length, 1);
-    const fresh = inferPid(srv)!;
+    const fresh = inferProcess(srv.proc.pid!)!;
     assert.ok(fresh && fresh !== small, "a fresh Infer process");
     const freshRss = rssOf(fresh);
     assert.ok(freshRss + 100 * 2 ** 20 < retiredRss, `fresh ${(freshRss / 2 ** 20).toFixed(0)} MiB, retired ${(retiredRss / 2 ** 20).toFixed(0)} MiB`);
@@ -113,7 +104,7 @@ describe("the Infer process", () => {
 
   it("dies with serve: no Infer process is left after kill -9 of serve", async () => {
     await infer({});
-    const child = inferPid(srv)!;
+    const child = inferProcess(srv.proc.pid!)!;
     assert.ok(child);
     srv.proc.kill("SIGKILL");
     await until(() => !alive(child), 30_000, "the Infer process to exit after its parent");

@@ -13,7 +13,7 @@ import { Objm } from "@nats-io/obj";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, natsCredentials, onnxExport, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, inferProcess, natsCredentials, onnxExport, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const TOKEN = "probe-" + randomBytes(12).toString("hex");
 const UPLOAD_MAX_MB = 8;
@@ -203,12 +203,16 @@ describe("hostile input and faults", () => {
     }
   });
 
-  it("passes the API token to no child process (engine, managed nats-server)", async () => {
+  it("passes the API token to no child process (engine, managed nats-server, Infer process)", async () => {
     // The server itself holds it: the check below reads the right thing.
     assert.ok(environ(srv.proc.pid!).includes(`LORAFORGE_API_TOKEN=${TOKEN}`));
     const [nats] = processesMatching(`-sd ${path.join(srv.stateDir, "nats")}`);
     assert.ok(nats, "the managed nats-server runs");
     assert.ok(!environ(nats).join("\n").includes(TOKEN), "the nats-server's environment holds the token");
+    // Started by the LoRA cases above, which its LoRA reader answered.
+    const inferChild = inferProcess(srv.proc.pid!);
+    assert.ok(inferChild, "the Infer process runs");
+    assert.ok(!environ(inferChild).join("\n").includes(TOKEN), "the Infer process's environment holds the token");
 
     const job = await client.train(quickSpec(f, { maxTrainSteps: 100_000, checkpointingSteps: 100_000 }) as never);
     const jobs = path.join(srv.stateDir, "jobs");
@@ -387,8 +391,9 @@ describe("Infer's working memory", () => {
   it("renders a request too big for one batch in image groups, within the budget by the RSS of serve and its Infer process, before and after", async () => {
     await infer({ width: 64, height: 64 }); // loads the sessions: their weights are resident from now on
     // onnxruntime runs in serve's Infer process (infer/child.ts): both processes are measured.
-    const pids = [srv.proc.pid!, ...processesMatching("infer/child.js").filter((p) => readFileSync(`/proc/${p}/stat`, "utf8").split(") ")[1].split(" ")[1] === String(srv.proc.pid))];
-    assert.equal(pids.length, 2, "serve has one Infer process");
+    const child = inferProcess(srv.proc.pid!);
+    assert.ok(child, "serve has an Infer process");
+    const pids = [srv.proc.pid!, child];
     const sum = (key: string) => pids.reduce((n, pid) => n + status_(pid, key), 0);
     const before = sum("VmRSS");
     for (const pid of pids) writeFileSync(`/proc/${pid}/clear_refs`, "5"); // resets VmHWM to the current RSS

@@ -175,6 +175,14 @@ export function processesMatching(needle: string): number[] {
     .filter((pid) => pid !== process.pid);
 }
 
+/** The Infer process of the serve process `servePid` (its child running infer/child.js); undefined when none runs. */
+export function inferProcess(servePid: number): number | undefined {
+  const r = spawnSync("pgrep", ["-P", String(servePid), "-f", "infer/child.js"], { encoding: "utf8" });
+  const pids = r.stdout.split("\n").filter(Boolean).map(Number);
+  if (pids.length > 1) throw new Error(`serve ${servePid} runs ${pids.length} Infer processes: ${pids.join(", ")}`);
+  return pids[0];
+}
+
 /** The credentials a `serve` generated for its managed nats-server (what a local admin would read). */
 export function natsCredentials(stateDir: string): { user: string; pass: string } {
   return JSON.parse(readFileSync(path.join(stateDir, "nats", "credentials.json"), "utf8")) as { user: string; pass: string };
