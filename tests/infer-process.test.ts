@@ -58,6 +58,9 @@ describe("the Infer process", () => {
     const victim = inferProcess(srv.proc.pid!);
     assert.ok(victim, "an Infer process runs, as a child of serve");
     assert.notEqual(victim, srv.proc.pid);
+    const mapsOnnxruntime = (pid: number) => /onnxruntime/.test(readFileSync(`/proc/${pid}/maps`, "utf8"));
+    assert.ok(mapsOnnxruntime(victim), "onnxruntime runs in the Infer process");
+    assert.ok(!mapsOnnxruntime(srv.proc.pid!), "and is not even loaded in serve");
     const idle = cpuTicks(victim);
     let caught: unknown;
     const long = infer({ width: 128, height: 128, numInferenceSteps: 150 }).catch((e) => (caught = e));

@@ -270,7 +270,7 @@ export function addInferenceService(
 
     const release = await queue.acquire(cancelled);
     let releaseMemory = () => {};
-    let sent = false;
+    let rendered = false; // whether the Infer process rendered (its arenas may have grown), fully or not
     try {
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
@@ -286,7 +286,6 @@ export function addInferenceService(
           estimateMiB: Math.ceil(plan.bytes / 2 ** 20),
           budgetMiB: Math.floor(memory.total / 2 ** 20),
         });
-      sent = true;
       const r = await proc.render(
         {
           base: { dir: base.real, hash },
@@ -312,7 +311,12 @@ export function addInferenceService(
           height,
         },
         signal,
-      );
+      ).catch((err) => {
+        // Refusals (a bad LoRA, a size this model cannot take) come before any rendering.
+        rendered = !(err instanceof ApiError && err.code !== status.CANCELLED);
+        throw err;
+      });
+      rendered = true;
       return {
         images: r.pngs.map((png, i) => ({ png: png as Buffer, seed: v.seed + i, width, height })),
         timings: {
@@ -329,7 +333,7 @@ export function addInferenceService(
       };
     } finally {
       // A large request leaves onnxruntime's arenas grown, finished or not: the process goes once idle.
-      if (sent && plan.bytes > recycleBytes) proc.markForRetirement();
+      if (rendered && plan.bytes > recycleBytes) proc.markForRetirement();
       releaseMemory();
       release();
       if (queue.busy === 0) proc.retireIfMarked();

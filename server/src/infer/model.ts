@@ -11,7 +11,7 @@ import { createRequire } from "node:module";
 import type * as ort from "onnxruntime-node";
 import { log } from "../core/log.js";
 import type { SchedulerConfig } from "./schedulers.js";
-import { SlotIndex, type SlotInfo } from "./lora.js";
+import type { SlotIndex, SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
 import { childEnv } from "../core/child-env.js";
 import { HASHED_ENTRIES, ModelHasher, statSignature } from "../core/models.js";
@@ -185,6 +185,7 @@ export class LoadedModel {
     const files = [manifest.files.text_encoder, manifest.files.unet, manifest.files.vae_decoder];
     if (manifest.files.text_encoder_2) files.push(manifest.files.text_encoder_2);
     const { InferenceSession } = (await import("onnxruntime-node")).default;
+    const { SlotIndex: Slots } = await import("./lora.js"); // lora.ts builds onnxruntime tensors
     const create = (eps: string[]) => Promise.all(files.map((f) => InferenceSession.create(path.join(dir, f), options(eps))));
     let sessions: ort.InferenceSession[];
     try {
@@ -197,7 +198,7 @@ export class LoadedModel {
     }
     const tokenizer = ClipTokenizer.fromDir(path.join(dir, manifest.tokenizer.dir));
     const tokenizer2 = manifest.tokenizer_2 ? ClipTokenizer.fromDir(path.join(dir, manifest.tokenizer_2.dir)) : null;
-    return new LoadedModel(dir, manifest, tokenizer, new SlotIndex(manifest.slots), sessions[0], sessions[1], sessions[2], providers, sessions[3] ?? null, tokenizer2);
+    return new LoadedModel(dir, manifest, tokenizer, new Slots(manifest.slots), sessions[0], sessions[1], sessions[2], providers, sessions[3] ?? null, tokenizer2);
   }
 
   get isXL(): boolean {
