@@ -3,6 +3,7 @@
 // An out-of-memory or a crash here ends this process and its requests, not the API, the worker or
 // the training jobs. It exits when its parent goes away, however that happens (the IPC channel
 // closes), and when asked to (a retirement that returns its memory to the system).
+import { writeFileSync } from "node:fs";
 import type { InferRequest } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
 import { ApiError, inferCancelled, invalidInferRequest, invalidLora, loraMismatch, loraTooLarge, type FieldViolation } from "../core/errors.js";
 import { log } from "../core/log.js";
@@ -18,6 +19,16 @@ if (!process.send) {
   process.exit(2);
 }
 const send = (m: ToParent) => process.send!(m);
+
+// Added to this process's OOM score (raising one's own needs no privilege): when memory runs out
+// anyway, the kernel's OOM killer ends a render before serve or a training engine.
+if (process.platform === "linux") {
+  try {
+    writeFileSync("/proc/self/oom_score_adj", "500");
+  } catch (err) {
+    log("warn", "Infer process: could not raise its OOM score", { err: String(err) });
+  }
+}
 
 let registry: ModelRegistry;
 let loras: LoraCache;
