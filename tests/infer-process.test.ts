@@ -117,7 +117,8 @@ describe("the Infer process", () => {
     assert.equal(await srv.stop(), 0, "serve exits 0");
     await until(() => !alive(child), 30_000, "the Infer process to exit with serve");
     const outcome = await long;
-    assert.ok(outcome instanceof LoraforgeError, `the request in flight ends with an error, not a hang: ${outcome}`);
+    // Rendered within the grace on a fast host, else cut short with an error: either way it ends.
+    assert.ok(outcome === null || outcome instanceof LoraforgeError, `the request in flight ends cleanly: ${outcome}`);
 
     const stateDir = tmpDir("infer-process-kill");
     cpSync(onnxExport(f), path.join(stateDir, "onnx"), { recursive: true });

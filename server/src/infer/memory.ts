@@ -8,7 +8,8 @@
 // connections, and the VAE decoder's full-resolution activations and mid-block attention. Its
 // constant factors were calibrated against measured peak RSS (bench/infer/memory.js) and err
 // high. With onnxruntime's arena on (the default) the sessions keep their peaks after a request,
-// so what the budget bounds is also what Infer holds between requests. The model's weights are
+// so what the budget bounds is also what Infer holds between requests, until a request above
+// LORAFORGE_INFER_RECYCLE_MB has the Infer process retired (process.ts). The model's weights are
 // not counted: they are resident whether or not a request runs.
 import { readFileSync } from "node:fs";
 import os from "node:os";

@@ -174,7 +174,9 @@ export class InferProcess {
       .then((next) => {
         for (const [dir, hash] of models) next.send({ type: "warm", dir, hash } satisfies ToChild);
       })
-      .catch((err) => log("warn", "starting a fresh Infer process failed; the next request tries again", { err: String(err?.message ?? err) }));
+      .catch((err) => {
+        if (!this.closed) log("warn", "starting a fresh Infer process failed; the next request tries again", { err: String(err?.message ?? err) });
+      });
   }
 
   /** Asks `child` to exit (killed after EXIT_GRACE_MS); the next start waits for it. */
