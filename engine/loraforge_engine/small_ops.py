@@ -10,24 +10,38 @@ names and state dicts untouched) and falls back to the module's own forward outs
   _plain_sdpa_attention and _plain_resnet_forward compute the same operators on the same values without it
   (outputs and gradients equal bit for bit).
 
-And one on a CPU: convolutions whose output has at most FEW_PIXELS pixels per image (the UNet's lowest levels
-when training at low resolution) run torch's im2col + GEMM kernel (thnn_conv2d) instead of oneDNN's, whose cost
-per call grows with the weight rather than the pixels (route_few_pixel_convs).
+* peft's LoRA Linear computes base(x) + lora_B(lora_A(dropout(x))) * scaling as a dozen autograd operators per
+  layer and as many again backwards; fused_lora_calls computes the same products (no full weight gradient: grad_A
+  and grad_B only) in one autograd node of three matrix products forward and five backward, for the plain case
+  (one vanilla adapter, no dropout, no autocast, one dtype); any other call takes peft's own forward.
+
+And one on a CPU (route_few_pixel_convs): convolutions whose output has at most FEW_PIXELS pixels per image (the
+UNet's lowest levels when training at low resolution) run torch's im2col + GEMM kernel (thnn_conv2d) in the plain
+layout instead of oneDNN's, whose cost per call grows with the weight rather than the pixels; the others run oneDNN
+with their weight turned channels_last on first use, so only the layers that gain from that layout pay for its copy
+(the copy's source pages, read from the safetensors file, are given back: drop_file_pages).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-# The two cuts; switched off in tests to compare against diffusers' own forwards.
+# The cuts; switched off in tests to compare against diffusers' own forwards.
 DIRECT_ATTENTION = True
 PLAIN_BLOCKS = True
+FUSED_LORA = True
 # Convolutions whose output has at most this many pixels per image run thnn_conv2d on a CPU (see
 # route_few_pixel_convs); 0 turns the routing off.
 FEW_PIXELS = 16
+# The other routed convolutions' weights turn channels_last on first use; False keeps them as loaded.
+CHANNELS_LAST = True
 
 
 def _reroute(model: torch.nn.Module, wanted, saved_as: str, forward) -> int:
@@ -121,15 +135,67 @@ def direct_attention_calls(model: torch.nn.Module) -> int:
 
 
 def _few_pixel_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Conv2d forward through thnn_conv2d (im2col + GEMM) for float32 CPU inputs whose output has at most
-    FEW_PIXELS pixels per image; otherwise, and under autocast (thnn_conv2d is not on its list), the module's own."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.is_autocast_enabled("cpu"):
+    """Conv2d forward on a CPU, its weight made channels_last the first time (CHANNELS_LAST): through thnn_conv2d
+    (im2col + GEMM) for float32 inputs whose output has at most FEW_PIXELS pixels per image, otherwise (and under
+    autocast: thnn_conv2d is not on its list) the module's own."""
+    if x.device.type != "cpu" or x.dim() != 4:
         return self._torch_forward(x)
+    if CHANNELS_LAST and not self.__dict__.get("_channels_last"):
+        _weight_to_channels_last(self)
     (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
     pixels = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-    if pixels > FEW_PIXELS:
+    if pixels > FEW_PIXELS or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return self._torch_forward(x)
     return torch._C._nn.thnn_conv2d(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
+
+
+def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
+    """conv.weight with channels_last strides, in place of the plain one. A 1x1 kernel's bytes are already in that
+    order: it gets the strides alone (oneDNN picks its kernels by them). Any other is copied, and the source's
+    pages are given back to the OS where they are a private mapping of a safetensors file (a frozen weight as
+    diffusers loads it); the source is read in order first, as the layout copy's strided reads fault a mapped file
+    in page by page, twice as slowly."""
+    old = conv.weight.data
+    with torch.no_grad():
+        if old.is_contiguous(memory_format=torch.channels_last):  # same bytes in the same order
+            strides = torch.empty(old.shape, device="meta", memory_format=torch.channels_last).stride()
+            conv.weight.data = old.as_strided(old.shape, strides)
+        else:
+            old.view(-1)[::1024].sum()  # one read per 4 KiB page, in order
+            conv.weight.data = torch.empty_like(old, memory_format=torch.channels_last).copy_(old)
+            drop_file_pages(old.data_ptr(), old.nbytes)
+    conv._channels_last = True
+
+
+def drop_file_pages(address: int, nbytes: int) -> int:
+    """Give back the resident pages wholly inside [address, address + nbytes) where that range lies in a private
+    mapping of a .safetensors file (as safetensors maps weights), for a tensor no longer used: MADV_DONTNEED makes
+    a later read fault the file's bytes back in, so this loses nothing that was not written since. Returns the bytes
+    advised; 0 elsewhere (anonymous memory would lose its contents, so it is never touched)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = -(-address // page) * page, (address + nbytes) // page * page
+    if hi <= lo or _libc() is None:
+        return 0
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[5].endswith(".safetensors") or not fields[1].endswith("p"):
+            continue
+        start, end = (int(v, 16) for v in fields[0].split("-"))
+        if start <= lo and hi <= end:
+            return hi - lo if _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0 else 0
+    return 0
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None  # not glibc: the pages stay resident, which costs memory, not correctness
 
 
 def route_few_pixel_convs(model: torch.nn.Module) -> int:
@@ -140,3 +206,68 @@ def route_few_pixel_convs(model: torch.nn.Module) -> int:
     return _reroute(model, lambda m: (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
                                       and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1),
                     "_torch_forward", _few_pixel_conv_forward)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with W, b frozen: forward keeps x and xa = x A^T; backward gives
+    grad_x = g W + s (g B) A, grad_A = s (g B)^T x and grad_B = s g^T xa, as peft's modules compute them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_a.t()
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.shape = scaling, x.shape
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = g @ lora_b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gb, lora_a, alpha=s).view(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ xa).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft lora.Linear's forward through _LoraLinear in its plain case (see _plain_lora_case), else its own."""
+    if args or kwargs or not FUSED_LORA or not _plain_lora_case(self, x):
+        return self._peft_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return self._peft_forward(x)  # a trained base layer needs its own gradients
+    return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name])
+
+
+def _plain_lora_case(layer, x: torch.Tensor) -> bool:
+    """One active vanilla adapter on an unmerged nn.Linear, without dropout in effect, every weight in x's dtype
+    and no autocast: what peft then computes is exactly _LoraLinear's products."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return False
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return False
+    dropout, base = layer.lora_dropout[name], layer.base_layer
+    if not (isinstance(dropout, torch.nn.Identity) or not (dropout.p and dropout.training)):
+        return False
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    return (type(base) is torch.nn.Linear and lora_a.bias is None and lora_b.bias is None
+            and x.dtype == base.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def fused_lora_calls(model: torch.nn.Module) -> int:
+    """Route every peft LoRA Linear of `model` through _fused_lora_forward; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return _reroute(model, lambda m: type(m) is LoraLinear, "_peft_forward", _fused_lora_forward)

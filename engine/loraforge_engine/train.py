@@ -16,7 +16,7 @@ differences:
     cached on first use where the augmentation allows it (centre crop, or a random crop of an image already
     at the training size; both orientations under random flip; the empty caption under caption dropout; text
     embeddings only while the text encoder is frozen);
-  * fused AdamW where the device has it, channels_last UNet, optional torch.compile; attention modules call
+  * fused AdamW where the device has it, channels_last convolutions, optional torch.compile; attention modules call
     their processor without diffusers' per-call signature inspection, and plain SDPA attention and resnet
     blocks skip diffusers' division by an output factor of 1; on a CPU, convolutions whose output has a few
     pixels (4x4 or fewer: low training resolutions) run thnn_conv2d instead of oneDNN (small_ops), and the step
@@ -54,7 +54,7 @@ from .events import EventWriter
 from .fingerprint import hurry as hurry_fingerprints
 from .fingerprint import model_hash_idle as model_hash
 from .models import Components, encode_text, load_components, time_ids, tokenize
-from .small_ops import direct_attention_calls, plain_resnet_calls, route_few_pixel_convs
+from .small_ops import direct_attention_calls, fused_lora_calls, plain_resnet_calls, route_few_pixel_convs
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the default; kept for importers
@@ -426,13 +426,16 @@ class Trainer:
             c.unet.enable_gradient_checkpointing()
             for _, te in self.trained_text_encoders:
                 te.gradient_checkpointing_enable()
-        # Convolutions in NHWC: oneDNN (CPU) and cuDNN (tensor cores) both run them faster that way.
-        c.unet.to(memory_format=torch.channels_last)
-        c.vae.to(memory_format=torch.channels_last)
         if self.device.type == "cpu" and not spec.torch_compile:
-            # Convolutions on feature maps of a few pixels (low training resolutions) skip oneDNN (small_ops).
+            # Convolution weights turn channels_last on first use, the mapped file's pages under the old layout
+            # given back (a copy of the whole UNet up front held 2.7 GiB more at SD-1.5 widths, and converted the
+            # VAE decoder, which training never runs); feature maps of a few pixels skip oneDNN (small_ops).
             route_few_pixel_convs(c.unet)
             route_few_pixel_convs(c.vae)
+        else:
+            # Convolutions in NHWC: cuDNN's tensor cores (and oneDNN under torch.compile) run them faster that way.
+            c.unet.to(memory_format=torch.channels_last)
+            c.vae.to(memory_format=torch.channels_last)
         if not spec.torch_compile:
             # Every device (the host's time per step matters on GPUs too): attention modules call their processor
             # without diffusers' per-call inspection, and the plain SDPA attention and resnet blocks skip their
@@ -440,6 +443,8 @@ class Trainer:
             direct_attention_calls(c.unet)
             plain_resnet_calls(c.unet)
             plain_resnet_calls(c.vae)
+            for model in (c.unet, *(te for _, te in self.trained_text_encoders)):
+                fused_lora_calls(model)  # peft's LoRA Linear layers in one autograd node each
         if spec.torch_compile:
             # In place (nn.Module.compile) so parameter names, checkpoints and LoRA files stay the same.
             c.unet.compile()

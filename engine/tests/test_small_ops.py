@@ -204,3 +204,93 @@ def test_convolutions_thnn_does_not_compute_alike_keep_their_forward():
                                 torch.nn.Conv2d(8, 8, 1))
     assert small_ops.route_few_pixel_convs(model) == 1
     assert hasattr(model[4], "_torch_forward")
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+def test_fused_lora_calls_give_peft_outputs_and_gradients(arch, tiny_model, tiny_sdxl):
+    """The whole UNet with every LoRA projection fused against peft's own modules: outputs, the input's gradient and
+    every LoRA gradient agree (to rounding: the scaling is applied inside a matrix product), through one
+    _LoraLinear node per adapted layer."""
+    plain = _tiny_unet_with_lora(tiny_model if arch == "sd" else tiny_sdxl)
+    fused = copy.deepcopy(plain)
+    n = small_ops.fused_lora_calls(fused)
+    assert n == sum(1 for name, _ in plain.named_parameters() if "lora_A" in name) and n > 0
+    assert small_ops.fused_lora_calls(fused) == 0  # once per module
+    torch.manual_seed(1)
+    cond = _sdxl_conditioning(plain) if arch == "sdxl" else {}
+    x = torch.randn(2, plain.config.in_channels, 8, 8)
+    enc = torch.randn(2, 7, plain.config.cross_attention_dim)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = plain(xa, torch.tensor([10, 500]), enc, **cond).sample
+    yb = fused(xb, torch.tensor([10, 500]), enc, **cond).sample
+    assert _grad_fn_names(yb).count("_LoraLinearBackward") == n
+    assert "_LoraLinearBackward" not in _grad_fn_names(ya)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    grads = {name: p.grad for name, p in fused.named_parameters() if p.requires_grad}
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            assert p.grad.abs().max() > 0, name
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_layers_outside_the_plain_case_keep_peft_forward():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def model(dropout: float):
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        m = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, lora_dropout=dropout, target_modules=["0"]), m)
+        assert small_ops.fused_lora_calls(m) == 1
+        return m
+
+    def fused(m, x) -> bool:
+        return "_LoraLinearBackward" in _grad_fn_names(m(x))
+
+    x = torch.randn(3, 8, requires_grad=True)
+    assert fused(model(0.0), x)
+    assert not fused(model(0.5).train(), x)  # dropout in effect
+    assert fused(model(0.5).eval(), x)  # dropout not in effect
+    m = model(0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused(m, x)  # autocast picks its own dtypes: peft's modules
+    m[0].base_layer.weight.requires_grad_(True)
+    assert not fused(m, x)  # a trained base layer needs its own gradient
+    m[0].base_layer.weight.requires_grad_(False)
+    m[0].enable_adapters(False)  # peft's switch: the base layer alone
+    assert not fused(m, x)
+
+
+def test_routed_convolutions_turn_channels_last_on_first_use_and_give_back_mapped_pages(tmp_path):
+    """A convolution loaded from safetensors (a private mapping of the file, as diffusers loads weights) gets a
+    channels_last weight with the same values at its first call, and the mapping's pages under the old weight are
+    given back; a 1x1 kernel only gets channels_last strides over the same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    save_file({"w3": torch.randn(256, 128, 3, 3), "w1": torch.randn(64, 128, 1, 1)}, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    conv3, conv1 = torch.nn.Conv2d(128, 256, 3, padding=1, bias=False), torch.nn.Conv2d(128, 64, 1, bias=False)
+    conv3.weight.data, conv1.weight.data = loaded["w3"], loaded["w1"]
+    conv3.requires_grad_(False)
+    conv1.requires_grad_(False)
+    expect3, expect1 = loaded["w3"].clone(), loaded["w1"].clone()
+    old1 = conv1.weight.data_ptr()
+    x = torch.randn(2, 128, 8, 8)
+    ref3 = torch.nn.functional.conv2d(x, expect3, padding=1)
+    assert small_ops.route_few_pixel_convs(torch.nn.Sequential(conv3, conv1)) == 2
+    assert not conv3.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv3(x), ref3, rtol=1e-4, atol=1e-4)
+    conv1(x)
+    assert conv3.weight.is_contiguous(memory_format=torch.channels_last) and torch.equal(conv3.weight, expect3)
+    assert conv1.weight.stride() == torch.empty_like(expect1, memory_format=torch.channels_last).stride()
+    assert conv1.weight.data_ptr() == old1 and torch.equal(conv1.weight, expect1)  # no copy of a 1x1 kernel
+    # The pages: a mapped range of the file is given back (and reads back the file's bytes), anonymous memory never.
+    w1 = loaded["w1"]
+    page = 4096
+    assert small_ops.drop_file_pages(loaded["w3"].data_ptr(), loaded["w3"].nbytes) >= loaded["w3"].nbytes - 2 * page
+    assert torch.equal(loaded["w3"], expect3)
+    assert small_ops.drop_file_pages(expect3.data_ptr(), expect3.nbytes) == 0
+    assert torch.equal(w1, expect1)
