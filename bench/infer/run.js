@@ -12,7 +12,8 @@
 //     made; later runs reuse the export and print the numbers recorded then, with their date).
 //
 //   npx tsc -b sdk server && node bench/infer/run.js [--model tiny|sd15] [--threads 1,all] [--images N]
-//       [--switches N] [--size 64] [--work DIR] [--no-diffusers]
+//       [--switches N] [--size 64] [--work DIR] [--no-diffusers] [--loras-only]
+// --loras-only: the LoRA measurements alone (cold read, switch), on the export's slots; no session, no render.
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -38,7 +39,8 @@ const warmup = kind === "tiny" ? 2 : 1;
 const switches = Number(arg("switches", "400"));
 const size = Number(arg("size", "64"));
 const steps = 20;
-const withDiffusers = !process.argv.includes("--no-diffusers");
+const lorasOnly = process.argv.includes("--loras-only");
+const withDiffusers = !process.argv.includes("--no-diffusers") && !lorasOnly;
 const work = path.resolve(arg("work", path.join(os.tmpdir(), "loraforge-bench-infer")));
 mkdirSync(work, { recursive: true });
 
@@ -101,7 +103,7 @@ const diffusers = (threads, switchCount) =>
     "--images", String(images), "--warmup", String(warmup), "--switches", String(switchCount), "--threads", String(threads), "--size", String(size)]));
 
 const rows = [];
-for (const [k, threads] of threadCounts.entries()) {
+for (const [k, threads] of lorasOnly ? [] : threadCounts.entries()) {
   say(`ours, ${threads} thread(s)`);
   const ours = await oursImagesPerS(threads);
   say(`diffusers, ${threads} thread(s)`);
@@ -169,12 +171,12 @@ async function measureLoras(index, hash, file) {
   return { cold, p50: median(times), p99: pct(times, 99), newCombo, rebuild, bytes, cacheBytes: cache.bytes };
 }
 
-const registry = registryFor(1);
-const model = await registry.get(modelDir);
-const hash = model.manifest.model_hash;
+// The slots and model key from the export's manifest: the LoRA work needs no session.
+const manifest = readManifest(exp.dir);
+const hash = manifest.model_hash;
 const cache = new LoraCache();
 say("LoRA reads and switches");
-const sw = await measureLoras(model.slots, hash, lora);
+const sw = await measureLoras(new SlotIndex(manifest.slots), hash, lora);
 let swXL = null;
 if (process.argv.includes("--sdxl-loras")) {
   // SDXL-shaped slots and LoRA files (bench/infer/sdxl_loras.py: meta-device models, the export's slot selection).
@@ -187,7 +189,7 @@ if (process.argv.includes("--sdxl-loras")) {
 
 // Rendering with a cached combination of two LoRAs against none (all cores; median of 3 each).
 const renderMs = { none: [], two: [] };
-{
+if (!lorasOnly) {
   const r = registryFor(cores);
   const m = await r.get(modelDir);
   const two = [["r16", 0.7], ["r4", 1.3]];
@@ -205,17 +207,15 @@ const renderMs = { none: [], two: [] };
   }
   await r.close();
 }
-await registry.close();
 
 // ---- report
 const f = (x, d = 2) => (x === null || x === undefined ? "—" : x.toFixed(d));
 const mib = (b) => (b / 2 ** 20).toFixed(1);
-const ref0 = rows[0].ref;
+const ref0 = rows[0]?.ref;
 console.log(`bench/infer — ${kind} model, ${size} px, ${steps} Euler steps, guidance 7.5, 1 image/request, ${cores} CPUs, ${new Date().toISOString()}`);
 console.log(`  ONNX export (fp32): ${f(exp.seconds, 1)} s, peak RSS ${(exp.peak_rss_bytes / 2 ** 30).toFixed(2)} GiB (measured ${exp.date})`);
 console.log("");
-console.log("| threads | onnxruntime-node images/s | diffusers images/s | ratio |");
-console.log("| --- | --- | --- | --- |");
+if (rows.length > 0) console.log("| threads | onnxruntime-node images/s | diffusers images/s | ratio |\n| --- | --- | --- | --- |");
 for (const r of rows) console.log(`| ${r.threads} | ${f(r.ours, 3)} | ${f(r.ref?.images_per_s, 3)} | ${r.ref ? f(r.ours / r.ref.images_per_s) + "×" : "—"} |`);
 console.log("");
 const loraReport = (title, m) => {
@@ -227,7 +227,7 @@ const loraReport = (title, m) => {
 loraReport(`LoRA files (${kind})`, sw);
 if (ref0?.switch_load_p50_ms)
   console.log(`  diffusers: delete_adapters + load_lora_weights + set_adapters (r16 ↔ r4) p50 ${f(ref0.switch_load_p50_ms)} ms (${f(ref0.switch_load_p50_ms / sw.p50, 0)}× ours); set_adapters alone, both resident: ${f(ref0.switch_set_adapters_p50_ms)} ms (${f(ref0.switch_set_adapters_p50_ms / sw.p50, 0)}× ours)`);
-console.log(`  render at ${cores} threads with r16 0.7 + r4 1.3 (median of 3): ${f(median(renderMs.two), 1)} ms vs ${f(median(renderMs.none), 1)} ms without`);
+if (!lorasOnly) console.log(`  render at ${cores} threads with r16 0.7 + r4 1.3 (median of 3): ${f(median(renderMs.two), 1)} ms vs ${f(median(renderMs.none), 1)} ms without`);
 if (swXL) loraReport("SDXL-shaped LoRA files (no session: slots from bench/infer/sdxl_loras.py)", swXL);
 console.log(
   JSON.stringify({
@@ -241,7 +241,7 @@ console.log(
     loras: sw,
     loras_sdxl_shaped: swXL,
     diffusers_switch_ms: ref0 ? { load_p50: ref0.switch_load_p50_ms, set_adapters_p50: ref0.switch_set_adapters_p50_ms } : null,
-    render_ms: { none: median(renderMs.none), two_loras: median(renderMs.two) },
+    render_ms: lorasOnly ? null : { none: median(renderMs.none), two_loras: median(renderMs.two) },
     torch: ref0?.torch ?? null,
   }),
 );
