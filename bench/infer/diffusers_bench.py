@@ -2,6 +2,10 @@
 LoRAs with load_lora_weights + set_adapters. Prints one JSON object on stdout.
 
     python diffusers_bench.py MODEL LORA_A LORA_B --steps 20 --images 10 --switches 30 --threads 1 [--size 64] [--warmup 2]
+        [--device cpu|cuda] [--dtype fp32|fp16]
+
+--device cuda runs the pipeline on the GPU (the device script's comparison for onnxruntime's CUDA provider), in
+--dtype's precision; renders are timed to their images, which waits for the GPU.
 
 --switches 0 measures images/s alone (the switch costs do not depend on the thread count).
 """
@@ -30,6 +34,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--warmup", type=int, default=2, help="renders before the timed ones")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     a = p.parse_args()
 
     import torch
@@ -38,6 +44,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     pipe = StableDiffusionPipeline.from_pretrained(a.model, use_safetensors=True, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
+    pipe.to(a.device, torch.float16 if a.dtype == "fp16" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
@@ -87,6 +94,8 @@ def main() -> None:
         "switch_set_adapters_p50_ms": statistics.median(set_only) if set_only else None,
         "torch": torch.__version__,
         "threads": a.threads,
+        "device": a.device,
+        "dtype": a.dtype,
     }))
 
 

@@ -25,7 +25,8 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"))
     a = p.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "engine")}
+    # The engine first; a PYTHONPATH already set (wheels carried to a device machine) stays after it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.join(ROOT, "engine"), os.environ.get("PYTHONPATH")]))}
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "loraforge_engine", "export-onnx", a.model, "--out", a.out, "--dtype", a.dtype],
                        env=env, stdout=subprocess.PIPE, text=True)

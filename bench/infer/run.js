@@ -12,7 +12,11 @@
 //     made; later runs reuse the export and print the numbers recorded then, with their date).
 //
 //   npx tsc -b sdk server && node bench/infer/run.js [--model tiny|sd15] [--threads 1,all] [--images N]
-//       [--switches N] [--size 64] [--work DIR] [--no-diffusers]
+//       [--switches N] [--size 64] [--work DIR] [--no-diffusers] [--loras-only] [--provider cpu|cuda] [--dtype fp32|fp16]
+// --loras-only: the LoRA measurements alone (cold read, switch), on the export's slots; no session, no render.
+// --provider cuda: onnxruntime's CUDA execution provider first (the server falls back to CPU when it cannot load;
+// the report says which ran), diffusers on the GPU; --dtype: the export's precision (default fp16 with cuda, else
+// fp32), diffusers in the same on the GPU (on the CPU it stays fp32). bench/infer/device_run.sh picks these for a device session.
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import os from "node:os";
@@ -38,11 +42,17 @@ const warmup = kind === "tiny" ? 2 : 1;
 const switches = Number(arg("switches", "400"));
 const size = Number(arg("size", "64"));
 const steps = 20;
-const withDiffusers = !process.argv.includes("--no-diffusers");
+const lorasOnly = process.argv.includes("--loras-only");
+const provider = arg("provider", "cpu");
+if (!["cpu", "cuda"].includes(provider)) throw new Error(`--provider must be cpu or cuda, got ${provider}`);
+const dtype = arg("dtype", provider === "cuda" ? "fp16" : "fp32");
+if (!["fp32", "fp16"].includes(dtype)) throw new Error(`--dtype must be fp32 or fp16, got ${dtype}`);
+const withDiffusers = !process.argv.includes("--no-diffusers") && !lorasOnly;
 const work = path.resolve(arg("work", path.join(os.tmpdir(), "loraforge-bench-infer")));
 mkdirSync(work, { recursive: true });
 
-const env = { ...process.env, PYTHONPATH: path.join(REPO, "engine") };
+// The engine first; a PYTHONPATH already set (device_run.sh's carried wheels) stays after it.
+const env = { ...process.env, PYTHONPATH: [path.join(REPO, "engine"), process.env.PYTHONPATH].filter(Boolean).join(path.delimiter) };
 const py = (args) => execFileSync(PYTHON, args, { env, encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], maxBuffer: 1 << 26 });
 const lastJson = (out) => JSON.parse(out.trim().split("\n").pop());
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -52,11 +62,11 @@ const say = (s) => process.stderr.write(`[bench/infer] ${s}\n`);
 // ---- the model, its ONNX export (measured once), and LoRAs at its widths
 const modelDir = py([path.join(REPO, "bench", "models.py"), kind, work]).trim().split("\n").pop();
 const onnxRoot = path.join(work, "onnx");
-const exportRecord = path.join(work, `export-${kind}.json`);
+const exportRecord = path.join(work, dtype === "fp32" ? `export-${kind}.json` : `export-${kind}-${dtype}.json`);
 let exp = existsSync(exportRecord) ? JSON.parse(readFileSync(exportRecord, "utf8")) : null;
 if (!exp || !readManifest(exp.dir)) {
   say(`exporting ${modelDir} to ONNX (measured: wall time, peak RSS)`);
-  exp = lastJson(py([path.join(REPO, "bench", "infer", "export_measured.py"), modelDir, onnxRoot]));
+  exp = lastJson(py([path.join(REPO, "bench", "infer", "export_measured.py"), modelDir, onnxRoot, "--dtype", dtype]));
   writeFileSync(exportRecord, JSON.stringify(exp));
 }
 
@@ -79,7 +89,12 @@ if (missing.length > 0) {
 
 // ---- ours: images/s per thread count
 const registryFor = (threads) =>
-  new ModelRegistry({ python: PYTHON, engineDir: path.join(REPO, "engine"), cacheRoot: onnxRoot }, { intraOpThreads: threads, providers: ["cpu"] });
+  new ModelRegistry(
+    { python: PYTHON, engineDir: path.join(REPO, "engine"), cacheRoot: onnxRoot },
+    { intraOpThreads: threads, providers: provider === "cuda" ? ["cuda", "cpu"] : ["cpu"], dtype },
+  );
+/** The execution providers the sessions were made with (CUDA may have fallen back to CPU). */
+let providersUsed = null;
 const params = (seed, loras = [], feeds) => ({
   prompt: "a red circle on a blue background", negativePrompt: "", steps, guidanceScale: 7.5, seed,
   width: size, height: size, numImages: 1, scheduler: "euler", loras, feeds,
@@ -88,6 +103,7 @@ async function oursImagesPerS(threads) {
   const registry = registryFor(threads);
   try {
     const model = await registry.get(modelDir);
+    providersUsed = model.providers;
     for (let i = 0; i < warmup; i++) await render(model, params(i));
     const t = performance.now();
     for (let i = 0; i < images; i++) await render(model, params(100 + i));
@@ -98,10 +114,11 @@ async function oursImagesPerS(threads) {
 }
 const diffusers = (threads, switchCount) =>
   lastJson(py([path.join(REPO, "bench", "infer", "diffusers_bench.py"), modelDir, lora("r16"), lora("r4"), "--steps", String(steps),
-    "--images", String(images), "--warmup", String(warmup), "--switches", String(switchCount), "--threads", String(threads), "--size", String(size)]));
+    "--images", String(images), "--warmup", String(warmup), "--switches", String(switchCount), "--threads", String(threads), "--size", String(size),
+    "--device", provider, "--dtype", provider === "cuda" ? dtype : "fp32"]));
 
 const rows = [];
-for (const [k, threads] of threadCounts.entries()) {
+for (const [k, threads] of lorasOnly ? [] : threadCounts.entries()) {
   say(`ours, ${threads} thread(s)`);
   const ours = await oursImagesPerS(threads);
   say(`diffusers, ${threads} thread(s)`);
@@ -122,7 +139,7 @@ const median40 = async (fn) => {
 };
 
 /** Cold reads and switches of the LoRAs `file(name)` on the slots `index` (model key `hash`). */
-async function measureLoras(index, hash, file) {
+async function measureLoras(index, hash, file, feedDtype = () => "float32") {
   // Cold read: a fresh cache each time, so the file is parsed and mapped as on a server's first request for it.
   const cold = {};
   for (const n of Object.keys(specs)) {
@@ -142,7 +159,7 @@ async function measureLoras(index, hash, file) {
     const items = [];
     for (const [n, scale] of combo) items.push({ file: await cache.file(file(n)), scale: scale + scaleJitter });
     const c = cache.combination(hash, index, items);
-    for (const comp of components) c.feeds(comp);
+    for (const comp of components) c.feeds(comp, feedDtype(comp));
   }
   for (const c of combos) await requestLoras(c); // every combination built once
   const times = [];
@@ -157,24 +174,25 @@ async function measureLoras(index, hash, file) {
   const newCombo = await median40((i) => {
     const fresh = new LoraCache(Number.MAX_SAFE_INTEGER);
     const c = fresh.combination(hash, index, combos[i % combos.length].map(([n, scale]) => ({ file: parsedFiles[n], scale })));
-    for (const comp of components) c.feeds(comp);
+    for (const comp of components) c.feeds(comp, feedDtype(comp));
   });
   // Without the combination cache: the mapped LoRAs' inputs built every request (the code before issue 20).
   const rebuild = await median40(async (i) => {
     const mapped = [];
     for (const [n, scale] of combos[i % combos.length]) mapped.push({ lora: cache.map(await cache.file(file(n)), hash, index), scale });
-    for (const comp of components) slotFeeds(index, comp, mapped);
+    for (const comp of components) slotFeeds(index, comp, mapped, feedDtype(comp));
   });
   const bytes = Object.fromEntries(Object.keys(specs).map((n) => [n, statSync(file(n)).size]));
   return { cold, p50: median(times), p99: pct(times, 99), newCombo, rebuild, bytes, cacheBytes: cache.bytes };
 }
 
-const registry = registryFor(1);
-const model = await registry.get(modelDir);
-const hash = model.manifest.model_hash;
+// The slots and model key from the export's manifest: the LoRA work needs no session.
+const manifest = readManifest(exp.dir);
+const hash = manifest.model_hash;
 const cache = new LoraCache();
 say("LoRA reads and switches");
-const sw = await measureLoras(model.slots, hash, lora);
+// Feeds in the precision the export's graphs take (float16 in an fp16 export).
+const sw = await measureLoras(new SlotIndex(manifest.slots), hash, lora, (comp) => manifest.io_dtype?.[comp] ?? "float32");
 let swXL = null;
 if (process.argv.includes("--sdxl-loras")) {
   // SDXL-shaped slots and LoRA files (bench/infer/sdxl_loras.py: meta-device models, the export's slot selection).
@@ -187,7 +205,7 @@ if (process.argv.includes("--sdxl-loras")) {
 
 // Rendering with a cached combination of two LoRAs against none (all cores; median of 3 each).
 const renderMs = { none: [], two: [] };
-{
+if (!lorasOnly) {
   const r = registryFor(cores);
   const m = await r.get(modelDir);
   const two = [["r16", 0.7], ["r4", 1.3]];
@@ -205,17 +223,16 @@ const renderMs = { none: [], two: [] };
   }
   await r.close();
 }
-await registry.close();
 
 // ---- report
 const f = (x, d = 2) => (x === null || x === undefined ? "—" : x.toFixed(d));
 const mib = (b) => (b / 2 ** 20).toFixed(1);
-const ref0 = rows[0].ref;
+const ref0 = rows[0]?.ref;
 console.log(`bench/infer — ${kind} model, ${size} px, ${steps} Euler steps, guidance 7.5, 1 image/request, ${cores} CPUs, ${new Date().toISOString()}`);
-console.log(`  ONNX export (fp32): ${f(exp.seconds, 1)} s, peak RSS ${(exp.peak_rss_bytes / 2 ** 30).toFixed(2)} GiB (measured ${exp.date})`);
+console.log(`  execution provider: ${providersUsed ? providersUsed.join(", ") : "none (no session)"}; export ${dtype}; diffusers on ${provider}`);
+console.log(`  ONNX export (${dtype}): ${f(exp.seconds, 1)} s, peak RSS ${(exp.peak_rss_bytes / 2 ** 30).toFixed(2)} GiB (measured ${exp.date})`);
 console.log("");
-console.log("| threads | onnxruntime-node images/s | diffusers images/s | ratio |");
-console.log("| --- | --- | --- | --- |");
+if (rows.length > 0) console.log("| threads | onnxruntime-node images/s | diffusers images/s | ratio |\n| --- | --- | --- | --- |");
 for (const r of rows) console.log(`| ${r.threads} | ${f(r.ours, 3)} | ${f(r.ref?.images_per_s, 3)} | ${r.ref ? f(r.ours / r.ref.images_per_s) + "×" : "—"} |`);
 console.log("");
 const loraReport = (title, m) => {
@@ -227,12 +244,15 @@ const loraReport = (title, m) => {
 loraReport(`LoRA files (${kind})`, sw);
 if (ref0?.switch_load_p50_ms)
   console.log(`  diffusers: delete_adapters + load_lora_weights + set_adapters (r16 ↔ r4) p50 ${f(ref0.switch_load_p50_ms)} ms (${f(ref0.switch_load_p50_ms / sw.p50, 0)}× ours); set_adapters alone, both resident: ${f(ref0.switch_set_adapters_p50_ms)} ms (${f(ref0.switch_set_adapters_p50_ms / sw.p50, 0)}× ours)`);
-console.log(`  render at ${cores} threads with r16 0.7 + r4 1.3 (median of 3): ${f(median(renderMs.two), 1)} ms vs ${f(median(renderMs.none), 1)} ms without`);
+if (!lorasOnly) console.log(`  render at ${cores} threads with r16 0.7 + r4 1.3 (median of 3): ${f(median(renderMs.two), 1)} ms vs ${f(median(renderMs.none), 1)} ms without`);
 if (swXL) loraReport("SDXL-shaped LoRA files (no session: slots from bench/infer/sdxl_loras.py)", swXL);
 console.log(
   JSON.stringify({
     date: new Date().toISOString(),
     model: kind,
+    provider,
+    providers_used: providersUsed,
+    dtype,
     size,
     steps,
     cpus: cores,
@@ -241,7 +261,7 @@ console.log(
     loras: sw,
     loras_sdxl_shaped: swXL,
     diffusers_switch_ms: ref0 ? { load_p50: ref0.switch_load_p50_ms, set_adapters_p50: ref0.switch_set_adapters_p50_ms } : null,
-    render_ms: { none: median(renderMs.none), two_loras: median(renderMs.two) },
+    render_ms: lorasOnly ? null : { none: median(renderMs.none), two_loras: median(renderMs.two) },
     torch: ref0?.torch ?? null,
   }),
 );

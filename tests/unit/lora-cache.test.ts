@@ -66,6 +66,24 @@ describe("safetensors tensors as float32", () => {
     }
   });
 
+  it("reads files of several MiB whole, whether read in parts at once or in one part", async () => {
+    // 9 MiB is read in two parts where two cores are available (the first on this thread); 40 MiB, past the
+    // synchronous limit, in up to one part per core on the thread pool. Every value is its own index, so a
+    // part read to the wrong offset, or not at all, shows.
+    const dir = tmp();
+    for (const mib of [9, 40]) {
+      const n = (mib * 2 ** 20) / 4 - 64;
+      const values = new Float32Array(n).map((_, i) => i);
+      const file = path.join(dir, `big-${mib}.safetensors`);
+      writeSafetensors(file, [["head", "F32", [3], f32Bytes([7, 8, 9])], ["big", "F32", [n], Buffer.from(values.buffer)]]);
+      const got = (await readSafetensors(file)).tensors;
+      assert.deepEqual([...got.get("head")!.data], [7, 8, 9]);
+      const big = got.get("big")!.data;
+      assert.equal(big.length, n);
+      for (let i = 0; i < n; i++) if (big[i] !== i) assert.fail(`${mib} MiB: value ${i} is ${big[i]}`);
+    }
+  });
+
   it("converts BF16 and F64", async () => {
     const file = path.join(tmp(), "mixed.safetensors");
     const bf = Buffer.alloc(6);

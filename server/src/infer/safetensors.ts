@@ -5,6 +5,7 @@
 // Every field of the header is checked before anything is allocated for it; errors never quote the
 // file's bytes (only tensor names, shortened, and the format's own words).
 import { closeSync, fstatSync, openSync, read, readlinkSync, readSync, realpathSync } from "node:fs";
+import { availableParallelism } from "node:os";
 import { promisify } from "node:util";
 import { halfsToFloats } from "./half.js";
 
@@ -29,8 +30,10 @@ interface HeaderEntry {
 /** Largest JSON header read (a LoRA with 10 000 tensors has about 1.5 MB). */
 export const MAX_HEADER_BYTES = 16 * 1024 * 1024;
 const MAX_DIMS = 8;
-/** Files up to this size are read without the thread pool (see readSafetensors). */
+/** Files up to this size have their first part read on the calling thread (see readInto). */
 const SYNC_READ_BYTES = 32 * 1024 * 1024;
+/** The smallest part of a file one thread reads when a read is split across threads. */
+const MIN_PART_BYTES = 4 * 1024 * 1024;
 const ELEMENT_BYTES: Record<string, number> = { F32: 4, F64: 8, F16: 2, BF16: 2 };
 
 /** A file that is not a well-formed safetensors file of float tensors. */
@@ -125,6 +128,37 @@ function checkEntry(name: string, value: unknown, dataBytes: number): HeaderEntr
   return { dtype, shape: shape as number[], data_offsets: [begin, end] };
 }
 
+/** Reads `part` bytes of `fd` at `pos` into `buf` at the same offset, on this thread or the pool; false at end of file. */
+async function readPart(fd: number, buf: Buffer, pos: number, part: number, sync: boolean): Promise<boolean> {
+  for (let got = 0; got < part; ) {
+    const at = pos + got;
+    const n = sync ? readSync(fd, buf, at, part - got, at) : (await readAsync(fd, buf, at, part - got, at)).bytesRead;
+    if (n === 0) return false;
+    got += n;
+  }
+  return true;
+}
+
+/**
+ * Fills `buf` from the start of `fd`; false if the file ended first. Copying a file out of the page cache is
+ * bound by one core's memory copy (17 MiB: ~3.4 ms on the development VM), so a file of at least two
+ * MIN_PART_BYTES parts is read as up to one part per core at once, each by libuv's thread pool. For files up to
+ * SYNC_READ_BYTES the first part is read on this thread while the pool reads the rest (a trip through the pool
+ * costs more than blocking the event loop for a part of a few MiB); larger files leave the event loop free.
+ */
+async function readInto(fd: number, buf: Buffer): Promise<boolean> {
+  const size = buf.length;
+  const parts = Math.max(1, Math.min(availableParallelism(), Math.floor(size / MIN_PART_BYTES)));
+  const step = Math.ceil(size / parts);
+  const sync = size <= SYNC_READ_BYTES;
+  const pooled: Promise<boolean>[] = [];
+  for (let p = sync ? 1 : 0; p < parts; p++) pooled.push(readPart(fd, buf, p * step, Math.min(step, size - p * step), false));
+  // Every started read is settled before this returns or throws, so that none writes into the buffer later.
+  const all = await Promise.allSettled([sync ? readPart(fd, buf, 0, Math.min(step, size), true) : Promise.resolve(true), ...pooled]);
+  for (const r of all) if (r.status === "rejected") throw r.reason;
+  return all.every((r) => r.status === "fulfilled" && r.value);
+}
+
 /**
  * Reads every tensor of a safetensors file as float32. Throws SafetensorsError on a malformed file,
  * and SafetensorsTooLarge when the file, or its tensors as float32, take more than `maxBytes`.
@@ -139,15 +173,8 @@ export async function readSafetensors(file: string, maxBytes = Number.MAX_SAFE_I
     const notSafetensors = (why: string) => new SafetensorsError(`is not a safetensors file (${why})`);
     if (size < 8) throw notSafetensors("shorter than 8 bytes");
     // The whole file in one unpooled buffer (offset 0), so that aligned F32 tensors can be views of it.
-    // Files up to SYNC_READ_BYTES are read synchronously: the read blocks the event loop for a few ms, less
-    // than the thread pool's round trips add (17 MiB: 3.4 ms read synchronously, 5.6 ms through the pool).
     const buf = Buffer.allocUnsafeSlow(size);
-    let got = 0;
-    while (got < size) {
-      const n = size <= SYNC_READ_BYTES ? readSync(fd, buf, got, size - got, got) : (await readAsync(fd, buf, got, size - got, got)).bytesRead;
-      if (n === 0) throw notSafetensors("it changed while being read");
-      got += n;
-    }
+    if (!(await readInto(fd, buf))) throw notSafetensors("it changed while being read");
     const headerLen = buf.readBigUInt64LE(0);
     if (headerLen > BigInt(Math.min(MAX_HEADER_BYTES, size - 8)))
       throw notSafetensors(`its first 8 bytes do not give a header length of at most ${MAX_HEADER_BYTES} bytes within the file`);
