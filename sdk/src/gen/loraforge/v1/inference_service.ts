@@ -1899,8 +1899,11 @@ export const InferenceServiceService = {
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
    * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
    * without a slot (ResNet convolutions), naming the layer;
-   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
-   * request the client cancels stops denoising at the next step.
+   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait, or
+   * (INFER_TOO_LARGE) when one image needs more working memory than Infer's
+   * whole budget; UNAVAILABLE (INFER_PROCESS_LOST) when the process that
+   * renders died during the request (retry: the next request starts a new
+   * one); a request the client cancels stops denoising at the next step.
    */
   infer: {
     path: "/loraforge.v1.InferenceService/Infer" as const,
@@ -1934,8 +1937,11 @@ export interface InferenceServiceServer extends UntypedServiceImplementation {
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
    * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
    * without a slot (ResNet convolutions), naming the layer;
-   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
-   * request the client cancels stops denoising at the next step.
+   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait, or
+   * (INFER_TOO_LARGE) when one image needs more working memory than Infer's
+   * whole budget; UNAVAILABLE (INFER_PROCESS_LOST) when the process that
+   * renders died during the request (retry: the next request starts a new
+   * one); a request the client cancels stops denoising at the next step.
    */
   infer: handleUnaryCall<InferRequest, InferResponse>;
   /**
@@ -1953,8 +1959,11 @@ export interface InferenceServiceClient extends Client {
    * MODEL_NOT_FOUND) for an unknown LoRA or base model; FAILED_PRECONDITION
    * (LORA_MISMATCH) for a LoRA made for another base model or one on layers
    * without a slot (ResNet convolutions), naming the layer;
-   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait; a
-   * request the client cancels stops denoising at the next step.
+   * RESOURCE_EXHAUSTED (INFER_QUEUE_FULL) when too many requests wait, or
+   * (INFER_TOO_LARGE) when one image needs more working memory than Infer's
+   * whole budget; UNAVAILABLE (INFER_PROCESS_LOST) when the process that
+   * renders died during the request (retry: the next request starts a new
+   * one); a request the client cancels stops denoising at the next step.
    */
   infer(
     request: InferRequest,
