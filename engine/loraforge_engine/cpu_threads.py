@@ -4,7 +4,7 @@ torch's Linux wheels use GNU OpenMP, whose idle threads poll for a while before 
 way to wait when the engine has its cores to itself, so the engine leaves OpenMP's wait policy as it is. It is the
 worst when other work takes one of the cores: each parallel operator then waits for a thread that has no core,
 while its partner polls on the other. So between steps the engine looks at how busy its cores were with work
-other than its own (the kernel's per-core counters less the engine's own CPU time) and runs the next steps on the
+other than its own (the kernel's per-core counters less the CPU time of the engine and its helper processes) and runs the next steps on the
 cores that were free, at least one: a single thread has no partner to wait for. LORAFORGE_CPU_THREADS=N fixes
 the count instead.
 """
@@ -34,11 +34,23 @@ def _read_proc_stat() -> dict[int, tuple[int, int]]:
     return cores
 
 
-def _read_own_ticks() -> int:
-    """This process's CPU time (user + system, all its threads) in clock ticks, from /proc/self/stat."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
+def _read_own_ticks(helpers: Callable[[], list[int]] = list) -> int:
+    """The engine's own CPU time in clock ticks: this process (all its threads), its children it has waited for, and
+    the helper processes `helpers()` names that still run (the base-model hash at idle priority: it takes only CPU
+    time nothing else wants, so it must not make the engine give up a thread)."""
+    def ticks(pid: str, children: bool = False) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime (fields 14 and 15 of the whole line); cutime, cstime (16 and 17) for waited-for children
+        return sum(int(x) for x in fields[11:15 if children else 13])
+
+    total = ticks("self", children=True)
+    for pid in helpers():
+        try:
+            total += ticks(str(pid))
+        except (OSError, ValueError, IndexError):
+            pass  # it ended: waited for, its time is in this process's children's share above
+    return total
 
 
 def threads_for(others_busy: float, cores: int) -> int:
@@ -92,13 +104,14 @@ class CoreShare:
         return wanted
 
 
-def core_share(max_threads: int, environ=os.environ) -> CoreShare | None:
-    """A CoreShare for this process, or None where the count is fixed (LORAFORGE_CPU_THREADS) or the kernel's
-    counters cannot be read (not Linux)."""
+def core_share(max_threads: int, environ=os.environ, helpers: Callable[[], list[int]] = list) -> CoreShare | None:
+    """A CoreShare for this process (`helpers`: the pids of its own helper processes, whose CPU time is not other
+    work), or None where the count is fixed (LORAFORGE_CPU_THREADS) or the kernel's counters cannot be read (not
+    Linux)."""
     if environ.get(ENV):
         return None
     try:
-        return CoreShare(max_threads)
+        return CoreShare(max_threads, read_own=lambda: _read_own_ticks(helpers))
     except (OSError, ValueError, AttributeError, IndexError):
         return None
 

@@ -86,6 +86,11 @@ def model_hash_idle(model_dir: str | os.PathLike) -> str:
     return out.strip()
 
 
+def running_pids() -> list[int]:
+    """The pids of the model_hash_idle children still running."""
+    return [proc.pid for proc in list(_RUNNING)]
+
+
 def hurry() -> None:
     """Raise every running model_hash_idle child to normal priority: its result is needed now."""
     for proc in list(_RUNNING):

@@ -54,6 +54,7 @@ from .data import (CaptionedImages, DataError, ImageError, Skipped, caption_sour
 from .events import EventWriter
 from .fingerprint import hurry as hurry_fingerprints
 from .fingerprint import model_hash_idle as model_hash
+from .fingerprint import running_pids as fingerprint_pids
 from .models import Components, encode_text, load_components, time_ids, tokenize
 from .small_ops import direct_attention_calls, fused_lora_calls, plain_resnet_calls, route_few_pixel_convs
 
@@ -242,7 +243,8 @@ class Trainer:
             if fixed:
                 torch.set_num_threads(fixed)
             else:
-                self.cores = core_share(torch.get_num_threads())
+                # The base-model hash's idle-priority child is the engine's own: its time is not other work.
+                self.cores = core_share(torch.get_num_threads(), helpers=fingerprint_pids)
 
     def _load_resume_state(self, resume_from: str | None):
         """The checkpoint to resume from (--resume-from, else the spec's "latest"), loaded: (state, tensors), or

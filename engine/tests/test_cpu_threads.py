@@ -83,6 +83,28 @@ def test_the_real_counters_see_busy_processes_beside_this_one():
             p.wait()
 
 
+def test_the_engines_own_helper_processes_are_not_other_work():
+    """The base-model hash runs in an idle-priority child: its CPU time counts as the engine's own while it runs
+    (named by `helpers`) and once it has been waited for, so no window in between sees it as other work."""
+    def child_ticks(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while child_ticks(busy.pid) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alone = cpu_threads._read_own_ticks()
+        with_helper = cpu_threads._read_own_ticks(lambda: [busy.pid])
+        assert with_helper - alone >= 10
+    finally:
+        busy.kill()
+        busy.wait()
+    assert cpu_threads._read_own_ticks() - alone >= 10  # waited for: in this process's children's share
+
+
 def test_a_fixed_count_turns_the_sharing_off():
     assert cpu_threads.core_share(2, environ={"LORAFORGE_CPU_THREADS": "2"}) is None
     assert cpu_threads.fixed_threads({"LORAFORGE_CPU_THREADS": "3"}) == 3
