@@ -4,9 +4,9 @@ torch's Linux wheels use GNU OpenMP, whose idle threads poll for a while before 
 way to wait when the engine has its cores to itself, so the engine leaves OpenMP's wait policy as it is. It is the
 worst when other work takes one of the cores: each parallel operator then waits for a thread that has no core,
 while its partner polls on the other. So between steps the engine looks at how busy its cores were with work
-other than its own (the kernel's per-core counters less the CPU time of the engine and its helper processes) and runs the next steps on the
-cores that were free, at least one: a single thread has no partner to wait for. LORAFORGE_CPU_THREADS=N fixes
-the count instead.
+other than its own (the kernel's per-core counters less the CPU time of the engine and its helper processes) and
+runs the next steps on the cores that were free, at least one: a single thread has no partner to wait for.
+LORAFORGE_CPU_THREADS=N fixes the count instead.
 """
 
 from __future__ import annotations

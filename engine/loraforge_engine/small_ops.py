@@ -15,11 +15,11 @@ names and state dicts untouched) and falls back to the module's own forward outs
   and grad_B only) in one autograd node of three matrix products forward and five backward, for the plain case
   (one vanilla adapter, no dropout, no autocast, one dtype); any other call takes peft's own forward.
 
-And one on a CPU (route_few_pixel_convs): convolutions whose output has at most FEW_PIXELS pixels per image (the
-UNet's lowest levels when training at low resolution) run torch's im2col + GEMM kernel (thnn_conv2d) in the plain
-layout instead of oneDNN's, whose cost per call grows with the weight rather than the pixels; the others run oneDNN
-with their weight turned channels_last on first use, so only the layers that gain from that layout pay for its copy
-(the copy's source pages, read from the safetensors file, are given back: drop_file_pages).
+And one on a CPU (route_few_pixel_convs): each convolution's weight turns channels_last on its first call, so only
+the layers training runs pay for that copy (not the VAE's decoder), and the pages of the safetensors file under the
+old layout are given back (drop_file_pages): the weights are never held twice. Convolutions whose output has at
+most FEW_PIXELS pixels per image (the UNet's lowest levels when training at low resolution) run torch's im2col +
+GEMM kernel (thnn_conv2d) instead of oneDNN's, whose cost per call grows with the weight rather than the pixels.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ FUSED_LORA = True
 # Convolutions whose output has at most this many pixels per image run thnn_conv2d on a CPU (see
 # route_few_pixel_convs); 0 turns the routing off.
 FEW_PIXELS = 16
-# The other routed convolutions' weights turn channels_last on first use; False keeps them as loaded.
+# Routed convolutions' weights turn channels_last on first use; False keeps them as loaded.
 CHANNELS_LAST = True
 
 
@@ -161,7 +161,8 @@ def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
             strides = torch.empty(old.shape, device="meta", memory_format=torch.channels_last).stride()
             conv.weight.data = old.as_strided(old.shape, strides)
         else:
-            old.view(-1)[::1024].sum()  # one read per 4 KiB page, in order
+            if old.is_contiguous():
+                old.view(-1)[::1024].sum()  # one read per page (4 KiB of float32), in order
             conv.weight.data = torch.empty_like(old, memory_format=torch.channels_last).copy_(old)
             drop_file_pages(old.data_ptr(), old.nbytes)
     conv._channels_last = True

@@ -16,12 +16,12 @@ differences:
     cached on first use where the augmentation allows it (centre crop, or a random crop of an image already
     at the training size; both orientations under random flip; the empty caption under caption dropout; text
     embeddings only while the text encoder is frozen);
-  * fused AdamW where the device has it, channels_last convolutions, optional torch.compile; attention modules call
-    their processor without diffusers' per-call signature inspection, and plain SDPA attention and resnet
+  * fused AdamW where the device has it, channels_last convolutions, optional torch.compile; attention modules
+    call their processor without diffusers' per-call signature inspection, plain SDPA attention and resnet
     blocks skip diffusers' division by an output factor of 1, and peft's LoRA Linear layers run as one autograd
-    node each; on a CPU, convolutions whose output has a few
-    pixels (4x4 or fewer: low training resolutions) run thnn_conv2d instead of oneDNN (small_ops), and the step
-    uses as many threads as there are cores that other work leaves free (cpu_threads);
+    node each; on a CPU, convolution weights turn channels_last on first use, convolutions whose output has a
+    few pixels (4x4 or fewer: low training resolutions) run thnn_conv2d instead of oneDNN (small_ops), and the
+    step uses as many threads as there are cores that other work leaves free (cpu_threads);
   * the final LoRA carries peft's adapter config and our provenance as safetensors metadata.
 """
 
