@@ -8,7 +8,7 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { JobState, LoraforgeError, UnavailableError, type InferInput } from "@loraforge/sdk";
-import { fixtures, inferProcess, onnxExport, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, inferProcess, onnxExport, procStatusBytes, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const alive = (pid: number) => {
   try {
@@ -24,7 +24,6 @@ const cpuTicks = (pid: number) => {
   return Number(fields[11]) + Number(fields[12]);
 };
 
-const rssOf = (pid: number) => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
 
 describe("the Infer process", () => {
   // Tiny-model estimates (memory.ts, guidance on): 64 px ≈ 195 MiB, 128 px ≈ 217 MiB, 256 px ≈ 483 MiB;
@@ -103,7 +102,7 @@ describe("the Infer process", () => {
     assert.equal(res.images.length, 1);
     const fresh = inferProcess(srv.proc.pid!)!;
     assert.ok(fresh && fresh !== small, "a fresh Infer process");
-    const freshRss = rssOf(fresh);
+    const freshRss = procStatusBytes(fresh, "VmRSS");
     assert.ok(freshRss + 100 * 2 ** 20 < retiredRss, `fresh ${(freshRss / 2 ** 20).toFixed(0)} MiB, retired ${(retiredRss / 2 ** 20).toFixed(0)} MiB`);
   });
 

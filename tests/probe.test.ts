@@ -13,7 +13,7 @@ import { Objm } from "@nats-io/obj";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, inferProcess, natsCredentials, onnxExport, processesMatching, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { fixtures, inferProcess, natsCredentials, onnxExport, processesMatching, procStatusBytes, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const TOKEN = "probe-" + randomBytes(12).toString("hex");
 const UPLOAD_MAX_MB = 8;
@@ -360,7 +360,6 @@ describe("Infer's working memory", () => {
   const BUDGET_MIB = 900;
   let f: Fixtures;
   let srv: ServerProcess;
-  const status_ = (pid: number, key: string) => Number(new RegExp(`${key}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
 
   before(async () => {
     f = fixtures();
@@ -394,7 +393,7 @@ describe("Infer's working memory", () => {
     const child = inferProcess(srv.proc.pid!);
     assert.ok(child, "serve has an Infer process");
     const pids = [srv.proc.pid!, child];
-    const sum = (key: string) => pids.reduce((n, pid) => n + status_(pid, key), 0);
+    const sum = (key: string) => pids.reduce((n, pid) => n + procStatusBytes(pid, key), 0);
     const before = sum("VmRSS");
     for (const pid of pids) writeFileSync(`/proc/${pid}/clear_refs`, "5"); // resets VmHWM to the current RSS
     const res = await infer({ width: 256, height: 256, numImages: 4, seed: 7 });

@@ -183,6 +183,11 @@ export function inferProcess(servePid: number): number | undefined {
   return pids[0];
 }
 
+/** A kB field of /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; throws when the process or the field is gone. */
+export function procStatusBytes(pid: number, key: string): number {
+  return Number(new RegExp(`${key}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]) * 1024;
+}
+
 /** The credentials a `serve` generated for its managed nats-server (what a local admin would read). */
 export function natsCredentials(stateDir: string): { user: string; pass: string } {
   return JSON.parse(readFileSync(path.join(stateDir, "nats", "credentials.json"), "utf8")) as { user: string; pass: string };
