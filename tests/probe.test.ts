@@ -3,7 +3,7 @@
 // a client can act on, never INTERNAL, and no stack trace or file bytes in the answer or the log.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 import { status } from "@grpc/grpc-js";
@@ -74,7 +74,11 @@ describe("hostile input and faults", () => {
     f = fixtures();
     root = tmpDir("probe-root");
     outside = tmpDir("probe-outside");
+    // Warm: the tiny model's export is there, so an Infer that passes the checks renders in seconds.
+    const stateDir = tmpDir("probe-state");
+    cpSync(onnxExport(f), path.join(stateDir, "onnx"), { recursive: true });
     srv = await startServer({
+      stateDir,
       args: ["--data-root", f.root, "--data-root", root],
       env: {
         LORAFORGE_API_TOKEN: TOKEN,
@@ -143,6 +147,48 @@ describe("hostile input and faults", () => {
     const viaLink = await refused(infer({ baseModel: path.join(root, "model-link") }), status.INVALID_ARGUMENT, "INVALID_INFER_REQUEST");
     assert.deepEqual(viaLink.violations.map((v) => v.field), ["base_model"]);
     assert.match(viaLink.violations[0].description, /symbolic link/);
+  });
+
+  it("refuses a base model inside the roots whose files link out, and follows links that stay inside", async () => {
+    const unet = path.join("unet", "diffusion_pytorch_model.safetensors");
+    // A copy of the tiny model inside the root whose UNet weights are a link to a private copy outside.
+    const leaky = path.join(root, "leaky-model");
+    cpSync(f.model, leaky, { recursive: true });
+    cpSync(f.model, path.join(outside, "private-model"), { recursive: true });
+    rmSync(path.join(leaky, unet));
+    symlinkSync(path.join(outside, "private-model", unet), path.join(leaky, unet));
+    const train = await refused(client.train(quickSpec(f, { baseModel: leaky }) as never), status.INVALID_ARGUMENT, "INVALID_SPEC");
+    assert.deepEqual(train.violations.map((v) => v.field), ["spec.base_model"]);
+    assert.match(train.violations[0].description, /unet\/diffusion_pytorch_model\.safetensors leads outside the server's data roots through a symbolic link/);
+    const inf = await refused(infer({ baseModel: leaky }), status.INVALID_ARGUMENT, "INVALID_INFER_REQUEST");
+    assert.deepEqual(inf.violations.map((v) => v.field), ["base_model"]);
+    assert.match(inf.violations[0].description, /unet\/diffusion_pytorch_model\.safetensors leads outside/);
+    for (const e of [train, inf]) assert.doesNotMatch(JSON.stringify(e.violations), new RegExp(outside), "the target is not named");
+
+    // A Hugging Face cache snapshot inside the root: its weights link into the cache's blobs folder.
+    const hub = path.join(root, "hub");
+    const snapshot = path.join(hub, "snapshots", "abc");
+    cpSync(f.model, snapshot, { recursive: true });
+    mkdirSync(path.join(hub, "blobs"));
+    renameSync(path.join(snapshot, unet), path.join(hub, "blobs", "1234"));
+    symlinkSync(path.join("..", "..", "..", "blobs", "1234"), path.join(snapshot, unet));
+    const res = await infer({ baseModel: snapshot });
+    assert.equal(res.images.length, 1);
+  });
+
+  it("fails a job whose base model file became a link leading out after it was accepted", async () => {
+    // The server's check passed; a local user then swaps the weights for a link before the engine reads them.
+    const model = path.join(root, "swapped-model");
+    cpSync(f.model, model, { recursive: true });
+    const job = await client.train(quickSpec(f, { baseModel: model }) as never);
+    const unet = path.join(model, "unet", "diffusion_pytorch_model.safetensors");
+    cpSync(unet, path.join(outside, "swapped.safetensors"));
+    rmSync(unet);
+    symlinkSync(path.join(outside, "swapped.safetensors"), unet);
+    const done = await job.result();
+    assert.equal(done.state, JobState.JOB_STATE_FAILED);
+    assert.match(done.error?.message ?? "", /unet\/diffusion_pytorch_model\.safetensors leads outside the server's data roots/);
+    assert.equal(done.artifacts.length, 0, "no LoRA was trained from the file outside");
   });
 
   it("refuses a LoRA path whose symlink leads out of the data roots", async () => {

@@ -177,11 +177,14 @@ def _train(args, events) -> int:
 
 
 def cmd_model_hash(args) -> int:
+    from .confined import pinned_model
+    from .data import DataError
     from .fingerprint import model_hash
 
     try:
-        digest = model_hash(args.model_dir)
-    except OSError as e:
+        folder, _ = pinned_model(args.model_dir)  # with data roots: only files inside them are read
+        digest = model_hash(folder)
+    except (OSError, DataError) as e:
         print(f"model-hash: {e}", file=sys.stderr, flush=True)
         return EXIT_SPEC
     print(digest, flush=True)

@@ -134,7 +134,7 @@ class PriorData:
         if need > 0:
             hurry_fingerprints()  # the base model's identity is part of the cache key: needed now
             sha = t.fingerprints.result()["base_model_sha256"]
-            scheduler = _scheduler(spec.base_model)
+            scheduler = _scheduler(t.model_dir)
             settings = generation_settings(sha, t.c.arch, prompt, spec.resolution, spec.class_inference_steps,
                                            type(scheduler).__name__)
             key = cache_key(settings)

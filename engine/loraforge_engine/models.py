@@ -25,14 +25,19 @@ ARCH_BY_PIPELINE = {
 }
 
 
-def detect_arch(base_model: str) -> str:
+def detect_arch(base_model: str, shown: str | None = None) -> str:
+    """The architecture ("sd" or "sdxl") named by the folder's model_index.json; messages name the folder as
+    `shown` (default: itself)."""
+    shown = shown or base_model
     index = Path(base_model) / "model_index.json"
     try:
         cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise DataError(f"base_model {base_model!r}: cannot read model_index.json ({e})") from None
+    except OSError as e:
+        raise DataError(f"base_model {shown!r}: cannot read model_index.json ({e.strerror})") from None
+    except ValueError as e:
+        raise DataError(f"base_model {shown!r}: model_index.json is not valid JSON ({e})") from None
     if cls not in ARCH_BY_PIPELINE:
-        raise DataError(f"base_model {base_model!r} is a {cls!r}; supported: {', '.join(ARCH_BY_PIPELINE)}")
+        raise DataError(f"base_model {shown!r} is a {cls!r}; supported: {', '.join(ARCH_BY_PIPELINE)}")
     return ARCH_BY_PIPELINE[cls]
 
 
@@ -47,22 +52,25 @@ class Components:
     text_encoder_names: list[str] = field(default_factory=list)  # "text_encoder", "text_encoder_2"
 
 
-def load_components(base_model: str, device: torch.device, weight_dtype: torch.dtype) -> Components:
+def load_components(base_model: str, device: torch.device, weight_dtype: torch.dtype,
+                    shown: str | None = None) -> Components:
     """Tokenizer(s), text encoder(s), VAE, UNet and DDPM scheduler from a local diffusers folder.
-    safetensors only (use_safetensors=True refuses pickle weights); never touches the network."""
+    safetensors only (use_safetensors=True refuses pickle weights); never touches the network. Messages name the
+    folder as `shown` (the spec's base_model when `base_model` is a pinned view of it)."""
+    shown = shown or base_model
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(base_model)
     if not root.is_dir() or not (root / "model_index.json").is_file():
-        raise DataError(f"base_model {base_model!r} is not a diffusers model folder"
+        raise DataError(f"base_model {shown!r} is not a diffusers model folder"
                         + (" (missing model_index.json)" if root.is_dir() else ""))
-    arch = detect_arch(base_model)
+    arch = detect_arch(base_model, shown)
     te_names = ["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
     tok_names = ["tokenizer"] + (["tokenizer_2"] if arch == "sdxl" else [])
     missing = [p for p in ("unet", "vae", "scheduler", *te_names, *tok_names) if not (root / p).exists()]
     if missing:
-        raise DataError(f"base_model {base_model!r} is not a diffusers model folder (missing {', '.join(missing)})")
+        raise DataError(f"base_model {shown!r} is not a diffusers model folder (missing {', '.join(missing)})")
     try:
         common = {"local_files_only": True, "use_safetensors": True}
         tokenizers = [CLIPTokenizer.from_pretrained(base_model, subfolder=n, local_files_only=True) for n in tok_names]
@@ -76,12 +84,12 @@ def load_components(base_model: str, device: torch.device, weight_dtype: torch.d
                                                     **common)
         noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", local_files_only=True)
     except Exception as e:
-        raise DataError(f"base_model {base_model!r} cannot be loaded: {type(e).__name__}: "
+        raise DataError(f"base_model {shown!r} cannot be loaded: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
     # transformers 5 can build an empty CLIP vocabulary without complaint; catch it here.
     for t in tokenizers:
         if len(t) < 3:
-            raise DataError(f"base_model {base_model!r}: tokenizer has an empty vocabulary")
+            raise DataError(f"base_model {shown!r}: tokenizer has an empty vocabulary")
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
         model.to(device)

@@ -385,9 +385,10 @@ def export_dir_name(digest: str, dtype: str = "fp32") -> str:
 
 
 def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, check: bool = True,
-                 dtype: str = "fp32",
+                 dtype: str = "fp32", source: str | None = None,
                  log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> tuple[Path, str, bool]:
-    """Export `model_dir` into out_root/<hash>/ (fp16: <hash>-fp16/) unless a complete export is there.
+    """Export `model_dir` into out_root/<hash>/ (fp16: <hash>-fp16/) unless a complete export is there; the
+    manifest names the model as `source` (default: `model_dir`; the original folder when that is a pinned view).
     Returns (dir, hash, exported now). The steps: check the inputs, find the target, then one component at a time
     (text encoder(s), UNet, VAE decoder) load it, export its graph, check it against PyTorch and free it, so that
     the peak memory is the largest component's rather than the whole model's; write the manifest, publish the
@@ -410,7 +411,7 @@ def export_model(model_dir: str | os.PathLike, out_root: str | os.PathLike, *, c
         slots = _export_text_encoders(run, model_dir, cfg)
         slots += _export_unet(run, model_dir, cfg)
         vae_dtype = _export_vae_decoder(run, model_dir, cfg)
-        _write_manifest(run, cfg, model_dir, digest, slots, vae_dtype)
+        _write_manifest(run, cfg, model_dir, digest, slots, vae_dtype, source or str(model_dir))
         _publish(tmp, final, out_root)
         progress.end()
         return final, digest, True
@@ -706,7 +707,8 @@ def _copy_tokenizer(run: _ExportRun, model_dir: Path, sub: str) -> dict:
     return {"dir": sub, "files": copied, "max_length": run.max_len}
 
 
-def _write_manifest(run: _ExportRun, cfg: _Configs, model_dir: Path, digest: str, slots: list[Slot], vae_dt) -> None:
+def _write_manifest(run: _ExportRun, cfg: _Configs, model_dir: Path, digest: str, slots: list[Slot], vae_dt,
+                    source: str) -> None:
     """manifest.json: what the runtime needs besides the graphs (shapes, scheduler, VAE scaling, tokenizers,
     every LoRA slot); `complete: true` marks a finished export."""
     import torch
@@ -717,7 +719,7 @@ def _write_manifest(run: _ExportRun, cfg: _Configs, model_dir: Path, digest: str
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_hash": digest,
-        "source": str(model_dir),
+        "source": source,
         "complete": True,
         "opset": OPSET,
         "arch": "sdxl" if cfg.xl else "sd",
@@ -788,9 +790,14 @@ def is_complete(export_dir: Path) -> bool:
 def cmd_export_onnx(args) -> int:
     from .__main__ import _quiet_libraries
 
+    from .confined import pinned_model
+    from .data import DataError
+
     try:
-        check_inputs(Path(args.model_dir).absolute())  # a bad folder is refused in a second, before torch loads
-    except (FileNotFoundError, ValueError) as e:
+        # With data roots (LORAFORGE_BASE_MODEL_ROOTS): a view of the folder's files, each found inside them.
+        model_dir, _ = pinned_model(str(Path(args.model_dir).absolute()))
+        check_inputs(Path(model_dir))  # a bad folder is refused in a second, before torch loads
+    except (FileNotFoundError, ValueError, DataError) as e:
         print(f"export-onnx: {e}", file=sys.stderr, flush=True)
         return 2
     _quiet_libraries()
@@ -800,7 +807,8 @@ def cmd_export_onnx(args) -> int:
     # thread than on a pool that waits for descheduled threads on a busy machine.
     torch.set_num_threads(1)
     try:
-        path, digest, exported = export_model(args.model_dir, args.out, check=not args.no_check, dtype=args.dtype)
+        path, digest, exported = export_model(model_dir, args.out, check=not args.no_check, dtype=args.dtype,
+                                              source=str(Path(args.model_dir).absolute()))
     except (FileNotFoundError, ValueError) as e:
         print(f"export-onnx: {e}", file=sys.stderr, flush=True)
         return 2

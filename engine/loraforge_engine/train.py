@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dreambooth, lora_files
 from .config import TEXT_ENCODER_TARGETS, SpecError, TrainingSpec
+from .confined import pinned_model
 from .cpu_threads import core_share, fixed_threads
 from .distributed import Group
 from .data import (CaptionedImages, DataError, ImageError, Skipped, caption_source, dataset_fingerprint, discover,
@@ -186,6 +187,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(self.out)
         self._set_up_device()
+        # The folder the base model is read from: with data roots, a view of files checked to lie inside them.
+        self.model_dir, self._pinned_model = pinned_model(spec.base_model)
         # Resume target before the seed: an unset seed must come from the checkpoint, not be drawn anew.
         state, tensors = self._load_resume_state(resume_from)
         self.seed = self._choose_seed(state)
@@ -321,7 +324,7 @@ class Trainer:
         # dataset) are hashed here: PIL images are not shared across threads.
         files_only = all(ex.path is not None for ex in examples)
         self.fingerprints = _InBackground(lambda: {
-            "base_model_sha256": model_hash(spec.base_model),
+            "base_model_sha256": model_hash(self.model_dir),
             **({"dataset_sha256": dataset_fingerprint(examples)} if files_only else {})})
         self.dataset = CaptionedImages(examples, spec.resolution, spec.center_crop, spec.random_flip, seed,
                                        interpolation=spec.interpolation, caption_dropout=spec.caption_dropout,
@@ -361,7 +364,7 @@ class Trainer:
     def _load_models(self) -> None:
         """The base model's components, and the training target (the spec's prediction type, else the model's)."""
         spec = self.spec
-        self.c = c = load_components(spec.base_model, self.device, self.weight_dtype)
+        self.c = c = load_components(self.model_dir, self.device, self.weight_dtype, shown=spec.base_model)
         if spec.prediction_type:
             # As the reference: the training target and the validation sampler both follow the override.
             c.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)

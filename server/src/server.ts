@@ -168,7 +168,7 @@ async function openStores(cfg: ServerConfig) {
 
 function newWorker(cfg: ServerConfig, stores: Awaited<ReturnType<typeof openStores>>, onStop: "cancel" | "requeue") {
   return new Worker(stores.store, stores.artifacts, stores.datasets, {
-    engine: { python: cfg.python, engineDir: cfg.engineDir, modelsDir: cfg.modelsDir },
+    engine: { python: cfg.python, engineDir: cfg.engineDir, modelsDir: cfg.modelsDir, dataRoots: cfg.dataRoots },
     stateDir: cfg.stateDir,
     maxAttempts: cfg.maxAttempts,
     heartbeatMs: Math.max(200, Math.floor(cfg.ackWaitMs / 4)),

@@ -1,11 +1,13 @@
 // Infer's LoRA reads judge the file they opened, not the name checked earlier: a path inside the
-// data roots that became a link to a file outside them is refused when it is opened.
+// data roots that became a link to a file outside them is refused when it is opened. A base model
+// folder's files are judged the same way when a job or an Infer request names it.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, realpathSync, symlinkSync, writeFileSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { describe, it } from "node:test";
-import { withinRoots } from "@loraforge/server/core/paths";
+import { modelFolderProblem, withinRoots } from "@loraforge/server/core/paths";
 import { OutsideRoots, readSafetensors } from "@loraforge/server/infer/safetensors";
 
 /** A one-tensor safetensors file. */
@@ -42,5 +44,58 @@ describe("readSafetensors confinement", () => {
     await assert.rejects(readSafetensors(path.join(dir, "secret.safetensors"), undefined, inside), OutsideRoots);
     // Without a judge (a job's own LoRA in the state directory) nothing is refused.
     assert.equal((await readSafetensors(swapped)).tensors.size, 1);
+  });
+});
+
+describe("modelFolderProblem", () => {
+  const base = realpathSync(mkdtempSync(path.join(os.tmpdir(), "loraforge-model-confine-")));
+  const root = path.join(base, "root");
+  const outside = path.join(base, "outside");
+  const model = path.join(root, "model");
+  mkdirSync(path.join(model, "unet"), { recursive: true });
+  mkdirSync(path.join(outside, "vae"), { recursive: true });
+  writeFileSync(path.join(model, "model_index.json"), "{}");
+  writeFileSync(path.join(model, "unet", "config.json"), "{}");
+  writeFileSync(path.join(outside, "weights"), "private");
+
+  it("finds nothing in a plain folder, or without roots", () => {
+    assert.equal(modelFolderProblem(model, [root]), null);
+    assert.equal(modelFolderProblem(model, []), null);
+  });
+
+  it("follows links that stay inside the roots (a Hugging Face cache snapshot's blobs)", () => {
+    const blobs = path.join(root, "blobs");
+    mkdirSync(blobs);
+    writeFileSync(path.join(blobs, "1234"), "weights");
+    symlinkSync(path.join("..", "..", "blobs", "1234"), path.join(model, "unet", "weights.safetensors"));
+    symlinkSync("..", path.join(model, "unet", "up")); // a loop is walked once
+    symlinkSync(path.join(root, "gone"), path.join(model, "dangling")); // reads nothing
+    assert.equal(modelFolderProblem(model, [root]), null);
+  });
+
+  it("names the first file or folder that leads out, relative to the model", () => {
+    const leaky = path.join(root, "leaky");
+    mkdirSync(path.join(leaky, "unet"), { recursive: true });
+    symlinkSync(path.join(outside, "weights"), path.join(leaky, "unet", "diffusion_pytorch_model.safetensors"));
+    assert.equal(
+      modelFolderProblem(leaky, [root]),
+      `unet/diffusion_pytorch_model.safetensors leads outside the server's data roots through a symbolic link (${root})`,
+    );
+    const leakyDir = path.join(root, "leaky-dir");
+    mkdirSync(leakyDir);
+    symlinkSync(path.join(outside, "vae"), path.join(leakyDir, "vae"));
+    assert.match(modelFolderProblem(leakyDir, [root])!, /^vae leads outside/);
+    // Hidden entries are not part of the model (nor of its hash) and are not read.
+    const hidden = path.join(root, "hidden");
+    mkdirSync(hidden);
+    symlinkSync(path.join(outside, "weights"), path.join(hidden, ".cache"));
+    assert.equal(modelFolderProblem(hidden, [root]), null);
+  });
+
+  it("does not open a FIFO in the folder", () => {
+    const withFifo = path.join(root, "fifo");
+    mkdirSync(withFifo);
+    execFileSync("mkfifo", [path.join(withFifo, "pipe")]);
+    assert.equal(modelFolderProblem(withFifo, [root]), null);
   });
 });

@@ -9,6 +9,7 @@ import { existsSync, readdirSync, statSync } from "node:fs";
 import { readdir, realpath, stat } from "node:fs/promises";
 import path from "node:path";
 import { childEnv } from "./child-env.js";
+import { BASE_MODEL_ROOTS_ENV } from "./paths.js";
 
 /** A base model's name: "models/" and a folder name of lower-case letters, digits, ".", "_", "-" (first a letter or digit). Also a rule in training_spec.proto and inference_service.proto. */
 export const MODEL_NAME_PATTERN = /^models\/[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -86,13 +87,16 @@ export interface HashEngine {
   engineDir: string;
 }
 
-/** The base model's identity: the engine's content hash (`python -m loraforge_engine model-hash <dir>`), one definition for every part. */
-export function engineModelHash(engine: HashEngine, modelDir: string): Promise<string> {
+/**
+ * The base model's identity: the engine's content hash (`python -m loraforge_engine model-hash <dir>`), one
+ * definition for every part. With `roots`, only files inside them are read (a model a client named by path).
+ */
+export function engineModelHash(engine: HashEngine, modelDir: string, roots: string[] = []): Promise<string> {
   // Run as the worker runs the engine (same python, PYTHONPATH the engine's folder), so that the
   // hash is the one the engine writes into the LoRAs it trains.
   return new Promise((resolve, reject) => {
     const child = spawn(engine.python, ["-m", "loraforge_engine", "model-hash", modelDir], {
-      env: childEnv({ PYTHONPATH: engine.engineDir }),
+      env: childEnv({ PYTHONPATH: engine.engineDir, [BASE_MODEL_ROOTS_ENV]: roots.join(path.delimiter) }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "";
@@ -133,16 +137,18 @@ export class ModelHasher {
     return signature;
   }
 
-  async hashOf(modelDir: string): Promise<string> {
+  /** `roots`: read only files inside them (a model a client named by path), as engineModelHash. */
+  async hashOf(modelDir: string, roots: string[] = []): Promise<string> {
     const signature = await this.signatureOf(modelDir);
-    let known = this.byPath.get(modelDir);
+    const key = `${modelDir}\0${roots.join("\0")}`;
+    let known = this.byPath.get(key);
     if (!known || known.signature !== signature) {
-      const hash = engineModelHash(this.engine, modelDir);
+      const hash = engineModelHash(this.engine, modelDir, roots);
       known = { signature, hash };
-      this.byPath.set(modelDir, known);
+      this.byPath.set(key, known);
       // A failed hash is not kept: the next call tries again.
       hash.catch(() => {
-        if (this.byPath.get(modelDir) === known) this.byPath.delete(modelDir);
+        if (this.byPath.get(key) === known) this.byPath.delete(key);
       });
     }
     return known.hash;

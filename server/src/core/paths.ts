@@ -1,7 +1,7 @@
 // Host paths a client may name (a base model folder, a data set folder, a LoRA file): absolute,
 // inside the server's data roots when it has any, and still inside them once every symbolic
 // link is followed. The rules in proto/ bound their length; only the host can check the rest.
-import { realpathSync, statSync } from "node:fs";
+import { readdirSync, realpathSync, statSync } from "node:fs";
 import path from "node:path";
 
 /** The real path of `p`, or `p` resolved when it does not exist. */
@@ -47,4 +47,50 @@ export function hostPath(p: string, roots: string[], kind: "folder" | "file"): {
   // Checked on the real path too: a symlink inside a root must not lead out of them.
   if (!real.inside) return { problem: `leads outside the server's data roots through a symbolic link (${roots.join(", ")})` };
   return { real: real.real };
+}
+
+/** The environment variable that tells the engine the roots a client-named base model must lie in (engine/loraforge_engine/confined.py). */
+export const BASE_MODEL_ROOTS_ENV = "LORAFORGE_BASE_MODEL_ROOTS";
+
+/** A model folder holds a few dozen entries; a walk past this many is not one. */
+const MAX_MODEL_ENTRIES = 10_000;
+
+/**
+ * Why model folder `real` (a real path inside the roots) may not be read, or null: an entry that leads
+ * outside the roots through a symbolic link (named relative to the folder, as
+ * "unet/diffusion_pytorch_model.safetensors"), or more entries than a model has. Links that stay inside the roots are fine (a Hugging Face cache snapshot links into its blobs
+ * folder); names starting with "." are not part of the model and are not looked at. The engine checks
+ * again on the files it opens, so a swap after this check is caught there.
+ */
+export function modelFolderProblem(real: string, roots: string[]): string | null {
+  if (roots.length === 0) return null;
+  const realRoots = roots.map(realOr);
+  const seen = new Set<string>([real]);
+  let entries = 0;
+  const walk = (dir: string, rel: string): string | null => {
+    let names: string[];
+    try {
+      names = readdirSync(dir).filter((n) => !n.startsWith(".")).sort();
+    } catch {
+      return null;
+    }
+    for (const name of names) {
+      if (++entries > MAX_MODEL_ENTRIES) return `holds more than ${MAX_MODEL_ENTRIES} files and folders: not a diffusers model folder`;
+      let target: string;
+      try {
+        target = realpathSync(path.join(dir, name));
+      } catch {
+        continue; // a dangling link: nothing is read through it
+      }
+      if (!withinRoots(target, realRoots)) return `${rel}${name} leads outside the server's data roots through a symbolic link (${roots.join(", ")})`;
+      const st = statSync(target, { throwIfNoEntry: false });
+      if (st?.isDirectory() && !seen.has(target)) {
+        seen.add(target);
+        const out = walk(target, `${rel}${name}/`);
+        if (out) return out;
+      }
+    }
+    return null;
+  };
+  return walk(real, "");
 }

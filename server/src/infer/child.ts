@@ -65,7 +65,7 @@ async function renderJob(job: RenderJob): Promise<RenderResult> {
   }
   let loraMs = performance.now() - t;
   t = performance.now();
-  const model: LoadedModel = await registry.get(job.base.dir, job.base.hash);
+  const model: LoadedModel = await registry.get(job.base.dir, job.base.hash, job.base.confined ? roots : []);
   const loadModelMs = performance.now() - t;
 
   const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;
@@ -163,7 +163,7 @@ process.on("message", (m: ToChild) => {
       break;
     case "warm":
       // A fresh process after a retirement opens the models its predecessor had open, before anyone waits for them.
-      registry.get(m.dir, m.hash).catch((err) => log("warn", "Infer process: reopening a model failed", { model: m.dir, err: String(err) }));
+      registry.get(m.dir, m.hash, m.confined ? roots : []).catch((err) => log("warn", "Infer process: reopening a model failed", { model: m.dir, err: String(err) }));
       break;
     case "exit":
       exiting = true;

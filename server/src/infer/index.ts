@@ -34,7 +34,7 @@ import { JOB_ID_PATTERN } from "../core/ids.js";
 import { log } from "../core/log.js";
 import type { JobStore } from "../jobs/store.js";
 import { isModelName, listModelFolders, modelFolder } from "../core/models.js";
-import { hostPath, realOr } from "../core/paths.js";
+import { hostPath, modelFolderProblem, realOr } from "../core/paths.js";
 import { ruleViolations } from "../core/rules.js";
 import { defaultMemoryBudget, MemoryBudget, planRequest, readMemoryShape, type MemoryShape } from "./memory.js";
 import { ModelRegistry, type RuntimeOptions } from "./model.js";
@@ -114,8 +114,16 @@ export function validateInfer(
     const where = hostPath(p, roots, kind);
     if ("problem" in where && !where.missing) add(field, where.problem);
   };
-  // A model name is looked up later (an unknown one is NOT_FOUND); a path is placed here.
-  if (!isModelName(req.baseModel)) placed("base_model", req.baseModel, "folder");
+  // A model name is looked up later (an unknown one is NOT_FOUND); a path is placed here, with its files.
+  if (!isModelName(req.baseModel)) {
+    const where = hostPath(req.baseModel, roots, "folder");
+    if ("problem" in where) {
+      if (!where.missing) add("base_model", where.problem);
+    } else {
+      const inside = modelFolderProblem(where.real, roots);
+      if (inside) add("base_model", `folder ${JSON.stringify(req.baseModel)}: ${inside}`);
+    }
+  }
   // Bounded before anything tokenizes them.
   for (const [field, text] of [
     ["prompt", req.prompt],
@@ -233,16 +241,19 @@ export function addInferenceService(
     return local;
   }
 
-  /** The folder of a base model: a name in the models folder, or a path inside the data roots (its real path). */
-  function baseFolder(baseModel: string): { real: string } {
+  /**
+   * The folder of a base model: a name in the models folder, or a path inside the data roots (its real
+   * path; `roots` are those its files must stay in when read, none for the admin's named models).
+   */
+  function baseFolder(baseModel: string): { real: string; roots: string[] } {
     if (isModelName(baseModel)) {
       const dir = modelFolder(config.modelsDir, baseModel);
       if (!dir) throw modelNotFound(baseModel, `base_model: no model named ${baseModel} in the server's models folder (ListModels lists them)`);
-      return { real: realOr(dir) };
+      return { real: realOr(dir), roots: [] };
     }
     const base = hostPath(baseModel, config.dataRoots, "folder");
     if (!("real" in base) || !existsSync(path.join(base.real, "model_index.json"))) throw modelNotFound(baseModel);
-    return base;
+    return { real: base.real, roots: config.dataRoots };
   }
 
   async function infer(req: InferRequest, callSignal: AbortSignal): Promise<InferResponse> {
@@ -275,7 +286,7 @@ export function addInferenceService(
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
       const t = performance.now();
-      const hash = await registry.hashOf(base.real);
+      const hash = await registry.hashOf(base.real, base.roots);
       const hashMs = performance.now() - t;
       releaseMemory = await memory.acquire(plan.bytes, cancelled);
       if (cancelled()) throw inferCancelled();
@@ -288,7 +299,7 @@ export function addInferenceService(
         });
       const r = await proc.render(
         {
-          base: { dir: base.real, hash },
+          base: { dir: base.real, hash, confined: base.roots.length > 0 },
           req: {
             prompt: req.prompt,
             negativePrompt: req.negativePrompt,

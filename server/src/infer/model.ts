@@ -14,6 +14,7 @@ import type { SchedulerConfig } from "./schedulers.js";
 import type { SlotIndex, SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
 import { childEnv } from "../core/child-env.js";
+import { BASE_MODEL_ROOTS_ENV } from "../core/paths.js";
 import { HASHED_ENTRIES, ModelHasher, statSignature } from "../core/models.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
@@ -72,10 +73,11 @@ function runEngineCommand(
   what: string,
   pythonPath?: string,
   onLine?: (line: string) => void,
+  extraEnv: Record<string, string> = {},
 ): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn(cfg.python, ["-m", "loraforge_engine", ...args], {
-      env: childEnv({ PYTHONPATH: pythonPath ?? cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
+      env: childEnv({ ...extraEnv, PYTHONPATH: pythonPath ?? cfg.engineDir + (process.env.PYTHONPATH ? path.delimiter + process.env.PYTHONPATH : "") }),
       stdio: ["ignore", "pipe", "pipe"],
     });
     let out = "";
@@ -225,15 +227,16 @@ const PROGRESS_LINE = /^progress +(\d{1,3})% (.*)$/;
 
 /**
  * Runs the engine's exporter; resolves with the export folder it reports. Its progress lines go to
- * the server log as they come, so that a first Infer that exports for minutes is seen working.
+ * the server log as they come, so that a first Infer that exports for minutes is seen working. With
+ * `roots`, the exporter reads only files inside them (a model a client named by path).
  */
-async function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16"): Promise<string> {
+async function runExporter(cfg: ExporterConfig, modelDir: string, dtype: "fp32" | "fp16", roots: string[]): Promise<string> {
   const onLine = (line: string) => {
     const m = PROGRESS_LINE.exec(line.trim());
     if (m) log("info", `ONNX export ${m[1]}%: ${m[2]}`, { model: modelDir, dtype });
   };
   const args = ["export-onnx", modelDir, "--out", cfg.cacheRoot, "--dtype", dtype];
-  const out = await runEngineCommand(cfg, args, `exporting ${modelDir} to ONNX`, undefined, onLine);
+  const out = await runEngineCommand(cfg, args, `exporting ${modelDir} to ONNX`, undefined, onLine, { [BASE_MODEL_ROOTS_ENV]: roots.join(path.delimiter) });
   try {
     const last = out.trim().split("\n").pop()!;
     return (JSON.parse(last) as { dir: string }).dir;
@@ -258,13 +261,14 @@ export class ModelRegistry {
 
   /**
    * The model at `modelDir`, exporting it first if its content has no export yet; `knownHash` is its
-   * content hash when the caller has it (the serve process hashes, its Infer child loads).
+   * content hash when the caller has it (the serve process hashes, its Infer child loads). With `roots`,
+   * only files inside them are read (a model a client named by path).
    */
-  async get(modelDir: string, knownHash?: string): Promise<LoadedModel> {
-    const hash = knownHash ?? (await this.hashOf(modelDir));
+  async get(modelDir: string, knownHash?: string, roots: string[] = []): Promise<LoadedModel> {
+    const hash = knownHash ?? (await this.hashOf(modelDir, roots));
     let p = this.loaded.get(hash);
     if (!p) {
-      p = this.openOrExport(modelDir, hash);
+      p = this.openOrExport(modelDir, hash, roots);
       this.loaded.set(hash, p);
       p.catch(() => this.loaded.delete(hash));
     } else {
@@ -280,8 +284,8 @@ export class ModelRegistry {
   }
 
   /** The model's content hash, from the engine; cached per folder until a file's size or mtime changes. */
-  hashOf(modelDir: string): Promise<string> {
-    return this.hasher.hashOf(modelDir);
+  hashOf(modelDir: string, roots: string[] = []): Promise<string> {
+    return this.hasher.hashOf(modelDir, roots);
   }
 
   /** fp16 exports where CUDA runs them, fp32 elsewhere (see RuntimeOptions.dtype). */
@@ -292,13 +296,13 @@ export class ModelRegistry {
     return (this.runtime.providers ?? defaultProviders())[0] === "cuda" ? "fp16" : "fp32";
   }
 
-  private async openOrExport(modelDir: string, hash: string): Promise<LoadedModel> {
+  private async openOrExport(modelDir: string, hash: string, roots: string[]): Promise<LoadedModel> {
     const dtype = this.dtype();
     let dir = path.join(this.exporter.cacheRoot, exportDirName(hash, dtype));
     let manifest = readManifest(dir);
     if (!manifest) {
       log("info", "exporting base model to ONNX", { model: modelDir, hash, dtype });
-      dir = await runExporter(this.exporter, modelDir, dtype);
+      dir = await runExporter(this.exporter, modelDir, dtype, roots);
       manifest = readManifest(dir);
       if (!manifest) throw new Error(`the ONNX export of ${modelDir} in ${dir} is incomplete`);
     }

@@ -29,7 +29,8 @@ export interface ChildInit {
 /** One render, validated and sized by the serve process. */
 export interface RenderJob {
   id: number;
-  base: { dir: string; hash: string };
+  /** The base model's folder and content hash; `confined` (named by path): only files inside the data roots are read. */
+  base: { dir: string; hash: string; confined: boolean };
   /** The request's text and conditioning fields (the rest is resolved below). */
   req: Pick<InferRequest, "prompt" | "negativePrompt" | "prompt2" | "negativePrompt2" | "sizeConditioning" | "negativeSizeConditioning">;
   /** LoRA files on this host; `confined` ones (given by path) must stay inside the data roots; `field` names them in errors. */
@@ -59,7 +60,7 @@ export type ToChild =
   | { type: "init"; init: ChildInit }
   | { type: "render"; job: RenderJob }
   | { type: "cancel"; id: number }
-  | { type: "warm"; dir: string; hash: string }
+  | { type: "warm"; dir: string; hash: string; confined: boolean }
   | { type: "exit" };
 
 export type ToParent = { type: "ready" } | { type: "done"; id: number; result: RenderResult } | { type: "failed"; id: number; error: SerializedError };
@@ -109,7 +110,7 @@ export class InferProcess {
   private readonly dismissed = new WeakSet<ChildProcess>();
   private retireAfter = false;
   /** The models the current child has used, most recent last (a successor reopens them). */
-  private models = new Map<string, string>();
+  private models = new Map<string, { hash: string; confined: boolean }>();
   private closed = false;
   /** Retirements so far (for logs and tests). */
   retirements = 0;
@@ -132,7 +133,7 @@ export class InferProcess {
     if (signal?.aborted) throw inferCancelled();
     const id = this.nextId++;
     this.models.delete(job.base.dir);
-    this.models.set(job.base.dir, job.base.hash);
+    this.models.set(job.base.dir, { hash: job.base.hash, confined: job.base.confined });
     while (this.models.size > this.maxModels) this.models.delete(this.models.keys().next().value!);
     const onAbort = () => this.pending.has(id) && child.connected && child.send({ type: "cancel", id } satisfies ToChild);
     signal?.addEventListener("abort", onAbort);
@@ -172,7 +173,7 @@ export class InferProcess {
     // Its successor starts once it has exited, and reopens its models before anyone waits for them.
     void this.ready()
       .then((next) => {
-        for (const [dir, hash] of models) next.send({ type: "warm", dir, hash } satisfies ToChild);
+        for (const [dir, { hash, confined }] of models) next.send({ type: "warm", dir, hash, confined } satisfies ToChild);
       })
       .catch((err) => {
         if (!this.closed) log("warn", "starting a fresh Infer process failed; the next request tries again", { err: String(err?.message ?? err) });

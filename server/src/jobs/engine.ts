@@ -28,6 +28,8 @@ export interface EngineOptions {
   engineDir: string;
   /** This host's models folder, where a job's "models/<name>" base model is looked up (core/models.ts); unset: none. */
   modelsDir?: string;
+  /** This host's data roots: a base model given by path is read only from files inside them (engine: confined.py). */
+  dataRoots?: string[];
 }
 
 export class EngineRun {

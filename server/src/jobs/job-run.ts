@@ -17,6 +17,7 @@ import { Artifact, ArtifactKind, Job, JobEvent, JobState, LogLevel } from "@lora
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import { jobError } from "../core/errors.js";
 import { log } from "../core/log.js";
+import { BASE_MODEL_ROOTS_ENV } from "../core/paths.js";
 import { telemetry } from "../core/telemetry.js";
 import { ArtifactStore, jobOfArtifact } from "./artifacts.js";
 import { DatasetMissing, type DatasetStore } from "./datasets.js";
@@ -278,6 +279,8 @@ export class JobRun {
         ...(process.env.TORCHINDUCTOR_CACHE_DIR ? {} : { TORCHINDUCTOR_CACHE_DIR: path.join(this.host.stateDir, "cache", "torch-compile") }),
         // The engine's own caches (DreamBooth class images) outlive the job here too.
         ...(process.env.LORAFORGE_CACHE_DIR ? {} : { LORAFORGE_CACHE_DIR: path.join(this.host.stateDir, "cache") }),
+        // A base model the client named by path is read only from files inside the data roots; a named one is the admin's.
+        [BASE_MODEL_ROOTS_ENV]: isModelName(this.job.spec!.baseModel) ? "" : (this.host.engine.dataRoots ?? []).join(path.delimiter),
       },
     );
     this.engine = engine;

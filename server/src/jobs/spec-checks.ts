@@ -8,7 +8,7 @@ import { ArtifactKind } from "@loraforge/sdk/gen/loraforge/v1/job";
 import type { TrainingSpec } from "@loraforge/sdk/gen/loraforge/v1/training_spec";
 import type { FieldViolation } from "../core/errors.js";
 import { isModelName, modelFolder } from "../core/models.js";
-import { hostPath } from "../core/paths.js";
+import { hostPath, modelFolderProblem } from "../core/paths.js";
 import { jobOfArtifact } from "./artifacts.js";
 import { countCaptionedImages, type DatasetStore } from "./datasets.js";
 import type { JobStore } from "./store.js";
@@ -38,7 +38,10 @@ export async function hostViolations(spec: TrainingSpec, host: SpecHost, flagged
       return modelFolder(host.modelsDir, spec.baseModel) ? null : `no model named ${JSON.stringify(spec.baseModel)} in the server's models folder (ListModels lists them)`;
     const where = hostPath(spec.baseModel, host.roots, "folder");
     if ("problem" in where) return where.problem;
-    return existsSync(path.join(where.real, "model_index.json")) ? null : `folder ${JSON.stringify(spec.baseModel)} is not a diffusers model (no model_index.json)`;
+    if (!existsSync(path.join(where.real, "model_index.json"))) return `folder ${JSON.stringify(spec.baseModel)} is not a diffusers model (no model_index.json)`;
+    // Its files too: a link inside the folder must not lead out of the roots (the engine checks again on what it opens).
+    const inside = modelFolderProblem(where.real, host.roots);
+    return inside ? `folder ${JSON.stringify(spec.baseModel)}: ${inside}` : null;
   });
   const ds = spec.dataset;
   if (ds?.$case === "datasetDir")
