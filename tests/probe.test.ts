@@ -13,7 +13,10 @@ import { Objm } from "@nats-io/obj";
 import { createClient, JobState, LoraforgeError, type InferInput, type LoraforgeClient } from "@loraforge/sdk";
 import { LoraCache, LoraMismatch, SlotIndex, type SlotInfo } from "@loraforge/server/infer/lora";
 import { ClipTokenizer } from "@loraforge/server/infer/tokenizer";
-import { fixtures, inferProcess, natsCredentials, onnxExport, processesMatching, procStatusBytes, python, quickSpec, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
+import { ApiError, rethrowModelOutsideRoots } from "@loraforge/server/core/errors";
+import { engineModelHash } from "@loraforge/server/core/models";
+import { ModelOutsideRoots } from "@loraforge/server/core/paths";
+import { fixtures, inferProcess, natsCredentials, onnxExport, processesMatching, procStatusBytes, python, PYTHON, quickSpec, REPO, startServer, tmpDir, until, type Fixtures, type ServerProcess } from "./lib/harness.js";
 
 const TOKEN = "probe-" + randomBytes(12).toString("hex");
 const UPLOAD_MAX_MB = 8;
@@ -164,6 +167,14 @@ describe("hostile input and faults", () => {
     assert.deepEqual(inf.violations.map((v) => v.field), ["base_model"]);
     assert.match(inf.violations[0].description, /unet\/diffusion_pytorch_model\.safetensors leads outside/);
     for (const e of [train, inf]) assert.doesNotMatch(JSON.stringify(e.violations), new RegExp(outside), "the target is not named");
+    // Past the server's check (a swap in between), the engine refuses as Infer's hash and export run it: a
+    // ModelOutsideRoots, which Infer answers as INVALID_ARGUMENT on base_model.
+    const hashing = engineModelHash({ python: PYTHON, engineDir: path.join(REPO, "engine") }, leaky, [root]);
+    await assert.rejects(hashing, (e: unknown) => e instanceof ModelOutsideRoots && /^base_model .*: unet\/diffusion_pytorch_model\.safetensors leads outside/.test(e.message));
+    const refusal: unknown = await hashing.catch((e) => e);
+    assert.throws(() => rethrowModelOutsideRoots(refusal), (e: unknown) => e instanceof ApiError && e.code === status.INVALID_ARGUMENT && e.violations[0].field === "base_model");
+    // Without roots (a named model, the admin's) the engine reads the folder as it is.
+    assert.match(await engineModelHash({ python: PYTHON, engineDir: path.join(REPO, "engine") }, leaky), /^[0-9a-f]{32}$/);
 
     // A Hugging Face cache snapshot inside the root: its weights link into the cache's blobs folder.
     const hub = path.join(root, "hub");

@@ -6,6 +6,7 @@ import { Metadata, status, type ServiceError } from "@grpc/grpc-js";
 import { Status } from "@loraforge/sdk/gen/google/rpc/status";
 import { BadRequest, ErrorInfo } from "@loraforge/sdk/gen/google/rpc/error_details";
 import type { Any } from "@loraforge/sdk/gen/google/protobuf/any";
+import { ModelOutsideRoots } from "./paths.js";
 
 export const ERROR_DOMAIN = "loraforge.dev";
 
@@ -92,6 +93,12 @@ export function toServiceError(err: unknown): Partial<ServiceError> {
 
 export const invalidInferRequest = (violations: FieldViolation[]) =>
   invalidRequest("INVALID_INFER_REQUEST", "invalid inference request", violations);
+
+/** Rethrows `err`, as INVALID_ARGUMENT on base_model when the engine refused a base model file leading out of the data roots. */
+export function rethrowModelOutsideRoots(err: unknown): never {
+  if (err instanceof ModelOutsideRoots) throw invalidInferRequest([{ field: "base_model", description: err.message }]);
+  throw err;
+}
 
 export const loraNotFound = (field: string, message: string) =>
   new ApiError(status.NOT_FOUND, "LORA_NOT_FOUND", `${field}: ${message}`, [], { field });

@@ -9,7 +9,7 @@ import { existsSync, readdirSync, statSync } from "node:fs";
 import { readdir, realpath, stat } from "node:fs/promises";
 import path from "node:path";
 import { childEnv } from "./child-env.js";
-import { BASE_MODEL_ROOTS_ENV } from "./paths.js";
+import { BASE_MODEL_ROOTS_ENV, ModelOutsideRoots } from "./paths.js";
 
 /** A base model's name: "models/" and a folder name of lower-case letters, digits, ".", "_", "-" (first a letter or digit). Also a rule in training_spec.proto and inference_service.proto. */
 export const MODEL_NAME_PATTERN = /^models\/[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -107,7 +107,7 @@ export function engineModelHash(engine: HashEngine, modelDir: string, roots: str
     child.on("close", (code) => {
       const hash = out.trim();
       if (code === 0 && /^[0-9a-f]{16,64}$/.test(hash)) return resolve(hash);
-      reject(new Error(`hashing ${modelDir} failed (exit ${code}): ${(err.trim().split("\n").pop() ?? "") || JSON.stringify(hash.slice(0, 100))}`));
+      reject(ModelOutsideRoots.from(err) ?? new Error(`hashing ${modelDir} failed (exit ${code}): ${(err.trim().split("\n").pop() ?? "") || JSON.stringify(hash.slice(0, 100))}`));
     });
   });
 }

@@ -52,15 +52,28 @@ export function hostPath(p: string, roots: string[], kind: "folder" | "file"): {
 /** The environment variable that tells the engine the roots a client-named base model must lie in (engine/loraforge_engine/confined.py). */
 export const BASE_MODEL_ROOTS_ENV = "LORAFORGE_BASE_MODEL_ROOTS";
 
+/**
+ * The engine refused a base model because one of its files leads outside the data roots (swapped for a
+ * link after the server's check); `message` is the engine's sentence, which names the file relative to the model.
+ */
+export class ModelOutsideRoots extends Error {
+  /** The engine's refusal in `stderr`, if it is one. */
+  static from(stderr: string): ModelOutsideRoots | null {
+    const line = stderr.split("\n").find((l) => l.includes("leads outside the server's data roots"));
+    return line ? new ModelOutsideRoots(line.replace(/^[a-z-]+: /, "").trim()) : null;
+  }
+}
+
 /** A model folder holds a few dozen entries; a walk past this many is not one. */
 const MAX_MODEL_ENTRIES = 10_000;
 
 /**
  * Why model folder `real` (a real path inside the roots) may not be read, or null: an entry that leads
  * outside the roots through a symbolic link (named relative to the folder, as
- * "unet/diffusion_pytorch_model.safetensors"), or more entries than a model has. Links that stay inside the roots are fine (a Hugging Face cache snapshot links into its blobs
- * folder); names starting with "." are not part of the model and are not looked at. The engine checks
- * again on the files it opens, so a swap after this check is caught there.
+ * "unet/diffusion_pytorch_model.safetensors"), or more entries than a model has. Links that stay inside
+ * the roots are fine (a Hugging Face cache snapshot links into its blobs folder); names starting with
+ * "." are not part of the model and are not looked at. The engine checks again on the files it opens,
+ * so a swap after this check is caught there (ModelOutsideRoots).
  */
 export function modelFolderProblem(real: string, roots: string[]): string | null {
   if (roots.length === 0) return null;

@@ -5,7 +5,7 @@
 // closes), and when asked to (a retirement that returns its memory to the system).
 import { writeFileSync } from "node:fs";
 import type { InferRequest } from "@loraforge/sdk/gen/loraforge/v1/inference_service";
-import { ApiError, inferCancelled, invalidInferRequest, invalidLora, loraMismatch, loraTooLarge, type FieldViolation } from "../core/errors.js";
+import { ApiError, inferCancelled, invalidInferRequest, invalidLora, loraMismatch, loraTooLarge, rethrowModelOutsideRoots, type FieldViolation } from "../core/errors.js";
 import { log } from "../core/log.js";
 import { realOr, withinRoots } from "../core/paths.js";
 import { DEFAULT_LORA_CACHE_BYTES, LoraCache, LoraInvalid, LoraMismatch, type LoraFile, type MappedLora } from "./lora.js";
@@ -65,7 +65,7 @@ async function renderJob(job: RenderJob): Promise<RenderResult> {
   }
   let loraMs = performance.now() - t;
   t = performance.now();
-  const model: LoadedModel = await registry.get(job.base.dir, job.base.hash, job.base.confined ? roots : []);
+  const model: LoadedModel = await registry.get(job.base.dir, job.base.hash, job.base.confined ? roots : []).catch(rethrowModelOutsideRoots);
   const loadModelMs = performance.now() - t;
 
   const multiple = model.manifest.unet.latent_multiple * model.manifest.unet.vae_factor;

@@ -22,6 +22,7 @@ import {
   inferCancelled,
   inferTooLarge,
   invalidInferRequest,
+  rethrowModelOutsideRoots,
   isStoreUnreachable,
   invalidRequest,
   loraNotFound,
@@ -286,7 +287,7 @@ export function addInferenceService(
       const queueMs = performance.now() - tStart;
       if (cancelled()) throw inferCancelled();
       const t = performance.now();
-      const hash = await registry.hashOf(base.real, base.roots);
+      const hash = await registry.hashOf(base.real, base.roots).catch(rethrowModelOutsideRoots);
       const hashMs = performance.now() - t;
       releaseMemory = await memory.acquire(plan.bytes, cancelled);
       if (cancelled()) throw inferCancelled();

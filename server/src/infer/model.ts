@@ -14,7 +14,7 @@ import type { SchedulerConfig } from "./schedulers.js";
 import type { SlotIndex, SlotInfo } from "./lora.js";
 import { ClipTokenizer } from "./tokenizer.js";
 import { childEnv } from "../core/child-env.js";
-import { BASE_MODEL_ROOTS_ENV } from "../core/paths.js";
+import { BASE_MODEL_ROOTS_ENV, ModelOutsideRoots } from "../core/paths.js";
 import { HASHED_ENTRIES, ModelHasher, statSignature } from "../core/models.js";
 
 export const MANIFEST_FORMAT = "loraforge-onnx/2";
@@ -97,7 +97,7 @@ function runEngineCommand(
     child.on("close", (code) => {
       if (code === 0) return resolve(out);
       const tail = err.trim().split("\n").slice(-5).join("\n");
-      reject(new Error(`${what} failed (exit ${code}): ${tail}`));
+      reject(ModelOutsideRoots.from(err) ?? new Error(`${what} failed (exit ${code}): ${tail}`));
     });
   });
 }
