@@ -19,7 +19,8 @@ And one on a CPU (route_few_pixel_convs): each convolution's weight turns channe
 the layers training runs pay for that copy (not the VAE's decoder), and the pages of the safetensors file under the
 old layout are given back (drop_file_pages): the weights are never held twice. Convolutions whose output has at
 most FEW_PIXELS pixels per image (the UNet's lowest levels when training at low resolution) run torch's im2col +
-GEMM kernel (thnn_conv2d) instead of oneDNN's, whose cost per call grows with the weight rather than the pixels.
+GEMM kernel (thnn_conv2d) instead of oneDNN's, whose cost per call grows with the weight rather than the pixels
+(in float32 and in bfloat16, autocast included).
 """
 
 from __future__ import annotations
@@ -136,17 +137,27 @@ def direct_attention_calls(model: torch.nn.Module) -> int:
 
 def _few_pixel_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Conv2d forward on a CPU, its weight made channels_last the first time (CHANNELS_LAST): through thnn_conv2d
-    (im2col + GEMM) for float32 inputs whose output has at most FEW_PIXELS pixels per image, otherwise (and under
-    autocast: thnn_conv2d is not on its list) the module's own."""
+    (im2col + GEMM) when its output has at most FEW_PIXELS pixels per image and it computes in float32 or
+    bfloat16, otherwise the module's own. Under bf16 autocast the operands are cast as autocast casts a Conv2d's
+    (thnn_conv2d is not on its list, so it would not)."""
     if x.device.type != "cpu" or x.dim() != 4:
         return self._torch_forward(x)
     if CHANNELS_LAST and not self.__dict__.get("_channels_last"):
         _weight_to_channels_last(self)
     (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
     pixels = ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-    if pixels > FEW_PIXELS or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if pixels > FEW_PIXELS:
         return self._torch_forward(x)
-    return torch._C._nn.thnn_conv2d(x, self.weight, self.kernel_size, self.bias, self.stride, self.padding)
+    weight, bias = self.weight, self.bias
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16:
+            return self._torch_forward(x)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
+        return self._torch_forward(x)
+    return torch._C._nn.thnn_conv2d(x, weight, self.kernel_size, bias, self.stride, self.padding)
 
 
 def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:

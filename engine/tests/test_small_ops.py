@@ -198,6 +198,41 @@ def test_few_pixel_convolutions_take_thnn_and_match_conv2d(size, routed, monkeyp
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["bf16 weights", "bf16 autocast", "fp16 autocast"])
+def test_few_pixel_convolutions_in_bfloat16_take_thnn_as_autocast_would_cast(mode, monkeypatch):
+    """bf16 training on a CPU (frozen weights stored in bf16, run under autocast): few-pixel convolutions take
+    thnn_conv2d too, in the dtype Conv2d would compute in, with the output dtype and, to bf16 rounding, the values
+    and input gradient of the module's own forward. fp16 autocast keeps the module's forward."""
+    calls = []
+    real = torch._C._nn.thnn_conv2d
+    monkeypatch.setattr(torch._C._nn, "thnn_conv2d", lambda *a: calls.append([t.dtype for t in a if torch.is_tensor(t)])
+                        or real(*a))
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(64, 48, 3, padding=1).requires_grad_(False)
+    if mode == "bf16 weights":
+        plain = plain.to(torch.bfloat16)
+    rerouted = copy.deepcopy(plain)
+    small_ops.route_few_pixel_convs(rerouted)
+    x = torch.randn(3, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    if mode == "bf16 weights":
+        x = x.to(torch.bfloat16)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dtype = torch.float16 if mode == "fp16 autocast" else torch.bfloat16
+    with torch.autocast("cpu", dtype=dtype, enabled=mode != "bf16 weights"):
+        ya, yb = plain(xa), rerouted(xb)
+    if mode == "fp16 autocast":
+        assert calls == []
+        return
+    assert calls == [[torch.bfloat16] * 3]  # input, weight and bias, as autocast casts them for Conv2d
+    assert yb.dtype == ya.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ya.float(), rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert xb.grad.dtype == xa.grad.dtype
+    torch.testing.assert_close(xb.grad.float(), xa.grad.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_convolutions_thnn_does_not_compute_alike_keep_their_forward():
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding="same"), torch.nn.Conv2d(8, 8, 3, groups=2),
                                 torch.nn.Conv2d(8, 8, 3, dilation=2), torch.nn.Conv2d(8, 8, 3, padding_mode="reflect"),
