@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError
+from .small_ops import cast_frozen
 from .fingerprint import model_hash  # noqa: F401 - re-exported for importers
 
 ARCH_BY_PIPELINE = {
@@ -71,16 +72,20 @@ def load_components(base_model: str, device: torch.device, weight_dtype: torch.d
     missing = [p for p in ("unet", "vae", "scheduler", *te_names, *tok_names) if not (root / p).exists()]
     if missing:
         raise DataError(f"base_model {shown!r} is not a diffusers model folder (missing {', '.join(missing)})")
+    # On a CPU, weights stored in half precision are loaded as the file has them (mapped, not copied) and cast one
+    # tensor at a time, each mapped source given back (small_ops.cast_frozen): a cast while loading holds the
+    # model in both precisions at once. To a GPU they go already cast, as the host copy is then transient.
+    load_dtype = torch.float32 if device.type == "cpu" else weight_dtype
     try:
         common = {"local_files_only": True, "use_safetensors": True}
         tokenizers = [CLIPTokenizer.from_pretrained(base_model, subfolder=n, local_files_only=True) for n in tok_names]
-        text_encoders = [CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", dtype=weight_dtype,
+        text_encoders = [CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder", dtype=load_dtype,
                                                        **common)]
         if arch == "sdxl":
             text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-                base_model, subfolder="text_encoder_2", dtype=weight_dtype, **common))
-        vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=weight_dtype, **common)
-        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=weight_dtype,
+                base_model, subfolder="text_encoder_2", dtype=load_dtype, **common))
+        vae = AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=load_dtype, **common)
+        unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=load_dtype,
                                                     **common)
         noise_scheduler = DDPMScheduler.from_pretrained(base_model, subfolder="scheduler", local_files_only=True)
     except Exception as e:
@@ -92,6 +97,8 @@ def load_components(base_model: str, device: torch.device, weight_dtype: torch.d
             raise DataError(f"base_model {shown!r}: tokenizer has an empty vocabulary")
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
+        if load_dtype != weight_dtype:
+            cast_frozen(model, weight_dtype)
         model.to(device)
     for model in (*text_encoders, vae):
         model.eval()

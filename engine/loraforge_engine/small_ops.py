@@ -179,6 +179,26 @@ def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
     conv._channels_last = True
 
 
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Every floating-point parameter and buffer of `model` in `dtype`, one tensor at a time, each source's pages
+    given back where it is a private mapping of a safetensors file (drop_file_pages): the model is never resident
+    in both precisions, as it is when from_pretrained casts while loading. Returns the bytes given back."""
+    freed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is None or not t.is_floating_point() or t.dtype == dtype:
+                        continue
+                    old = t.data
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = old.to(dtype)
+                    else:
+                        tensors[name] = old.to(dtype)
+                    freed += drop_file_pages(old.data_ptr(), old.nbytes)
+    return freed
+
+
 def drop_file_pages(address: int, nbytes: int) -> int:
     """Give back the resident pages wholly inside [address, address + nbytes) where that range lies in a private
     mapping of a .safetensors file (as safetensors maps weights), for a tensor no longer used: MADV_DONTNEED makes

@@ -329,3 +329,29 @@ def test_routed_convolutions_turn_channels_last_on_first_use_and_give_back_mappe
     assert torch.equal(loaded["w3"], expect3)
     assert small_ops.drop_file_pages(expect3.data_ptr(), expect3.nbytes) == 0
     assert torch.equal(w1, expect1)
+
+
+def test_cast_frozen_casts_each_tensor_and_gives_back_its_mapped_pages(tmp_path):
+    """Weights loaded from safetensors (mapped) are cast to bf16 one tensor at a time, parameters and buffers, with
+    the values `.to(bf16)` gives, and the file's pages under each fp32 source are given back; integer buffers and
+    tensors already in the dtype are left as they are."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    save_file({"w": torch.randn(512, 256), "b": torch.randn(512), "m": torch.randn(512)}, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    model = torch.nn.Linear(256, 512).requires_grad_(False)
+    model.weight.data, model.bias.data = loaded["w"], loaded["b"]
+    model.register_buffer("mean", loaded["m"])
+    model.register_buffer("count", torch.arange(3))
+    expect = {k: v.to(torch.bfloat16) for k, v in loaded.items()}
+    weight = model.weight
+    freed = small_ops.cast_frozen(model, torch.bfloat16)
+    assert model.weight is weight and not weight.requires_grad  # the same Parameter, its data replaced
+    assert model.weight.dtype == model.bias.dtype == model.mean.dtype == torch.bfloat16
+    assert torch.equal(model.weight, expect["w"]) and torch.equal(model.bias, expect["b"])
+    assert torch.equal(model.mean, expect["m"])
+    assert model.count.dtype == torch.int64
+    # The weight's 512 KiB lie on whole pages of the mapping: nearly all of them come back.
+    assert freed >= loaded["w"].nbytes - 2 * 4096
+    assert small_ops.cast_frozen(model, torch.bfloat16) == 0  # nothing left to cast
