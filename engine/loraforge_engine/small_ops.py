@@ -175,7 +175,13 @@ def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
             if old.is_contiguous():
                 old.view(-1)[::1024].sum()  # one read per page (4 KiB of float32), in order
             conv.weight.data = torch.empty_like(old, memory_format=torch.channels_last).copy_(old)
-            drop_file_pages(old.data_ptr(), old.nbytes)
+            # The mappings read when the convolution was routed serve while its weight is the one it had then
+            # (held since, so no other tensor can have its address); else they are read now.
+            routed = conv.__dict__.pop("_routed_weight", None)
+            same = routed is not None and routed.data_ptr() == old.data_ptr()
+            drop_file_pages(old.data_ptr(), old.nbytes, conv.__dict__.get("_routed_mappings") if same else None)
+    conv.__dict__.pop("_routed_weight", None)
+    conv.__dict__.pop("_routed_mappings", None)
     conv._channels_last = True
 
 
@@ -184,6 +190,8 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
     given back where it is a private mapping of a safetensors file (drop_file_pages): the model is never resident
     in both precisions, as it is when from_pretrained casts while loading. Returns the bytes given back."""
     freed = 0
+    # Read once: every source below was alive (so mapped where it was) when the list was made.
+    mappings = file_mappings()
     with torch.no_grad():
         for module in model.modules():
             for tensors in (module._parameters, module._buffers):
@@ -195,28 +203,36 @@ def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> int:
                         t.data = old.to(dtype)
                     else:
                         tensors[name] = old.to(dtype)
-                    freed += drop_file_pages(old.data_ptr(), old.nbytes)
+                    freed += drop_file_pages(old.data_ptr(), old.nbytes, mappings)
     return freed
 
 
-def drop_file_pages(address: int, nbytes: int) -> int:
+def file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of each private mapping of a .safetensors file in this process (as safetensors maps weights)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors") and fields[1].endswith("p"):
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def drop_file_pages(address: int, nbytes: int, mappings: list[tuple[int, int]] | None = None) -> int:
     """Give back the resident pages wholly inside [address, address + nbytes) where that range lies in a private
-    mapping of a .safetensors file (as safetensors maps weights), for a tensor no longer used: MADV_DONTNEED makes
-    a later read fault the file's bytes back in, so this loses nothing that was not written since. Returns the bytes
-    advised; 0 elsewhere (anonymous memory would lose its contents, so it is never touched)."""
+    mapping of a .safetensors file, for a tensor no longer used: MADV_DONTNEED makes a later read fault the file's
+    bytes back in, so this loses nothing that was not written since. Returns the bytes advised; 0 elsewhere
+    (anonymous memory would lose its contents, so it is never touched). `mappings`: file_mappings() read while the
+    tensor at `address` was already alive (reading /proc/self/maps costs ~0.5 ms); default: read now."""
     page = os.sysconf("SC_PAGE_SIZE")
     lo, hi = -(-address // page) * page, (address + nbytes) // page * page
     if hi <= lo or _libc() is None:
         return 0
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in maps:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[5].endswith(".safetensors") or not fields[1].endswith("p"):
-            continue
-        start, end = (int(v, 16) for v in fields[0].split("-"))
+    for start, end in file_mappings() if mappings is None else mappings:
         if start <= lo and hi <= end:
             return hi - lo if _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0 else 0
     return 0
@@ -235,9 +251,16 @@ def route_few_pixel_convs(model: torch.nn.Module) -> int:
     dilation, one group) through _few_pixel_conv_forward; returns how many. oneDNN's convolution pays a cost per
     call that grows with the weight, not the pixels: at SD-1.5's widths on 2x2 and 1x1 feature maps it took 3-10x
     thnn_conv2d's time (bench/RESULTS.md), and those layers carry the UNet's largest weights."""
-    return _reroute(model, lambda m: (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
-                                      and not isinstance(m.padding, str) and m.dilation == (1, 1) and m.groups == 1),
-                    "_torch_forward", _few_pixel_conv_forward)
+    mappings = file_mappings()  # one read of /proc/self/maps for every weight's first call, not one each
+
+    def wanted(m: torch.nn.Module) -> bool:
+        if not (type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                and m.dilation == (1, 1) and m.groups == 1) or hasattr(m, "_torch_forward"):
+            return False
+        m._routed_weight, m._routed_mappings = m.weight.detach(), mappings
+        return True
+
+    return _reroute(model, wanted, "_torch_forward", _few_pixel_conv_forward)
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -355,3 +355,28 @@ def test_cast_frozen_casts_each_tensor_and_gives_back_its_mapped_pages(tmp_path)
     # The weight's 512 KiB lie on whole pages of the mapping: nearly all of them come back.
     assert freed >= loaded["w"].nbytes - 2 * 4096
     assert small_ops.cast_frozen(model, torch.bfloat16) == 0  # nothing left to cast
+
+
+def test_first_use_gives_back_pages_with_the_mappings_read_when_routed(tmp_path, monkeypatch):
+    """/proc/self/maps is read once when convolutions are routed, and each weight's first call uses that reading
+    while the weight is still the one routed; a weight replaced since (anonymous here) is judged on a fresh reading
+    and nothing of it is given back."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({"a": torch.randn(256, 128, 3, 3), "b": torch.randn(256, 128, 3, 3)}, str(tmp_path / "w.safetensors"))
+    loaded = load_file(str(tmp_path / "w.safetensors"))
+    convs = [torch.nn.Conv2d(128, 256, 3, padding=1, bias=False).requires_grad_(False) for _ in range(2)]
+    convs[0].weight.data, convs[1].weight.data = loaded["a"], loaded["b"]
+    calls = []
+    real = small_ops.drop_file_pages
+    monkeypatch.setattr(small_ops, "drop_file_pages",
+                        lambda a, n, m=None: calls.append((m is not None, real(a, n, m))) or calls[-1][1])
+    small_ops.route_few_pixel_convs(torch.nn.Sequential(*convs))
+    convs[1].weight.data = loaded["b"].clone()  # replaced after routing
+    x = torch.randn(1, 128, 8, 8)
+    convs[0](x)
+    convs[1](x)
+    page = 4096
+    assert calls[0][0] and calls[0][1] >= loaded["a"].nbytes - 2 * page
+    assert calls[1] == (False, 0)
+    assert not any(k in c.__dict__ for c in convs for k in ("_routed_weight", "_routed_mappings"))
