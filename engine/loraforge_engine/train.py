@@ -978,4 +978,10 @@ def run(spec: TrainingSpec, output_dir: str, events: EventWriter, stop: StopFlag
     """Train; return the final LoRA file and the step it was taken after.
     Raises SpecError (a spec the model or device cannot honour), DataError (bad inputs), Stopped (after a
     stop request was honoured), or anything else."""
-    return Trainer(spec, output_dir, events, resume_from=resume_from).train(stop)
+    trainer = Trainer(spec, output_dir, events, resume_from=resume_from)
+    try:
+        return trainer.train(stop)
+    finally:
+        # Data parallel: a process group left to the interpreter's exit can abort the process (its threads are
+        # still joinable when destroyed: "terminate called without an active exception", seen after a stop).
+        trainer.dist.close()
