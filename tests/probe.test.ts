@@ -169,12 +169,13 @@ describe("hostile input and faults", () => {
     for (const e of [train, inf]) assert.doesNotMatch(JSON.stringify(e.violations), new RegExp(outside), "the target is not named");
     // Past the server's check (a swap in between), the engine refuses as Infer's hash and export run it: a
     // ModelOutsideRoots, which Infer answers as INVALID_ARGUMENT on base_model.
-    const hashing = engineModelHash({ python: PYTHON, engineDir: path.join(REPO, "engine") }, leaky, [root]);
+    const engine = { python: PYTHON, engineDir: path.join(REPO, "engine") };
+    const hashing = engineModelHash(engine, leaky, [root]);
     await assert.rejects(hashing, (e: unknown) => e instanceof ModelOutsideRoots && /^base_model .*: unet\/diffusion_pytorch_model\.safetensors leads outside/.test(e.message));
     const refusal: unknown = await hashing.catch((e) => e);
     assert.throws(() => rethrowModelOutsideRoots(refusal), (e: unknown) => e instanceof ApiError && e.code === status.INVALID_ARGUMENT && e.violations[0].field === "base_model");
     // Without roots (a named model, the admin's) the engine reads the folder as it is.
-    assert.match(await engineModelHash({ python: PYTHON, engineDir: path.join(REPO, "engine") }, leaky), /^[0-9a-f]{32}$/);
+    assert.match(await engineModelHash(engine, leaky), /^[0-9a-f]{32}$/);
 
     // A Hugging Face cache snapshot inside the root: its weights link into the cache's blobs folder.
     const hub = path.join(root, "hub");

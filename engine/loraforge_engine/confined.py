@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 
-from .data import DataError
+from .data import DataError, opened_path
 
 ROOTS_ENV = "LORAFORGE_BASE_MODEL_ROOTS"
 MAX_ENTRIES = 10_000  # a diffusers folder has a few dozen; a walk past this is not a model folder
@@ -96,8 +96,7 @@ class PinnedModel:
                 os.close(fd)  # sockets, devices, FIFOs: no model reads them
 
     def _check(self, fd: int, rel: str, roots: list[str]) -> None:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-        if not inside(real, roots):
+        if not inside(opened_path(fd), roots):
             # Relative to the model folder: the message names no host path beyond what the client sent.
             raise DataError(f"base_model {self.folder!r}: {rel} leads outside the server's data roots through a "
                             "symbolic link")

@@ -257,11 +257,16 @@ def dataset_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
+def opened_path(fd: int) -> str:
+    """The real path of what descriptor `fd` has open (Linux: /proc/self/fd), whatever name it was opened by."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 def opened_inside(f: Any, real_root: Path) -> bool:
-    """Whether the file object `f` opened lies inside `real_root`, judged on what was opened (Linux:
-    /proc/self/fd), so a name changed into a link after discover() checked it cannot lead out."""
+    """Whether the file object `f` opened lies inside `real_root`, judged on what was opened (opened_path), so a
+    name changed into a link after discover() checked it cannot lead out."""
     try:
-        real = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+        real = Path(opened_path(f.fileno()))
     except OSError:
         real = Path(f.name).resolve()
     return real_root in real.parents

@@ -167,6 +167,11 @@ def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
     diffusers loads it); the source is read in order first, as the layout copy's strided reads fault a mapped file
     in page by page, twice as slowly."""
     old = conv.weight.data
+    # The mappings read when the convolution was routed serve while its weight is the one it had then (held since,
+    # so no other tensor can have its address); else they are read now.
+    routed, mappings = conv.__dict__.pop("_routed_weight", None), conv.__dict__.pop("_routed_mappings", None)
+    if routed is None or routed.data_ptr() != old.data_ptr():
+        mappings = None
     with torch.no_grad():
         if old.is_contiguous(memory_format=torch.channels_last):  # same bytes in the same order
             strides = torch.empty(old.shape, device="meta", memory_format=torch.channels_last).stride()
@@ -175,13 +180,7 @@ def _weight_to_channels_last(conv: torch.nn.Conv2d) -> None:
             if old.is_contiguous():
                 old.view(-1)[::1024].sum()  # one read per page (4 KiB of float32), in order
             conv.weight.data = torch.empty_like(old, memory_format=torch.channels_last).copy_(old)
-            # The mappings read when the convolution was routed serve while its weight is the one it had then
-            # (held since, so no other tensor can have its address); else they are read now.
-            routed = conv.__dict__.pop("_routed_weight", None)
-            same = routed is not None and routed.data_ptr() == old.data_ptr()
-            drop_file_pages(old.data_ptr(), old.nbytes, conv.__dict__.get("_routed_mappings") if same else None)
-    conv.__dict__.pop("_routed_weight", None)
-    conv.__dict__.pop("_routed_mappings", None)
+            drop_file_pages(old.data_ptr(), old.nbytes, mappings)
     conv._channels_last = True
 
 

@@ -952,7 +952,6 @@ class Trainer:
             events.log("info", f"stopped at step {step}")
             raise Stopped(step)
         if not self.dist.is_main:  # rank 0 writes the LoRA
-            self.dist.close()
             return self.out / ckpt.LORA_FILE, step
 
         # ---------------------------------------------------------------------------------- save, clean up
@@ -969,7 +968,6 @@ class Trainer:
 
         if spec.all_validation_prompts:
             self.validate(step)
-        self.dist.close()
         return final, step
 
 
@@ -982,6 +980,6 @@ def run(spec: TrainingSpec, output_dir: str, events: EventWriter, stop: StopFlag
     try:
         return trainer.train(stop)
     finally:
-        # Data parallel: a process group left to the interpreter's exit can abort the process (its threads are
-        # still joinable when destroyed: "terminate called without an active exception", seen after a stop).
+        # Data parallel: the group ends here however training ended; one left to the interpreter's exit can abort
+        # the process (its threads still joinable when destroyed: "terminate called without an active exception").
         trainer.dist.close()

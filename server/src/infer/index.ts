@@ -114,16 +114,13 @@ export function validateInfer(
   const placed = (field: string, p: string, kind: "folder" | "file") => {
     const where = hostPath(p, roots, kind);
     if ("problem" in where && !where.missing) add(field, where.problem);
+    return where;
   };
   // A model name is looked up later (an unknown one is NOT_FOUND); a path is placed here, with its files.
   if (!isModelName(req.baseModel)) {
-    const where = hostPath(req.baseModel, roots, "folder");
-    if ("problem" in where) {
-      if (!where.missing) add("base_model", where.problem);
-    } else {
-      const inside = modelFolderProblem(where.real, roots);
-      if (inside) add("base_model", `folder ${JSON.stringify(req.baseModel)}: ${inside}`);
-    }
+    const where = placed("base_model", req.baseModel, "folder");
+    const inside = "real" in where ? modelFolderProblem(where.real, roots) : null;
+    if (inside) add("base_model", `folder ${JSON.stringify(req.baseModel)}: ${inside}`);
   }
   // Bounded before anything tokenizes them.
   for (const [field, text] of [
